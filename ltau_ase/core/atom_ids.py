@@ -1,0 +1,44 @@
+"""Stable global atom ids.
+
+Every training frame carries an integer ``frame_id`` (``atoms.info["frame_id"]``), unique across
+all training files. The global id of atom ``a`` of that frame is ``frame_id * 2**20 + a``: it does
+not depend on file order, shuffling or train/validation splits, and it can be inverted without a
+lookup table. Frames are limited to 2**20 (~1 M) atoms and frame ids to 2**42.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ATOMS_PER_FRAME_BITS = 20
+MAX_ATOMS_PER_FRAME = 1 << ATOMS_PER_FRAME_BITS
+MAX_FRAME_ID = 1 << 42
+
+
+def global_atom_ids(frame_ids: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """Global ids of all atoms of the given frames, frame after frame.
+
+    Args:
+        frame_ids: (F,) non-negative integer frame ids.
+        n_atoms: (F,) number of atoms of each frame.
+    Returns:
+        (sum(n_atoms),) int64 ids, atoms in frame order then local order.
+    """
+    frame_ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
+    n_atoms = np.asarray(n_atoms, dtype=np.int64).reshape(-1)
+    if frame_ids.shape != n_atoms.shape:
+        raise ValueError(
+            f"frame_ids has {frame_ids.size} entries but n_atoms has {n_atoms.size}; expected one per frame"
+        )
+    if frame_ids.size and (frame_ids.min() < 0 or frame_ids.max() >= MAX_FRAME_ID):
+        raise ValueError(f"frame ids must lie in [0, 2**42); got range [{frame_ids.min()}, {frame_ids.max()}]")
+    if n_atoms.size and (n_atoms.min() < 0 or n_atoms.max() > MAX_ATOMS_PER_FRAME):
+        raise ValueError(f"frames must hold between 0 and {MAX_ATOMS_PER_FRAME} atoms; got up to {n_atoms.max()}")
+    starts = np.repeat(frame_ids << ATOMS_PER_FRAME_BITS, n_atoms)
+    offsets = np.arange(int(n_atoms.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_atoms) - n_atoms, n_atoms)
+    return starts + offsets
+
+
+def split_atom_ids(atom_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`global_atom_ids`: (frame_ids, local atom indices), both (N,) int64."""
+    atom_ids = np.asarray(atom_ids, dtype=np.int64)
+    return atom_ids >> ATOMS_PER_FRAME_BITS, atom_ids & (MAX_ATOMS_PER_FRAME - 1)

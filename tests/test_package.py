@@ -1,0 +1,32 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ltau_ase.core.atom_ids import global_atom_ids, split_atom_ids
+
+
+def test_import_does_not_pull_torch():
+    code = "import sys, ltau_ase; ltau_ase.LTAUEstimator; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_global_atom_ids_are_stable_and_invertible():
+    ids = global_atom_ids([7, 3], [2, 3])
+    assert ids.tolist() == [7 * 2**20, 7 * 2**20 + 1, 3 * 2**20, 3 * 2**20 + 1, 3 * 2**20 + 2]
+    frames, local = split_atom_ids(ids)
+    assert frames.tolist() == [7, 7, 3, 3, 3]
+    assert local.tolist() == [0, 1, 0, 1, 2]
+    # same frame gives the same ids whatever its position in the list
+    assert np.array_equal(global_atom_ids([3], [3]), ids[2:])
+
+
+@pytest.mark.parametrize(
+    "frame_ids, n_atoms, match",
+    [([1, 2], [3], "one per frame"), ([-1], [3], r"\[0, 2\*\*42\)"), ([1], [2**20 + 1], "between 0 and")],
+)
+def test_global_atom_ids_rejects_bad_input(frame_ids, n_atoms, match):
+    with pytest.raises(ValueError, match=match):
+        global_atom_ids(frame_ids, n_atoms)
