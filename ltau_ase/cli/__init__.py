@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> one-line help; the module ltau_ase.cli.<name> implements it
@@ -32,7 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        # Bad input is the user's to fix: say what was wrong in one line (LTAU_DEBUG=1 shows the traceback).
+        if os.environ.get("LTAU_DEBUG"):
+            raise
+        print(f"ltau {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

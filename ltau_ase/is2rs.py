@@ -1,0 +1,371 @@
+"""OC20 IS2RS-style analysis of relaxations with uncertainties (torch-free).
+
+* :func:`min_diff` reproduces the per-atom displacement of fairchem's IS2RS evaluator
+  (``fairchem/core/modules/evaluator.py``): a fractional-coordinate wrap, which is a minimum image
+  only for orthogonal cells.
+* :func:`system_distances` gives, over the free atoms of one system, the mean displacement d_s
+  (used by ADwT) and the RMSD (used by the paper's Fig. 4), both in Å.
+* :func:`adwt` is OC20's Average Distance within Threshold.
+* :func:`uq_rmsd_analysis` relates per-system UQ statistics (initial, final, max and mean over a
+  relaxation, as recorded by ``RelaxationUQObserver``) to the RMSD: Spearman ρ, AUROC for flagging
+  RMSD above a threshold (default 0.5 Å, the ADwT ceiling) and RMSD binned by UQ, per group.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ltau_ase.core.calibration import auroc, spearman
+
+__all__ = [
+    "ADWT_THRESHOLDS",
+    "UQ_STATISTICS",
+    "min_diff",
+    "free_atom_mask",
+    "system_distances",
+    "adwt",
+    "match_references",
+    "system_table",
+    "bin_rmsd_by_uq",
+    "uq_rmsd_analysis",
+]
+
+#: β values of OC20's ADwT, in Å (490 values).
+ADWT_THRESHOLDS = np.arange(0.01, 0.5, 0.001)
+#: The four per-relaxation UQ statistics of the paper's Fig. 4; record key is ``"uq_" + name``.
+UQ_STATISTICS = ("initial", "final", "max", "mean")
+
+
+def min_diff(pos_pred: np.ndarray, pos_ref: np.ndarray, cell: np.ndarray, pbc: Sequence[bool]) -> np.ndarray:
+    """Per-atom displacement ``pos_pred - pos_ref`` wrapped as in fairchem's IS2RS evaluator.
+
+    The Cartesian difference is converted to fractional coordinates (solve(cellᵀ, Δᵀ)); along each
+    periodic axis the fraction is reduced with ``%= 1.0`` twice (the second catches values that
+    round to exactly 1.0) and values > 0.5 have 1 subtracted; the result is converted back to
+    Cartesian. fairchem subtracts 1 from fractions > 0.5 on every axis; OC20 systems are periodic
+    along all three axes, where the two agree. Here non-periodic axes are left unwrapped.
+
+    Args:
+        pos_pred: (n, 3) predicted positions (Å).
+        pos_ref: (n, 3) reference positions (Å).
+        cell: (3, 3) cell vectors as rows (Å).
+        pbc: (3,) periodicity flags.
+    Returns:
+        (n, 3) displacement vectors (Å).
+    """
+    pred = np.asarray(pos_pred, dtype=np.float64)
+    ref = np.asarray(pos_ref, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool).reshape(-1)
+    if pred.ndim != 2 or pred.shape[1] != 3 or pred.shape != ref.shape:
+        raise ValueError(f"positions must both have shape (n, 3); got {pred.shape} and {ref.shape}")
+    if cell.shape != (3, 3):
+        raise ValueError(f"cell must have shape (3, 3); got {cell.shape}")
+    if pbc.shape != (3,):
+        raise ValueError(f"pbc must have 3 entries; got {pbc.shape}")
+    if pbc.any() and abs(np.linalg.det(cell)) < 1e-12:
+        raise ValueError("cell is singular (zero volume): cannot wrap displacements along periodic axes")
+    diff = pred - ref
+    if not pbc.any():
+        return diff
+    fractional = np.linalg.solve(cell.T, diff.T).T
+    for axis in np.flatnonzero(pbc):
+        fractional[:, axis] %= 1.0
+        fractional[:, axis] %= 1.0
+        fractional[fractional[:, axis] > 0.5, axis] -= 1.0
+    return fractional @ cell
+
+
+def _tags(atoms) -> np.ndarray | None:
+    tags = atoms.arrays.get("tags")
+    if tags is None or not np.any(tags):
+        return None
+    return np.asarray(tags)
+
+
+def free_atom_mask(atoms) -> np.ndarray:
+    """(n,) bool mask of the atoms that relax.
+
+    OC20 convention when the structure carries non-zero tags: tags 1 (surface) and 2 (adsorbate)
+    are free, tag 0 (bulk) is fixed. Without tags (or with all tags 0), the atoms not fixed by a
+    :class:`ase.constraints.FixAtoms` constraint are free.
+    """
+    tags = _tags(atoms)
+    if tags is not None:
+        return np.isin(tags, (1, 2))
+    from ase.constraints import FixAtoms
+
+    mask = np.ones(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            mask[constraint.get_indices()] = False
+    return mask
+
+
+def system_distances(pred, ref, cell_tolerance: float = 1e-4) -> dict[str, float]:
+    """Displacement of an ML-relaxed structure from its reference over the free atoms.
+
+    Free atoms come from the reference (:func:`free_atom_mask`); distances use the reference cell.
+
+    Args:
+        pred: ML-relaxed :class:`ase.Atoms`.
+        ref: reference-relaxed :class:`ase.Atoms` of the same system.
+        cell_tolerance: largest allowed |cell_pred - cell_ref| entry (Å).
+    Returns:
+        ``{"d_mean": mean |Δ_i| (Å), "rmsd": sqrt(mean |Δ_i|²) (Å), "n_free": int}``.
+    Raises:
+        ValueError: different atom counts, species order, cells, pbc or tags; no free atoms.
+    """
+    if len(pred) != len(ref):
+        raise ValueError(f"predicted structure has {len(pred)} atoms but the reference has {len(ref)}")
+    zp, zr = pred.get_atomic_numbers(), ref.get_atomic_numbers()
+    if not np.array_equal(zp, zr):
+        i = int(np.flatnonzero(zp != zr)[0])
+        raise ValueError(
+            f"species order differs from the reference: first mismatch at atom {i} "
+            f"(predicted Z={zp[i]}, reference Z={zr[i]}); expected identical atom order"
+        )
+    cp, cr = np.asarray(pred.cell), np.asarray(ref.cell)
+    if not np.allclose(cp, cr, rtol=0.0, atol=cell_tolerance):
+        raise ValueError(
+            f"cells differ by up to {np.abs(cp - cr).max():.3g} Å (tolerance {cell_tolerance} Å); "
+            "IS2RS compares structures in the same cell"
+        )
+    if not np.array_equal(pred.pbc, ref.pbc):
+        raise ValueError(f"pbc differ: predicted {pred.pbc.tolist()}, reference {ref.pbc.tolist()}")
+    tp, tr = _tags(pred), _tags(ref)
+    if tp is not None and tr is not None and not np.array_equal(tp, tr):
+        i = int(np.flatnonzero(tp != tr)[0])
+        raise ValueError(f"tags differ from the reference: first at atom {i} ({tp[i]} vs {tr[i]})")
+    mask = free_atom_mask(ref)
+    if not mask.any():
+        raise ValueError("the reference structure has no free atoms (tags 1/2 or atoms not fixed by FixAtoms)")
+    diff = min_diff(pred.positions[mask], ref.positions[mask], cr, ref.pbc)
+    dist = np.linalg.norm(diff, axis=1)
+    return {"d_mean": float(dist.mean()), "rmsd": float(np.sqrt(np.mean(dist**2))), "n_free": int(mask.sum())}
+
+
+def adwt(d_s) -> float:
+    """OC20 Average Distance within Threshold.
+
+    Mean over β in ``np.arange(0.01, 0.5, 0.001)`` Å of the fraction of systems with d_s < β.
+
+    Args:
+        d_s: (n_systems,) mean free-atom displacement per system (Å).
+    """
+    d = np.asarray(d_s, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"d_s must be a non-empty 1-D array (one value per system); got shape {d.shape}")
+    if not np.isfinite(d).all() or (d < 0).any():
+        raise ValueError("d_s must be finite, non-negative distances (Å)")
+    # #{s : d_s < β} for every β via a sorted search: O((n + 490) log n) time, O(n) memory.
+    below = np.searchsorted(np.sort(d), ADWT_THRESHOLDS, side="left")
+    return float(below.mean() / d.size)
+
+
+def match_references(
+    pred: Mapping[str, Any], refs: Mapping[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """Pair predicted structures with their references by system name.
+
+    Returns:
+        ``(matched, missing)``: ``matched[name] = (pred_atoms, ref_atoms)`` in the order of ``pred``;
+        ``missing`` lists the names that have no reference. A warning names them too: systems
+        without a reference are never dropped silently.
+    """
+    matched: dict[str, tuple[Any, Any]] = {}
+    missing: list[str] = []
+    for name, atoms in pred.items():
+        if name in refs:
+            matched[name] = (atoms, refs[name])
+        else:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        warnings.warn(
+            f"{len(missing)} of {len(pred)} system(s) have no reference structure and are not scored: {shown}",
+            stacklevel=2,
+        )
+    return matched, missing
+
+
+def system_table(
+    pred: Mapping[str, Any],
+    refs: Mapping[str, Any],
+    groups: Mapping[str, str] | str = "all",
+    cell_tolerance: float = 1e-4,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per-system records for :func:`uq_rmsd_analysis` from ML-relaxed and reference structures.
+
+    The UQ statistics are read from ``atoms.info["ltau_uq_initial" | "_final" | "_max" | "_mean"]``
+    of each ML-relaxed structure (written by ``RelaxationUQObserver``).
+
+    Args:
+        pred: system name -> ML-relaxed :class:`ase.Atoms`.
+        refs: system name -> reference-relaxed :class:`ase.Atoms`.
+        groups: system name -> group, or one group name for every system.
+    Returns:
+        ``(records, missing)``: one dict per system with a reference (``name``, ``group``,
+        ``uq_*``, ``rmsd``, ``d_mean``, ``n_free``), and the names without a reference (also warned
+        about by :func:`match_references`).
+    """
+    matched, missing = match_references(pred, refs)
+    records = []
+    for name, (p, r) in matched.items():
+        absent = [f"ltau_uq_{s}" for s in UQ_STATISTICS if f"ltau_uq_{s}" not in p.info]
+        if absent:
+            raise ValueError(f"system {name!r} lacks {absent} in atoms.info; relax it with RelaxationUQObserver attached")
+        if isinstance(groups, str):
+            group = groups
+        elif name in groups:
+            group = groups[name]
+        else:
+            raise ValueError(f"system {name!r} has no group in the groups mapping")
+        rec: dict[str, Any] = {"name": name, "group": str(group)}
+        rec.update({f"uq_{s}": float(p.info[f"ltau_uq_{s}"]) for s in UQ_STATISTICS})
+        rec.update(system_distances(p, r, cell_tolerance=cell_tolerance))
+        records.append(rec)
+    return records, missing
+
+
+def bin_rmsd_by_uq(uq, rmsd, n_bins: int = 5, strategy: str = "quantile") -> dict[str, np.ndarray]:
+    """RMSD binned by a per-system UQ statistic (the paper's Fig. 4).
+
+    Args:
+        uq: (n,) UQ statistic per system.
+        rmsd: (n,) RMSD per system (Å).
+        n_bins: number of bins.
+        strategy: ``"quantile"`` (equal-count bins; tied edges merged) or ``"uniform"``
+            (equal-width bins between min and max of ``uq``).
+    Returns:
+        dict of arrays over the non-empty bins: ``edges`` (all bin edges), ``centers`` (mean UQ of
+        the bin's systems), ``mean`` and ``sem`` (standard error std(ddof=1)/sqrt(n); NaN for a
+        single system) of the RMSD, ``counts``.
+    """
+    u = np.asarray(uq, dtype=np.float64)
+    r = np.asarray(rmsd, dtype=np.float64)
+    if u.ndim != 1 or r.ndim != 1 or u.shape != r.shape:
+        raise ValueError(f"uq and rmsd must be 1-D of equal length; got shapes {u.shape} and {r.shape}")
+    if u.size == 0:
+        raise ValueError("no systems to bin")
+    if not (np.isfinite(u).all() and np.isfinite(r).all()):
+        raise ValueError("uq and rmsd must be finite")
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    if strategy == "quantile":
+        edges = np.unique(np.quantile(u, np.linspace(0.0, 1.0, int(n_bins) + 1)))
+    elif strategy == "uniform":
+        edges = np.linspace(u.min(), u.max(), int(n_bins) + 1)
+    else:
+        raise ValueError(f"strategy must be 'quantile' or 'uniform'; got {strategy!r}")
+    if edges.size == 1:
+        edges = np.array([edges[0], edges[0]])
+    idx = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, edges.size - 2)
+    centers, mean, sem, counts = [], [], [], []
+    for b in range(edges.size - 1):
+        sel = idx == b
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        centers.append(u[sel].mean())
+        mean.append(r[sel].mean())
+        sem.append(r[sel].std(ddof=1) / np.sqrt(n) if n > 1 else np.nan)
+        counts.append(n)
+    return {
+        "edges": edges,
+        "centers": np.array(centers),
+        "mean": np.array(mean),
+        "sem": np.array(sem),
+        "counts": np.array(counts, dtype=np.int64),
+    }
+
+
+_RECORD_KEYS = ("name", "group", "rmsd", "d_mean") + tuple(f"uq_{s}" for s in UQ_STATISTICS)
+
+
+def _records_to_columns(table: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    if len(table) == 0:
+        raise ValueError("the table holds no systems")
+    for i, rec in enumerate(table):
+        absent = [k for k in _RECORD_KEYS if k not in rec]
+        if absent:
+            raise ValueError(f"record {i} ({rec.get('name', '?')!r}) lacks key(s) {absent}; expected {list(_RECORD_KEYS)}")
+    cols: dict[str, np.ndarray] = {
+        "name": np.array([str(r["name"]) for r in table], dtype=object),
+        "group": np.array([str(r["group"]) for r in table], dtype=object),
+    }
+    for key in _RECORD_KEYS[2:]:
+        values = np.array([r[key] for r in table], dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            names = ", ".join(cols["name"][bad][:5])
+            raise ValueError(f"{int(bad.sum())} system(s) have a non-finite {key!r}: {names}; remove or fix them")
+        cols[key] = values
+    return cols
+
+
+def uq_rmsd_analysis(
+    table: Sequence[Mapping[str, Any]],
+    groups: Sequence[str] | None = None,
+    threshold: float = 0.5,
+    n_bins: int = 5,
+    strategy: str = "quantile",
+) -> dict[str, Any]:
+    """Relate per-system UQ statistics to relaxation RMSD (paper Fig. 4), per group.
+
+    Args:
+        table: one record per system: dicts with ``name``, ``group`` (e.g. "in-domain" /
+            "out-of-domain"), ``uq_initial``, ``uq_final``, ``uq_max``, ``uq_mean``, ``rmsd`` (Å)
+            and ``d_mean`` (Å).
+        groups: groups to report, in order; None = every group in order of first appearance. The
+            pooled group ``"all"`` is always added (unless a group is already named so).
+        threshold: RMSD (Å) above which a system counts as failed for AUROC.
+        n_bins, strategy: binning of :func:`bin_rmsd_by_uq`.
+    Returns:
+        JSON-serialisable dict: ``threshold``; ``groups[g]`` with ``n_systems``, ``adwt``,
+        ``mean_rmsd``, ``fraction_above`` and for each statistic ``stats[s] = {"spearman",
+        "auroc", "n_above"}`` (AUROC NaN when all or none of the group are above the threshold;
+        Spearman NaN when an input is constant); ``binned[s][g]`` = :func:`bin_rmsd_by_uq` output
+        as lists (the input of :func:`ltau_ase.plots.plot_rmsd_vs_uq`).
+    """
+    cols = _records_to_columns(table)
+    if not np.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a positive RMSD in Å; got {threshold!r}")
+    present = list(dict.fromkeys(cols["group"].tolist()))
+    if groups is None:
+        groups = present
+    else:
+        unknown = [g for g in groups if g not in present]
+        if unknown:
+            raise ValueError(f"group(s) {unknown} have no systems; groups present: {present}")
+        groups = list(groups)
+    selections = {g: cols["group"] == g for g in groups}
+    if "all" not in selections:
+        selections["all"] = np.ones(cols["name"].size, dtype=bool)
+
+    out: dict[str, Any] = {"threshold": float(threshold), "groups": {}, "binned": {s: {} for s in UQ_STATISTICS}}
+    for g, sel in selections.items():
+        rmsd = cols["rmsd"][sel]
+        above = rmsd > threshold
+        n_above = int(above.sum())
+        entry: dict[str, Any] = {
+            "n_systems": int(sel.sum()),
+            "adwt": adwt(cols["d_mean"][sel]),
+            "mean_rmsd": float(rmsd.mean()),
+            "fraction_above": float(above.mean()),
+            "stats": {},
+        }
+        for s in UQ_STATISTICS:
+            uq = cols[f"uq_{s}"][sel]
+            entry["stats"][s] = {
+                "spearman": spearman(uq, rmsd) if uq.size >= 2 else float("nan"),
+                "auroc": auroc(uq, above) if 0 < n_above < uq.size else float("nan"),
+                "n_above": n_above,
+            }
+            binned = bin_rmsd_by_uq(uq, rmsd, n_bins=n_bins, strategy=strategy)
+            out["binned"][s][g] = {k: v.tolist() for k, v in binned.items()}
+        out["groups"][g] = entry
+    return out
