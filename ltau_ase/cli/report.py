@@ -1,0 +1,113 @@
+"""``ltau report``: IS2RS-style analysis of a relaxation database (``ltau relax``) against references.
+
+For every relaxed system (status ``done`` or ``unconverged``) the reference relaxed structure is
+taken from ``--references`` (extxyz or ase.db, matched by name) or, without it, from the reference
+stored in the database by ``ltau relax --references``. Per system: mean free-atom displacement d_s
+and RMSD (OC20 ``min_diff``). Then ADwT, Spearman ρ and AUROC of each UQ statistic (initial, final,
+max, mean) for RMSD above ``--threshold``, and RMSD binned by UQ per group (paper Fig. 4).
+
+Outputs in ``--output``: ``metrics.json`` (analysis, per-system table, failed systems, systems without
+reference) and ``rmsd_vs_uq.png``. Failed systems and missing references are listed, never dropped
+silently; ``--strict`` makes a missing reference an error.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", type=Path, required=True, help="relaxation database written by `ltau relax`")
+    parser.add_argument("--references", type=Path, default=None,
+                        help="reference relaxed structures (extxyz or ase.db, matched by name); default: the "
+                             "references stored in --db")
+    parser.add_argument("--output", type=Path, default=Path("report"), help="output directory (report/)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="RMSD (Å) above which a relaxation counts as failed for AUROC (0.5, the ADwT ceiling)")
+    parser.add_argument("--bins", type=int, default=5, help="UQ bins per statistic (5)")
+    parser.add_argument("--strategy", choices=("quantile", "uniform"), default="quantile",
+                        help="equal-count or equal-width UQ bins (quantile)")
+    parser.add_argument("--groups", default=None, help="comma-separated groups to report, in order (default: all)")
+    parser.add_argument("--strict", action="store_true", help="a missing reference is an error")
+
+
+def _json_safe(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False) -> tuple[list[dict], list[str]]:
+    """Per-system rows (name, group, uq_*, rmsd, d_mean, n_free, status, nsteps) and names lacking a reference."""
+    from ltau_ase.is2rs import system_table
+
+    pred = {}
+    for r in records:
+        atoms = r["atoms"]
+        atoms.info.update({f"ltau_uq_{s}": r[f"uq_{s}"] for s in ("initial", "final", "max", "mean")})
+        pred[r["name"]] = atoms
+    if strict:
+        missing = [n for n in pred if n not in refs]
+        if missing:
+            raise ValueError(f"{len(missing)} system(s) have no reference structure: {missing[:10]}")
+    table, missing = system_table(pred, refs, groups={r["name"]: r["group"] for r in records})
+    by_name = {r["name"]: r for r in records}
+    for row in table:
+        row.update(status=by_name[row["name"]]["status"], nsteps=by_name[row["name"]]["nsteps"])
+    return table, missing
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ltau_ase.is2rs import uq_rmsd_analysis
+    from ltau_ase.plots import plot_rmsd_vs_uq
+    from ltau_ase.simulate.batch import load_results, read_structures
+
+    records = load_results(args.db)
+    if not records:
+        raise ValueError(f"{args.db} holds no relaxations")
+    failed = [{"name": r["name"], "reason": r["reason"]} for r in records if r["status"] == "failed"]
+    relaxed = [r for r in records if r["status"] != "failed"]
+    if not relaxed:
+        raise ValueError(f"all {len(records)} relaxations in {args.db} failed; nothing to analyse")
+    if args.references is not None:
+        refs = dict(read_structures(str(args.references)))
+    else:
+        refs = {r["name"]: r["reference"] for r in relaxed if r["reference"] is not None}
+        if not refs:
+            raise ValueError(f"{args.db} stores no reference structures; pass --references")
+    table, missing = build_table(relaxed, refs, strict=args.strict)
+    if not table:
+        raise ValueError("no relaxed system has a reference structure; check the names in --references")
+    groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
+    analysis = uq_rmsd_analysis(table, groups=groups, threshold=args.threshold, n_bins=args.bins,
+                                strategy=args.strategy)
+    args.output.mkdir(parents=True, exist_ok=True)
+    png = plot_rmsd_vs_uq(analysis["binned"], args.output / "rmsd_vs_uq.png", threshold=args.threshold)
+    metrics = {"db": str(args.db), "n_records": len(records), "n_scored": len(table),
+               "unconverged": [r["name"] for r in relaxed if r["status"] == "unconverged"],
+               "failed": failed, "missing_references": missing, "analysis": analysis, "systems": table}
+    out = args.output / "metrics.json"
+    out.write_text(json.dumps(_json_safe(metrics), indent=2))
+    print(f"scored {len(table)} of {len(records)} systems ({len(failed)} failed, {len(missing)} without "
+          f"reference); {out}, {png}")
+    for g, entry in analysis["groups"].items():
+        rho = ", ".join(f"{s} {v['spearman']:.3f}" for s, v in entry["stats"].items())
+        print(f"  {g}: n={entry['n_systems']} ADwT={entry['adwt']:.3f} mean RMSD={entry['mean_rmsd']:.3f} Å; "
+              f"Spearman(UQ, RMSD): {rho}")
+    return 0

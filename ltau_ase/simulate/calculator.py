@@ -1,0 +1,235 @@
+"""`LTAUCalculator`: any ASE force-field calculator plus LTAU per-atom uncertainties.
+
+The wrapper delegates every physical property (energy, forces, stress, ...) to the wrapped
+calculator and adds, for the same structure and from the same base computation:
+
+per atom, shape (N,)
+    ``uncertainties``           1 - p_j, in [0, 1]
+    ``confidences``             p_j = P(|F error| <= threshold) from the neighbours' error distributions
+    ``expected_force_errors``   expected |F error| of the atom, eV/Å
+    ``latent_distances``        mean Euclidean distance to the k nearest training descriptors, in the
+                                model's latent units (no physical unit)
+per structure (float)
+    ``max_uncertainty``, ``mean_uncertainty``  over all atoms
+
+ASE keeps only its own property names (``ase.calculators.calculator.all_properties``) when it writes
+trajectories, extxyz results or ase.db rows: use :func:`store_uq_in_atoms` to copy the UQ results into
+``atoms.arrays`` / ``atoms.info`` so they are written too.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from os import PathLike
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances")
+PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
+UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
+_UNKNOWN_SPECIES_MODES = ("raise", "flag")
+
+# estimator.predict key -> calculator result key
+_PREDICT_TO_RESULT = {
+    "uncertainty": "uncertainties",
+    "confidence": "confidences",
+    "expected_error": "expected_force_errors",
+    "distance": "latent_distances",
+}
+
+
+class LTAUCalculator(Calculator):
+    """Wrap ``calc`` and add LTAU uncertainties to its results.
+
+    Parameters
+    ----------
+    calc
+        Any ASE calculator. Energy, forces, stress etc. are obtained through ``calc.get_property``,
+        so the base calculator's own cache works and it computes each structure exactly once.
+    estimator
+        A fitted :class:`ltau_ase.core.estimator.LTAUEstimator` (or an object with the same
+        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface).
+    descriptors
+        ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
+        base calculator must fill in the same call that computes energy and forces (the nequip
+        adapter does). A callable ``descriptors(atoms) -> (N, D)`` computes them instead.
+    threshold
+        Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
+    unknown_species
+        What to do with atoms of an element the estimator never saw in training:
+        ``"raise"`` (default) raises ``ValueError`` naming the elements, because the model's force on
+        such an atom is an extrapolation the error distributions say nothing about;
+        ``"flag"`` marks those atoms as maximally uncertain (uncertainty 1, confidence 0, expected
+        error NaN; latent distance still computed) and lists them in ``results["unknown_species"]``
+        (bool (N,)), so a simulation can continue and an :class:`UncertaintyStop` can fire on them.
+    **kwargs
+        Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
+    """
+
+    def __init__(
+        self,
+        calc: Calculator,
+        estimator: Any,
+        descriptors: Callable[[Atoms], np.ndarray] | None = None,
+        threshold: float | None = None,
+        unknown_species: str = "raise",
+        **kwargs: Any,
+    ) -> None:
+        if unknown_species not in _UNKNOWN_SPECIES_MODES:
+            raise ValueError(f"unknown_species must be one of {_UNKNOWN_SPECIES_MODES}, got {unknown_species!r}")
+        if descriptors is not None and not callable(descriptors):
+            raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
+        if not hasattr(calc, "get_property"):
+            raise TypeError(f"calc must be an ASE calculator, got {type(calc)}")
+        super().__init__(**kwargs)
+        self.calc = calc
+        self.estimator = estimator
+        self.descriptors = descriptors
+        self.threshold = threshold
+        self.unknown_species = unknown_species
+        # per instance: the class attribute of Calculator is shared by every calculator
+        base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
+        self.implemented_properties = base + list(UQ_PROPERTIES)
+        self._base_properties = base
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_nequip(
+        cls,
+        model_path: str | PathLike,
+        estimator_path: str | PathLike,
+        device: str = "cpu",
+        threshold: float | None = None,
+        allow_model_mismatch: bool = False,
+        unknown_species: str = "raise",
+        **kwargs: Any,
+    ) -> "LTAUCalculator":
+        """Build from a nequip model file (``.ckpt`` / ``.nequip.zip``) and an estimator file.
+
+        The estimator records the sha256 of the model it was fitted for (``metadata["model_sha256"]``);
+        a different model file (or no recorded hash) raises ``ValueError`` unless
+        ``allow_model_mismatch=True``, which only warns. ``kwargs`` go to
+        ``LatentNequIPCalculator.from_model_file``.
+        """
+        from ltau_ase.core.estimator import LTAUEstimator
+        from ltau_ase.core.fileformat import sha256_file
+        from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch lives only here
+
+        estimator = LTAUEstimator.load(estimator_path)
+        model_hash = sha256_file(model_path)
+        recorded = (getattr(estimator, "metadata", None) or {}).get("model_sha256")
+        if recorded != model_hash:
+            if recorded is None:
+                msg = (f"estimator {str(estimator_path)!r} records no model hash (metadata['model_sha256']), so it "
+                       f"cannot be checked against model {str(model_path)!r}")
+            else:
+                msg = (f"estimator {str(estimator_path)!r} was fitted for a model with sha256 {recorded}, but "
+                       f"{str(model_path)!r} has sha256 {model_hash}: its latent space differs, so the "
+                       "uncertainties would be meaningless")
+            if not allow_model_mismatch:
+                raise ValueError(msg + "; pass allow_model_mismatch=True to use them together anyway")
+            warnings.warn(msg + " (allowed by allow_model_mismatch=True)", stacklevel=2)
+        base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
+        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
+
+    # ------------------------------------------------------------------ ASE interface
+    def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
+                  system_changes: list[str] = all_changes) -> None:
+        properties = list(properties or ["energy"])
+        if system_changes:
+            self.results = {}
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms  # the copy Calculator.calculate stored
+        wanted = [p for p in properties if p in self._base_properties]
+        if not wanted:
+            # UQ only: still one base computation, the one that also yields the descriptors
+            wanted = ["forces"] if "forces" in self._base_properties else self._base_properties[:1]
+        for name in wanted:
+            self.calc.get_property(name, atoms)
+        base_results = dict(self.calc.results)
+        fresh = "uncertainties" not in self.results  # no UQ yet for this structure
+        self.results.update(base_results)
+        if fresh:
+            self.results.update(self._uq(atoms, base_results))
+
+    def _uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
+        n = len(atoms)
+        if self.descriptors is not None:
+            desc = self.descriptors(atoms)
+            source = "descriptors(atoms)"
+        elif "descriptors" in base_results:
+            desc = base_results["descriptors"]
+            source = "calc.results['descriptors']"
+        else:
+            raise ValueError(
+                f"{type(self.calc).__name__} put no 'descriptors' in its results; use a calculator that "
+                "provides per-atom descriptors from the same forward pass (e.g. LatentNequIPCalculator) or "
+                "pass descriptors=callable(atoms) -> (N, D)")
+        desc = np.asarray(desc)
+        d = getattr(self.estimator, "n_features_in_", None)
+        if desc.ndim != 2 or desc.shape[0] != n or (d is not None and desc.shape[1] != d):
+            raise ValueError(f"{source} has shape {desc.shape}, expected ({n}, {d}) for {n} atoms and an "
+                             f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
+        unknown = np.zeros(n, dtype=bool)
+        if self.unknown_species == "raise":
+            # raises itself when the estimator is set to; otherwise returns the unseen elements
+            unseen = self.estimator.check_species(atoms.numbers)
+            if unseen is not None and len(unseen):
+                raise ValueError(f"structure contains elements Z={sorted(np.asarray(unseen).tolist())} never seen "
+                                 "in the estimator's training set; use unknown_species='flag' to mark them as "
+                                 "maximally uncertain instead")
+        else:
+            species = getattr(self.estimator, "species_", None)
+            if species is not None:
+                unknown = ~np.isin(atoms.numbers, np.asarray(species))
+        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold)
+        out: dict[str, Any] = {}
+        for src, dst in _PREDICT_TO_RESULT.items():
+            values = np.array(pred[src], dtype=np.float64)
+            if values.shape != (n,):
+                raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
+            out[dst] = values
+        if unknown.any():
+            out["uncertainties"][unknown] = 1.0
+            out["confidences"][unknown] = 0.0
+            out["expected_force_errors"][unknown] = np.nan
+        out["unknown_species"] = unknown
+        out["max_uncertainty"] = float(out["uncertainties"].max()) if n else float("nan")
+        out["mean_uncertainty"] = float(out["uncertainties"].mean()) if n else float("nan")
+        return out
+
+    def todict(self) -> dict[str, Any]:
+        return {"calc": type(self.calc).__name__, "threshold": self.threshold,
+                "unknown_species": self.unknown_species}
+
+
+def store_uq_in_atoms(atoms: Atoms, results: Mapping[str, Any] | None = None) -> Atoms:
+    """Copy UQ results into ``atoms.arrays`` / ``atoms.info`` so that extxyz and ase.db keep them.
+
+    ``results`` defaults to ``atoms.calc.results``. Per-atom arrays go to
+    ``atoms.arrays["ltau_uncertainties" | "ltau_confidences" | "ltau_expected_force_errors" |
+    "ltau_latent_distances"]`` (those present), structure values to
+    ``atoms.info["ltau_max_uncertainty" | "ltau_mean_uncertainty"]``. Returns ``atoms``.
+    """
+    if results is None:
+        if atoms.calc is None:
+            raise ValueError("atoms has no calculator; pass results= explicitly")
+        results = atoms.calc.results
+    found = False
+    for key in PER_ATOM_UQ:
+        if key in results:
+            values = np.asarray(results[key], dtype=np.float64)
+            if values.shape != (len(atoms),):
+                raise ValueError(f"results[{key!r}] has shape {values.shape}, expected ({len(atoms)},)")
+            atoms.arrays["ltau_" + key] = values.copy()
+            found = True
+    for key in PER_STRUCTURE_UQ:
+        if key in results:
+            atoms.info["ltau_" + key] = float(results[key])
+            found = True
+    if not found:
+        raise ValueError(f"results hold none of the UQ keys {UQ_PROPERTIES}; got {sorted(results)}")
+    return atoms

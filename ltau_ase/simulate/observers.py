@@ -1,0 +1,326 @@
+"""Observers for ASE optimizers and MD drivers that read per-atom uncertainties.
+
+Both work with any calculator that lists the chosen per-atom key (``uncertainties``,
+``expected_force_errors``, ``latent_distances``, ...) in its ``implemented_properties`` and returns an
+(N,) array for it, so they read the values computed with the step's energy and forces (no extra
+computation: optimizers and MD drivers have already evaluated the structure when observers run).
+
+- :class:`RelaxationUQObserver` records a per-step structure value (the reduced per-atom UQ) during a
+  relaxation, including the initial structure, and summarises it (paper Fig. 4: initial, max, mean,
+  final).
+- :class:`UncertaintyStop` stops MD or an optimizer cleanly when the value stays above a threshold.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from os import PathLike
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import all_properties, compare_atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+
+from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
+
+Select = str | Sequence[int] | np.ndarray
+Reduce = str | float
+
+
+# ---------------------------------------------------------------------------- helpers
+def resolve_selection(atoms: Atoms, select: Select) -> np.ndarray:
+    """Boolean (N,) mask of the atoms a structure value is reduced over.
+
+    ``select``: ``"free"`` (atoms not fixed by ``FixAtoms``), ``"all"``, a list/tuple of tags
+    (OC20: 0 bulk, 1 surface, 2 adsorbate), or a numpy array of atom indices (or a boolean mask).
+    """
+    n = len(atoms)
+    if isinstance(select, str):
+        if select == "all":
+            mask = np.ones(n, dtype=bool)
+        elif select == "free":
+            mask = np.ones(n, dtype=bool)
+            for c in atoms.constraints:
+                if isinstance(c, FixAtoms):
+                    mask[c.get_indices()] = False
+        else:
+            raise ValueError(f"select must be 'free', 'all', a list of tags or an index array, got {select!r}")
+    elif isinstance(select, np.ndarray):
+        if select.dtype == bool:
+            if select.shape != (n,):
+                raise ValueError(f"boolean select mask has shape {select.shape}, expected ({n},)")
+            mask = select.copy()
+        elif np.issubdtype(select.dtype, np.integer) and select.ndim == 1:
+            if select.size and (select.min() < -n or select.max() >= n):
+                raise ValueError(f"select indices must lie in [-{n}, {n}) for {n} atoms, "
+                                 f"got range [{select.min()}, {select.max()}]")
+            mask = np.zeros(n, dtype=bool)
+            mask[select] = True
+        else:
+            raise ValueError(f"select array must be 1-D integer indices or a boolean mask, got dtype "
+                             f"{select.dtype} and shape {select.shape}")
+    elif isinstance(select, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in select):
+        mask = np.isin(atoms.get_tags(), np.asarray(select, dtype=int))
+    else:
+        raise ValueError(f"select must be 'free', 'all', a list of tags or an index array, got {select!r}")
+    if not mask.any():
+        raise ValueError(f"select={select!r} selects no atom of this {n}-atom structure "
+                         f"(tags present: {sorted(set(atoms.get_tags().tolist()))})")
+    return mask
+
+
+def check_reduce(atom_reduce: Reduce) -> Reduce:
+    if isinstance(atom_reduce, str):
+        if atom_reduce not in ("mean", "max"):
+            raise ValueError(f"atom_reduce must be 'mean', 'max' or a quantile in [0, 1], got {atom_reduce!r}")
+    elif isinstance(atom_reduce, (float, int)) and not isinstance(atom_reduce, bool):
+        if not 0.0 <= float(atom_reduce) <= 1.0:
+            raise ValueError(f"atom_reduce quantile must lie in [0, 1], got {atom_reduce}")
+    else:
+        raise ValueError(f"atom_reduce must be 'mean', 'max' or a quantile in [0, 1], got {atom_reduce!r}")
+    return atom_reduce
+
+
+def reduce_values(values: np.ndarray, atom_reduce: Reduce) -> float:
+    """Reduce selected per-atom values to one structure value (NaN propagates; nothing is dropped)."""
+    if atom_reduce == "mean":
+        return float(np.mean(values))
+    if atom_reduce == "max":
+        return float(np.max(values))
+    return float(np.quantile(values, float(atom_reduce)))
+
+
+def _real_atoms(atoms_or_filter: Any) -> Atoms:
+    # optimizers may run on a Filter (e.g. FrechetCellFilter), which wraps the Atoms as .atoms
+    return atoms_or_filter if isinstance(atoms_or_filter, Atoms) else atoms_or_filter.atoms
+
+
+def check_key(atoms: Atoms, key: str) -> None:
+    if atoms.calc is None:
+        raise ValueError("atoms has no calculator: attach one (e.g. an LTAUCalculator) before the observer")
+    implemented = list(getattr(atoms.calc, "implemented_properties", []))
+    if key not in implemented:
+        per_atom = [p for p in implemented if p not in all_properties and p not in PER_STRUCTURE_UQ]
+        raise ValueError(f"the calculator ({type(atoms.calc).__name__}) does not provide {key!r}; per-atom "
+                         f"UQ keys it provides: {per_atom} (LTAUCalculator gives {list(PER_ATOM_UQ)})")
+
+
+def per_atom_values(atoms: Atoms, key: str) -> np.ndarray:
+    values = np.asarray(atoms.calc.get_property(key, atoms), dtype=np.float64)
+    if values.shape != (len(atoms),):
+        raise ValueError(f"calculator result {key!r} has shape {values.shape}, expected per-atom ({len(atoms)},)")
+    return values
+
+
+# ---------------------------------------------------------------------------- observer
+class RelaxationUQObserver:
+    """Record the reduced per-atom UQ of every relaxation step, including the initial structure.
+
+    Usage::
+
+        obs = RelaxationUQObserver(atoms, atom_reduce="mean", select="free")
+        opt = BFGS(atoms, trajectory="relax.traj"); opt.attach(obs); opt.run(fmax=0.05)
+        obs.summary()  # {"initial", "max", "mean", "final", "nsteps"}
+
+    The initial value is captured when the observer is created (``atoms`` must carry its calculator
+    then; the optimizer's first evaluation of the same structure is then a cache hit). ASE calls
+    observers at step 0 only when no trajectory file is written; that call finds the structure
+    unchanged and is not counted twice.
+
+    ``trace`` (nsteps + 1,) holds the per-step values, ``per_atom_last`` the last (N,) values.
+    After each step the summary is written to ``atoms.info["ltau_uq_initial" | "_max" | "_mean" |
+    "_final" | "_nsteps"]`` (and ``"ltau_uq_key"``), the last per-atom values to
+    ``atoms.arrays["ltau_<key>"]``.
+    """
+
+    def __init__(self, atoms: Atoms, atom_reduce: Reduce = "mean", select: Select = "free",
+                 key: str = "uncertainties") -> None:
+        self.atoms = atoms
+        self.atom_reduce = check_reduce(atom_reduce)
+        self.select = select
+        self.key = key
+        check_key(atoms, key)
+        self.mask_ = resolve_selection(atoms, select)
+        self._values: list[float] = []
+        self._initial = atoms.copy()
+        self._first_call = True
+        self.per_atom_last: np.ndarray | None = None
+        self._record()
+
+    def __call__(self) -> None:
+        if self._first_call:
+            self._first_call = False
+            if not compare_atoms(self._initial, self.atoms, tol=0.0):
+                return  # ASE's step-0 call: the initial structure is already recorded
+        self._record()
+
+    def _record(self) -> None:
+        if len(self.atoms) != self.mask_.size:
+            raise ValueError(f"the structure now has {len(self.atoms)} atoms, the observer was created for "
+                             f"{self.mask_.size}")
+        values = per_atom_values(self.atoms, self.key)
+        self.per_atom_last = values
+        self._values.append(reduce_values(values[self.mask_], self.atom_reduce))
+        self.atoms.arrays["ltau_" + self.key] = values.copy()
+        self.atoms.info.update({f"ltau_uq_{k}": v for k, v in self.summary().items()})
+        self.atoms.info["ltau_uq_key"] = self.key
+
+    @property
+    def trace(self) -> np.ndarray:
+        """(nsteps + 1,) structure values, initial structure first."""
+        return np.array(self._values, dtype=np.float64)
+
+    def summary(self) -> dict[str, float | int]:
+        """``initial``, ``max``, ``mean``, ``final`` of the trace, and ``nsteps`` = len(trace) - 1."""
+        t = self.trace
+        return {"initial": float(t[0]), "max": float(t.max()), "mean": float(t.mean()),
+                "final": float(t[-1]), "nsteps": int(t.size - 1)}
+
+
+# ---------------------------------------------------------------------------- stop
+class UncertaintyStop:
+    """Stop an ASE optimizer or MD run when the uncertainty stays too high.
+
+    Usage::
+
+        dyn = Langevin(atoms, ..., trajectory="md.traj")
+        stop = UncertaintyStop(dyn, threshold=0.5, patience=3, save_to="uncertain.extxyz")
+        dyn.attach(stop)
+        dyn.run(10_000)          # returns normally, early if the stop fired
+        stop.triggered, stop.step, stop.value, stop.reason
+
+    At every step the per-atom ``key`` values of the selected atoms (default all) are reduced with
+    ``atom_reduce`` (default ``"max"``). The stop fires when the value is strictly above the threshold
+    for ``patience`` consecutive steps: it sets ``dyn.max_steps = 0``, which ends ASE's run loop (MD and
+    optimizers) after all observers of that step have run, so a trajectory written by the dynamics
+    holds every step up to and including the triggering one whatever the attach order. It then
+    writes the triggering frame, with energies/forces and per-atom UQ columns, to ``save_to``
+    (extxyz, appended, so repeated active-learning runs collect frames) and calls
+    ``on_trigger(atoms, info)``.
+
+    Adaptive mode (``adaptive=True``): after ``warmup`` non-exceeding steps the bound is the running
+    mean + ``n_sigma`` × running standard deviation (ddof=1) of the earlier non-exceeding values (the
+    values of an excursion do not raise their own bar). ``threshold``, if not None, then acts as an
+    absolute ceiling that applies from the first step.
+
+    Note: an optimizer writing to a non-empty trajectory skips step-0 observers, so the initial
+    structure is then first checked after step 1.
+    """
+
+    def __init__(self, dyn: Any, threshold: float | None = None, key: str = "uncertainties",
+                 atom_reduce: Reduce = "max", patience: int = 1,
+                 on_trigger: Callable[[Atoms, dict], Any] | None = None,
+                 save_to: str | PathLike | None = None, adaptive: bool = False, warmup: int = 20,
+                 n_sigma: float = 3.0, select: Select = "all") -> None:
+        if threshold is None and not adaptive:
+            raise ValueError("threshold is required unless adaptive=True")
+        if threshold is not None and not math.isfinite(float(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold}")
+        if not isinstance(patience, (int, np.integer)) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        if adaptive and (not isinstance(warmup, (int, np.integer)) or warmup < 2):
+            raise ValueError(f"warmup must be an integer >= 2 in adaptive mode, got {warmup!r}")
+        if adaptive and not (math.isfinite(n_sigma) and n_sigma >= 0):
+            raise ValueError(f"n_sigma must be a finite number >= 0, got {n_sigma}")
+        if on_trigger is not None and not callable(on_trigger):
+            raise TypeError(f"on_trigger must be callable(atoms, info), got {type(on_trigger)}")
+        self.dyn = dyn
+        self.threshold = None if threshold is None else float(threshold)
+        self.key = key
+        self.atom_reduce = check_reduce(atom_reduce)
+        self.patience = int(patience)
+        self.on_trigger = on_trigger
+        self.save_to = save_to
+        self.adaptive = adaptive
+        self.warmup = warmup
+        self.n_sigma = float(n_sigma)
+        self.select = select
+        atoms = _real_atoms(dyn.atoms)
+        check_key(atoms, key)
+        self._mask = resolve_selection(atoms, select)
+        # state
+        self.triggered = False
+        self.step: int | None = None
+        self.value: float | None = None
+        self.reason: str | None = None
+        self.events: list[dict] = []
+        self.steps: list[int] = []
+        self.values: list[float] = []
+        self.bounds: list[float] = []
+        self._count = 0
+        self._n = 0  # Welford running stats of non-exceeding values (adaptive mode)
+        self._mean = 0.0
+        self._m2 = 0.0
+
+    def current_bound(self) -> float:
+        """The threshold the next value is compared with (inf while an adaptive warm-up lasts)."""
+        bound = math.inf if self.threshold is None else self.threshold
+        if self.adaptive and self._n >= self.warmup:
+            std = math.sqrt(self._m2 / (self._n - 1))
+            bound = min(bound, self._mean + self.n_sigma * std)
+        return bound
+
+    def __call__(self) -> None:
+        atoms = _real_atoms(self.dyn.atoms)
+        values = per_atom_values(atoms, self.key)
+        value = reduce_values(values[self._mask], self.atom_reduce)
+        bound = self.current_bound()
+        step = int(self.dyn.nsteps)
+        self.steps.append(step)
+        self.values.append(value)
+        self.bounds.append(bound)
+        if value > bound or math.isnan(value):  # NaN UQ is never "fine"
+            self._count += 1
+        else:
+            self._count = 0
+            if self.adaptive:
+                self._n += 1
+                delta = value - self._mean
+                self._mean += delta / self._n
+                self._m2 += delta * (value - self._mean)
+        if self._count >= self.patience:
+            self._fire(atoms, values, value, bound, step)
+
+    def _fire(self, atoms: Atoms, values: np.ndarray, value: float, bound: float, step: int) -> None:
+        self.dyn.max_steps = 0  # ends ASE's run loop after this step's observers, no exception
+        first = self.steps[-self.patience]
+        reduce_name = self.atom_reduce if isinstance(self.atom_reduce, str) else f"q{self.atom_reduce:g}"
+        self.reason = (f"{reduce_name} {self.key} over {int(self._mask.sum())} selected atoms = {value:.6g} > "
+                       f"threshold {bound:.6g} for {self.patience} consecutive step(s) (steps {first}..{step})")
+        self.triggered, self.step, self.value = True, step, value
+        info = {"step": step, "value": value, "threshold": bound, "key": self.key, "reason": self.reason,
+                "per_atom": values.copy()}
+        self.events.append(info)
+        _flush_open_trajectory(self.dyn)
+        if self.save_to is not None:
+            from ase.io import write
+
+            write(self.save_to, self.frame(atoms, values, info), format="extxyz", append=True)
+        if self.on_trigger is not None:
+            self.on_trigger(atoms, info)
+
+    def frame(self, atoms: Atoms, values: np.ndarray, info: dict) -> Atoms:
+        """A copy of ``atoms`` with its standard results and per-atom UQ columns, for writing."""
+        frame = atoms.copy()
+        results = atoms.calc.results
+        frame.calc = SinglePointCalculator(frame, **{k: v for k, v in results.items() if k in all_properties})
+        if any(k in results for k in PER_ATOM_UQ + PER_STRUCTURE_UQ):
+            store_uq_in_atoms(frame, results)
+        frame.arrays["ltau_" + self.key] = values.copy()
+        frame.info.update(ltau_stop_step=info["step"], ltau_stop_value=info["value"],
+                          ltau_stop_threshold=info["threshold"], ltau_stop_key=self.key)
+        return frame
+
+
+def _flush_open_trajectory(dyn: Any) -> None:
+    # A trajectory given to ASE as a path is opened and closed at every write (already on disk);
+    # an open Trajectory object is the caller's, but flush its buffer so nothing is lost.
+    traj = getattr(dyn, "trajectory", None)
+    if traj is None or not hasattr(traj, "write"):
+        return
+    for obj in (traj, getattr(traj, "backend", None), getattr(getattr(traj, "backend", None), "fd", None)):
+        flush = getattr(obj, "flush", None)
+        if callable(flush):
+            flush()

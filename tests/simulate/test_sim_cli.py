@@ -1,0 +1,86 @@
+"""`ltau relax`, `ltau report` and `ltau md` run in-process on stand-in calculators."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from ase.io import read, write
+
+from sim_standins import batch_systems, make_slab
+from ltau_ase.cli import md, relax, report
+
+
+def _run(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_relax_then_report(tmp_path, capsys):
+    systems = batch_systems(n=8, bad=True)
+    write(tmp_path / "init.extxyz", systems)
+    refs = [a for a in systems if a.info["name"] != "sys03"]  # the initial structures as "references"
+    write(tmp_path / "refs.extxyz", refs)
+    db = tmp_path / "relax.db"
+    assert _run(relax, ["--factory", "sim_standins:STANDIN_FACTORY", "--structures", tmp_path / "init.extxyz",
+                        "--db", db, "--optimizer", "FIRE", "--fmax", "0.05", "--steps", "200",
+                        "--references", tmp_path / "refs.extxyz", "--no-progress", "--workers", "2"]) == 0
+    assert "10 systems: 8 done, 0 unconverged, 2 failed, 0 already in" in capsys.readouterr().out
+    out = tmp_path / "rep"
+    with pytest.warns(UserWarning, match="1 of 8 system"):
+        assert _run(report, ["--db", db, "--output", out, "--bins", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "rmsd_vs_uq.png").stat().st_size > 1000
+    assert metrics["missing_references"] == ["sys03"]
+    assert sorted(f["name"] for f in metrics["failed"]) == ["overlap", "unknown"]
+    assert metrics["n_scored"] == 7 and set(metrics["analysis"]["groups"]) == {"in", "out", "all"}
+    finals = {a.info["name"]: a for a in read(tmp_path / "init.extxyz", ":")}
+    from ltau_ase.simulate.batch import load_results
+
+    relaxed = {r["name"]: r for r in load_results(db)}
+    for row in metrics["systems"]:
+        ref = finals[row["name"]]
+        final = relaxed[row["name"]]["atoms"]
+        free = ref.get_tags() > 0
+        d = np.linalg.norm(final.positions[free] - ref.positions[free], axis=1)  # small moves: no wrap
+        assert row["rmsd"] == pytest.approx(np.sqrt(np.mean(d**2)), rel=1e-6)
+        assert row["d_mean"] == pytest.approx(d.mean(), rel=1e-6)
+        assert row["uq_final"] == pytest.approx(relaxed[row["name"]]["uq_final"])
+    with pytest.raises(ValueError, match="no reference structure"):
+        _run(report, ["--db", db, "--output", out, "--strict"])
+    with pytest.raises(ValueError, match="either --factory or --model"):
+        _run(relax, ["--factory", "sim_standins:STANDIN_FACTORY", "--model", "m.ckpt", "--structures",
+                     tmp_path / "init.extxyz", "--db", db])
+
+
+@pytest.mark.parametrize("ensemble, interval, frames", [("nve", 1, [0, 1, 2, 3, 4, 5]), ("langevin", 2, [0, 2, 4, 5])])
+def test_md_stops_and_writes_uq_columns(ensemble, interval, frames, tmp_path, capsys):
+    write(tmp_path / "start.extxyz", make_slab())
+    traj = tmp_path / "md.extxyz"
+    assert _run(md, ["--factory", "sim_standins:scripted_md_calculator", "--structure", tmp_path / "start.extxyz",
+                     "--ensemble", ensemble, "--threshold", "0.5", "--steps", "50", "--trajectory", traj,
+                     "--interval", interval, "--save-to", tmp_path / "trigger.extxyz"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step 5 (t = 5 fs)" in out and "> threshold 0.5" in out
+    images = read(traj, ":")
+    assert [a.info["md_step"] for a in images] == frames
+    w = np.linspace(0.25, 1.0, len(images[0]))
+    np.testing.assert_allclose(images[-1].arrays["ltau_uncertainties"], 0.9 * w, rtol=1e-7)
+    np.testing.assert_allclose(images[0].arrays["ltau_uncertainties"], 0.1 * w, rtol=1e-7)
+    assert read(tmp_path / "trigger.extxyz").info["ltau_stop_step"] == 5
+
+
+def test_md_with_ltau_calculator_runs_to_the_end(tmp_path, capsys):
+    write(tmp_path / "start.extxyz", make_slab())
+    traj = tmp_path / "md.extxyz"
+    assert _run(md, ["--factory", "sim_standins:STANDIN_FACTORY", "--structure", tmp_path / "start.extxyz",
+                     "--ensemble", "nve", "--threshold", "1.0", "--steps", "5", "--trajectory", traj]) == 0
+    assert "completed 5 steps without stopping" in capsys.readouterr().out
+    images = read(traj, ":")
+    assert len(images) == 6
+    for key in ("uncertainties", "confidences", "expected_force_errors", "latent_distances"):
+        assert images[-1].arrays["ltau_" + key].shape == (len(images[-1]),)
+    with pytest.raises(ValueError, match="--threshold is required"):
+        _run(md, ["--factory", "sim_standins:STANDIN_FACTORY", "--structure", tmp_path / "start.extxyz"])
