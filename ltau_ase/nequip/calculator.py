@@ -1,0 +1,170 @@
+"""NequIP ASE calculator that also returns per-atom latent descriptors.
+
+:class:`LatentNequIPCalculator` extends nequip's own ``NequIPCalculator`` through its
+``save_extra_outputs(out)`` hook: the descriptors are the per-atom invariant ``node_features`` of the
+last message-passing (convnet) layer, read from the SAME model output that yields energy, forces and
+stress. No second forward pass is ever made.
+
+Only eager models carry latent features: load ``.ckpt`` checkpoints or ``nequip-package``
+``.nequip.zip`` files with :meth:`LatentNequIPCalculator.from_model_file`. AOTI-compiled
+``.nequip.pt2`` files return energies/forces/stress only and are refused with an explanation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import chemical_symbols
+from nequip.data import AtomicDataDict
+from nequip.integrations.ase import NequIPCalculator
+
+from ltau_ase.nequip.safe_load import verify_checkpoint
+
+#: result key holding the (N, D) float32 descriptors
+DESCRIPTORS_KEY = "descriptors"
+#: model output field holding the latent features (last convnet output, before the readout)
+LATENT_FIELD = AtomicDataDict.NODE_FEATURES_KEY
+
+_EAGER_SUFFIXES = (".ckpt", ".nequip.zip")
+_AOTI_SUFFIXES = (".pt2",)
+
+
+def latent_dim(model: torch.nn.Module) -> int:
+    """Number D of latent features per atom of an eager nequip model.
+
+    The latent field must consist of ``0e`` scalars only (true for NequIP's and Allegro's last
+    layer), because only invariant features give rotation/reflection-invariant distances.
+
+    Raises:
+        ValueError: the model declares no ``node_features`` output (e.g. a compiled model), or the
+            features contain non-scalar irreps.
+    """
+    irreps_out = getattr(model, "irreps_out", None)
+    irreps = None if irreps_out is None else irreps_out.get(LATENT_FIELD)
+    if irreps is None:
+        raise ValueError(
+            f"model {type(model).__name__} declares no '{LATENT_FIELD}' output; expected an eager nequip "
+            "GraphModel loaded from a .ckpt or .nequip.zip file (compiled models expose no latent features)"
+        )
+    not_scalar = [str(ir) for _, ir in irreps if ir.l != 0 or ir.p != 1]
+    if not_scalar:
+        raise ValueError(
+            f"model's '{LATENT_FIELD}' have irreps {irreps}, including non-scalar {sorted(set(not_scalar))}; "
+            "expected only 0e scalars (the last message-passing layer's invariant output)"
+        )
+    return int(irreps.dim)
+
+
+def _known_atomic_numbers(transforms: list) -> set[int] | None:
+    """Atomic numbers the calculator's type mapper accepts (None without a type mapper)."""
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+
+    for t in transforms:
+        if isinstance(t, ChemicalSpeciesToAtomTypeMapper):
+            return set(np.flatnonzero(t.lookup_table.detach().cpu().numpy() >= 0).tolist())
+    return None
+
+
+class LatentNequIPCalculator(NequIPCalculator):
+    """``NequIPCalculator`` that also fills ``results["descriptors"]``.
+
+    Results are nequip's (``energy`` eV, ``forces`` eV/Å, ``stress``, ...) plus ``descriptors``:
+    (N, D) float32 per-atom invariant latent features in the model's latent units, taken from the
+    forward pass that computed the energy and forces. Inference runs with autograd enabled because
+    nequip computes forces as energy gradients.
+
+    Args: those of ``nequip.integrations.ase.NequIPCalculator`` (``model`` in ``.eval()`` mode,
+    ``device``, ``transforms``, unit factors). Prefer :meth:`from_model_file`.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: Union[str, torch.device], **kwargs: Any) -> None:
+        super().__init__(model, device, **kwargs)
+        # per instance: extending the class list would change every NequIPCalculator
+        self.implemented_properties = [*type(self).implemented_properties, DESCRIPTORS_KEY]
+        self.descriptor_dim: int = latent_dim(self.model)
+        self.model_path: Path | None = None
+        self._known_numbers = _known_atomic_numbers(self.transforms)
+
+    @classmethod
+    def from_model_file(
+        cls,
+        path: Union[str, Path],
+        device: Union[str, torch.device] = "cpu",
+        trusted: bool = False,
+        trusted_targets: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> "LatentNequIPCalculator":
+        """Load an eager model from a ``.ckpt`` checkpoint or a ``.nequip.zip`` package.
+
+        nequip unpickles model files and instantiates the classes their configuration names. Unless
+        ``trusted=True``, a checkpoint is first verified with
+        :func:`ltau_ase.nequip.safe_load.verify_checkpoint` (tensors and plain containers only, Hydra
+        targets from nequip/torch/Lightning or ``trusted_targets``); ``.nequip.zip`` packages carry
+        code and are refused unless ``trusted=True``.
+
+        Keyword arguments go to nequip's loader (e.g. ``chemical_species_to_atom_type_map``,
+        ``neighborlist_backend``) or the calculator constructor (unit factors).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: an AOTI ``.nequip.pt2`` file, an unknown file type, a checkpoint that fails
+                verification, or an untrusted package.
+        """
+        path = Path(path)
+        name = path.name
+        if name.endswith(_AOTI_SUFFIXES):
+            raise ValueError(
+                f"{path} is an AOTI-compiled model (nequip-compile --mode aotinductor); it returns only "
+                f"energies, forces and stress, not the latent '{LATENT_FIELD}' that LTAU needs. "
+                "Use the training checkpoint (.ckpt) or a nequip-package file (.nequip.zip) instead."
+            )
+        if not name.endswith(_EAGER_SUFFIXES):
+            raise ValueError(
+                f"unrecognised model file {path}; expected a nequip checkpoint (.ckpt) or a "
+                "nequip-package file (.nequip.zip)"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        if not trusted:
+            if name.endswith(".nequip.zip"):
+                raise ValueError(
+                    f"{path} is a nequip-package archive: loading it imports code stored in the file, which "
+                    "cannot be verified. Load the training checkpoint (.ckpt) instead, or pass trusted=True "
+                    "if you trust the file's origin"
+                )
+            verify_checkpoint(path, trusted_targets)
+        from nequip.model.utils import _EAGER_MODEL_KEY
+        from nequip.utils.global_state import set_global_state
+
+        set_global_state()
+        # the one place that relies on nequip's private loader (stable in nequip 0.19)
+        calc = cls._from_saved_model(str(path), device=device, compile_mode=_EAGER_MODEL_KEY, **kwargs)
+        calc.model_path = path
+        return calc
+
+    def atoms_to_data(self, atoms: Atoms) -> AtomicDataDict.Type:
+        """nequip's conversion, after checking that the model knows every element of ``atoms``."""
+        if self._known_numbers is not None:
+            unknown = sorted(set(atoms.numbers.tolist()) - self._known_numbers)
+            if unknown:
+                raise ValueError(
+                    f"structure contains elements {[chemical_symbols[z] for z in unknown]} that the model does "
+                    f"not know; its type map covers {[chemical_symbols[z] for z in sorted(self._known_numbers)]}"
+                )
+        return super().atoms_to_data(atoms)
+
+    def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
+        """Keep the last convnet's per-atom scalars of this very forward pass as (N, D) float32."""
+        features = out.get(LATENT_FIELD)
+        n_atoms = len(self.atoms)
+        if features is None or tuple(features.shape) != (n_atoms, self.descriptor_dim):
+            got = None if features is None else tuple(features.shape)
+            raise RuntimeError(
+                f"model output '{LATENT_FIELD}' has shape {got}; expected ({n_atoms}, {self.descriptor_dim})"
+            )
+        self.results[DESCRIPTORS_KEY] = np.ascontiguousarray(
+            features.detach().cpu().numpy(), dtype=np.float32
+        )
