@@ -93,7 +93,7 @@ def tiny_nequip_run(tmp_path_factory, tiny_nequip_data) -> TinyRun:
         ],
         **TINY,
     )
-    train_nequip(config, run_dir, timeout=600)
+    train_nequip(config, run_dir, timeout=600, threads=1)
     return TinyRun(
         run_dir=run_dir,
         checkpoint=run_dir / "last.ckpt",
@@ -127,7 +127,7 @@ def tiny_nequip_ensemble(tmp_path_factory) -> TinyEnsemble:
             callbacks=[{"_target_": LOGGER, "log_dir": "ltau_errors", "mode": "free"}],  # relative: in run dir
             **TINY,
         )
-        train_nequip(config, run_dir, timeout=600)
+        train_nequip(config, run_dir, timeout=600, threads=1)
         runs.append(
             TinyRun(
                 run_dir=run_dir,

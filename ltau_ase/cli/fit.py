@@ -1,0 +1,60 @@
+"""``ltau fit``: nequip run directories + training data → one estimator file (.ltau).
+
+Example::
+
+    ltau fit runs/seed1 runs/seed2 runs/seed3 --train-file train.extxyz --output est.ltau --k 10
+
+Each run directory holds the ``ltau_errors`` log written by
+``ltau_ase.nequip.callback.LTAUErrorLogger`` (or pass the log directory itself). Descriptors come
+from ``--model`` (default: the first run's ``best.ckpt``, else ``last.ckpt``).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="nequip run directories (or their error-log directories), one per ensemble member")
+    parser.add_argument("--train-file", type=Path, nargs="+", required=True,
+                        help="training extxyz file(s) the runs were trained on; every frame needs info['frame_id']")
+    parser.add_argument("--output", type=Path, required=True, help="estimator file to write (.ltau)")
+    parser.add_argument("--k", type=int, default=10, help="nearest training atoms per test atom (default 10)")
+    parser.add_argument("--index", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto",
+                        help="FAISS index (auto: flat below 1e5 training atoms, HNSW above)")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="error threshold in eV/Å (default: the final models' training MAE)")
+    parser.add_argument("--skip-epochs", type=int, default=0, help="ignore the first S logged epochs")
+    parser.add_argument("--last-epochs", type=int, default=None, help="then keep only the last W epochs")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint (.ckpt) or package (.nequip.zip) giving the descriptors "
+                             "(default: first run's best.ckpt, else last.ckpt)")
+    parser.add_argument("--device", default="cpu", help="torch device for descriptor extraction (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per forward pass (default 16)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ltau_ase.core.errorlog import EpochWindow
+    from ltau_ase.nequip.fit import fit_estimator_from_runs
+
+    window = EpochWindow(skip=args.skip_epochs, last=args.last_epochs)
+    est = fit_estimator_from_runs(
+        args.run_dirs,
+        args.train_file,
+        args.output,
+        k=args.k,
+        index=args.index,
+        atol=args.atol,
+        window=window,
+        model=args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {args.output}: {est.n_train_atoms_} training atoms, {len(args.run_dirs)} run(s), "
+        f"k={est.k}, index={est.index}, atol={est.atol_:.4g} eV/Å, model sha256 {est.metadata['model_sha256'][:12]}…"
+    )
+    return 0

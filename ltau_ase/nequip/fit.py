@@ -1,0 +1,289 @@
+"""From nequip training runs (+ their training data) to one LTAU estimator file.
+
+:func:`fit_estimator_from_runs` is the Python function behind ``ltau fit``: it opens the error logs
+of M runs (an ensemble, different seeds, same training atoms), extracts the latent descriptors of
+every logged training atom from one checkpoint, verifies that descriptor rows and log columns hold
+the same atom ids, fits an :class:`~ltau_ase.core.estimator.LTAUEstimator` and saves it.
+
+:func:`error_logs_from_checkpoints` is the post-hoc "checkpoint ensemble" mode: it evaluates saved
+per-epoch checkpoints on the training set and writes an error log, so finished runs trained
+without :class:`~ltau_ase.nequip.callback.LTAUErrorLogger` can adopt LTAU.
+
+Model files are loaded through nequip's own loader (eager mode, via
+:meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`). nequip unpickles
+checkpoints: load only files you trust.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from ltau_ase.core.atom_ids import global_atom_ids, split_atom_ids
+from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
+from ltau_ase.core.estimator import LTAUEstimator
+from ltau_ase.core.fileformat import sha256_file
+
+PathLike = str | os.PathLike
+#: training sets with at least this many atoms get an HNSW index under index="auto" (paper: flat
+#: search below ~1e5 training atoms, HNSW above)
+AUTO_HNSW_ATOMS = 100_000
+DEFAULT_LOG_SUBDIR = "ltau_errors"
+
+
+def _is_error_log(path: Path) -> bool:
+    meta = path / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        import json
+
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def find_error_log(run_dir: PathLike) -> Path:
+    """The error-log directory of a run.
+
+    ``run_dir`` may be an error-log directory itself; otherwise ``run_dir/ltau_errors`` is used
+    when it exists, else the single error log found directly below ``run_dir``.
+
+    Raises:
+        FileNotFoundError: no log found.
+        ValueError: several logs found and none is ``ltau_errors`` (pass the log directory).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if _is_error_log(run_dir):
+        return run_dir
+    if _is_error_log(run_dir / DEFAULT_LOG_SUBDIR):
+        return run_dir / DEFAULT_LOG_SUBDIR
+    found = sorted(p for p in run_dir.iterdir() if p.is_dir() and _is_error_log(p))
+    if not found:
+        raise FileNotFoundError(
+            f"no LTAU error log in {run_dir}; expected a '{DEFAULT_LOG_SUBDIR}' directory written by "
+            "LTAUErrorLogger (or build one with error_logs_from_checkpoints)"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{run_dir} holds several error logs {[p.name for p in found]}; pass the wanted log directory instead"
+        )
+    return found[0]
+
+
+def default_checkpoint(run_dir: PathLike) -> Path:
+    """``best.ckpt`` of a run directory, else ``last.ckpt``."""
+    run_dir = Path(run_dir)
+    for name in ("best.ckpt", "last.ckpt"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise FileNotFoundError(f"neither best.ckpt nor last.ckpt found in {run_dir}; pass model= explicitly")
+
+
+def _default_model(log_dir: Path) -> Path:
+    """Default descriptor model of a log: the last checkpoint of a checkpoint-ensemble log, else
+    ``best.ckpt`` / ``last.ckpt`` of the run directory the log records (else its parent)."""
+    meta = ErrorLog(log_dir).metadata
+    if meta.get("checkpoints"):
+        return Path(meta["checkpoints"][-1])
+    recorded = meta.get("run_dir")
+    run_dir = Path(recorded) if recorded and Path(recorded).is_dir() else log_dir.parent
+    return default_checkpoint(run_dir)
+
+
+def _frames_for_ids(frames: Sequence[Atoms], log_ids: np.ndarray, train_files: Sequence[PathLike]) -> list[Atoms]:
+    """The training frames holding the logged atoms, in file order; raises if some are missing."""
+    from ltau_ase.nequip.descriptors import frame_ids_of
+
+    frame_ids = frame_ids_of(frames)
+    wanted = np.unique(split_atom_ids(log_ids)[0])
+    missing = np.setdiff1d(wanted, frame_ids)
+    if missing.size:
+        raise ValueError(
+            f"{missing.size} frames of the error logs are not in the training files {[str(f) for f in train_files]} "
+            f"(frame ids e.g. {missing[:5].tolist()}); expected the files the runs were trained on"
+        )
+    keep = np.isin(frame_ids, wanted)
+    return [a for a, k in zip(frames, keep) if k]
+
+
+def fit_estimator_from_runs(
+    run_dirs: PathLike | Sequence[PathLike],
+    train_files: PathLike | Sequence[PathLike],
+    output: PathLike | None,
+    k: int = 10,
+    index: str = "auto",
+    atol: float | None = None,
+    window: EpochWindow | dict | tuple | None = None,
+    model: PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    progress: bool = True,
+    **estimator_params: Any,
+) -> LTAUEstimator:
+    """Fit an LTAU estimator from M nequip runs and save it.
+
+    Args:
+        run_dirs: nequip run directories (or their error-log directories); M ≥ 1 runs of one
+            ensemble, logging the same training atoms.
+        train_files: the training data files (extxyz with ``info["frame_id"]``). Frames not in
+            the logs (e.g. split off for validation) are skipped; logged frames missing from the
+            files raise ValueError.
+        output: the ``.ltau`` file to write (None: do not save).
+        k: neighbours averaged per test atom (paper default 10).
+        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"`` (flat below 1e5 training atoms,
+            HNSW above).
+        atol: error threshold (eV/Å); None: the final models' training MAE.
+        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
+        model: checkpoint / package file giving the descriptors; default the first run's
+            ``best.ckpt`` (else ``last.ckpt``; for a checkpoint-ensemble log its last
+            checkpoint). Its SHA-256 is stored as ``model_sha256``.
+        estimator_params: further :class:`LTAUEstimator` parameters (rtol, bins, ...).
+    Returns:
+        the fitted estimator (also saved to ``output``).
+    Raises:
+        ValueError: logs of different atoms, frames missing, or descriptors not aligned with the logs.
+    """
+    from ltau_ase.nequip.descriptors import extract_descriptors, read_training_frames
+
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    if isinstance(train_files, (str, os.PathLike)):
+        train_files = [train_files]
+    run_dirs, train_files = [Path(r) for r in run_dirs], [Path(f) for f in train_files]
+    if not run_dirs:
+        raise ValueError("no run directories given; expected at least one nequip run")
+    log_dirs = [find_error_log(r) for r in run_dirs]
+    logs = load_error_logs(log_dirs)
+    log_ids = logs[0].atom_ids
+    model_path = Path(model) if model is not None else _default_model(log_dirs[0])
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {model_path} does not exist")
+    if index == "auto":
+        index = "flat" if log_ids.size < AUTO_HNSW_ATOMS else "hnsw"
+
+    frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
+    desc_ids, descriptors = extract_descriptors(
+        model_path, frames, device=device, batch_size=batch_size, progress=progress
+    )
+    # Descriptors come in frame order; the logs in sorted-id order. Put the descriptor rows in the
+    # logs' order and then verify id equality row by row (a frame of a different size, say, fails).
+    order = np.argsort(desc_ids, kind="stable")
+    desc_ids, descriptors = desc_ids[order], descriptors[order]
+    if desc_ids.shape != log_ids.shape or not np.array_equal(desc_ids, log_ids):
+        extra = np.setdiff1d(desc_ids, log_ids)
+        lacking = np.setdiff1d(log_ids, desc_ids)
+        raise ValueError(
+            f"descriptor atom ids do not match the error logs: {lacking.size} logged atoms have no descriptor "
+            f"(e.g. {lacking[:5].tolist()}), {extra.size} descriptors have no log entry (e.g. {extra[:5].tolist()}); "
+            "the training files' frames must have the same atoms as when the runs were trained"
+        )
+    numbers = np.concatenate([a.numbers for a in frames]).astype(np.int64)[order]
+    ref_forces = np.concatenate([np.linalg.norm(a.get_forces(), axis=1) for a in frames])[order]
+
+    metadata = {
+        "model_path": str(model_path.resolve()),
+        "model_sha256": sha256_file(model_path),
+        "k": int(k),
+        "index": index,
+        "atol": None if atol is None else float(atol),
+        "epoch_window": EpochWindow.coerce(window).to_dict(),
+        "run_dirs": [str(r.resolve()) for r in run_dirs],
+        "error_logs": [str(d.resolve()) for d in log_dirs],
+        "train_files": [str(f.resolve()) for f in train_files],
+        "n_runs": len(logs),
+        "n_train_atoms": int(log_ids.size),
+        "log_metadata": [log.metadata for log in logs],
+    }
+    params = dict(estimator_params)
+    params.setdefault("progress", progress)
+    estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
+    estimator.fit(descriptors, logs, reference_forces=ref_forces, atomic_numbers=numbers, atom_ids=log_ids)
+    estimator.metadata["atol_used"] = float(estimator.atol_)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        estimator.save(str(output))
+    return estimator
+
+
+def error_logs_from_checkpoints(
+    checkpoints: Sequence[PathLike],
+    train_files: PathLike | Sequence[PathLike],
+    log_dir: PathLike,
+    device: str = "cpu",
+    batch_size: int = 16,
+    components: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
+
+    Each checkpoint is evaluated (eager model, autograd forces) on every frame of the training
+    files and gives one row of |F_pred − F_ref|₂ (eV/Å) per atom; the rows keep the order of
+    ``checkpoints`` (give them in epoch order; nothing is sorted), with ``epoch`` = position.
+
+    Args:
+        checkpoints: ``.ckpt`` / ``.nequip.zip`` files of one run, in epoch order.
+        train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
+        log_dir: output error-log directory (must not hold a log already).
+        components: also store absolute per-component errors (N, 3).
+    Returns:
+        ``log_dir``.
+    """
+    import torch
+    from nequip.data import AtomicDataDict
+    from tqdm.auto import tqdm
+
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+    from ltau_ase.nequip.descriptors import frame_ids_of, read_training_frames
+
+    checkpoints = [Path(c) for c in checkpoints]
+    if not checkpoints:
+        raise ValueError("no checkpoints given; expected the per-epoch checkpoints of a run")
+    for c in checkpoints:
+        if not c.is_file():
+            raise FileNotFoundError(f"checkpoint {c} does not exist")
+    if isinstance(train_files, (str, os.PathLike)):
+        train_files = [train_files]
+    train_files = [Path(f) for f in train_files]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    frames = read_training_frames(train_files)
+    n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
+    atom_ids = global_atom_ids(frame_ids_of(frames), n_atoms)
+    ref = np.concatenate([a.get_forces() for a in frames])
+    geometry = [Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in frames]
+    metadata = {
+        "producer": "ltau_ase.nequip.fit.error_logs_from_checkpoints",
+        "mode": "checkpoints",
+        "checkpoints": [str(c.resolve()) for c in checkpoints],
+        "checkpoint_sha256": [sha256_file(c) for c in checkpoints],
+        "train_files": [str(f.resolve()) for f in train_files],
+        "run_dir": str(checkpoints[0].resolve().parent),
+        "units": "eV/Angstrom",
+    }
+    starts = np.concatenate([[0], np.cumsum(n_atoms)])
+    with ErrorLogWriter(log_dir, atom_ids, components=components, metadata=metadata) as writer:
+        for epoch, ckpt in enumerate(tqdm(checkpoints, desc="checkpoints", unit="ckpt", disable=not progress)):
+            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device)
+            pred = np.empty_like(ref)
+            for first in range(0, len(frames), batch_size):
+                last = min(first + batch_size, len(frames))
+                data = AtomicDataDict.batched_from_list([calc.atoms_to_data(a) for a in geometry[first:last]])
+                out = calc.model(data)  # autograd on: forces are energy gradients
+                forces = out[AtomicDataDict.FORCE_KEY].detach().to(torch.float64).cpu().numpy()
+                if forces.shape != (starts[last] - starts[first], 3):
+                    raise ValueError(f"checkpoint {ckpt} returned forces of shape {forces.shape} for frames {first}..{last - 1}")
+                pred[starts[first] : starts[last]] = forces
+            diff = pred - ref
+            writer.append_epoch(
+                atom_ids,
+                np.linalg.norm(diff, axis=1),
+                epoch=epoch,
+                components=np.abs(diff) if components else None,
+            )
+    return Path(log_dir)

@@ -1,0 +1,114 @@
+"""``ltau fit`` / fit_estimator_from_runs and the checkpoint-ensemble mode on tiny real runs."""
+from __future__ import annotations
+
+import hashlib
+
+import ase.io
+import numpy as np
+import pytest
+
+from ltau_ase.cli import main as ltau_main
+from ltau_ase.core.atom_ids import global_atom_ids
+from ltau_ase.core.errorlog import ErrorLog
+from ltau_ase.core.estimator import LTAUEstimator
+from ltau_ase.nequip.fit import error_logs_from_checkpoints, find_error_log, fit_estimator_from_runs
+
+pytestmark = pytest.mark.slow
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_ltau_fit_cli_end_to_end(tiny_nequip_ensemble, tmp_path, capsys):
+    ens = tiny_nequip_ensemble
+    out = tmp_path / "est.ltau"
+    argv = ["fit", *(str(r.run_dir) for r in ens.runs), "--train-file", *(str(f) for f in ens.train_files)]
+    argv += ["--output", str(out), "--k", "5", "--skip-epochs", "1", "--atol", "0.5", "--no-progress"]
+    assert ltau_main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    est = LTAUEstimator.load(str(out))
+    meta = est.metadata
+    # default model: the first run's best checkpoint, hashed independently here
+    best = ens.runs[0].run_dir / "best.ckpt"
+    assert meta["model_sha256"] == _sha256(best)
+    assert meta["k"] == 5 and est.k == 5
+    assert meta["index"] == "flat" and est.index == "flat"  # auto: far below 1e5 atoms
+    assert meta["atol"] == 0.5 and est.atol_ == 0.5
+    assert meta["epoch_window"] == {"skip": 1, "last": None}
+    assert meta["run_dirs"] == [str(r.run_dir.resolve()) for r in ens.runs]
+    assert meta["train_files"] == [str(f.resolve()) for f in ens.train_files]
+    assert meta["n_runs"] == 2
+    # the training split only (validation frames are skipped), in the logs' order
+    log_ids = ErrorLog(ens.runs[0].error_log_dir).atom_ids
+    assert est.n_train_atoms_ == log_ids.size == (len(ens.frames) - ens.n_val) * len(ens.frames[0])
+    assert np.array_equal(est.atom_ids_, log_ids)
+
+
+def test_descriptor_rows_align_with_logged_atoms(tiny_nequip_ensemble):
+    """With k = 1 a training atom's nearest neighbour is itself, so its predicted confidence must be
+    its own training confidence: any shuffle of descriptor rows against log columns breaks this."""
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
+    ens = tiny_nequip_ensemble
+    est = fit_estimator_from_runs(
+        [r.run_dir for r in ens.runs], ens.train_files, None, k=1, atol=0.5, progress=False, distribution="exact"
+    )
+    calc = LatentNequIPCalculator.from_model_file(ens.runs[0].run_dir / "best.ckpt")
+    frames = ase.io.read(ens.train_files[0], index=":")
+    logged = [a for a in frames if global_atom_ids([a.info["frame_id"]], [len(a)])[0] in set(est.atom_ids_)]
+    assert len(logged) == len(frames) - ens.n_val
+    # the independent truth: each atom's fraction of logged epochs (both runs) with error <= atol
+    logs = [np.asarray(ErrorLog(r.error_log_dir).errors()) for r in ens.runs]
+    p_true = np.concatenate(logs).__le__(0.5).mean(axis=0)
+    for atoms in logged[:6]:
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        pred = est.predict(calc.results["descriptors"])
+        rows = np.searchsorted(est.atom_ids_, global_atom_ids([atoms.info["frame_id"]], [len(atoms)]))
+        np.testing.assert_allclose(pred["distance"], 0.0, atol=1e-3)
+        np.testing.assert_allclose(pred["confidence"], p_true[rows], atol=1e-6)
+
+
+def test_fit_refuses_training_files_that_do_not_match_the_logs(tiny_nequip_ensemble, tmp_path):
+    ens = tiny_nequip_ensemble
+    frames = ase.io.read(ens.train_files[0], index=":")
+    # a frame with one atom fewer than when the runs were trained
+    changed = [a.copy() for a in frames]
+    for a, b in zip(changed, frames):
+        a.calc = b.calc
+    log_frames = {int(i >> 20) for i in ErrorLog(ens.runs[0].error_log_dir).atom_ids}
+    victim = next(i for i, a in enumerate(frames) if a.info["frame_id"] in log_frames)
+    forces = frames[victim].get_forces()[:-1]
+    del changed[victim][-1]
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    changed[victim].calc = SinglePointCalculator(changed[victim], energy=0.0, forces=forces)
+    bad = tmp_path / "changed.xyz"
+    ase.io.write(bad, changed, format="extxyz")
+    runs = [r.run_dir for r in ens.runs]
+    with pytest.raises(ValueError, match="descriptor atom ids do not match the error logs"):
+        fit_estimator_from_runs(runs, [bad], None, progress=False)
+    partial = tmp_path / "partial.xyz"
+    ase.io.write(partial, frames[: len(frames) // 2], format="extxyz")
+    with pytest.raises(ValueError, match="not in the training files"):
+        fit_estimator_from_runs(runs, [partial], None, progress=False)
+    with pytest.raises(FileNotFoundError, match="no LTAU error log"):
+        find_error_log(tmp_path)
+
+
+def test_checkpoint_ensemble_reproduces_the_exact_mode_log(tiny_nequip_run, tmp_path):
+    run = tiny_nequip_run
+    checkpoints = [run.run_dir / "epochs" / f"epoch{e:04d}.ckpt" for e in range(run.max_epochs)]
+    log_dir = error_logs_from_checkpoints(checkpoints, run.train_files, tmp_path / "ckpt_log", components=True, progress=False)
+    log, exact = ErrorLog(log_dir), ErrorLog(run.exact_log_dir)
+    assert np.array_equal(log.atom_ids, exact.atom_ids)
+    assert log.n_epochs == run.max_epochs and log.epochs == list(range(run.max_epochs))
+    assert log.metadata["checkpoint_sha256"] == [_sha256(c) for c in checkpoints]
+    # two different code paths (training data pipeline vs. calculator conversion) agree
+    np.testing.assert_allclose(np.asarray(log.errors()), np.asarray(exact.errors()), rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(log.components()), np.asarray(exact.components()), rtol=1e-4, atol=2e-4)
+    # and such a log feeds the estimator like a callback log
+    est = fit_estimator_from_runs([log_dir], run.train_files, None, k=3, progress=False)
+    assert est.metadata["model_sha256"] == _sha256(checkpoints[-1])  # default: the last checkpoint
+    assert est.n_train_atoms_ == log.n_atoms
