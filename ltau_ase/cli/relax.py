@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select", default="free", help="atoms the UQ is reduced over: free, all, or tags like 1,2")
     parser.add_argument("--allow-model-mismatch", action="store_true",
                         help="use an estimator fitted for a different model file (warns)")
+    parser.add_argument("--unknown-species", choices=("raise", "flag"), default="raise",
+                        help="elements the estimator never saw: fail the system (raise) or give their atoms "
+                             "uncertainty 1 (flag)")
     parser.add_argument("--retry-failed", action="store_true", help="relax systems recorded as failed again")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -74,7 +77,8 @@ def factory_from_args(args: argparse.Namespace):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
     return NequIPLTAUFactory(str(args.model.resolve()), str(args.estimator.resolve()), device=args.device,
-                             threshold=args.threshold, allow_model_mismatch=args.allow_model_mismatch)
+                             threshold=args.threshold, allow_model_mismatch=args.allow_model_mismatch,
+                             unknown_species=args.unknown_species)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,6 +124,7 @@ def fit_estimator_from_runs(
     device: str = "cpu",
     batch_size: int = 16,
     progress: bool = True,
+    record_species: bool = True,
     **estimator_params: Any,
 ) -> LTAUEstimator:
     """Fit an LTAU estimator from M nequip runs and save it.
@@ -143,6 +144,9 @@ def fit_estimator_from_runs(
         model: checkpoint / package file giving the descriptors; default the first run's
             ``best.ckpt`` (else ``last.ckpt``; for a checkpoint-ensemble log its last
             checkpoint). Its SHA-256 is stored as ``model_sha256``.
+        record_species: record the training elements, so that structures with elements never seen
+            in training are refused or flagged (``LTAUCalculator(unknown_species=...)``); False
+            leaves such atoms to the latent-distance lookup alone.
         estimator_params: further :class:`LTAUEstimator` parameters (rtol, bins, ...).
     Returns:
         the fitted estimator (also saved to ``output``).
@@ -184,7 +188,7 @@ def fit_estimator_from_runs(
             "the training files' frames must have the same atoms as when the runs were trained"
         )
     numbers = np.concatenate([a.numbers for a in frames]).astype(np.int64)[order]
-    ref_forces = np.concatenate([np.linalg.norm(a.get_forces(), axis=1) for a in frames])[order]
+    ref_forces = np.concatenate([np.linalg.norm(a.get_forces(apply_constraint=False), axis=1) for a in frames])[order]
 
     metadata = {
         "model_path": str(model_path.resolve()),
@@ -203,7 +207,8 @@ def fit_estimator_from_runs(
     params = dict(estimator_params)
     params.setdefault("progress", progress)
     estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
-    estimator.fit(descriptors, logs, reference_forces=ref_forces, atomic_numbers=numbers, atom_ids=log_ids)
+    estimator.fit(descriptors, logs, reference_forces=ref_forces,
+                  atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
     estimator.metadata["atol_used"] = float(estimator.atol_)
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +260,7 @@ def error_logs_from_checkpoints(
     frames = read_training_frames(train_files)
     n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
     atom_ids = global_atom_ids(frame_ids_of(frames), n_atoms)
-    ref = np.concatenate([a.get_forces() for a in frames])
+    ref = np.concatenate([a.get_forces(apply_constraint=False) for a in frames])
     geometry = [Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in frames]
     metadata = {
         "producer": "ltau_ase.nequip.fit.error_logs_from_checkpoints",

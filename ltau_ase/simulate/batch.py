@@ -62,13 +62,15 @@ class NequIPLTAUFactory:
     device: str = "cpu"
     threshold: float | None = None
     allow_model_mismatch: bool = False
+    unknown_species: str = "raise"
 
     def __call__(self):
         from ltau_ase.simulate.calculator import LTAUCalculator
 
         return LTAUCalculator.from_nequip(self.model_path, self.estimator_path, device=self.device,
                                           threshold=self.threshold,
-                                          allow_model_mismatch=self.allow_model_mismatch)
+                                          allow_model_mismatch=self.allow_model_mismatch,
+                                          unknown_species=self.unknown_species)
 
 
 _CALCULATORS: dict[tuple[int, Hashable], Any] = {}
