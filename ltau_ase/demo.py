@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ltau_ase.core.jsonable import to_jsonable
+
 REQUIRED_METRICS = (
     "calibration.in_domain.miscalibration_area.before",
     "calibration.in_domain.miscalibration_area.after",
@@ -140,20 +142,6 @@ def missing_or_nonfinite(metrics: dict, keys: Sequence[str] = REQUIRED_METRICS) 
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             bad.append(f"{key} = {value!r}")
     return bad
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    return x
 
 
 def _load_model(path):
@@ -822,7 +810,7 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
         "stages_s": timer.stages,
         "total_s": time.perf_counter() - t_start,
     }
-    metrics = _jsonable(metrics)
+    metrics = to_jsonable(metrics)
     metrics["run"]["nonfinite"] = missing_or_nonfinite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, cfg, metrics, figs)

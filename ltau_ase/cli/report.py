@@ -13,7 +13,6 @@ silently; ``--strict`` makes a missing reference an error.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="equal-count or equal-width UQ bins (quantile)")
     parser.add_argument("--groups", default=None, help="comma-separated groups to report, in order (default: all)")
     parser.add_argument("--strict", action="store_true", help="a missing reference is an error")
-
-
-def _json_safe(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False) -> tuple[list[dict], list[str]]:
@@ -74,6 +55,7 @@ def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False)
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from ltau_ase.core.jsonable import to_jsonable
     from ltau_ase.is2rs import uq_rmsd_analysis
     from ltau_ase.plots import plot_rmsd_vs_uq
     from ltau_ase.simulate.batch import load_results, read_structures
@@ -103,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                "unconverged": [r["name"] for r in relaxed if r["status"] == "unconverged"],
                "failed": failed, "missing_references": missing, "analysis": analysis, "systems": table}
     out = args.output / "metrics.json"
-    out.write_text(json.dumps(_json_safe(metrics), indent=2))
+    out.write_text(json.dumps(to_jsonable(metrics), indent=2))
     print(f"scored {len(table)} of {len(records)} systems ({len(failed)} failed, {len(missing)} without "
           f"reference); {out}, {png}")
     for g, entry in analysis["groups"].items():

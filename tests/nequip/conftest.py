@@ -31,6 +31,25 @@ LOGGER = ERROR_LOGGER_TARGET
 TINY = TINY_MODEL
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads slow tiny models ~50x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def latent_calc(tiny_nequip_run):
+    """The tiny run's checkpoint as a LatentNequIPCalculator (type names are chemical symbols)."""
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
+    return LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint, chemical_species_to_atom_type_map=True)
+
+
 @dataclass
 class TinyRun:
     run_dir: Path

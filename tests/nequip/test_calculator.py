@@ -23,22 +23,6 @@ pytestmark = pytest.mark.slow
 PER_ATOM = ("uncertainties", "confidences", "expected_force_errors", "latent_distances")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads slow tiny models ~50x."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def latent_calc(tiny_nequip_run):
-    return LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint, chemical_species_to_atom_type_map=True)
-
-
 @pytest.fixture(scope="module")
 def training_set(latent_calc, tiny_nequip_run):
     """Descriptors, errors and atomic numbers of the training atoms, in the error log's atom order."""

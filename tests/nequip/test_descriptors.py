@@ -15,22 +15,6 @@ from ltau_ase.nequip.descriptors import extract_descriptors, read_training_frame
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads slow tiny models ~50x."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def latent_calc(tiny_nequip_run):
-    return LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint, chemical_species_to_atom_type_map=True)
-
-
 @pytest.fixture(scope="module")
 def extracted(latent_calc, tiny_nequip_run):
     return extract_descriptors(latent_calc, tiny_nequip_run.frames, batch_size=16, progress=False)
