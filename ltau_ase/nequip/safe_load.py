@@ -34,6 +34,7 @@ TRUSTED_TARGET_PREFIXES: tuple[str, ...] = (
     "lightning.Trainer",
     "lightning.pytorch.Trainer",
     "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
     "ltau_ase.nequip.",
 )
 #: targets that would load another (unverified) model file
