@@ -30,7 +30,6 @@ they never occur in ``train``, ``val``, ``calibration``, ``test_id`` or ``is2rs_
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,8 @@ from ase.constraints import FixAtoms
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import LBFGS
+
+from ltau_ase.core.fileformat import sha256_file
 
 EMT_METALS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
 FACET_SITES = {"111": ("ontop", "bridge", "fcc", "hcp"), "100": ("ontop", "bridge", "hollow")}
@@ -92,7 +93,7 @@ class DatasetSize:
 
 SIZES = {
     "quick": DatasetSize(train=12, val=3, calibration=5, test_id=5, test_ood=6, is2rs_id=4, is2rs_ood=4),
-    "full": DatasetSize(train=40, val=6, calibration=16, test_id=16, test_ood=20, is2rs_id=10, is2rs_ood=10),
+    "full": DatasetSize(train=80, val=8, calibration=20, test_id=20, test_ood=24, is2rs_id=30, is2rs_ood=30),
 }
 
 
@@ -121,6 +122,7 @@ class CatalysisSettings:
     md_timestep_fs: float = 1.0
     relax_fmax: float = 0.01
     relax_steps: int = 1000
+    relax_attempts: int = 3
 
     def validate(self) -> None:
         for metal in self.metals_in_domain + self.metals_out_of_domain:
@@ -133,6 +135,8 @@ class CatalysisSettings:
             raise ValueError("a metal cannot be both in-domain and out-of-domain")
         if set(self.adsorbates_in_domain) & set(self.adsorbates_out_of_domain):
             raise ValueError("an adsorbate cannot be both in-domain and out-of-domain")
+        if self.relax_attempts < 1:
+            raise ValueError(f"relax_attempts must be at least 1, got {self.relax_attempts}")
         if not self.metals_in_domain or not self.adsorbates_in_domain:
             raise ValueError("at least one in-domain metal and one in-domain adsorbate are required")
         if not (self.metals_out_of_domain or self.adsorbates_out_of_domain):
@@ -174,6 +178,8 @@ class CatalysisDataset:
     settings: CatalysisSettings
     s2ef: dict[str, list[Atoms]] = field(default_factory=dict)
     is2rs: dict[str, tuple[list[Atoms], list[Atoms]]] = field(default_factory=dict)
+    #: IS2RS placements redrawn because their EMT reference did not converge (system, attempt, fmax, reason)
+    rejected: list[dict] = field(default_factory=list)
 
     def all_frames(self) -> Iterator[Atoms]:
         for frames in self.s2ef.values():
@@ -342,13 +348,23 @@ def _s2ef_system(spec: SystemSpec, name: str, split: str, rng: np.random.Generat
 
 
 def _is2rs_system(spec: SystemSpec, name: str, split: str, rng: np.random.Generator,
-                  settings: CatalysisSettings) -> tuple[Atoms, Atoms]:
-    initial = label_with_emt(slab_with_adsorbate(spec, rng, settings))
-    relaxed, trajectory, converged = relax_with_emt(initial, settings.relax_fmax, settings.relax_steps)
-    if not converged:
+                  settings: CatalysisSettings, rejected: list[dict]) -> tuple[Atoms, Atoms]:
+    """An (initial, EMT-relaxed) pair. A placement whose reference relaxation does not converge
+    (e.g. an adsorbate sliding on a flat EMT surface) is redrawn, up to ``settings.relax_attempts``
+    times; every rejected attempt is appended to ``rejected`` (and ends up in the manifest)."""
+    for attempt in range(settings.relax_attempts):
+        initial = label_with_emt(slab_with_adsorbate(spec, rng, settings))
+        relaxed, trajectory, converged = relax_with_emt(initial, settings.relax_fmax, settings.relax_steps)
+        if converged:
+            break
+        rejected.append({"system": name, "attempt": attempt, "fmax": round(free_fmax(relaxed), 4),
+                         "reason": f"EMT reference not below fmax {settings.relax_fmax} eV/Å in "
+                                   f"{settings.relax_steps} steps"})
+    else:
         raise RuntimeError(
             f"EMT reference relaxation of {name} did not reach fmax {settings.relax_fmax} eV/Å within "
-            f"{settings.relax_steps} steps (fmax {free_fmax(relaxed):.4f}); raise relax_steps"
+            f"{settings.relax_steps} steps in {settings.relax_attempts} placements (last fmax "
+            f"{free_fmax(relaxed):.4f}); raise relax_steps or relax_attempts"
         )
     _info(initial, spec, name, split, "is2rs_initial")
     _info(relaxed, spec, name, split, "is2rs_relaxed")
@@ -404,7 +420,7 @@ def generate_catalysis_dataset(
                 if split in S2EF_SPLITS:
                     frames.extend(_s2ef_system(spec, name, split, rng, size, settings))
                 else:
-                    pair = _is2rs_system(spec, name, split, rng, settings)
+                    pair = _is2rs_system(spec, name, split, rng, settings, data.rejected)
                     initial.append(pair[0])
                     relaxed.append(pair[1])
                 if bar is not None:
@@ -421,19 +437,11 @@ def generate_catalysis_dataset(
     return data
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _split_summary(frames: Sequence[Atoms], path: Path) -> dict:
     ids = [int(f.info["frame_id"]) for f in frames]
     return {
         "file": path.name,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "n_frames": len(frames),
         "n_atoms": int(sum(len(f) for f in frames)),
         "frame_id_range": [min(ids), max(ids)] if ids else None,
@@ -471,6 +479,7 @@ def write_catalysis_dataset(
         "units": {"energy": "eV", "forces": "eV/Å", "positions": "Å"},
         "s2ef": {},
         "is2rs": {},
+        "rejected_is2rs_placements": data.rejected,
     }
     for split, frames in data.s2ef.items():
         path = directory / f"{split}.extxyz"

@@ -164,8 +164,37 @@ def test_nequip_reads_energy_forces_and_frame_id(tmp_path):
         (dict(settings=CatalysisSettings(metals_in_domain=("Fe",))), ValueError, "Fe"),
         (dict(settings=CatalysisSettings(metals_out_of_domain=("Cu",))), ValueError, "both"),
         (dict(settings=CatalysisSettings(adsorbates_in_domain=("H2O",))), ValueError, "H2O"),
+        (dict(settings=CatalysisSettings(relax_attempts=0)), ValueError, "relax_attempts"),
     ],
 )
 def test_bad_input_raises(kwargs, error, match):
     with pytest.raises(error, match=match):
         generate_catalysis_dataset(**kwargs)
+
+
+def test_unconverged_reference_is_redrawn_and_reported_then_refused():
+    """A reference that cannot converge is never kept: each placement is recorded, then it raises."""
+    size = DatasetSize(train=0, val=0, calibration=0, test_id=0, test_ood=0, is2rs_id=1, is2rs_ood=0)
+    settings = CatalysisSettings(relax_steps=2, relax_attempts=2)
+    with pytest.raises(RuntimeError, match="in 2 placements"):
+        generate_catalysis_dataset(seed=0, size=size, settings=settings)
+
+
+def test_redrawn_placement_is_listed_in_the_manifest(tmp_path, monkeypatch):
+    from ltau_ase.datasets import catalysis
+
+    real, calls = catalysis.relax_with_emt, []
+
+    def first_reference_fails(atoms, fmax, steps):
+        relaxed, trajectory, converged = real(atoms, fmax, steps)
+        calls.append(fmax)
+        return relaxed, trajectory, converged and len(calls) > 1
+
+    monkeypatch.setattr(catalysis, "relax_with_emt", first_reference_fails)
+    size = DatasetSize(train=0, val=0, calibration=0, test_id=0, test_ood=0, is2rs_id=1, is2rs_ood=0)
+    manifest = write_catalysis_dataset(tmp_path, seed=0, size=size)
+    rejected = manifest["rejected_is2rs_placements"]
+    assert len(rejected) == 1 and rejected[0]["attempt"] == 0 and rejected[0]["system"].startswith("is2rs_id")
+    assert json.loads((tmp_path / "manifest.json").read_text())["rejected_is2rs_placements"] == rejected
+    initial, relaxed = read_split(tmp_path, "is2rs_id")
+    assert len(initial) == len(relaxed) == 1
