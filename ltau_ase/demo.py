@@ -314,7 +314,8 @@ def stage_is2rs(cfg: DemoConfig, out: Path, data: dict, train: dict, cal: dict) 
             initial.append(a)
             refs.append(r)
     factories = {
-        "ltau": NequIPLTAUFactory(model_path=str(train["models"][0]), estimator_path=str(cal["path"])),
+        "ltau": NequIPLTAUFactory(model_path=str(train["models"][0]), estimator_path=str(cal["path"]),
+                                  chemical_species_to_atom_type_map=True),
         "committee": NequIPCommitteeFactory(model_paths=tuple(str(p) for p in train["models"])),
     }
     (out / "is2rs").mkdir(exist_ok=True)

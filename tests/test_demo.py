@@ -1,4 +1,4 @@
-"""End to end: `python -m ltau_ase.demo --quick` as a user runs it (a few minutes on 2 cores).
+"""End to end: `python -m ltau_ase.demo --quick` as a user runs it (the shared `quick_demo_dir` fixture).
 
 Checks that every required metrics.json key exists and is a finite number, and that report.md
 refers only to PNGs that were written.
@@ -6,8 +6,6 @@ refers only to PNGs that were written.
 import json
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -36,14 +34,8 @@ REQUIRED = [
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo_output"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ltau_ase.demo", "--quick", "--output", str(out), "--epochs", "4"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+def demo_run(quick_demo_dir):
+    return quick_demo_dir
 
 
 def _lookup(tree, dotted):

@@ -63,14 +63,18 @@ class NequIPLTAUFactory:
     threshold: float | None = None
     allow_model_mismatch: bool = False
     unknown_species: str = "raise"
+    #: nequip's type-name mapping (True: the model's type names are chemical symbols); None: nequip's default
+    chemical_species_to_atom_type_map: bool | None = None
 
     def __call__(self):
         from ltau_ase.simulate.calculator import LTAUCalculator
 
+        loader = {} if self.chemical_species_to_atom_type_map is None else {
+            "chemical_species_to_atom_type_map": self.chemical_species_to_atom_type_map}
         return LTAUCalculator.from_nequip(self.model_path, self.estimator_path, device=self.device,
                                           threshold=self.threshold,
                                           allow_model_mismatch=self.allow_model_mismatch,
-                                          unknown_species=self.unknown_species)
+                                          unknown_species=self.unknown_species, **loader)
 
 
 _CALCULATORS: dict[tuple[int, Hashable], Any] = {}
