@@ -21,6 +21,22 @@ def _wrapped(atoms, estimator=None, **kw):
     return calc, base, desc
 
 
+
+def fake_nequip_adapter(monkeypatch):
+    """Replace ltau_ase.nequip.calculator by a stand-in whose models are EMT: these tests are about
+    the hash check and estimator loading, not about loading nequip (torch)."""
+    import sys
+    import types
+
+    class FakeLatent:
+        @classmethod
+        def from_model_file(cls, path, device="cpu", **kw):
+            return EMT()
+
+    fake = types.ModuleType("ltau_ase.nequip.calculator")
+    fake.LatentNequIPCalculator = FakeLatent
+    monkeypatch.setitem(sys.modules, "ltau_ase.nequip.calculator", fake)
+
 def test_results_contract_matches_base_and_independent_formula(slab):
     calc, base, desc = _wrapped(slab, threshold=0.3)
     forces = slab.get_forces()
@@ -148,20 +164,10 @@ def test_store_uq_round_trips_through_extxyz_and_db(slab, tmp_path):
 def test_from_nequip_hash_mismatch(tmp_path, monkeypatch):
     pytest.importorskip("ltau_ase.core.fileformat")
     est_mod = pytest.importorskip("ltau_ase.core.estimator")
-    import sys
-    import types
 
     from ltau_ase.core.fileformat import sha256_file
 
-    # a stand-in adapter module: this test is about the hash check, not about loading nequip (torch)
-    class FakeLatent:
-        @classmethod
-        def from_model_file(cls, path, device="cpu", **kw):
-            return EMT()
-
-    fake = types.ModuleType("ltau_ase.nequip.calculator")
-    fake.LatentNequIPCalculator = FakeLatent
-    monkeypatch.setitem(sys.modules, "ltau_ase.nequip.calculator", fake)
+    fake_nequip_adapter(monkeypatch)
 
     model = tmp_path / "model.ckpt"
     model.write_bytes(b"not really a model")
@@ -215,8 +221,6 @@ def test_real_estimator_results_equal_brute_force_knn():
 
 
 def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, monkeypatch):
-    import sys
-    import types
 
     from ltau_ase.core.fileformat import sha256_file
 
@@ -235,14 +239,7 @@ def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, monkeypatc
     est.metadata = {"model_sha256": sha256_file(model)}
     est.save(str(tmp_path / "est.ltau"))
 
-    class FakeLatent:  # stand-in adapter: the hash check and estimator loading are what is tested
-        @classmethod
-        def from_model_file(cls, path, device="cpu", **kw):
-            return EMT()
-
-    fake = types.ModuleType("ltau_ase.nequip.calculator")
-    fake.LatentNequIPCalculator = FakeLatent
-    monkeypatch.setitem(sys.modules, "ltau_ase.nequip.calculator", fake)
+    fake_nequip_adapter(monkeypatch)
     calc = LTAUCalculator.from_nequip(model, tmp_path / "est.ltau")
     assert calc.estimator.n_features_in_ == 2
     model.write_bytes(b"weights v2")
