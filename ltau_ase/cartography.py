@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltau_ase.core.atom_ids import global_atom_ids
+from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids
 
 __all__ = [
     "REGIONS",
@@ -169,15 +169,6 @@ def loss_weights(confidence, variability, scheme: str = "easy", lam: float = 2.0
     return w / w.mean()
 
 
-def _frame_ids(frames: Sequence) -> np.ndarray:
-    ids = []
-    for i, atoms in enumerate(frames):
-        if "frame_id" not in atoms.info:
-            raise ValueError(f"frame {i} has no info['frame_id']; training frames need unique integer frame ids")
-        ids.append(int(atoms.info["frame_id"]))
-    return np.asarray(ids, dtype=np.int64)
-
-
 def values_for_frames(frames: Sequence, atom_ids, *values) -> tuple[np.ndarray, ...]:
     """Reorder per-atom values keyed by global atom ids into the atom order of ``frames``.
 
@@ -203,7 +194,7 @@ def values_for_frames(frames: Sequence, atom_ids, *values) -> tuple[np.ndarray, 
     for k, arr in enumerate(arrays):
         if arr.shape[:1] != ids.shape:
             raise ValueError(f"value array {k} has {arr.shape[0] if arr.ndim else 0} entries but there are {ids.size} atom ids")
-    fids = _frame_ids(frames)
+    fids = frame_ids_of(frames)
     if np.unique(fids).size != fids.size:
         raise ValueError("frames contain duplicate info['frame_id'] values")
     wanted = global_atom_ids(fids, [len(a) for a in frames])

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from ltau_ase.core.atom_ids import global_atom_ids, split_atom_ids
+from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
 
 
 def test_import_does_not_pull_torch():
@@ -30,3 +30,16 @@ def test_global_atom_ids_are_stable_and_invertible():
 def test_global_atom_ids_rejects_bad_input(frame_ids, n_atoms, match):
     with pytest.raises(ValueError, match=match):
         global_atom_ids(frame_ids, n_atoms)
+
+
+def test_frame_ids_of_reads_and_validates_info():
+    from ase import Atoms
+
+    frames = [Atoms("H", info={"frame_id": 5}), Atoms("H", info={"frame_id": 2.0})]
+    assert frame_ids_of(frames).tolist() == [5, 2]
+    with pytest.raises(ValueError, match="frame 1 has no info\\['frame_id'\\]"):
+        frame_ids_of([frames[0], Atoms("H")])
+    with pytest.raises(ValueError, match="expected an integer id"):
+        frame_ids_of([Atoms("H", info={"frame_id": 1.5})])
+    with pytest.raises(ValueError, match=r"repeat .*\[5\]"):
+        frame_ids_of([frames[0], Atoms("H", info={"frame_id": 5})])

@@ -7,8 +7,12 @@ lookup table. Frames are limited to 2**20 (~1 M) atoms and frame ids to 2**42.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
+FRAME_ID_KEY = "frame_id"
 ATOMS_PER_FRAME_BITS = 20
 MAX_ATOMS_PER_FRAME = 1 << ATOMS_PER_FRAME_BITS
 MAX_FRAME_ID = 1 << 42
@@ -42,3 +46,28 @@ def split_atom_ids(atom_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`global_atom_ids`: (frame_ids, local atom indices), both (N,) int64."""
     atom_ids = np.asarray(atom_ids, dtype=np.int64)
     return atom_ids >> ATOMS_PER_FRAME_BITS, atom_ids & (MAX_ATOMS_PER_FRAME - 1)
+
+
+def frame_ids_of(frames: Sequence[Any]) -> np.ndarray:
+    """(F,) int64 ``info["frame_id"]`` of the frames (``ase.Atoms`` or anything with ``.info``).
+
+    Raises:
+        ValueError: a frame has no integer ``frame_id``, or ids repeat.
+    """
+    ids = []
+    for i, atoms in enumerate(frames):
+        if FRAME_ID_KEY not in atoms.info:
+            raise ValueError(f"frame {i} has no info['{FRAME_ID_KEY}']; training frames need unique integer frame "
+                             "ids (set atoms.info['frame_id'], see ltau_ase.nequip.training.assign_frame_ids)")
+        value = atoms.info[FRAME_ID_KEY]
+        if value is None or isinstance(value, bool) or not float(value).is_integer():
+            raise ValueError(
+                f"frame {i} has info['{FRAME_ID_KEY}'] = {value!r}; expected an integer id unique across "
+                "the training files (see ltau_ase.core.atom_ids)"
+            )
+        ids.append(int(value))
+    ids = np.asarray(ids, dtype=np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"frame ids repeat across the training frames: {unique[counts > 1][:10].tolist()}")
+    return ids

@@ -20,9 +20,8 @@ from ase import Atoms
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
-from ltau_ase.core.atom_ids import global_atom_ids
+from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids
 from ltau_ase.nequip.calculator import LATENT_FIELD, LatentNequIPCalculator, latent_dim
-from ltau_ase.nequip.fields import FRAME_ID_KEY
 
 ModelLike = Union[str, Path, NequIPCalculator]
 
@@ -51,24 +50,6 @@ def read_training_frames(paths: Union[str, Path, Sequence[Union[str, Path]]]) ->
         frames.extend(read(path, index=":"))
     frame_ids_of(frames)  # validates
     return frames
-
-
-def frame_ids_of(frames: Sequence[Atoms]) -> np.ndarray:
-    """(F,) int64 ``info["frame_id"]`` of the frames; raises ValueError if one is missing or repeated."""
-    ids = []
-    for i, atoms in enumerate(frames):
-        value = atoms.info.get(FRAME_ID_KEY)
-        if value is None or isinstance(value, bool) or not float(value).is_integer():
-            raise ValueError(
-                f"frame {i} has info['{FRAME_ID_KEY}'] = {value!r}; expected an integer id unique across "
-                "the training files (see ltau_ase.core.atom_ids)"
-            )
-        ids.append(int(value))
-    ids = np.asarray(ids, dtype=np.int64)
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"frame ids repeat across the training frames: {unique[counts > 1][:10].tolist()}")
-    return ids
 
 
 def _as_calculator(model_or_path: ModelLike, device: Union[str, torch.device]) -> NequIPCalculator:

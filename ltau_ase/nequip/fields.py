@@ -11,7 +11,7 @@ Fields:
 """
 from nequip.data._key_registry import register_fields
 
-FRAME_ID_KEY = "frame_id"
+from ltau_ase.core.atom_ids import FRAME_ID_KEY
 ATOM_WEIGHT_KEY = "ltau_weight"
 
 register_fields(graph_fields=[FRAME_ID_KEY], long_fields=[FRAME_ID_KEY], node_fields=[ATOM_WEIGHT_KEY])

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from ase import Atoms
 
-from ltau_ase.core.atom_ids import global_atom_ids, split_atom_ids
+from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
 from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
@@ -98,8 +98,6 @@ def _default_model(log_dir: Path) -> Path:
 
 def _frames_for_ids(frames: Sequence[Atoms], log_ids: np.ndarray, train_files: Sequence[PathLike]) -> list[Atoms]:
     """The training frames holding the logged atoms, in file order; raises if some are missing."""
-    from ltau_ase.nequip.descriptors import frame_ids_of
-
     frame_ids = frame_ids_of(frames)
     wanted = np.unique(split_atom_ids(log_ids)[0])
     missing = np.setdiff1d(wanted, frame_ids)
@@ -244,7 +242,7 @@ def error_logs_from_checkpoints(
     from tqdm.auto import tqdm
 
     from ltau_ase.nequip.calculator import LatentNequIPCalculator
-    from ltau_ase.nequip.descriptors import frame_ids_of, read_training_frames
+    from ltau_ase.nequip.descriptors import read_training_frames
 
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:

@@ -26,7 +26,8 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-FRAME_ID_KEY = "frame_id"  # same name as ltau_ase.nequip.fields.FRAME_ID_KEY (kept torch-free here)
+from ltau_ase.core.atom_ids import FRAME_ID_KEY, frame_ids_of
+
 ERROR_LOGGER_TARGET = "ltau_ase.nequip.callback.LTAUErrorLogger"
 # a tiny model for tests and quick demos: ~1 s per epoch on 1k atoms on 2 CPU cores
 TINY_MODEL = {"num_layers": 2, "num_features": 8, "l_max": 1, "r_max": 4.0, "batch_size": 5, "lr": 0.01}
@@ -83,13 +84,7 @@ def write_training_file(path: str | os.PathLike, frames: Sequence[Atoms]) -> Pat
     """
     import ase.io
 
-    ids = []
-    for i, atoms in enumerate(frames):
-        if FRAME_ID_KEY not in atoms.info:
-            raise ValueError(f"frame {i} has no atoms.info['{FRAME_ID_KEY}']; set one (see assign_frame_ids)")
-        ids.append(int(atoms.info[FRAME_ID_KEY]))
-    if len(set(ids)) != len(ids):
-        raise ValueError("frame ids repeat within the frames to write; every training frame needs a unique frame_id")
+    frame_ids_of(frames)  # every frame needs a unique integer frame_id (see assign_frame_ids)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ase.io.write(path, list(frames), format="extxyz")

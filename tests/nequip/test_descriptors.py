@@ -91,7 +91,7 @@ def test_extraction_input_errors(latent_calc, tiny_nequip_run):
     frames = [a.copy() for a in tiny_nequip_run.frames[:3]]
     no_id = [a.copy() for a in frames]
     del no_id[1].info["frame_id"]
-    with pytest.raises(ValueError, match="frame 1 has info\\['frame_id'\\]"):
+    with pytest.raises(ValueError, match="frame 1 has no info\\['frame_id'\\]"):
         extract_descriptors(latent_calc, no_id, progress=False)
     dup = [a.copy() for a in frames]
     dup[2].info["frame_id"] = dup[0].info["frame_id"]
