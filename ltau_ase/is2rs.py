@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ltau_ase.core.calibration import auroc, spearman
+from ltau_ase.core.checks import check_int
 
 __all__ = [
     "ADWT_THRESHOLDS",
@@ -253,8 +254,7 @@ def bin_rmsd_by_uq(uq, rmsd, n_bins: int = 5, strategy: str = "quantile") -> dic
         raise ValueError("no systems to bin")
     if not (np.isfinite(u).all() and np.isfinite(r).all()):
         raise ValueError("uq and rmsd must be finite")
-    if int(n_bins) != n_bins or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    check_int(n_bins, "n_bins")
     if strategy == "quantile":
         edges = np.unique(np.quantile(u, np.linspace(0.0, 1.0, int(n_bins) + 1)))
     elif strategy == "uniform":

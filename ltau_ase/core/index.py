@@ -26,6 +26,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ltau_ase.core.checks import check_int
+
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 _ALLOWED = {
     "flat": set(),
@@ -80,9 +82,7 @@ def resolve_params(kind: str, params: dict[str, Any] | None, n: int, d: int) -> 
         raise ValueError(f"unknown index_params {sorted(unknown)} for index {kind!r}; allowed: {sorted(_ALLOWED[kind])}")
     out = default_params(kind, n, d)
     for key, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"index_params[{key!r}] must be an integer; got {value!r}")
-        out[key] = int(value)
+        out[key] = check_int(value, f"index_params[{key!r}]", minimum=None)
     for key, value in out.items():
         if key != "seed" and value < 1:
             raise ValueError(f"index_params[{key!r}] must be >= 1; got {value}")

@@ -55,7 +55,8 @@ class NequIPLTAUFactory:
     device: str = "cpu"
     threshold: float | None = None
     allow_model_mismatch: bool = False
-    unknown_species: str = "raise"
+    #: unknown-element policy ("raise" | "flag" | "ignore"); None: the estimator's own
+    unknown_species: str | None = None
     #: nequip's type-name mapping (True: the model's type names are chemical symbols); None: nequip's default
     chemical_species_to_atom_type_map: bool | None = None
 

@@ -56,7 +56,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 
 from ltau_ase.core.atom_ids import ATOMS_PER_FRAME_BITS, global_atom_ids
-from ltau_ase.core.errorlog import ErrorLogWriter
+from ltau_ase.core.errorlog import DEFAULT_LOG_SUBDIR, ErrorLogWriter
 from ltau_ase.nequip.fields import FRAME_ID_KEY
 
 _MODES = ("free", "exact")
@@ -131,7 +131,7 @@ class LTAUErrorLogger(lightning.Callback):
 
     def __init__(
         self,
-        log_dir: str | os.PathLike = "ltau_errors",
+        log_dir: str | os.PathLike = DEFAULT_LOG_SUBDIR,
         mode: str = "free",
         components: bool = False,
         energy: bool = False,

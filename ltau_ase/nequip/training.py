@@ -26,7 +26,8 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from ltau_ase.core.atom_ids import FRAME_ID_KEY, frame_ids_of
+from ltau_ase.core.atom_ids import FRAME_ID_KEY
+from ltau_ase.core.trainingset import assign_frame_ids, write_training_file  # noqa: F401  (their old home)
 
 ERROR_LOGGER_TARGET = "ltau_ase.nequip.callback.LTAUErrorLogger"
 # a tiny model for tests and quick demos: ~1 s per epoch on 1k atoms on 2 CPU cores
@@ -67,28 +68,6 @@ def emt_slab_frames(
         slab.info.pop("adsorbate_info", None)  # a dict extxyz cannot store
         frames.append(slab)
     return frames
-
-
-def assign_frame_ids(frames: Sequence[Atoms], first_frame_id: int = 0) -> list[Atoms]:
-    """Set ``atoms.info["frame_id"] = first_frame_id + i`` on each frame (in place) and return them."""
-    for i, atoms in enumerate(frames):
-        atoms.info[FRAME_ID_KEY] = int(first_frame_id + i)
-    return list(frames)
-
-
-def write_training_file(path: str | os.PathLike, frames: Sequence[Atoms]) -> Path:
-    """Write frames (each with an integer ``info["frame_id"]``, unique) to an extxyz file.
-
-    Energies and forces are taken from each frame's calculator. Raises ValueError when a frame
-    has no ``frame_id`` or ids repeat.
-    """
-    import ase.io
-
-    frame_ids_of(frames)  # every frame needs a unique integer frame_id (see assign_frame_ids)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(path, list(frames), format="extxyz")
-    return path
 
 
 def _ase_dataset(file_path: str | os.PathLike, transforms: list, include_keys: list[str]) -> dict:

@@ -26,10 +26,11 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+from ltau_ase.core.estimator import unknown_species_policy
+
 PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances")
 PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
-_UNKNOWN_SPECIES_MODES = ("raise", "flag")
 
 # estimator.predict key -> calculator result key
 _PREDICT_TO_RESULT = {
@@ -50,7 +51,8 @@ class LTAUCalculator(Calculator):
         so the base calculator's own cache works and it computes each structure exactly once.
     estimator
         A fitted :class:`ltau_ase.core.estimator.LTAUEstimator` (or an object with the same
-        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface).
+        ``predict(descriptors, threshold=, atomic_numbers=, unknown_species=)`` / ``n_features_in_``
+        interface).
     descriptors
         ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
         base calculator must fill in the same call that computes energy and forces (the model
@@ -58,12 +60,15 @@ class LTAUCalculator(Calculator):
     threshold
         Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
     unknown_species
-        What to do with atoms of an element the estimator never saw in training:
-        ``"raise"`` (default) raises ``ValueError`` naming the elements, because the model's force on
-        such an atom is an extrapolation the error distributions say nothing about;
-        ``"flag"`` marks those atoms as maximally uncertain (uncertainty 1, confidence 0, expected
-        error NaN; latent distance still computed) and lists them in ``results["unknown_species"]``
-        (bool (N,)), so a simulation can continue and an :class:`UncertaintyStop` can fire on them.
+        Atoms of an element the estimator never saw in training (see
+        :class:`~ltau_ase.core.estimator.LTAUEstimator`, which owns this policy): ``None`` (default)
+        keeps the estimator's own policy (``"raise"`` unless it was fitted otherwise); ``"raise"``
+        raises ``ValueError`` naming the elements, because the model's force on such an atom is an
+        extrapolation the error distributions say nothing about; ``"flag"`` marks those atoms as
+        maximally uncertain (uncertainty 1, confidence 0, expected error NaN; latent distance still
+        computed), so a simulation can continue and an :class:`UncertaintyStop` can fire on them;
+        ``"ignore"`` judges them by their latent neighbours alone. ``results["unknown_species"]``
+        (bool (N,)) lists the flagged atoms.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
     """
@@ -74,11 +79,11 @@ class LTAUCalculator(Calculator):
         estimator: Any,
         descriptors: Callable[[Atoms], np.ndarray] | None = None,
         threshold: float | None = None,
-        unknown_species: str = "raise",
+        unknown_species: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if unknown_species not in _UNKNOWN_SPECIES_MODES:
-            raise ValueError(f"unknown_species must be one of {_UNKNOWN_SPECIES_MODES}, got {unknown_species!r}")
+        if unknown_species is not None:
+            unknown_species_policy(unknown_species)  # the estimator's vocabulary; raises ValueError
         if descriptors is not None and not callable(descriptors):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
@@ -103,7 +108,7 @@ class LTAUCalculator(Calculator):
         device: str = "cpu",
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
-        unknown_species: str = "raise",
+        unknown_species: str | None = None,
         backend: str | None = None,
         **kwargs: Any,
     ) -> "LTAUCalculator":
@@ -177,30 +182,17 @@ class LTAUCalculator(Calculator):
         if desc.ndim != 2 or desc.shape[0] != n or (d is not None and desc.shape[1] != d):
             raise ValueError(f"{source} has shape {desc.shape}, expected ({n}, {d}) for {n} atoms and an "
                              f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
-        unknown = np.zeros(n, dtype=bool)
-        if self.unknown_species == "raise":
-            # raises itself when the estimator is set to; otherwise returns the unseen elements
-            unseen = self.estimator.check_species(atoms.numbers)
-            if unseen is not None and len(unseen):
-                raise ValueError(f"structure contains elements Z={sorted(np.asarray(unseen).tolist())} never seen "
-                                 "in the estimator's training set; use unknown_species='flag' to mark them as "
-                                 "maximally uncertain instead")
-        else:
-            species = getattr(self.estimator, "species_", None)
-            if species is not None:
-                unknown = ~np.isin(atoms.numbers, np.asarray(species))
-        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold)
+        # the estimator owns the unknown-element policy (raise / flag / ignore); this only maps results
+        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold,
+                                      atomic_numbers=np.asarray(atoms.numbers),
+                                      unknown_species=self.unknown_species)
         out: dict[str, Any] = {}
         for src, dst in _PREDICT_TO_RESULT.items():
             values = np.array(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
             out[dst] = values
-        if unknown.any():
-            out["uncertainties"][unknown] = 1.0
-            out["confidences"][unknown] = 0.0
-            out["expected_force_errors"][unknown] = np.nan
-        out["unknown_species"] = unknown
+        out["unknown_species"] = np.array(pred.get("unknown_species", np.zeros(n, dtype=bool)), dtype=bool)
         out["max_uncertainty"] = float(out["uncertainties"].max()) if n else float("nan")
         out["mean_uncertainty"] = float(out["uncertainties"].mean()) if n else float("nan")
         return out
