@@ -119,7 +119,10 @@ class LTAUCalculator(Calculator):
         from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch lives only here
 
         estimator = LTAUEstimator.load(estimator_path)
-        model_hash = sha256_file(model_path)
+        # the hash of the very bytes the model was built from (the file is read once); a backend
+        # calculator that does not report it gets the file's hash
+        base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
+        model_hash = getattr(base, "model_sha256", None) or sha256_file(model_path)
         recorded = (getattr(estimator, "metadata", None) or {}).get("model_sha256")
         if recorded != model_hash:
             if recorded is None:
@@ -132,7 +135,6 @@ class LTAUCalculator(Calculator):
             if not allow_model_mismatch:
                 raise ValueError(msg + "; pass allow_model_mismatch=True to use them together anyway")
             warnings.warn(msg + " (allowed by allow_model_mismatch=True)", stacklevel=2)
-        base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
 
     # ------------------------------------------------------------------ ASE interface
