@@ -76,18 +76,25 @@ def find_error_log(run_dir: PathLike) -> Path:
     return found[0]
 
 
+#: checkpoint names tried in order for a run's default model: last.ckpt first, the model that
+#: ``LTAUCalculator.from_model("run/last.ckpt", ...)``, ``ltau relax`` and ``ltau md`` load in the README
+#: (and the final model, whose training error the default atol is); a run's best.ckpt is another
+#: model with another latent space, used only when it is the run's only checkpoint or passed explicitly
+DEFAULT_CHECKPOINTS = ("last.ckpt", "best.ckpt")
+
+
 def default_checkpoint(run_dir: PathLike) -> Path:
-    """``best.ckpt`` of a run directory, else ``last.ckpt``."""
+    """``last.ckpt`` of a run directory, else ``best.ckpt`` (see :data:`DEFAULT_CHECKPOINTS`)."""
     run_dir = Path(run_dir)
-    for name in ("best.ckpt", "last.ckpt"):
+    for name in DEFAULT_CHECKPOINTS:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise FileNotFoundError(f"neither best.ckpt nor last.ckpt found in {run_dir}; pass model= explicitly")
+    raise FileNotFoundError(f"neither last.ckpt nor best.ckpt found in {run_dir}; pass model= explicitly")
 
 
 def _default_model(log_dir: Path) -> Path:
     """Default descriptor model of a log: the last checkpoint of a checkpoint-ensemble log, else
-    ``best.ckpt`` / ``last.ckpt`` of the run directory the log records (else its parent)."""
+    ``last.ckpt`` / ``best.ckpt`` of the run directory the log records (else its parent)."""
     meta = ErrorLog(log_dir).metadata
     if meta.get("checkpoints"):
         return Path(meta["checkpoints"][-1])
@@ -140,8 +147,9 @@ def fit_estimator_from_runs(
         atol: error threshold (eV/Å); None: the final models' training MAE.
         window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
         model: checkpoint / package file giving the descriptors; default the first run's
-            ``best.ckpt`` (else ``last.ckpt``; for a checkpoint-ensemble log its last
-            checkpoint). Its SHA-256 is stored as ``model_sha256``.
+            ``last.ckpt`` (else ``best.ckpt``; for a checkpoint-ensemble log its last
+            checkpoint), the file the README's ``from_model`` / ``ltau relax`` load. Its SHA-256
+            is stored as ``model_sha256``; simulations must load this same file.
         record_species: record the training elements, so that structures with elements never seen
             in training are refused or flagged (``LTAUCalculator(unknown_species=...)``); False
             leaves such atoms to the latent-distance lookup alone.
