@@ -111,6 +111,7 @@ def fit_estimator_from_runs(
     Raises:
         ValueError: logs of different atoms, frames missing, or descriptors not aligned with the logs.
     """
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
     from ltau_ase.nequip.descriptors import extract_descriptors
 
     run_dirs, train_files = as_paths(run_dirs), as_paths(train_files)
@@ -126,8 +127,10 @@ def fit_estimator_from_runs(
         index = "flat" if log_ids.size < AUTO_HNSW_ATOMS else "hnsw"
 
     frames = frames_for_atom_ids(read_training_frames(train_files), log_ids, train_files)
+    # one read of the model file gives both the descriptors and the recorded hash
+    calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
     desc_ids, descriptors = extract_descriptors(
-        model_path, frames, device=device, batch_size=batch_size, progress=progress
+        calc, frames, device=device, batch_size=batch_size, progress=progress
     )
     # Descriptors come in frame order; the logs in sorted-id order. Put the descriptor rows in the
     # logs' order and then verify id equality row by row (a frame of a different size, say, fails).
@@ -146,7 +149,7 @@ def fit_estimator_from_runs(
 
     metadata = {
         "model_path": str(model_path.resolve()),
-        "model_sha256": sha256_file(model_path),
+        "model_sha256": calc.model_sha256,
         "k": int(k),
         "index": index,
         "atol": None if atol is None else float(atol),

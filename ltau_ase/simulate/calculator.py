@@ -133,9 +133,17 @@ class LTAUCalculator(Calculator):
             estimator_label, estimator = str(estimator), LTAUEstimator.load(estimator)
         else:
             estimator_label = "the given estimator"
-        check_model_fingerprint(getattr(estimator, "metadata", None), plugin.fingerprint(model_path),
+        fingerprint = plugin.fingerprint(model_path)
+        # refuse a mismatched pair before paying for the model load
+        check_model_fingerprint(getattr(estimator, "metadata", None), fingerprint,
                                 model=model_path, estimator=estimator_label, allow_mismatch=allow_model_mismatch)
         base = plugin.calculator(model_path, device=device, **kwargs)
+        # a backend that reads the file once reports the hash of the bytes it built the model from: if
+        # the file was replaced between the check and the load, the checked model is not the loaded one
+        loaded = getattr(base, "model_sha256", None)
+        if loaded is not None and loaded != fingerprint:
+            raise ValueError(f"model file {str(model_path)!r} changed while it was being loaded (sha256 {fingerprint} "
+                             f"when checked, {loaded} when read); load it again once it is no longer being written")
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
 
     @classmethod
