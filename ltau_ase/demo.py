@@ -330,18 +330,13 @@ def stage_is2rs(cfg: DemoConfig, out: Path, data: dict, train: dict, cal: dict) 
 
 def is2rs_analysis(records: list[dict]) -> dict[str, Any]:
     """IS2RS metrics per domain from relaxation records (failed relaxations are counted, not scored)."""
-    from ltau_ase.is2rs import system_distances, uq_rmsd_analysis
+    from ltau_ase.is2rs import records_table, uq_rmsd_analysis
 
-    table = []
     failed = {"in_domain": 0, "out_of_domain": 0}
     for rec in records:
-        if rec["status"] == "failed":
-            failed[rec["group"]] += 1
-            continue
-        row = {"name": rec["name"], "group": rec["group"]}
-        row.update({f"uq_{s}": rec[f"uq_{s}"] for s in ("initial", "final", "max", "mean")})
-        row.update(system_distances(rec["atoms"], rec["reference"]))
-        table.append(row)
+        if rec.status == "failed":
+            failed[rec.group] += 1
+    table, _ = records_table(records, strict=True)  # every demo system stores its reference
     out: dict[str, Any] = {"failed": failed, "table": table}
     for domain in ("in_domain", "out_of_domain"):
         rows = [r for r in table if r["group"] == domain]

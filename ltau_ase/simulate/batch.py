@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -390,13 +390,55 @@ def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, r
 
 
 # ---------------------------------------------------------------------------- reading back
-def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Records of a relaxation database, in insertion order.
+@dataclass
+class RelaxationRecord:
+    """One relaxation as stored in the database by :func:`relax_batch` (what :func:`load_results` returns).
 
-    Each record: ``name``, ``group``, ``status``, ``reason``, ``converged``, ``nsteps``, ``wall_time``,
-    ``uq_initial``, ``uq_max``, ``uq_mean``, ``uq_final`` (NaN when absent), ``trace`` (array or None),
-    ``atoms`` (final structure), ``reference`` (Atoms or None), ``per_atom`` (dict of final UQ arrays).
-    ``statuses`` filters rows (e.g. ``("done", "unconverged")``).
+    Attributes:
+        name, group: the system's unique name and its group (e.g. in/out of domain).
+        status: ``"done"`` | ``"unconverged"`` | ``"failed"``; ``reason`` says why it failed.
+        converged, nsteps, wall_time: optimizer outcome, steps taken, seconds.
+        uq_initial, uq_max, uq_mean, uq_final: the RelaxationUQObserver statistics (NaN when absent).
+        trace: (nsteps + 1,) per-step UQ or None.
+        atoms: final structure (energy and forces as calculator results).
+        reference: reference relaxed structure stored with ``references=`` (or None).
+        per_atom: final per-atom UQ arrays (``ltau_uncertainties`` ...), each (N,).
+
+    ``record["name"]`` etc. also work (the dict records of earlier versions).
+    """
+
+    name: str
+    group: str = DEFAULT_GROUP
+    status: str = "done"
+    reason: str = ""
+    converged: bool = False
+    nsteps: int | None = None
+    wall_time: float = float("nan")
+    uq_initial: float = float("nan")
+    uq_max: float = float("nan")
+    uq_mean: float = float("nan")
+    uq_final: float = float("nan")
+    trace: np.ndarray | None = None
+    atoms: Atoms | None = None
+    reference: Atoms | None = None
+    per_atom: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def uq(self) -> dict[str, float]:
+        """``{"initial", "max", "mean", "final"}`` UQ statistics of the relaxation."""
+        return {"initial": self.uq_initial, "max": self.uq_max, "mean": self.uq_mean, "final": self.uq_final}
+
+
+def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[RelaxationRecord]:
+    """The :class:`RelaxationRecord` of every row of a relaxation database, in insertion order.
+
+    ``statuses`` filters rows (e.g. ``("done", "unconverged")``). For the IS2RS table of these records
+    use :func:`ltau_ase.is2rs.records_table`.
     """
     from ase.db import connect
 
@@ -419,13 +461,11 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
             fixed = np.asarray(data["reference_fixed"], dtype=bool)
             if fixed.any():
                 ref.set_constraint(FixAtoms(mask=fixed))
-        rec = {"name": row.get("name"), "group": row.get("group", DEFAULT_GROUP), "status": status,
-               "reason": row.get("reason", ""), "converged": bool(row.get("converged", False)),
-               "nsteps": row.get("nsteps"), "wall_time": row.get("wall_time", float("nan")),
-               "trace": np.asarray(data["trace"]) if "trace" in data else None,
-               "atoms": row.toatoms(), "reference": ref,
-               "per_atom": {k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")}}
-        for stat in ("initial", "max", "mean", "final"):
-            rec[f"uq_{stat}"] = row.get(f"uq_{stat}", float("nan"))
-        records.append(rec)
+        records.append(RelaxationRecord(
+            name=row.get("name"), group=row.get("group", DEFAULT_GROUP), status=status,
+            reason=row.get("reason", ""), converged=bool(row.get("converged", False)), nsteps=row.get("nsteps"),
+            wall_time=row.get("wall_time", float("nan")),
+            trace=np.asarray(data["trace"]) if "trace" in data else None, atoms=row.toatoms(), reference=ref,
+            per_atom={k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")},
+            **{f"uq_{stat}": row.get(f"uq_{stat}", float("nan")) for stat in ("initial", "max", "mean", "final")}))
     return records
