@@ -293,6 +293,10 @@ def read_structures(structures: str | PathLike | Sequence[Atoms],
             raise ValueError(f"structures {unnamed[:10]} have no name (info['name']); these structures are matched "
                              "by name, so every one needs one")
     named = [(str(n) if n is not None and str(n) != "" else content_name(a), a) for n, a in pairs]
+    for i, (n, a) in enumerate(named):
+        _check_storable(n, "name", i)
+        if "group" in a.info:
+            _check_storable(str(a.info["group"]), "group", i)
     seen: dict[str, int] = {}
     for i, (n, _) in enumerate(named):
         if n in seen:
@@ -301,6 +305,18 @@ def read_structures(structures: str | PathLike | Sequence[Atoms],
                              "content, so these two are identical)")
         seen[n] = i
     return named
+
+
+def _check_storable(text: str, what: str, index: int) -> None:
+    """Names and groups are ase.db text values: refused up front if ase.db would refuse them at write
+    time (a text that reads as a number or boolean, such as ``"5"`` or ``"nan"``)."""
+    from ase.db.core import check
+
+    try:
+        check({what: text})
+    except ValueError:
+        raise ValueError(f"structure {index} has {what} {text!r}, which an ase.db cannot store as text (it reads as "
+                         f"a number or boolean); use a {what} with letters, e.g. 'sys_{text}'") from None
 
 
 def _reference_data(ref: Atoms, atoms: Atoms, name: str) -> dict[str, np.ndarray]:
@@ -360,9 +376,15 @@ def open_store(db_path: str | PathLike) -> Any:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     try:
-        db = connect(path, type="db")
-        db.count()  # ASE creates its tables in a new file on first use
-        with _immediate_transaction(path) as con:
+        # SQLite's own locking only: ASE's lock file would be left behind by a killed run and then
+        # block every later write forever
+        db = connect(path, type="db", use_lock_file=False)
+        with db:  # one connection; its transaction holds the write lock while the schema is made
+            con = db.connection
+            con.execute("BEGIN IMMEDIATE")
+            db.count()  # ASE creates its tables in a new file: here, under the lock (two runs raced before)
+            if not con.in_transaction:  # ASE commits its schema
+                con.execute("BEGIN IMMEDIATE")
             con.execute(f"CREATE TABLE IF NOT EXISTS {CLAIMS_TABLE} (name TEXT PRIMARY KEY, owner TEXT NOT NULL, "
                         "host TEXT NOT NULL, pid INTEGER NOT NULL, started REAL, claimed REAL NOT NULL)")
             duplicates = con.execute("SELECT value, COUNT(*) FROM text_key_values WHERE key = 'name' "
