@@ -19,6 +19,18 @@ Usage::
 
     python benchmarks/knn_scaling.py [--sizes 10000 100000 1000000] [--queries 1000] [--quick]
                                      [--output benchmark_output/knn_scaling.json]
+
+Scale mode (issue 13 §3: IVF-PQ with exact re-ranking against memory-mapped vectors)::
+
+    python benchmarks/knn_scaling.py --scale --sizes 1e6 1e7 [--hnsw-max 1e5] [--hnsw-seconds-1e6 374]
+
+For each N it builds the default ``ivfpq`` index (re-ranking a refine·k shortlist), writes its arrays
+to disk and reopens them the way ``LTAUEstimator.load`` does (vectors as a read-only memory map), then
+reports build time, recall@k against exact search (``faiss.knn`` over all vectors), CPU µs per query
+atom on one thread, and resident memory: the process's anonymous-RSS growth from opening the index,
+plus the file-backed pages of the vector map touched by the queries, against flat's 4·N·D bytes.
+HNSW is built only up to ``--hnsw-max`` atoms (374 s at 10⁶ on the reference machine: pass the
+recorded figure with ``--hnsw-seconds-1e6`` for the build-time goal).
 """
 from __future__ import annotations
 
@@ -170,6 +182,87 @@ def _print_size(n: int, results: list[dict], hnsw_curve: list[dict], ivf_curve: 
     print("  ivfpq nprobe sweep:  " + ", ".join(f"{c['nprobe']}: {c['us_per_query']:.1f} µs / {c['recall']:.3f}" for c in ivf_curve))
 
 
+def _rss() -> dict[str, int]:
+    """{'anon': bytes, 'file': bytes} resident set of this process (Linux /proc)."""
+    out = {"anon": 0, "file": 0}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                out["anon"] = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                out["file"] = int(line.split()[1]) * 1024
+    return out
+
+
+def run_scale(sizes: list[int], n_query: int, k: int, d: int, seed: int, hnsw_max: int, hnsw_1e6_s: float | None,
+              workdir: Path) -> dict:
+    """IVF-PQ + exact re-ranking against memory-mapped vectors, versus flat (and HNSW up to hnsw_max)."""
+    import gc
+    import tempfile
+
+    rng = np.random.default_rng(seed)
+    queries = latent_like(n_query, d, rng)
+    rows = []
+    for n in sizes:
+        x = latent_like(n, d, rng)
+        t0 = time.perf_counter()
+        _, truth = faiss.knn(queries, x, k)
+        flat_s = time.perf_counter() - t0
+        flat_bytes = 4 * n * d
+        row = {"n_train": n, "dim": d, "k": k, "n_query": n_query, "flat_memory_bytes": flat_bytes,
+               "flat_us_per_query_wall": flat_s / n_query * 1e6}
+        if n <= hnsw_max:
+            t0 = time.perf_counter()
+            hnsw = NeighbourIndex.build(x, "hnsw")
+            row["hnsw_build_s"] = time.perf_counter() - t0
+            del hnsw
+        elif n == 10**6 and hnsw_1e6_s:
+            row["hnsw_build_s"] = hnsw_1e6_s
+            row["hnsw_build_s_source"] = "recorded (not rebuilt)"
+        t0 = time.perf_counter()
+        ivf = NeighbourIndex.build(x, "ivfpq")
+        row["ivfpq_build_s"] = time.perf_counter() - t0
+        row["ivfpq_params"] = dict(ivf.params)
+        arrays = ivf.to_arrays()
+        del ivf, x
+        gc.collect()
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            vec_path = Path(tmp) / "vectors.npy"
+            np.save(vec_path, arrays["index_vectors"])
+            blob = np.asarray(arrays["faiss_index"]).copy()
+            del arrays
+            gc.collect()
+            before = _rss()
+            t0 = time.perf_counter()
+            vectors = np.load(vec_path, mmap_mode="r")
+            loaded = NeighbourIndex.from_arrays("ivfpq", row["ivfpq_params"], {"faiss_index": blob, "index_vectors": vectors},
+                                                n, d, check_values=False)
+            row["ivfpq_open_s"] = time.perf_counter() - t0
+            del blob
+            gc.collect()
+            opened = _rss()
+            us, wall, ids, valid = timed_search(loaded, queries, k)
+            after = _rss()
+            row.update({
+                "ivfpq_us_per_query": us, "ivfpq_wall_us_per_query": wall, "ivfpq_recall": recall_at_k(ids, valid, truth),
+                "ivfpq_anon_bytes": opened["anon"] - before["anon"],
+                "ivfpq_touched_vector_bytes": after["file"] - opened["file"],
+            })
+            row["ivfpq_resident_bytes"] = max(0, row["ivfpq_anon_bytes"]) + max(0, row["ivfpq_touched_vector_bytes"])
+            row["ivfpq_memory_vs_flat"] = row["ivfpq_resident_bytes"] / flat_bytes
+            del loaded, vectors
+            gc.collect()
+        if "hnsw_build_s" in row:
+            row["ivfpq_build_vs_hnsw"] = row["ivfpq_build_s"] / row["hnsw_build_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"config": {"sizes": sizes, "n_query": n_query, "k": k, "dim": d, "seed": seed,
+                       "data": "Zipf-weighted mixture of 300 anisotropic Gaussian clusters, intrinsic dim 6",
+                       "faiss_version": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
+                       "cpu_count": os.cpu_count(), "machine": platform.machine()},
+            "scale": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="training-set sizes N")
@@ -181,9 +274,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FAISS OpenMP threads (default 1: stable timings on a shared machine; 0 = FAISS default)")
     parser.add_argument("--quick", action="store_true", help="N = 1e4 only, 200 queries (smoke test)")
     parser.add_argument("--output", default="benchmark_output/knn_scaling.json")
+    parser.add_argument("--scale", action="store_true", help="IVF-PQ + re-ranking scale mode (see module docstring)")
+    parser.add_argument("--hnsw-max", type=float, default=1e5, help="scale mode: build HNSW only up to this N")
+    parser.add_argument("--hnsw-seconds-1e6", type=float, default=None,
+                        help="scale mode: recorded HNSW build time at 1e6 (s) when not rebuilt")
     args = parser.parse_args(argv)
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
+    if args.scale:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = run_scale([int(s) for s in args.sizes], args.queries, args.k, args.dim, args.seed, int(args.hnsw_max),
+                           args.hnsw_seconds_1e6, out.parent)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+        return report
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes]
     n_query = 200 if args.quick else args.queries
     report = run(sizes, n_query, args.k, args.dim, args.seed)

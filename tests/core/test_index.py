@@ -73,7 +73,7 @@ def test_search_params_survive_serialisation():
     h = NeighbourIndex.build(x, "hnsw", {"efSearch": 77, "M": 8})
     h2 = NeighbourIndex.from_bytes(h.to_bytes(), "hnsw", h.params)
     assert h2.index.hnsw.efSearch == 77 and h2.index.hnsw.nb_neighbors(1) == 8
-    v = NeighbourIndex.build(x, "ivfpq", {"nlist": 10, "nprobe": 3, "m": 4, "nbits": 4})
+    v = NeighbourIndex.build(x, "ivfpq", {"nlist": 10, "nprobe": 3, "m": 4, "nbits": 4, "refine": 0})
     raw = faiss.deserialize_index(v.to_bytes())
     raw.nprobe = 1  # whatever FAISS stores, our loader must apply the recorded nprobe
     v2 = NeighbourIndex.from_bytes(np.asarray(faiss.serialize_index(raw)), "ivfpq", v.params)
@@ -87,7 +87,7 @@ def test_search_params_survive_serialisation():
 
 def test_minus_one_ids_are_masked():
     x = clustered(400, 8, seed=3)
-    index = NeighbourIndex.build(x, "ivfpq", {"nlist": 20, "nprobe": 1, "m": 2, "nbits": 4})
+    index = NeighbourIndex.build(x, "ivfpq", {"nlist": 20, "nprobe": 1, "m": 2, "nbits": 4, "refine": 0})
     dist, ids, valid = index.search(x[:30], 100)  # one probed list holds far fewer than 100 atoms
     raw_d, raw_i = index.index.search(np.ascontiguousarray(x[:30], dtype=np.float32), 100)
     np.testing.assert_array_equal(valid, raw_i >= 0)
@@ -106,12 +106,12 @@ def test_parameter_validation():
         NeighbourIndex.build(x, "hnsw", {"nprobe": 3})
     with pytest.raises(ValueError, match="integer"):
         NeighbourIndex.build(x, "hnsw", {"efSearch": 2.5})
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match=r"must lie in \[2, 256\]"):
         NeighbourIndex.build(x, "hnsw", {"M": 0})
     with pytest.raises(ValueError, match="nlist"):
         NeighbourIndex.build(x, "ivfpq", {"nlist": 301})
     assert resolve_params("ivfpq", None, 10**6, 32) == {
-        "nlist": 4000, "m": 4, "nbits": 8, "nprobe": 16, "train_size": 256000, "seed": 0,
+        "nlist": 4000, "m": 8, "nbits": 8, "nprobe": 8, "train_size": 256000, "seed": 0, "refine": 4,
     }
     flat = NeighbourIndex.build(x, "flat")
     with pytest.raises(ValueError, match=r"k must lie in \[1, 300\]"):
