@@ -807,7 +807,9 @@ def _check_values(est: "LTAUEstimator", info: dict[str, Any], dist: dict[str, np
                 vals = np.where(nan, np.inf, block)
                 if np.any(np.isneginf(vals)) or np.any(np.isposinf(vals) & ~nan) or np.any(vals < 0):
                     raise bad("logged errors are negative or infinite")
-                if np.any(np.diff(vals, axis=0) < 0):
+                with np.errstate(invalid="ignore"):  # inf - inf between trailing NaN slots
+                    unsorted = np.any(np.diff(vals, axis=0) < 0)
+                if unsorted:
                     raise bad("per-atom errors are not sorted")
                 n_log = (~nan).sum(axis=0)
                 if np.any(n_log < 1):

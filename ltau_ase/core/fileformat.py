@@ -63,6 +63,8 @@ EAGER_BYTES = 64 << 20
 _PREAMBLE = struct.Struct("<8sIIQ32s")
 _ZIP_MAGIC = b"PK\x03\x04"
 _BLOCK = 16 << 20
+#: format 1: the uncompressed members may total at most this many times the file size (+ 64 MiB)
+MAX_NPZ_EXPANSION = 128
 #: dtypes an array may have (plain little-endian numbers; never object, structured or big-endian)
 ALLOWED_DTYPES = ("<f8", "<f4", "<i8", "<i4", "<u8", "<u4", "<u2", "|u1", "|i1", "|b1")
 
@@ -345,10 +347,10 @@ def _npz_member_header(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -
 def read_npz_container(path: str | os.PathLike, schema: Schema | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read a format-1 (npz) estimator file through the hardened path.
 
-    The header member is read first (capped at 16 MiB); ``schema(header)`` then fixes every member's
-    dtype and shape; each member's declared uncompressed size and npy header are checked against it
-    before its data is decompressed, so a tiny file cannot make the reader allocate more than the
-    schema's arrays. Unknown members, pickled (object) arrays and truncated or corrupt archives raise
+    The header member is read first (capped at 16 MiB); the members' declared uncompressed sizes may
+    total at most 128 × the file size + 64 MiB (a decompression bomb is refused before inflating);
+    ``schema(header, declared)`` then fixes every member's dtype and shape; each member's declared
+    size and npy header are checked against it before its data is decompressed. Unknown members, pickled (object) arrays and truncated or corrupt archives raise
     ValueError.
     """
     path = Path(path)
@@ -373,6 +375,13 @@ def read_npz_container(path: str | os.PathLike, schema: Schema | None = None) ->
             if version != LEGACY_NPZ_VERSION:
                 raise ValueError(
                     f"{path} has estimator format version {version!r}; this ltau-ase reads versions 1 and {FORMAT_VERSION}"
+                )
+            total = sum(info.file_size for info in infos.values())
+            limit = MAX_NPZ_EXPANSION * path.stat().st_size + (64 << 20)
+            if total > limit:
+                raise ValueError(
+                    f"{path} declares {total} bytes of uncompressed arrays in a {path.stat().st_size}-byte file; "
+                    f"more than {MAX_NPZ_EXPANSION}x expansion is refused (decompression bomb?)"
                 )
             declared = {}
             for name, info in infos.items():

@@ -319,13 +319,17 @@ class NeighbourIndex:
         Raises ValueError when a rebuild is needed but the index keeps no full vectors (ivfpq with
         refine=0).
         """
+        reason = None
         if kind == "auto":
-            kind = choose_index(self._n)[0] if not params else kind
+            if params:
+                raise ValueError("index_params need an explicit index kind (flat, hnsw or ivfpq), not 'auto'")
+            kind, reason = choose_index(self._n)
         p = resolve_params(kind, params, self._n, self._d)
         if kind == self.kind:
             changed = {key for key in p if p[key] != self.params.get(key)}
             if changed <= SEARCH_PARAMS[kind] and not ("refine" in changed and self.vectors is None):
                 self.params = p
+                self.reason = reason
                 self.apply_search_params()
                 return self
         x = self.training_vectors()
@@ -334,7 +338,9 @@ class NeighbourIndex:
                 f"cannot change the {self.kind} index to {kind} {p} after fit: it keeps only compressed codes, "
                 "not the training descriptors; call fit(...) again"
             )
-        return NeighbourIndex.build(np.asarray(x), kind, p)
+        rebuilt = NeighbourIndex.build(np.asarray(x), kind, p)
+        rebuilt.reason = reason
+        return rebuilt
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k nearest training atoms of each query.
