@@ -567,8 +567,8 @@ class LTAUEstimator:
             eager_bytes: size above which an array is memory-mapped instead of read.
         Format-1 (npz) files load through the hardened npz reader (``ltau convert`` rewrites them).
         """
-        header, arrays = read_container(path, schema=_estimator_schema, verify=verify, eager_bytes=eager_bytes)
         try:
+            header, arrays = read_container(path, schema=_estimator_schema, verify=verify, eager_bytes=eager_bytes)
             settings = dict(header["settings"])
             learned = dict(header["learned"])
             if not set(settings) <= set(_PARAM_NAMES) - {"metadata"}:
@@ -577,8 +577,7 @@ class LTAUEstimator:
             if not isinstance(metadata, dict):
                 raise ValueError("metadata is not a mapping")
             est = cls(**settings, metadata=dict(metadata))
-            if isinstance(est.window, dict):
-                est.window = EpochWindow.coerce(est.window)
+            est.window = None if est.window is None else EpochWindow.coerce(est.window)
             est._check_params()
             n, d = int(learned["n_train_atoms_"]), int(learned["n_features_in_"])
             kind = learned.get("index_kind_", settings["index"])
@@ -619,13 +618,13 @@ class LTAUEstimator:
                 est.distributions_ = distributions_from_arrays(dist_info, dist_arrays)
             else:
                 est.__dict__["_distributions_source"] = (dist_info, dist_arrays)
+            est._fitted_settings = _settings_snapshot(est)
         except (KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
             raise ValueError(f"{path} is an ltau-ase estimator file with missing or malformed fields ({exc!r})") from None
         except ValueError as exc:
             if str(path) in str(exc):
                 raise
             raise ValueError(f"{path} is corrupt or inconsistent: {exc}") from None
-        est._fitted_settings = _settings_snapshot(est)
         est._cache = None
         est._warned_short = False
         return est

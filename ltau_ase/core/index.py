@@ -40,6 +40,7 @@ inverted-list ids) before any search touches it.
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 from typing import Any
 
@@ -438,6 +439,8 @@ class NeighbourIndex:
                 raise ValueError(f"stored index vectors are {vectors.dtype} {vectors.shape}; expected float32 ({n}, {d})")
             if check_values:
                 _check_finite_rows(vectors)
+            if kind == "ivfpq":
+                _advise_random(vectors)
         if kind == "flat":
             return cls(kind, p, None, vectors, n, d)
         blob = arrays["faiss_index"]
@@ -471,16 +474,20 @@ class NeighbourIndex:
         invlists = faiss.extract_index_ivf(index).invlists
         if invlists.nlist != p["nlist"] or invlists.code_size != index.pq.code_size:
             raise ValueError("the stored IVF-PQ inverted lists disagree with nlist / code size")
-        seen = np.zeros(n, dtype=np.int64)
-        for lst in range(p["nlist"]):
-            size = invlists.list_size(lst)
+        sizes = [invlists.list_size(lst) for lst in range(p["nlist"])]
+        if sum(sizes) != n:
+            raise ValueError(f"the stored IVF-PQ inverted lists hold {sum(sizes)} entries; expected N={n}")
+        all_ids = np.empty(n, dtype=np.int64)
+        pos = 0
+        for lst, size in enumerate(sizes):
             if size:
-                ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).view(np.int64)
-                if ids.min() < 0 or ids.max() >= n:
-                    raise ValueError(f"the stored IVF-PQ index holds atom ids outside [0, {n})")
-                seen += np.bincount(ids, minlength=n)
-        if np.any(seen != 1):
+                all_ids[pos : pos + size] = faiss.rev_swig_ptr(invlists.get_ids(lst), size).view(np.int64)
+                pos += size
+        if n and (all_ids.min() < 0 or all_ids.max() >= n):
+            raise ValueError(f"the stored IVF-PQ index holds atom ids outside [0, {n})")
+        if np.any(np.bincount(all_ids, minlength=n) != 1):
             raise ValueError("the stored IVF-PQ index does not hold every training atom exactly once")
+        del all_ids
         index.precompute_table()  # skipped while deserialising; sizes now checked
         return cls(kind, p, index, vectors, n, d)
 
@@ -506,6 +513,17 @@ def _check_common(index: "faiss.Index", n: int, d: int, kind: str) -> None:
         raise ValueError(
             f"the stored {kind} FAISS index holds {index.ntotal} vectors of dimension {index.d}; the header says N={n}, D={d}"
         )
+
+
+def _advise_random(vectors: np.ndarray) -> None:
+    """Re-ranking reads scattered rows: on a memory map, turn off read-ahead so that only the touched
+    pages become resident (best effort; a no-op for in-memory arrays)."""
+    mm = getattr(vectors, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
 
 
 def _check_finite_rows(vectors: np.ndarray, block: int = 1 << 18) -> None:

@@ -218,3 +218,23 @@ def _npy_bytes(arr):
     buf = io.BytesIO()
     np.save(buf, arr)
     return buf.getvalue()
+
+
+def test_ltau_convert_and_verify_cli(tmp_path, capsys):
+    from ltau_ase.cli import main
+
+    est, q = small_estimator("hnsw", "compact", n=150)
+    save_v1(est, tmp_path / "old.ltau", compress=True)
+    assert main(["convert", str(tmp_path / "old.ltau"), str(tmp_path / "new.ltau")]) == 0
+    assert (tmp_path / "new.ltau").read_bytes()[:8] == MAGIC_BYTES
+    np.testing.assert_array_equal(LTAUEstimator.load(tmp_path / "new.ltau").predict(q)["confidence"], est.predict(q)["confidence"])
+    assert main(["convert", "--verify", str(tmp_path / "new.ltau")]) == 0
+    assert "every digest and value checked" in capsys.readouterr().out
+    raw = bytearray((tmp_path / "new.ltau").read_bytes())
+    raw[-3] ^= 1
+    (tmp_path / "bad.ltau").write_bytes(bytes(raw))
+    assert main(["convert", "--verify", str(tmp_path / "bad.ltau")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ltau convert: error:") and "SHA-256" in err and "\n" not in err
+    assert main(["convert", str(tmp_path / "new.ltau")]) == 2
+    assert "OUTPUT" in capsys.readouterr().err
