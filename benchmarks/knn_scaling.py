@@ -31,6 +31,14 @@ read-only memory map), then reports build time (wall and CPU), recall@k against 
 process's anonymous-RSS growth from opening the index and running the queries (codes, ids, centroids,
 precomputed tables; not evictable) and, separately, the file-backed pages of the vector map the
 queries touched (page cache, evictable), each against flat's 4·N·D bytes.
+Estimator-file mode (issue 13 §4)::
+
+    python benchmarks/knn_scaling.py --estimator-open 1e7 --queries 1000
+
+fits an N-atom estimator (index="auto", 2 synthetic runs of 10 epochs), saves it, and in fresh
+processes times ``LTAUEstimator.load`` (memory-mapped) and one batch of predictions, with the
+resident-set growth, then times a full streamed ``verify=True`` load.
+
 HNSW is built only up to ``--hnsw-max`` atoms (374 s at 10⁶ on the reference machine: pass the
 recorded figure with ``--hnsw-seconds-1e6`` for the build-time goal).
 """
@@ -296,6 +304,79 @@ def run_scale(sizes: list[int], n_query: int, k: int, d: int, seed: int, hnsw_ma
             "scale": rows}
 
 
+def _open_estimator(path: str, n_query: int, k: int, seed: int) -> dict:
+    """Fresh process: time ``LTAUEstimator.load`` of a large file, then a batch of predictions."""
+    import gc
+
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    rng = np.random.default_rng(seed + 1)
+    gc.collect()
+    before = _rss()
+    t0 = time.perf_counter()
+    est = LTAUEstimator.load(path)
+    open_s = time.perf_counter() - t0
+    opened = _rss()
+    queries = latent_like(n_query, est.n_features_in_, rng)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = est.predict(queries)
+    predict_s, predict_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    after = _rss()
+    mapped = sorted(name for name, value in vars(est).items() if isinstance(value, np.memmap))
+    if isinstance(est.index_.vectors, np.memmap):
+        mapped.append("index_.vectors")
+    return {"open_s": open_s, "anon_bytes_after_open": opened["anon"] - before["anon"],
+            "file_bytes_after_open": opened["file"] - before["file"],
+            "predict_s": predict_s, "predict_cpu_us_per_atom": predict_cpu_s / n_query * 1e6,
+            "anon_bytes_after_predict": after["anon"] - before["anon"],
+            "file_bytes_touched_by_predict": after["file"] - opened["file"],
+            "memory_mapped": mapped, "index_kind": est.index_.kind, "index_choice": est.index_.reason,
+            "confidence_range": [float(out["confidence"].min()), float(out["confidence"].max())]}
+
+
+def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir: Path, epochs: int = 10) -> dict:
+    """Fit an N-atom estimator (index="auto", synthetic error logs), save it, reopen it in a fresh process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    rng = np.random.default_rng(seed)
+    x = latent_like(n, d, rng)
+    # Per-atom error levels that vary smoothly with the descriptor, plus epoch-to-epoch noise (eV/Å).
+    level = (0.05 + 0.02 * np.abs(x[:, 0])).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        e = np.empty((epochs, n), dtype=np.float32)
+        for i in range(epochs):
+            e[i] = level * rng.gamma(4.0, 0.25, size=n).astype(np.float32)
+        runs.append(e)
+    row = {"n_train": n, "dim": d, "epochs": epochs, "runs": 2}
+    t0, c0 = time.perf_counter(), time.process_time()
+    est = LTAUEstimator(k=k, index="auto").fit(x, runs)
+    row["fit_s"], row["fit_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    del x, runs
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "large.ltau"
+        t0 = time.perf_counter()
+        est.save(path)
+        row["save_s"] = time.perf_counter() - t0
+        row["file_bytes"] = path.stat().st_size
+        del est
+        code = ("import json, sys; sys.path.insert(0, %r); import faiss; faiss.omp_set_num_threads(%d); "
+                "from knn_scaling import _open_estimator; print(json.dumps(_open_estimator(%r, %d, %d, %d)))"
+                % (str(Path(__file__).parent), faiss.omp_get_max_threads(), str(path), n_query, k, seed))
+        for label in ("warm", "again"):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            row[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        t0 = time.perf_counter()
+        LTAUEstimator.load(path, verify=True)
+        row["verify_s"] = time.perf_counter() - t0
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="training-set sizes N")
@@ -311,9 +392,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hnsw-max", type=float, default=1e5, help="scale mode: build HNSW only up to this N")
     parser.add_argument("--hnsw-seconds-1e6", type=float, default=None,
                         help="scale mode: recorded HNSW build time at 1e6 (s) when not rebuilt")
+    parser.add_argument("--estimator-open", type=float, default=None, metavar="N",
+                        help="fit an N-atom estimator (index=auto), save it and time its memory-mapped reopening")
     args = parser.parse_args(argv)
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
+    if args.estimator_open:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = run_estimator_open(int(args.estimator_open), args.dim, args.k, args.queries, args.seed, out.parent)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+        return report
     if args.scale:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
