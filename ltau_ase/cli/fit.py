@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="estimator file to write (.ltau)")
     parser.add_argument("--k", type=positive_int, default=10, help="nearest training atoms per test atom (default 10)")
     parser.add_argument("--index", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto",
-                        help="FAISS index (auto: flat below 1e5 training atoms, HNSW above)")
+                        help="FAISS index (auto: flat below 1e5 training atoms, HNSW below 1e6, "
+                             "IVF-PQ with exact re-ranking above)")
     parser.add_argument("--atol", type=positive_float, default=None, metavar="EV_PER_A",
                         help="error threshold in eV/Å (default: the final models' training MAE)")
     parser.add_argument("--skip-epochs", type=non_negative_int, default=0, help="ignore the first S logged epochs")
@@ -68,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {est.n_train_atoms_} training atoms, {len(args.run_dirs)} run(s), "
         f"k={est.k}, index={est.index}, atol={est.atol_:.4g} eV/Å, model sha256 {est.metadata['model_sha256'][:12]}…"
     )
+    if args.index == "auto":
+        print(est.metadata["index_choice"])
     return 0
