@@ -80,6 +80,13 @@ def test_every_ltau_flag_in_the_readme_is_in_its_help():
         assert re.search(rf"(?<![\w-]){re.escape(flag)}\b", every), f"no ltau subcommand has {flag}"
 
 
+def test_cli_unknown_species_choices_are_the_estimator_vocabulary():
+    from ltau_ase.cli.options import UNKNOWN_SPECIES_CHOICES
+    from ltau_ase.core.estimator import UNKNOWN_SPECIES_POLICIES
+
+    assert UNKNOWN_SPECIES_CHOICES == UNKNOWN_SPECIES_POLICIES
+
+
 def _link(src: Path, dst: Path) -> None:
     assert src.exists(), src
     dst.parent.mkdir(parents=True, exist_ok=True)
