@@ -92,12 +92,12 @@ def factory_spec(text: str) -> str:
 
 
 def scheduler_address(text: str) -> str:
-    """A Dask scheduler address: ``tcp://host:port`` (or ``tls://``, ``inproc://``, ``ucx://``), or
+    """A Dask scheduler address: ``tcp://host:port`` (or ``tls://``, ``ucx://``, ``ws://``), or
     ``host:port``."""
     protocol, sep, rest = text.rpartition("://")
     host_port = rest if sep else text
     host, _, port = host_port.rpartition(":")
-    if (sep and protocol not in ("tcp", "tls", "inproc", "ucx", "ws", "wss")) or not host or not port.isdigit() \
+    if (sep and protocol not in ("tcp", "tls", "ucx", "ws", "wss")) or not host or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected a scheduler address like tcp://host:8786, got {text!r}")
     return text

@@ -240,7 +240,10 @@ def content_name(atoms: Atoms) -> str:
     SHA-256 over the atomic numbers (int64), positions (float64, Å), cell (float64, Å) and pbc, in
     that order (little-endian; -0.0 counted as 0.0). Identical inputs always give the same name, in
     any order and any run; structures differing in any atom, coordinate bit, cell or pbc get
-    different names. Tags, constraints and info do not enter.
+    different names. Tags, constraints and info do not enter. The hash is of the exact values: the
+    same file gives the same names in every run, but a structure written to extxyz (8 decimals) and
+    read back has rounded positions and so another name; name structures (``info["name"]``) to
+    match them across such copies.
     """
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(atoms.numbers, dtype="<i8").tobytes())

@@ -143,9 +143,10 @@ class LTAUCalculator(Calculator):
         """
         from ltau_ase.core.estimator import LTAUEstimator
         from ltau_ase.core.fileformat import sha256_file
+
+        estimator = LTAUEstimator.load(estimator_path)  # a bad estimator file fails before torch is imported
         from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch lives only here
 
-        estimator = LTAUEstimator.load(estimator_path)
         # the hash of the very bytes the model was built from (the file is read once); a backend
         # calculator that does not report it gets the file's hash
         base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
