@@ -65,9 +65,9 @@ def _calculator(args: argparse.Namespace):
         return load_factory(args.factory)()
     from ltau_ase.simulate.calculator import LTAUCalculator
 
-    return LTAUCalculator.from_nequip(args.model, args.estimator, device=args.device, threshold=args.error_threshold,
-                                      allow_model_mismatch=args.allow_model_mismatch,
-                                      unknown_species=args.unknown_species)
+    return LTAUCalculator.from_model(args.model, args.estimator, device=args.device, threshold=args.error_threshold,
+                                     allow_model_mismatch=args.allow_model_mismatch,
+                                     unknown_species=args.unknown_species)
 
 
 def _read_structure(path: Path, index: int):

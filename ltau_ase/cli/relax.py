@@ -2,7 +2,7 @@
 
 Re-running the same command after a crash or kill skips the systems already in the database; two
 commands on one database never relax or store a system twice (each claims its systems first).
-The calculator is ``LTAUCalculator.from_nequip(--model, --estimator)``, or any picklable, hashable
+The calculator is ``LTAUCalculator.from_model(--model, --estimator)`` (through the model backend's batch factory), or any picklable, hashable
 factory importable as ``--factory module:name`` (a callable returning an ASE calculator that
 provides per-atom ``uncertainties``). The calculator is built once before any system is submitted,
 so a bad model, estimator or factory fails at once. The in-process Dask cluster listens on
@@ -63,14 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def factory_from_args(args: argparse.Namespace):
     """The picklable calculator factory the workers call (``--factory`` or model + estimator)."""
-    from ltau_ase.simulate.batch import NequIPLTAUFactory
+    from ltau_ase.simulate.backends import backend_for
 
     check_model_options(args)
     if args.factory is not None:
         return load_factory(args.factory)
-    return NequIPLTAUFactory(str(args.model.resolve()), str(args.estimator.resolve()), device=args.device,
-                             threshold=args.error_threshold, allow_model_mismatch=args.allow_model_mismatch,
-                             unknown_species=args.unknown_species)
+    return backend_for(args.model).ltau_factory(
+        str(args.model.resolve()), str(args.estimator.resolve()), device=args.device, threshold=args.error_threshold,
+        allow_model_mismatch=args.allow_model_mismatch, unknown_species=args.unknown_species)
 
 
 def run(args: argparse.Namespace) -> int:
