@@ -91,6 +91,21 @@ def worker_calculator(factory: Callable[[], Any]) -> Any:
     return calc
 
 
+def forget_calculators_of_finished_threads() -> int:
+    """Drop the cached calculators of worker threads that have ended; returns how many.
+
+    Called when an in-process cluster closes: its calculators (and their models) are freed, and a
+    later thread that happens to get a recycled thread id does not inherit a calculator built from
+    files that may have changed since.
+    """
+    alive = {t.ident for t in threading.enumerate()}
+    with _CALCULATORS_LOCK:
+        stale = [key for key in _CALCULATORS if key[0] not in alive]
+        for key in stale:
+            del _CALCULATORS[key]
+    return len(stale)
+
+
 # ---------------------------------------------------------------------------- one relaxation
 @dataclass(frozen=True)
 class RelaxSettings:
@@ -610,6 +625,7 @@ def _run_pending(pending, db, calculator_factory, settings, refs, counts, owner,
         client.close()
         if cluster is not None:
             cluster.close()
+            forget_calculators_of_finished_threads()
 
 
 def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, reference: dict | None,

@@ -79,11 +79,11 @@ def test_md_passes_unknown_species_and_error_threshold_to_the_calculator(tmp_pat
 
     seen = {}
 
-    def fake_from_nequip(model, estimator, **kwargs):
+    def fake_from_model(model, estimator, **kwargs):
         seen.update(kwargs)
         return scripted_md_calculator()
 
-    monkeypatch.setattr(LTAUCalculator, "from_nequip", staticmethod(fake_from_nequip))
+    monkeypatch.setattr(LTAUCalculator, "from_model", staticmethod(fake_from_model))
     (tmp_path / "m.ckpt").write_bytes(b"x")
     (tmp_path / "e.ltau").write_bytes(b"x")
     write(tmp_path / "start.extxyz", make_slab())
