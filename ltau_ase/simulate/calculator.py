@@ -32,6 +32,14 @@ PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
 _UNKNOWN_SPECIES_MODES = ("raise", "flag")
 
+# per-atom fields of a model that computes LTAU in its forward pass -> estimator.predict key
+MODEL_UQ_FIELDS = {
+    "ltau_uncertainty": "uncertainty",
+    "ltau_confidence": "confidence",
+    "ltau_expected_force_error": "expected_error",
+    "ltau_latent_distance": "distance",
+}
+
 # estimator.predict key -> calculator result key
 _PREDICT_TO_RESULT = {
     "uncertainty": "uncertainties",
@@ -51,7 +59,12 @@ class LTAUCalculator(Calculator):
         so the base calculator's own cache works and it computes each structure exactly once.
     estimator
         A fitted :class:`ltau_ase.core.estimator.LTAUEstimator` (or an object with the same
-        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface).
+        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface), or ``None``
+        when the base calculator's model computes LTAU itself (a model compiled with ``ltau compile``):
+        then ``calc.results`` must hold the per-atom fields ``ltau_uncertainty``, ``ltau_confidence``,
+        ``ltau_expected_force_error``, ``ltau_latent_distance`` of the same forward pass, the
+        threshold is the one compiled in (``threshold`` must be None) and the training species come
+        from ``calc.ltau_readout["species"]``.
     descriptors
         ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
         base calculator must fill in the same call that computes energy and forces (the nequip
@@ -84,6 +97,12 @@ class LTAUCalculator(Calculator):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
             raise TypeError(f"calc must be an ASE calculator, got {type(calc)}")
+        if estimator is None and getattr(calc, "ltau_readout", None) is None:
+            raise ValueError(f"estimator=None needs a base calculator whose model computes LTAU (compiled with "
+                             f"`ltau compile`); {type(calc).__name__} has no ltau_readout")
+        if estimator is None and (threshold is not None or descriptors is not None):
+            raise ValueError("a model that computes LTAU itself has its threshold and descriptors compiled in; "
+                             "threshold and descriptors must be None (recompile with another estimator to change them)")
         super().__init__(**kwargs)
         self.calc = calc
         self.estimator = estimator
@@ -100,7 +119,7 @@ class LTAUCalculator(Calculator):
     def from_nequip(
         cls,
         model_path: str | PathLike,
-        estimator_path: str | PathLike,
+        estimator_path: str | PathLike | None = None,
         device: str = "cpu",
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
@@ -118,8 +137,21 @@ class LTAUCalculator(Calculator):
         from ltau_ase.core.fileformat import sha256_file
         from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch lives only here
 
+        compiled = str(model_path).endswith((".nequip.pt2", ".nequip.pth"))
+        if estimator_path is None:
+            base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
+            if getattr(base, "ltau_readout", None) is None:
+                raise ValueError(f"{str(model_path)!r} does not compute LTAU itself; pass estimator_path, or compile "
+                                 "the model with its estimator: ltau compile MODEL ESTIMATOR OUTPUT")
+            return cls(base, None, threshold=threshold, unknown_species=unknown_species)
         estimator = LTAUEstimator.load(estimator_path)
-        model_hash = sha256_file(model_path)
+        base = None
+        if compiled:
+            # a compiled file is identified by the source checkpoint's sha256 recorded when compiling
+            base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
+            model_hash = getattr(base, "source_model_sha256", None)
+        else:
+            model_hash = sha256_file(model_path)
         recorded = (getattr(estimator, "metadata", None) or {}).get("model_sha256")
         if recorded != model_hash:
             if recorded is None:
@@ -129,10 +161,17 @@ class LTAUCalculator(Calculator):
                 msg = (f"estimator {str(estimator_path)!r} was fitted for a model with sha256 {recorded}, but "
                        f"{str(model_path)!r} has sha256 {model_hash}: its latent space differs, so the "
                        "uncertainties would be meaningless")
+            if compiled and model_hash is None:
+                msg = (f"compiled model {str(model_path)!r} records no source checkpoint (compile it with `ltau compile`, "
+                       "which records the checkpoint's sha256), so it cannot be matched to the estimator's model")
+            elif compiled:
+                msg = (f"estimator {str(estimator_path)!r} was fitted for a model with sha256 {recorded}, but compiled "
+                       f"model {str(model_path)!r} was compiled from a checkpoint with sha256 {model_hash}")
             if not allow_model_mismatch:
                 raise ValueError(msg + "; pass allow_model_mismatch=True to use them together anyway")
             warnings.warn(msg + " (allowed by allow_model_mismatch=True)", stacklevel=2)
-        base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
+        if base is None:
+            base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
 
     # ------------------------------------------------------------------ ASE interface
@@ -157,6 +196,8 @@ class LTAUCalculator(Calculator):
 
     def _uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
+        if self.estimator is None:
+            return self._finish_uq(atoms, *self._model_uq(atoms, base_results))
         if self.descriptors is not None:
             desc = self.descriptors(atoms)
             source = "descriptors(atoms)"
@@ -186,6 +227,25 @@ class LTAUCalculator(Calculator):
             if species is not None:
                 unknown = ~np.isin(atoms.numbers, np.asarray(species))
         pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold)
+        return self._finish_uq(atoms, pred, unknown)
+
+    def _model_uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+        """(the LTAU fields the base model computed in its forward pass as ``estimator.predict`` keys,
+        (N,) bool mask of atoms of elements the estimator never saw)."""
+        missing = [f for f in MODEL_UQ_FIELDS if f not in base_results]
+        if missing:
+            raise ValueError(f"{type(self.calc).__name__} returned no {missing}; expected a model compiled with "
+                             "`ltau compile`, which outputs them")
+        species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
+        unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
+        if unseen and self.unknown_species == "raise":
+            raise ValueError(f"structure contains elements Z={unseen} never seen in the estimator's training set; "
+                             "use unknown_species='flag' to mark them as maximally uncertain instead")
+        pred = {key: base_results[field] for field, key in MODEL_UQ_FIELDS.items()}
+        return pred, np.isin(atoms.numbers, unseen)
+
+    def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any], unknown: np.ndarray) -> dict[str, Any]:
+        n = len(atoms)
         out: dict[str, Any] = {}
         for src, dst in _PREDICT_TO_RESULT.items():
             values = np.array(pred[src], dtype=np.float64)
