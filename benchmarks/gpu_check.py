@@ -1,6 +1,6 @@
 """GPU readiness of ltau-ase: equality with the CPU and step times with and without UQ (issue 12 §3).
 
-    python benchmarks/gpu_check.py [--budget 270] [--quick]
+    python benchmarks/gpu_check.py [--budget 240] [--quick]
 
 No downloads, no interactive steps. Builds its own random-weight NequIP models (tiny: 2 layers,
 8 features, l_max 1; paper-size: 4 layers, 32 features, l_max 2) and synthetic reference sets of
@@ -123,7 +123,7 @@ def time_steps(model, atoms, estimator, device: str, repeats: int) -> dict:
     import torch
     from nequip.integrations.ase import NequIPCalculator
 
-    from ltau_ase.nequip.inmodel import append_ltau, readout_from_estimator
+    from ltau_ase.nequip.inmodel import InModelLTAUCalculator, append_ltau, readout_from_estimator
     from ltau_ase.simulate.calculator import LTAUCalculator
 
     bare = NequIPCalculator(copy.deepcopy(model), device, transforms=overhead.transforms_for(model))
@@ -131,7 +131,7 @@ def time_steps(model, atoms, estimator, device: str, repeats: int) -> dict:
     knn_calc = latent_calc(copy.deepcopy(model), device)
     readout = readout_from_estimator(model, estimator).to(device)
     inmodel_model = append_ltau(copy.deepcopy(model), readout_from_estimator(model, estimator)).to(device).eval()
-    inmodel = LTAUCalculator(_InModelCalc(inmodel_model, device, transforms=overhead.transforms_for(model)), None)
+    inmodel = LTAUCalculator(InModelLTAUCalculator(inmodel_model, device, transforms=overhead.transforms_for(model)), None)
 
     def run_knn(a):
         data = knn_calc.atoms_to_data(a)
@@ -162,31 +162,13 @@ def time_steps(model, atoms, estimator, device: str, repeats: int) -> dict:
     res["uq_share_eager_faiss_pct"] = 100 * (med["eager_faiss_cpu"] - med["bare"]) / med["eager_faiss_cpu"]
     res["uq_share_inmodel_pct"] = 100 * (med["inmodel"] - med["bare"]) / med["inmodel"]
     res["repeats"] = repeats
-    del torch
+    res["device"] = str(torch.device(device))
     return res
-
-
-class _InModelCalc:
-    """Built lazily: LatentNequIPCalculator subclass that keeps the readout's fields (as compiled files do)."""
-
-    def __new__(cls, model, device, transforms):
-        from ltau_ase.nequip.calculator import LatentNequIPCalculator
-        from ltau_ase.nequip.inmodel import LTAU_FIELDS
-
-        class InModel(LatentNequIPCalculator):
-            ltau_readout = {"species": None}
-
-            def save_extra_outputs(self, out):
-                super().save_extra_outputs(out)
-                for f in LTAU_FIELDS:
-                    self.results[f] = out[f].detach().reshape(-1).cpu().numpy().astype(np.float64)
-
-        return InModel(model, device, transforms=transforms)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=270.0, help="total seconds before remaining checks are skipped")
+    parser.add_argument("--budget", type=float, default=240.0, help="total seconds before remaining checks are skipped")
     parser.add_argument("--quick", action="store_true", help="10^4 / 10^5 reference atoms and fewer repeats (for CPU tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per step kind (default 20, quick 3)")
     parser.add_argument("--k", type=int, default=10)

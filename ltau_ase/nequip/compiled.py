@@ -35,7 +35,7 @@ import torch
 from nequip.data import AtomicDataDict
 
 from ltau_ase.nequip.calculator import DESCRIPTORS_KEY, LATENT_FIELD, LatentNequIPCalculator
-from ltau_ase.nequip.inmodel import LTAU_FIELDS, LTAU_METADATA_KEY
+from ltau_ase.nequip.inmodel import LTAU_FIELDS, LTAU_METADATA_KEY, ltau_fields_to_results
 
 COMPILE_MODES = ("aotinductor", "torchscript")
 SUFFIX = {"aotinductor": ".nequip.pt2", "torchscript": ".nequip.pth"}
@@ -152,7 +152,7 @@ def compile_model(
             ``allow_model_mismatch``; its descriptor dimension must equal the model's.
         mode, device: as nequip-compile's ``--mode`` / ``--device`` (the file runs on that device only).
         reference: ``"exact"`` (all training latents) or ``"compressed"`` (k-means centroids).
-        n_centroids: centroids of the compressed reference (default ≈ N / 16).
+        n_centroids: centroids of the compressed reference (default N / 16, at most 4096).
         overwrite: replace an existing ``output_path``.
         example: an ``ase.Atoms`` used to trace shapes (default :func:`default_example`).
         load_kwargs: for ``LatentNequIPCalculator.from_model_file`` (e.g.
@@ -298,10 +298,7 @@ class CompiledLatentNequIPCalculator(LatentNequIPCalculator):
         if self.descriptor_dim is None:  # TorchScript files do not declare their fields: learn D once
             self.descriptor_dim = int(features.shape[-1])
         super().save_extra_outputs(out)
-        n = len(self.atoms)
-        for field in LTAU_FIELDS:
-            if field in out:
-                self.results[field] = out[field].detach().reshape(n).cpu().numpy().astype(np.float64)
+        self.results.update(ltau_fields_to_results(out, len(self.atoms)))
 
 
 def _json_or_none(text: Optional[str]) -> Optional[dict]:

@@ -37,6 +37,8 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
 
+from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
 LATENT_FIELD = AtomicDataDict.NODE_FEATURES_KEY
 UNCERTAINTY_FIELD = "ltau_uncertainty"
 CONFIDENCE_FIELD = "ltau_confidence"
@@ -48,6 +50,7 @@ LTAU_FIELDS = (UNCERTAINTY_FIELD, CONFIDENCE_FIELD, EXPECTED_ERROR_FIELD, DISTAN
 LTAU_METADATA_KEY = "ltau_readout"
 REFERENCE_MODES = ("exact", "compressed")
 
+MAX_DEFAULT_CENTROIDS = 4096
 _MARGIN = 8  # extra candidates per block, re-ranked exactly (covers float32 ties/rounding in the expansion)
 
 
@@ -197,6 +200,31 @@ class ModelWithLTAU(GraphModuleMixin, torch.nn.Module):
         return self.ltau(self.model(data))
 
 
+def ltau_fields_to_results(out: Dict[str, torch.Tensor], n_atoms: int) -> Dict[str, np.ndarray]:
+    """The LTAU fields present in a model output dict as (N,) float64 arrays (ASE results)."""
+    return {f: out[f].detach().reshape(n_atoms).cpu().numpy().astype(np.float64) for f in LTAU_FIELDS if f in out}
+
+
+class InModelLTAUCalculator(LatentNequIPCalculator):
+    """``LatentNequIPCalculator`` over an eager ``GraphModel`` with an appended :class:`LTAUReadout`.
+
+    The eager twin of a file written by ``ltau compile``: results gain the four ``ltau_*`` fields
+    ((N,) float64) of the same forward pass, and ``ltau_readout`` holds the readout's provenance, so
+    ``LTAUCalculator(calc, None)`` reports them. Arguments: those of ``LatentNequIPCalculator``.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: Any = "cpu", **kwargs: Any) -> None:
+        if not isinstance(getattr(model, "model", None), ModelWithLTAU):
+            raise ValueError("the model carries no LTAU readout; append one with append_ltau(model, readout)")
+        super().__init__(model, device, **kwargs)
+        self.ltau_readout = dict(model.model.ltau.provenance)
+        self.implemented_properties = [*self.implemented_properties, *LTAU_FIELDS]
+
+    def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
+        super().save_extra_outputs(out)
+        self.results.update(ltau_fields_to_results(out, len(self.atoms)))
+
+
 def _training_latents(estimator: Any) -> np.ndarray:
     """(N, D) float32 training latents stored in the estimator's FAISS index (flat or HNSW: lossless)."""
     if estimator.index_.kind == "ivfpq":
@@ -215,7 +243,7 @@ def reference_from_estimator(
     Confidences are the training atoms' probabilities at the estimator's fitted threshold / scale
     (``estimator.train_confidence(None)``, exactly what ``predict()`` averages) and mean errors are
     scale × the logged means. ``mode="compressed"`` clusters the N latents into ``n_centroids``
-    (default ≈ N / 16, at least 4·k) k-means centroids (FAISS, 20 iterations, ``seed``) and pools the
+    (default N / 16, at most 4096, at least 4·k) k-means centroids (FAISS, 20 iterations, ``seed``) and pools the
     members' statistics (means and counts).
 
     Returns:
@@ -236,12 +264,13 @@ def reference_from_estimator(
 
     n = x.shape[0]
     k = out["k"]
-    c = int(n_centroids) if n_centroids is not None else max(4 * k, n // 16)
+    c = int(n_centroids) if n_centroids is not None else min(n, max(4 * k, min(n // 16, MAX_DEFAULT_CENTROIDS)))
     if not 1 <= c <= n:
         raise ValueError(f"n_centroids must lie in [1, {n}]; got {c}")
     if estimator.weights != "uniform":
         raise ValueError("the compressed reference supports estimators with weights='uniform' only")
-    km = faiss.Kmeans(x.shape[1], c, niter=20, seed=seed, verbose=False, max_points_per_centroid=max(256, n // c + 1))
+    # k-means on at most 64 points per centroid (FAISS subsamples): minutes at most for 10^6 atoms
+    km = faiss.Kmeans(x.shape[1], c, niter=20, seed=seed, verbose=False, max_points_per_centroid=64)
     km.train(x)
     _, assign = km.index.search(x, 1)
     assign = assign[:, 0]
