@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -171,7 +172,6 @@ def compile_model(
         raise FileNotFoundError(f"model file {model_path} does not exist")
     if model_path.name.endswith((".nequip.pt2", ".nequip.pth")):
         raise ValueError(f"{model_path} is already compiled; compile from the eager checkpoint (.ckpt) instead")
-    model_sha = sha256_file(model_path)
     est, est_sha = None, None
     if estimator is not None:
         from ltau_ase.core.estimator import LTAUEstimator
@@ -181,15 +181,18 @@ def compile_model(
             est = LTAUEstimator.load(str(estimator))
         else:
             est = estimator
+    load_kwargs.setdefault("chemical_species_to_atom_type_map", True)
+    eager = LatentNequIPCalculator.from_model_file(model_path, device="cpu", trusted=trusted, **load_kwargs)
+    graph_model = eager.model
+    # the hash of the bytes the model was built from (a checkpoint is read once), else of the file
+    model_sha = getattr(eager, "model_sha256", None) or sha256_file(model_path)
+    if est is not None:
         recorded = (est.metadata or {}).get("model_sha256")
         if recorded != model_sha and not allow_model_mismatch:
             raise ValueError(
                 f"the estimator was fitted for a model with sha256 {recorded} but {model_path} has sha256 "
                 f"{model_sha}: it belongs to another model (pass allow_model_mismatch=True to compile anyway)"
             )
-    load_kwargs.setdefault("chemical_species_to_atom_type_map", True)
-    eager = LatentNequIPCalculator.from_model_file(model_path, device="cpu", trusted=trusted, **load_kwargs)
-    graph_model = eager.model
     if est is not None and int(est.n_features_in_) != eager.descriptor_dim:
         raise ValueError(
             f"the estimator was fitted on {est.n_features_in_}-dimensional descriptors but {model_path}'s "
@@ -218,11 +221,11 @@ def compile_model(
     metadata = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in metadata.items()}
     metadata[SOURCE_METADATA_KEY] = json.dumps(source, sort_keys=True, separators=(",", ":"))
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=SUFFIX[mode], dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # compile into a private directory beside the output (same file system), under the final name
+    # (AOTI names the archive's root folder after it), then rename: a failure leaves nothing at ``out``
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = tmp_dir / out.name
     try:
-        tmp.unlink()  # the compilers create the file themselves
         if mode == "torchscript":
             from nequip.model.inference_models.torchscript import save_torchscript_model
 
@@ -231,7 +234,7 @@ def compile_model(
             _export_aoti(graph_model, data, outputs, metadata, str(tmp), dev)
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
 
 
@@ -362,3 +365,42 @@ def load_compiled_calculator(
     calc = CompiledLatentNequIPCalculator(model, device, metadata, output_keys, transforms=transforms, **kwargs)
     calc.model_path = path
     return calc
+
+
+_MAX_METADATA_BYTES = 1 << 20
+
+
+def recorded_source_sha256(path: PathLike) -> str:
+    """SHA-256 of the checkpoint a compiled file was made from (its ``ltau_source`` metadata).
+
+    AOTI ``.nequip.pt2`` files are zip archives whose ``*wrapper_metadata.json`` member holds the
+    metadata: it is read (at most 1 MiB) without loading the compiled code. TorchScript files and
+    files from plain ``nequip-compile`` carry no ``ltau_source``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not readable as an AOTI archive, or no recorded source checkpoint.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    hint = ("so it cannot be matched to the estimator's model; compile the checkpoint with `ltau compile` "
+            "(which records the checkpoint's sha256), or pass allow_model_mismatch=True")
+    if not path.name.endswith(".nequip.pt2"):
+        raise ValueError(f"{path} is a TorchScript file, which records no source checkpoint here, {hint}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [i for i in archive.infolist() if i.filename.endswith("wrapper_metadata.json")]
+            if len(members) != 1 or members[0].file_size > _MAX_METADATA_BYTES:
+                raise ValueError(f"{path} holds {len(members)} AOTI metadata members (expected one, <= 1 MiB)")
+            with archive.open(members[0]) as fh:
+                meta = json.loads(fh.read(_MAX_METADATA_BYTES + 1))
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable AOTI .nequip.pt2 archive ({exc})") from None
+    source = _json_or_none(meta.get(SOURCE_METADATA_KEY)) if isinstance(meta, dict) else None
+    if source is None or not isinstance(source.get("model_sha256"), str):
+        raise ValueError(f"{path} records no source checkpoint (metadata '{SOURCE_METADATA_KEY}'; plain "
+                         f"nequip-compile does not write it), {hint}")
+    return source["model_sha256"]

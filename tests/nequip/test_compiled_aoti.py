@@ -79,7 +79,7 @@ def test_compiled_model_with_separate_estimator_checks_the_source_checkpoint(com
     other = LTAUEstimator.load(str(compiled["estimator"]))
     other.metadata["model_sha256"] = "f" * 64  # an estimator fitted for another checkpoint
     other.save(str(tmp_path / "other.ltau"))
-    with pytest.raises(ValueError, match="compiled from a checkpoint with sha256"):
+    with pytest.raises(ValueError, match="was fitted for a model with sha256"):
         LTAUCalculator.from_nequip(compiled["model"], tmp_path / "other.ltau", **kw)
 
 
