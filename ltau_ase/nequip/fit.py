@@ -222,6 +222,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
+    trusted_targets: tuple[str, ...] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -234,6 +235,8 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
+        trusted_targets: extra ``_target_`` prefixes allowed in the checkpoints' configs (e.g. a
+            project's own Lightning callbacks); see :func:`ltau_ase.nequip.safe_load.verify_checkpoint`.
     Returns:
         ``log_dir``.
     """
@@ -272,7 +275,7 @@ def error_logs_from_checkpoints(
     starts = np.concatenate([[0], np.cumsum(n_atoms)])
     with ErrorLogWriter(log_dir, atom_ids, components=components, metadata=metadata) as writer:
         for epoch, ckpt in enumerate(tqdm(checkpoints, desc="checkpoints", unit="ckpt", disable=not progress)):
-            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device)
+            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device, trusted_targets=tuple(trusted_targets))
             pred = np.empty_like(ref)
             for first in range(0, len(frames), batch_size):
                 last = min(first + batch_size, len(frames))
