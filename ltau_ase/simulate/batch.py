@@ -28,7 +28,8 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -249,6 +250,39 @@ def _reference_data(ref: Atoms, atoms: Atoms, name: str) -> dict[str, np.ndarray
 
 
 # ---------------------------------------------------------------------------- the batch
+def check_factory(calculator_factory: Any) -> None:
+    """Raise TypeError unless ``calculator_factory`` is callable and hashable (built once per worker)."""
+    if not callable(calculator_factory):
+        raise TypeError(f"calculator_factory must be callable() -> calculator, got {type(calculator_factory)}")
+    try:
+        hash(calculator_factory)
+    except TypeError:
+        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass such as a backend's ltau_factory) so "
+                        "each worker builds its calculator once") from None
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Any]:
+    """A Dask ``Client``: of an in-process ``LocalCluster`` (threads, ``n_workers`` workers of one
+    thread each, default 1) when ``scheduler`` is None, else connected to that scheduler address.
+    The LocalCluster is closed on exit; an external cluster is left running."""
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def existing_names(db: Any) -> dict[str, str]:
     """name -> status of every system already in the database."""
     return {row.get("name"): row.get("status") for row in db.select(include_data=False)}
@@ -299,13 +333,7 @@ def relax_batch(
                              key=key, atom_reduce=atom_reduce,
                              select=tuple(select) if isinstance(select, list) else select,
                              max_force=float(max_force)).validate()
-    if not callable(calculator_factory):
-        raise TypeError(f"calculator_factory must be callable() -> calculator, got {type(calculator_factory)}")
-    try:
-        hash(calculator_factory)
-    except TypeError:
-        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass such as a backend's ltau_factory) so "
-                        "each worker builds its calculator once") from None
+    check_factory(calculator_factory)
     items = read_structures(structures)
     refs: dict[str, dict] = {}
     if references is not None:
@@ -328,16 +356,9 @@ def relax_batch(
     if not pending:
         return counts
 
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=None)
-        client = Client(cluster)
-    else:
-        client = Client(scheduler)
-    try:
+    with dask_client(scheduler, n_workers) as client:
         futures = {client.submit(relax_one, name, atoms, calculator_factory, settings, pure=False): (name, atoms)
                    for name, atoms in pending}
         bar = tqdm(total=len(futures), disable=not progress, desc="relaxations", unit="system")
@@ -355,10 +376,6 @@ def relax_batch(
             bar.set_postfix({s: counts[s] for s in STATUSES})
             fut.release()
         bar.close()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return counts
 
 
