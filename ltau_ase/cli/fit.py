@@ -32,7 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: first run's last.ckpt, else best.ckpt)")
     parser.add_argument("--device", default="cpu", help="torch device for descriptor extraction (default cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per forward pass (default 16)")
+    parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="SIZE",
+                        help="memory budget of the fit, e.g. 4G or 4e9 bytes: refuse (with the estimate) "
+                             "before extracting descriptors when the fit would need more")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def parse_bytes(text: str) -> int:
+    """``"4G"``, ``"4GB"``, ``"512M"``, ``"4e9"`` -> bytes (decimal units: 1G = 1e9 bytes)."""
+    units = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    t = text.strip().upper().removesuffix("B")
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 4G, 512M or 4e9 bytes; got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the memory budget must be > 0; got {text!r}")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        max_memory=args.max_memory,
     )
     print(
         f"wrote {args.output}: {est.n_train_atoms_} training atoms, {len(args.run_dirs)} run(s), "

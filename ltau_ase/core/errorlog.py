@@ -221,19 +221,24 @@ class ErrorLogWriter:
             raise ValueError("errors contain inf; expected finite values (NaN marks a missing atom)")
         if np.any(err < 0):
             raise ValueError(f"errors contain negative values (min {np.nanmin(err)}); expected error norms >= 0")
-        rows = np.searchsorted(self.atom_ids, ids)
-        rows_clipped = np.minimum(rows, self.n_atoms - 1)
-        unknown = self.atom_ids[rows_clipped] != ids
-        if np.any(unknown):
-            raise ValueError(
-                f"{int(unknown.sum())} atom ids are not known to this log, e.g. {ids[unknown][:5].tolist()}; "
-                "expected ids given to ErrorLogWriter"
-            )
-        order = np.sort(rows)
-        if np.any(order[1:] == order[:-1]):
-            raise ValueError("atom ids repeat within one epoch; expected each atom at most once per epoch")
-        row = np.full(self.n_atoms, np.nan, dtype=np.float32)
-        row[rows] = err
+        if ids.size == self.n_atoms and np.array_equal(ids, self.atom_ids):
+            # every atom, in the log's order: the row is the errors themselves (no lookup, no sort)
+            rows = slice(None)
+            row = np.array(err, dtype=np.float32)
+        else:
+            rows = np.searchsorted(self.atom_ids, ids)
+            rows_clipped = np.minimum(rows, self.n_atoms - 1)
+            unknown = self.atom_ids[rows_clipped] != ids
+            if np.any(unknown):
+                raise ValueError(
+                    f"{int(unknown.sum())} atom ids are not known to this log, e.g. {ids[unknown][:5].tolist()}; "
+                    "expected ids given to ErrorLogWriter"
+                )
+            order = np.sort(rows)
+            if np.any(order[1:] == order[:-1]):
+                raise ValueError("atom ids repeat within one epoch; expected each atom at most once per epoch")
+            row = np.full(self.n_atoms, np.nan, dtype=np.float32)
+            row[rows] = err
         comp_row = None
         if self.components:
             if components is None:

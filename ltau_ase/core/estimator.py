@@ -189,10 +189,12 @@ class LTAUEstimator:
         )
         return part
 
-    def _check_memory(self, n: int, d: int, runs: list) -> None:
+    def check_fit_memory(self, n_atoms: int, n_features: int, n_epochs: Any) -> None:
+        """Raise ValueError, with the estimate, when a fit of this size would exceed ``max_memory``."""
         if self.max_memory is None:
             return
-        est = self.estimate_fit_memory(n, d, [r.n_epochs for r in runs])
+        n, runs = int(n_atoms), list(np.atleast_1d(n_epochs))
+        est = self.estimate_fit_memory(n, n_features, runs)
         if est["peak"] > self.max_memory:
             parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in est.items() if k != "peak")
             raise ValueError(
@@ -233,7 +235,7 @@ class LTAUEstimator:
             raise ValueError(
                 f"errors log {runs[0].n_atoms} atoms but descriptors have {n} rows; expected one descriptor per logged atom"
             )
-        self._check_memory(n, d, runs)
+        self.check_fit_memory(n, d, [r.n_epochs for r in runs])
         log_ids = runs[0].atom_ids
         ids = None
         if atom_ids is not None:

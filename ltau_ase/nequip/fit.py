@@ -181,6 +181,15 @@ def fit_estimator_from_runs(
     frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
     # one read of the model file gives both the descriptors and the recorded hash
     calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
+    params = dict(estimator_params)
+    params.setdefault("progress", progress)
+    if params.get("max_memory") is not None:
+        # Say so before the long descriptor pass: D from one frame, epochs and atoms from the logs.
+        _, probe = extract_descriptors(calc, frames[:1], device=device, batch_size=1, progress=False)
+        win = EpochWindow.coerce(window)
+        LTAUEstimator(k=k, index=index, atol=atol, window=window, **params).check_fit_memory(
+            log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs]
+        )
     desc_ids, descriptors = extract_descriptors(
         calc, frames, device=device, batch_size=batch_size, progress=progress
     )
@@ -213,8 +222,6 @@ def fit_estimator_from_runs(
         "n_train_atoms": int(log_ids.size),
         "log_metadata": [log.metadata for log in logs],
     }
-    params = dict(estimator_params)
-    params.setdefault("progress", progress)
     estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
     estimator.fit(descriptors, logs, reference_forces=ref_forces,
                   atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
