@@ -104,6 +104,8 @@ def write_logs(workdir: Path, n_atoms: int, n_epochs: int, n_runs: int, dim: int
                 decay = np.float32(1.0 + 3.0 * np.exp(-e / 15.0))
                 noise = np.exp(np.float32(0.5) * run_rng.standard_normal(n_atoms, dtype=np.float32))
                 writer.append_epoch(ids, scale * decay * noise, epoch=e)
+                if (e + 1) % 10 == 0:
+                    print(f"{time.strftime('%H:%M:%S')} run {m}: {e + 1} epochs written", flush=True)
         t_logs.append(time.perf_counter() - t0)
         print(f"run {m}: {n_epochs} epochs of {n_atoms} atoms written in {t_logs[-1]:.0f} s", flush=True)
     return {"descriptors_s": t_desc, "write_log_s": t_logs,
@@ -124,7 +126,7 @@ def fit_stage(args: argparse.Namespace) -> dict:
     logs = load_error_logs([workdir / f"run{m}" for m in range(args.runs)])
     out["load_descriptors_s"] = time.perf_counter() - t0
     est = LTAUEstimator(k=10, index=args.index, distribution="compact", max_memory=args.max_memory,
-                        chunk_size=args.chunk_size, progress=False)
+                        chunk_size=args.chunk_size, progress=True)
     out["estimate_bytes"] = est.estimate_fit_memory(x.shape[0], x.shape[1], [log.n_epochs for log in logs])
     print("estimated fit memory (GB):", {k: round(v / 1e9, 3) for k, v in out["estimate_bytes"].items()}, flush=True)
     sampler.stage("fit")
@@ -173,7 +175,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=("all", "fit"), default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage == "fit":
-        print("FIT_RESULT " + json.dumps(fit_stage(args)), flush=True)
+        Path(args.workdir, "fit_result.json").write_text(json.dumps(fit_stage(args)))
         return
     workdir = args.workdir / f"fit_scaling_{args.n_atoms}"
     if workdir.exists():
@@ -190,16 +192,20 @@ def main() -> None:
         result.update(write_logs(workdir, args.n_atoms, args.epochs, args.runs, args.dim, args.frame_atoms, args.seed))
         cmd = [sys.executable, __file__, "--stage", "fit", "--workdir", str(workdir), "--runs", str(args.runs),
                "--index", args.index, "--max-memory", str(args.max_memory), "--chunk-size", str(args.chunk_size)]
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2))  # partial results, in case the fit is stopped
+        print(f"{time.strftime('%H:%M:%S')} logs written; fitting", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        err_path = workdir / "fit_stderr.log"  # the child's progress bars and errors (tail -f it)
+        with open(err_path, "w") as err:
+            proc = subprocess.run(cmd, stderr=err, text=True)
         result["fit_process_s"] = time.perf_counter() - t0
-        sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr)
         if proc.returncode != 0:
-            result["fit_error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            tail = err_path.read_text()[-4000:]
+            sys.stderr.write(tail)
+            result["fit_error"] = (tail.strip().splitlines() or ["?"])[-1]
         else:
-            line = next(l for l in proc.stdout.splitlines() if l.startswith("FIT_RESULT "))
-            result.update(json.loads(line[len("FIT_RESULT "):]))
+            result.update(json.loads((workdir / "fit_result.json").read_text()))
             result["fit_within_budget"] = result["ru_maxrss_bytes"] <= args.max_memory
     finally:
         result["load_average_end"] = os.getloadavg()
