@@ -448,13 +448,16 @@ def merge_rank_parts(parts: list[dict[str, np.ndarray]], dedupe: bool = True) ->
     ``dedupe`` repeats are kept (and refused by the log writer).
     """
     parts = [p for p in parts if p["ids"].size]
+    if not parts:
+        raise ValueError("no atoms to merge: every part is empty")
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    ids = merged["ids"]
-    _, first = np.unique(ids, return_index=True)
-    n_repeated = ids.size - first.size if dedupe else 0
-    if n_repeated:
-        keep = np.sort(first)
-        merged = {key: value[keep] for key, value in merged.items()}
+    n_repeated = 0
+    if dedupe:
+        _, first = np.unique(merged["ids"], return_index=True)
+        n_repeated = merged["ids"].size - first.size
+        if n_repeated:
+            keep = np.sort(first)
+            merged = {key: value[keep] for key, value in merged.items()}
     merged["n_repeated"] = np.int64(n_repeated)
     return merged
 
