@@ -129,12 +129,23 @@ def fit_stage(args: argparse.Namespace) -> dict:
                         chunk_size=args.chunk_size, progress=True)
     out["estimate_bytes"] = est.estimate_fit_memory(x.shape[0], x.shape[1], [log.n_epochs for log in logs])
     print("estimated fit memory (GB):", {k: round(v / 1e9, 3) for k, v in out["estimate_bytes"].items()}, flush=True)
+    try:
+        t0 = time.perf_counter()
+        est.fit(x, logs)
+    except ValueError as exc:  # over the budget: refused before reading any error
+        out["budget_refusal"] = str(exc)
+        out["budget_refusal_s"] = time.perf_counter() - t0
+        print(f"refused: {exc}", flush=True)
+        if not args.over_budget:
+            raise
+        est.set_params(max_memory=None)  # measure what it really takes
     sampler.stage("fit")
     t0 = time.perf_counter()
     est.fit(x, logs)
     out["fit_s"] = time.perf_counter() - t0
     out["fit_stage_s"] = est.fit_info_["seconds"]
     out["index_params"] = est.index_.params
+    out["index_kind"] = est.index_.kind
     print(f"fit {out['fit_s']:.0f} s: {out['fit_stage_s']}", flush=True)
     sampler.stage("save")
     t0 = time.perf_counter()
@@ -165,12 +176,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--frame-atoms", type=int, default=100)
-    ap.add_argument("--index", default="ivfpq", choices=("flat", "hnsw", "ivfpq"))
+    ap.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivfpq"))
     ap.add_argument("--chunk-size", type=int, default=1 << 16)
     ap.add_argument("--max-memory", type=float, default=4e9, help="bytes; the fit refuses to start above it")
     ap.add_argument("--workdir", type=Path, default=Path("/work/tmp-scale"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the logs and the estimator in --workdir")
+    ap.add_argument("--over-budget", action="store_true",
+                    help="when the fit refuses the --max-memory budget, record that and fit without it")
     ap.add_argument("--output", type=Path, default=Path("benchmark_output/fit_scaling.json"))
     ap.add_argument("--stage", choices=("all", "fit"), default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,6 +205,7 @@ def main() -> None:
         result.update(write_logs(workdir, args.n_atoms, args.epochs, args.runs, args.dim, args.frame_atoms, args.seed))
         cmd = [sys.executable, __file__, "--stage", "fit", "--workdir", str(workdir), "--runs", str(args.runs),
                "--index", args.index, "--max-memory", str(args.max_memory), "--chunk-size", str(args.chunk_size)]
+        cmd += ["--over-budget"] if args.over_budget else []
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))  # partial results, in case the fit is stopped
         print(f"{time.strftime('%H:%M:%S')} logs written; fitting", flush=True)

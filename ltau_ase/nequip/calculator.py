@@ -23,6 +23,7 @@ from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
 from ltau_ase.nequip.safe_load import load_eager_model
+from ltau_ase.simulate.calculator import check_finite_geometry
 
 #: result key holding the (N, D) float32 descriptors
 DESCRIPTORS_KEY = "descriptors"
@@ -171,7 +172,9 @@ class LatentNequIPCalculator(NequIPCalculator):
         return cls(model=model, device=device, transforms=transforms, **kwargs)
 
     def atoms_to_data(self, atoms: Atoms) -> AtomicDataDict.Type:
-        """nequip's conversion, after checking that the model knows every element of ``atoms``."""
+        """nequip's conversion (which builds the neighbour list), after checking that the geometry is
+        finite and that the model knows every element of ``atoms``."""
+        check_finite_geometry(atoms)
         if self._known_numbers is not None:
             unknown = sorted(set(atoms.numbers.tolist()) - self._known_numbers)
             if unknown:

@@ -26,11 +26,9 @@ from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
 from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
+from ltau_ase.core.index import choose_index
 
 PathLike = str | os.PathLike
-#: training sets with at least this many atoms get an HNSW index under index="auto" (paper: flat
-#: search below ~1e5 training atoms, HNSW above)
-AUTO_HNSW_ATOMS = 100_000
 DEFAULT_LOG_SUBDIR = "ltau_errors"
 
 
@@ -142,8 +140,9 @@ def fit_estimator_from_runs(
             files raise ValueError.
         output: the ``.ltau`` file to write (None: do not save).
         k: neighbours averaged per test atom (paper default 10).
-        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"`` (flat below 1e5 training atoms,
-            HNSW above).
+        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"``
+            (:func:`ltau_ase.core.index.choose_index`: flat below 1e5 training atoms, HNSW below 1e6,
+            IVF-PQ with exact re-ranking above; the choice is recorded as ``metadata["index_choice"]``).
         atol: error threshold (eV/Å); None: the final models' training MAE.
         window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
         model: checkpoint / package file giving the descriptors; default the first run's
@@ -175,8 +174,9 @@ def fit_estimator_from_runs(
     model_path = Path(model) if model is not None else _default_model(log_dirs[0])
     if not model_path.is_file():
         raise FileNotFoundError(f"model file {model_path} does not exist")
+    index_choice = f"index={index} given"
     if index == "auto":
-        index = "flat" if log_ids.size < AUTO_HNSW_ATOMS else "hnsw"
+        index, index_choice = choose_index(log_ids.size)
 
     frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
     # one read of the model file gives both the descriptors and the recorded hash
@@ -213,6 +213,7 @@ def fit_estimator_from_runs(
         "model_sha256": calc.model_sha256,
         "k": int(k),
         "index": index,
+        "index_choice": index_choice,
         "atol": None if atol is None else float(atol),
         "epoch_window": EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],

@@ -40,6 +40,33 @@ _PREDICT_TO_RESULT = {
 }
 
 
+def check_finite_geometry(atoms: Atoms) -> None:
+    """Refuse a structure no neighbour list can handle, before one is built.
+
+    Non-finite positions make neighbour-list codes loop forever (NaN) or return ordinary-looking
+    numbers (one NaN atom, an infinite cell vector); a zero or linearly dependent cell vector along a
+    periodic axis has no lattice to repeat. Checked: positions (N, 3) and cell (3, 3) finite (Å); the
+    cell vectors of the periodic axes non-zero and linearly independent.
+
+    Raises:
+        ValueError: what is wrong, with the first offending atom indices.
+    """
+    positions = np.asarray(atoms.positions)
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} atom(s) have non-finite positions (NaN or inf), e.g. atoms "
+                         f"{bad[:10].tolist()}; expected finite Cartesian positions in Å")
+    cell = np.asarray(atoms.cell.array, dtype=float)
+    if not np.isfinite(cell).all():
+        raise ValueError(f"the cell has non-finite entries {cell.tolist()}; expected finite cell vectors in Å")
+    periodic = cell[np.asarray(atoms.pbc, dtype=bool)]
+    if len(periodic):
+        singular = np.linalg.svd(periodic, compute_uv=False)
+        if singular.min() <= 1e-10 * max(singular.max(), 1.0):
+            raise ValueError(f"the cell vectors of the periodic axes (pbc={atoms.pbc.tolist()}) are zero or linearly "
+                             f"dependent: {periodic.tolist()}; expected a proper lattice along every periodic axis")
+
+
 class LTAUCalculator(Calculator):
     """Wrap ``calc`` and add LTAU uncertainties to its results.
 
@@ -128,12 +155,17 @@ class LTAUCalculator(Calculator):
             estimator_label, estimator = str(estimator), LTAUEstimator.load(estimator)
         else:
             estimator_label = "the given estimator"
-        base = plugin.calculator(model_path, device=device, **kwargs)
-        # the hash of the very bytes the model was built from (the file is read once); a backend
-        # calculator that does not report it gets the backend's fingerprint of the file
-        fingerprint = getattr(base, "model_sha256", None) or plugin.fingerprint(model_path)
+        fingerprint = plugin.fingerprint(model_path)
+        # refuse a mismatched pair before paying for the model load
         check_model_fingerprint(getattr(estimator, "metadata", None), fingerprint,
                                 model=model_path, estimator=estimator_label, allow_mismatch=allow_model_mismatch)
+        base = plugin.calculator(model_path, device=device, **kwargs)
+        # a backend that reads the file once reports the hash of the bytes it built the model from: if
+        # the file was replaced between the check and the load, the checked model is not the loaded one
+        loaded = getattr(base, "model_sha256", None)
+        if loaded is not None and loaded != fingerprint:
+            raise ValueError(f"model file {str(model_path)!r} changed while it was being loaded (sha256 {fingerprint} "
+                             f"when checked, {loaded} when read); load it again once it is no longer being written")
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
 
     @classmethod
@@ -150,6 +182,7 @@ class LTAUCalculator(Calculator):
             self.results = {}
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms  # the copy Calculator.calculate stored
+        check_finite_geometry(atoms)  # before the base calculator builds a neighbour list
         wanted = [p for p in properties if p in self._base_properties]
         if not wanted:
             # UQ only: still one base computation, the one that also yields the descriptors

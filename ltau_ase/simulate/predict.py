@@ -9,10 +9,15 @@
   ``chunk_size`` per task, and at most a few chunks per worker are in flight, so the client holds a
   bounded number of results whatever the number of structures;
 - each worker thread builds its calculator once (:func:`~ltau_ase.simulate.batch.worker_calculator`);
-- the client writes each finished chunk to the ase.db in one SQLite transaction, one row per
-  structure identified by the unique key ``name`` (:func:`~ltau_ase.simulate.batch.read_structures`):
-  a run killed at any point leaves whole chunks only, and re-running skips every name already in the
-  database, so every structure ends up exactly once.
+- the database is :func:`~ltau_ase.simulate.batch.open_store`'s (a unique index on ``name``, a
+  claims table): a run claims its pending structures first, so concurrent runs split the work and a
+  killed run's claims are taken over (:func:`~ltau_ase.simulate.batch.claim_pending`);
+- the client writes each finished chunk to the ase.db in one SQLite transaction
+  (:func:`~ltau_ase.simulate.batch.store_rows`), one row per structure identified by its unique
+  ``name`` (``info["name"]``, else derived from the content:
+  :func:`~ltau_ase.simulate.batch.read_structures`): a run killed at any point leaves whole chunks
+  only, and re-running skips every name already in the database, so every structure ends up
+  exactly once.
 
 Each row holds the structure with its calculator results (``energy``, ``forces``, ``stress`` when
 computed), key-value pairs ``name``, ``status`` (``"done"`` | ``"failed"``), ``reason``,
@@ -41,10 +46,14 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ltau_ase.simulate.batch import (
     RelaxationFailure,
     _check_finite,
-    check_factory,
+    check_batch_args,
+    claim_pending,
     dask_client,
     existing_names,
+    open_store,
     read_structures,
+    release_claims,
+    store_rows,
     worker_calculator,
 )
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
@@ -86,29 +95,21 @@ def predict_chunk(items: Sequence[tuple[str, Atoms]], factory: Callable[[], Any]
     return [predict_one(name, atoms, factory, max_force) for name, atoms in items]
 
 
-def _write_chunk(db: Any, results: Sequence[dict]) -> int:
-    """Write a chunk's rows in one SQLite transaction, skipping names already present. Returns rows written."""
-    written = 0
-    with db:  # one transaction: a kill leaves the whole chunk or none of it
-        for result in results:
-            if db.count(name=result["name"]):  # never duplicate, whatever happens
-                continue
-            atoms = result["atoms"]
-            kvp: dict[str, Any] = {"name": result["name"], "status": result["status"],
-                                   "reason": result["reason"] or "", "n_atoms": len(atoms)}
-            if math.isfinite(result["wall_time"]):
-                kvp["wall_time"] = float(result["wall_time"])
-            for key in PER_STRUCTURE_UQ:
-                value = atoms.info.get("ltau_" + key)
-                if value is not None and math.isfinite(value):
-                    kvp["ltau_" + key] = float(value)
-            data = {"ltau_" + k: np.asarray(atoms.arrays["ltau_" + k]) for k in PER_ATOM_UQ
-                    if "ltau_" + k in atoms.arrays}
-            if "traceback" in result:
-                data["traceback"] = result["traceback"]
-            db.write(atoms, key_value_pairs=kvp, data=data)
-            written += 1
-    return written
+def _row(result: dict) -> tuple[Atoms, dict[str, Any], dict[str, Any]]:
+    """``(atoms, key_value_pairs, data)`` of one structure's row."""
+    atoms = result["atoms"]
+    kvp: dict[str, Any] = {"name": result["name"], "status": result["status"],
+                           "reason": result["reason"] or "", "n_atoms": len(atoms)}
+    if math.isfinite(result["wall_time"]):
+        kvp["wall_time"] = float(result["wall_time"])
+    for key in PER_STRUCTURE_UQ:
+        value = atoms.info.get("ltau_" + key)
+        if value is not None and math.isfinite(value):
+            kvp["ltau_" + key] = float(value)
+    data = {"ltau_" + k: np.asarray(atoms.arrays["ltau_" + k]) for k in PER_ATOM_UQ if "ltau_" + k in atoms.arrays}
+    if "traceback" in result:
+        data["traceback"] = result["traceback"]
+    return atoms, kvp, data
 
 
 def predict_batch(
@@ -121,6 +122,8 @@ def predict_batch(
     max_force: float = 1.0e3,
     retry_failed: bool = False,
     progress: bool = True,
+    dashboard: str | None = None,
+    scheduler_timeout: float = 30.0,
 ) -> dict[str, int]:
     """Score every structure not yet in ``db_path`` with per-atom uncertainties; resumable.
 
@@ -136,22 +139,19 @@ def predict_batch(
         max_force: forces above this (eV/Å) mark a structure as failed (a broken model).
         retry_failed: delete rows with status "failed" first and score those structures again.
         progress: tqdm progress bar.
+        dashboard: address for the in-process cluster's Dask dashboard; None serves none.
+        scheduler_timeout: seconds to wait for ``scheduler`` to answer.
     Returns:
-        counts ``{"done", "failed", "skipped", "total"}`` (this run's rows, plus those skipped).
+        counts ``{"done", "failed", "skipped", "busy", "total"}``: this run's rows, structures
+        already in the database, and structures left to another running process.
     """
-    from ase.db import connect
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    check_factory(calculator_factory)
+    check_batch_args(calculator_factory, n_workers, scheduler_timeout)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
     if not (isinstance(max_force, (int, float)) and max_force > 0):
         raise ValueError(f"max_force must be a positive force in eV/Å; got {max_force!r}")
-    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1):
-        raise ValueError(f"n_workers must be a positive integer; got {n_workers!r}")
     items = read_structures(structures)
-    db = connect(os.fspath(db_path), type="db")
+    db = open_store(db_path)
     if retry_failed:
         failed_ids = [row.id for row in db.select(status="failed", include_data=False)]
         if failed_ids:
@@ -160,11 +160,27 @@ def predict_batch(
     pending = [(n, a) for n, a in items if n not in done]
     counts = {s: 0 for s in PREDICT_STATUSES}
     counts["skipped"] = len(items) - len(pending)
+    counts["busy"] = 0
     counts["total"] = len(items)
     if not pending:
         return counts
+    owner, pending = claim_pending(db_path, pending, counts)
+    try:
+        if pending:
+            _score_pending(pending, db, calculator_factory, counts, owner, scheduler, n_workers, dashboard,
+                           scheduler_timeout, chunk_size, float(max_force), progress)
+    finally:
+        release_claims(db_path, owner)
+    return counts
+
+
+def _score_pending(pending, db, calculator_factory, counts, owner, scheduler, n_workers, dashboard,
+                   scheduler_timeout, chunk_size, max_force, progress) -> None:
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
     chunks = [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
-    with dask_client(scheduler, n_workers) as client:
+    with dask_client(scheduler, n_workers, dashboard, scheduler_timeout) as client:
         # bounded in-flight work: a few chunks per worker, refilled as chunks finish
         n_threads = max(1, sum(client.nthreads().values()))
         window = 2 * n_threads
@@ -175,7 +191,7 @@ def predict_batch(
             chunk = next(todo, None)
             if chunk is None:
                 return None
-            fut = client.submit(predict_chunk, chunk, calculator_factory, float(max_force), pure=False)
+            fut = client.submit(predict_chunk, chunk, calculator_factory, max_force, pure=False)
             futures[fut] = chunk
             return fut
 
@@ -189,9 +205,12 @@ def predict_batch(
                 results = [{"name": n, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
                             "wall_time": float("nan"),
                             "atoms": Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc)} for n, a in chunk]
-            _write_chunk(db, results)
-            for result in results:
-                counts[result["status"]] += 1
+            written = store_rows(db, [_row(r) for r in results], owner)
+            for result, row_id in zip(results, written):
+                if row_id:
+                    counts[result["status"]] += 1
+                else:  # another process stored this name meanwhile: its row stands
+                    counts["skipped"] += 1
             bar.update(len(results))
             bar.set_postfix({s: counts[s] for s in PREDICT_STATUSES})
             fut.release()
@@ -199,7 +218,6 @@ def predict_batch(
             if nxt is not None:
                 queue.add(nxt)
         bar.close()
-    return counts
 
 
 def load_predictions(db_path: str | PathLike, statuses: Sequence[str] | None = ("done",)) -> list[Atoms]:

@@ -33,9 +33,12 @@ def test_estimate_covers_the_arrays_a_fit_keeps(distribution):
     learned = est.confidence_train_.nbytes + est.variability_train_.nbytes + est.mean_error_train_.nbytes
     assert part["learned"] >= learned
     assert part["peak"] >= part["descriptors"] + part["distributions"] + part["index"]
-    ivf = LTAUEstimator(index="ivfpq").estimate_fit_memory(10**7, 32, [100, 100])
     flat = LTAUEstimator(index="flat").estimate_fit_memory(10**7, 32, [100, 100])
-    assert ivf["index"] < flat["index"] / 8  # compressed codes: m bytes + 8-byte id per atom
+    codes = LTAUEstimator(index="ivfpq", index_params={"refine": 0}).estimate_fit_memory(10**7, 32, [100, 100])
+    assert codes["index"] < flat["index"] / 6  # compressed codes: m = D/4 bytes + an 8-byte id per atom
+    refine = LTAUEstimator(index="ivfpq").estimate_fit_memory(10**7, 32, [100, 100])
+    assert refine["index"] > flat["index"]  # re-ranking keeps the full vectors beside the codes
+    assert LTAUEstimator(index="auto").estimate_fit_memory(10**7, 32, [100, 100]) == refine  # auto: ivfpq
 
 
 def test_max_memory_refuses_the_fit_before_reading_errors(tmp_path):
