@@ -85,7 +85,7 @@ def test_predict_killed_mid_run_then_resumed_scores_each_structure_once(tmp_path
     assert sorted(after) == sorted(a.info["name"] for a in systems)  # every structure, exactly once
     assert len(after) == len(systems)
     assert all(after[k] == v for k, v in before.items())  # rows from before the kill are untouched
-    assert counts == {"done": counts["done"], "failed": counts["failed"], "skipped": len(before),
+    assert counts == {"done": counts["done"], "failed": counts["failed"], "skipped": len(before), "busy": 0,
                       "total": len(systems)}
     assert counts["done"] + counts["failed"] == len(systems) - len(before)
     again = predict_batch(systems, db_path, StandInFactory(), progress=False)
@@ -118,8 +118,12 @@ def test_predict_cli_from_extxyz_and_bad_inputs(tmp_path, capsys):
     assert cli_main(argv[:4] + [str(tmp_path / "missing.extxyz"), "--db", str(db)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ltau predict: error:") and "does not exist" in err and "\n" not in err
-    assert cli_main(argv + ["--chunk-size", "0"]) == 2
-    assert "chunk_size must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the argument parser, one line
+        cli_main(argv + ["--chunk-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--chunk-size: expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        predict_batch(systems, db, StandInFactory(), chunk_size=0, progress=False)
     assert cli_main(["predict", "--structures", str(tmp_path / "in.extxyz"), "--db", str(db)]) == 2
     assert "--model and --estimator are required" in capsys.readouterr().err
     with pytest.raises(TypeError, match="hashable"):
