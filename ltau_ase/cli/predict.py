@@ -58,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{counts['total']} structures: {counts['done']} scored, {counts['failed']} failed, "
           f"{counts['skipped']} already in {args.db}")
     if counts.get("busy"):
-        print(f"{counts['busy']} structure(s) are being scored by another running process and were left to it")
+        print(f"{counts['busy']} structure(s) are being scored by another running process ({counts['busy_owner']}) "
+              "and were left to it")
     return 0

@@ -464,7 +464,8 @@ def claim_pending(db_path: str | PathLike, pending: list[tuple[str, Atoms]],
     """Claim ``pending`` for this process; returns ``(owner, the pairs now claimed)``.
 
     Adds names with a row already to ``counts["skipped"]`` and sets ``counts["busy"]`` to the names
-    left to another live process (with a warning). Release with :func:`release_claims` when done.
+    left to another live process (with a warning; ``counts["busy_owner"]`` names those processes).
+    Release with :func:`release_claims` when done.
     """
     owner = ClaimOwner.this_process()
     claimed, already, busy = claim_systems(db_path, [n for n, _ in pending], owner)
@@ -472,6 +473,7 @@ def claim_pending(db_path: str | PathLike, pending: list[tuple[str, Atoms]],
     counts["busy"] = len(busy)
     if busy:
         holders = sorted(set(busy.values()))
+        counts["busy_owner"] = ", ".join(holders)  # printed by the CLI
         warnings.warn(f"{len(busy)} system(s) are claimed by another running process ({', '.join(holders)}) and "
                       "are left to it", stacklevel=3)
     mine = set(claimed)
