@@ -43,6 +43,12 @@ def build_table(records: list, refs: dict[str, Any] | None = None, strict: bool 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
+    check_output_dir(args.output, "--output")
+    if args.references is not None and not args.references.is_file():
+        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
+
     import json
 
     from ltau_ase.core.jsonable import to_jsonable
@@ -50,11 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from ltau_ase.plots import plot_rmsd_vs_uq
     from ltau_ase.simulate.batch import load_results, read_structures
 
-    check_output_dir(args.output, "--output")
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
-    if args.references is not None and not args.references.is_file():
-        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
     records = load_results(args.db)
     if not records:
         raise ValueError(f"{args.db} holds no relaxations")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"all {len(records)} relaxations in {args.db} failed; nothing to analyse")
     refs = None  # the references stored in the database
     if args.references is not None:
-        refs = dict(read_structures(str(args.references)))
+        refs = dict(read_structures(str(args.references), require_names=True))
     elif all(r.reference is None for r in relaxed):
         raise ValueError(f"{args.db} stores no reference structures; pass --references")
     table, missing = records_table(relaxed, refs, strict=args.strict)
