@@ -455,3 +455,36 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
             rec[f"uq_{stat}"] = row.get(f"uq_{stat}", float("nan"))
         records.append(rec)
     return records
+
+
+# ---------------------------------------------------------------------------- clients
+class dask_client:
+    """Context manager: a Dask ``Client`` on ``scheduler`` (an address), or on an in-process
+    ``LocalCluster(processes=False, n_workers, threads_per_worker=1)`` without a dashboard when
+    ``scheduler`` is None (in-process transport; the scheduler's HTTP server listens on 127.0.0.1
+    only). Closes what it opened."""
+
+    def __init__(self, scheduler: str | None = None, n_workers: int | None = None) -> None:
+        self.scheduler = scheduler
+        self.n_workers = int(n_workers or 1)
+        self.cluster = None
+        self.client = None
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        if self.scheduler is None:
+            # the scheduler always serves HTTP (health routes) even without a dashboard, on every
+            # interface unless told otherwise: keep it on 127.0.0.1, on a free port
+            self.cluster = LocalCluster(n_workers=self.n_workers, threads_per_worker=1, processes=False,
+                                        dashboard_address=None,
+                                        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
+            self.client = Client(self.cluster)
+        else:
+            self.client = Client(self.scheduler)
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
