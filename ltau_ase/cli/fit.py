@@ -6,7 +6,7 @@ Example::
 
 Each run directory holds the ``ltau_errors`` log written by
 ``ltau_ase.nequip.callback.LTAUErrorLogger`` (or pass the log directory itself). Descriptors come
-from ``--model`` (default: the first run's ``best.ckpt``, else ``last.ckpt``).
+from ``--model`` (default: the first run's ``last.ckpt``, else ``best.ckpt``: the file a simulation then loads).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-epochs", type=int, default=None, help="then keep only the last W epochs")
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint (.ckpt) or package (.nequip.zip) giving the descriptors "
-                             "(default: first run's best.ckpt, else last.ckpt)")
+                             "(default: first run's last.ckpt, else best.ckpt)")
     parser.add_argument("--device", default="cpu", help="torch device for descriptor extraction (default cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per forward pass (default 16)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -58,8 +58,8 @@ def _calculator(args: argparse.Namespace):
         raise ValueError("--model and --estimator are required (or --factory module:name)")
     from ltau_ase.simulate.calculator import LTAUCalculator
 
-    return LTAUCalculator.from_nequip(args.model, args.estimator, device=args.device, threshold=args.uq_threshold,
-                                      allow_model_mismatch=args.allow_model_mismatch)
+    return LTAUCalculator.from_model(args.model, args.estimator, device=args.device, threshold=args.uq_threshold,
+                                     allow_model_mismatch=args.allow_model_mismatch)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """``ltau relax``: batch relaxations with per-atom uncertainties on Dask, results in an ase.db.
 
 Re-running the same command after a crash or kill skips the systems already in the database.
-The calculator is ``LTAUCalculator.from_nequip(--model, --estimator)``, or any picklable, hashable
+The calculator is ``LTAUCalculator.from_model(--model, --estimator)`` (through the model backend's batch factory), or any picklable, hashable
 factory importable as ``--factory module:name`` (a callable returning an ASE calculator that
 provides per-atom ``uncertainties``).
 """
@@ -65,7 +65,7 @@ def load_factory(spec: str):
 
 
 def factory_from_args(args: argparse.Namespace):
-    from ltau_ase.simulate.batch import NequIPLTAUFactory
+    from ltau_ase.simulate.backends import backend_for
 
     if args.factory is not None:
         if args.model is not None or args.estimator is not None:
@@ -76,9 +76,9 @@ def factory_from_args(args: argparse.Namespace):
     for path in (args.model, args.estimator):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-    return NequIPLTAUFactory(str(args.model.resolve()), str(args.estimator.resolve()), device=args.device,
-                             threshold=args.threshold, allow_model_mismatch=args.allow_model_mismatch,
-                             unknown_species=args.unknown_species)
+    return backend_for(args.model).ltau_factory(
+        str(args.model.resolve()), str(args.estimator.resolve()), device=args.device, threshold=args.threshold,
+        allow_model_mismatch=args.allow_model_mismatch, unknown_species=args.unknown_species)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,6 +37,54 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+#: metadata key holding the fingerprint (for file-based backends the SHA-256) of the model the estimator was fitted for
+MODEL_FINGERPRINT_KEY = "model_sha256"
+
+
+def check_model_fingerprint(
+    metadata: dict[str, Any] | None,
+    fingerprint: str,
+    *,
+    model: str | os.PathLike = "the model",
+    estimator: str | os.PathLike = "the estimator",
+    allow_mismatch: bool = False,
+) -> bool:
+    """Check that an estimator was fitted for the model whose fingerprint is ``fingerprint``.
+
+    The estimator's ``metadata["model_sha256"]`` records the model its descriptors came from (any
+    backend's fingerprint, by default the model file's SHA-256). A different model has a different
+    latent space, so its uncertainties would be meaningless.
+
+    Args:
+        metadata: the estimator's ``metadata`` dict (None counts as "nothing recorded").
+        fingerprint: the fingerprint of the model about to be used.
+        model, estimator: names (paths) used in the message.
+        allow_mismatch: warn instead of raising.
+    Returns:
+        True when the fingerprints agree, False for an allowed mismatch.
+    Raises:
+        ValueError: nothing recorded or a different model, unless ``allow_mismatch``.
+    """
+    import warnings
+
+    recorded = (metadata or {}).get(MODEL_FINGERPRINT_KEY)
+    if recorded == fingerprint:
+        return True
+    if recorded is None:
+        msg = (f"estimator {str(estimator)!r} records no model hash (metadata[{MODEL_FINGERPRINT_KEY!r}]), so it "
+               f"cannot be checked against model {str(model)!r}")
+    else:
+        fitted_on = (metadata or {}).get("model_path")
+        msg = (f"estimator {str(estimator)!r} was fitted for a model with sha256 {recorded}"
+               + (f" ({fitted_on})" if fitted_on else "")
+               + f", but {str(model)!r} has sha256 {fingerprint}: its latent space differs, so the uncertainties "
+               "would be meaningless (fit the estimator for this model, e.g. ltau fit --model)")
+    if not allow_mismatch:
+        raise ValueError(msg + "; pass allow_model_mismatch=True to use them together anyway")
+    warnings.warn(msg + " (allowed by allow_model_mismatch=True)", stacklevel=3)
+    return False
+
+
 def write_container(
     path: str | os.PathLike, header: dict[str, Any], arrays: dict[str, np.ndarray], compress: bool = False
 ) -> None:

@@ -76,18 +76,25 @@ def find_error_log(run_dir: PathLike) -> Path:
     return found[0]
 
 
+#: checkpoint names tried in order for a run's default model: last.ckpt first, the model that
+#: ``LTAUCalculator.from_model("run/last.ckpt", ...)``, ``ltau relax`` and ``ltau md`` load in the README
+#: (and the final model, whose training error the default atol is); a run's best.ckpt is another
+#: model with another latent space, used only when it is the run's only checkpoint or passed explicitly
+DEFAULT_CHECKPOINTS = ("last.ckpt", "best.ckpt")
+
+
 def default_checkpoint(run_dir: PathLike) -> Path:
-    """``best.ckpt`` of a run directory, else ``last.ckpt``."""
+    """``last.ckpt`` of a run directory, else ``best.ckpt`` (see :data:`DEFAULT_CHECKPOINTS`)."""
     run_dir = Path(run_dir)
-    for name in ("best.ckpt", "last.ckpt"):
+    for name in DEFAULT_CHECKPOINTS:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise FileNotFoundError(f"neither best.ckpt nor last.ckpt found in {run_dir}; pass model= explicitly")
+    raise FileNotFoundError(f"neither last.ckpt nor best.ckpt found in {run_dir}; pass model= explicitly")
 
 
 def _default_model(log_dir: Path) -> Path:
     """Default descriptor model of a log: the last checkpoint of a checkpoint-ensemble log, else
-    ``best.ckpt`` / ``last.ckpt`` of the run directory the log records (else its parent)."""
+    ``last.ckpt`` / ``best.ckpt`` of the run directory the log records (else its parent)."""
     meta = ErrorLog(log_dir).metadata
     if meta.get("checkpoints"):
         return Path(meta["checkpoints"][-1])
@@ -140,8 +147,9 @@ def fit_estimator_from_runs(
         atol: error threshold (eV/Å); None: the final models' training MAE.
         window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
         model: checkpoint / package file giving the descriptors; default the first run's
-            ``best.ckpt`` (else ``last.ckpt``; for a checkpoint-ensemble log its last
-            checkpoint). Its SHA-256 is stored as ``model_sha256``.
+            ``last.ckpt`` (else ``best.ckpt``; for a checkpoint-ensemble log its last
+            checkpoint), the file the README's ``from_model`` / ``ltau relax`` load. Its SHA-256
+            is stored as ``model_sha256``; simulations must load this same file.
         record_species: record the training elements, so that structures with elements never seen
             in training are refused or flagged (``LTAUCalculator(unknown_species=...)``); False
             leaves such atoms to the latent-distance lookup alone.
@@ -151,6 +159,7 @@ def fit_estimator_from_runs(
     Raises:
         ValueError: logs of different atoms, frames missing, or descriptors not aligned with the logs.
     """
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
     from ltau_ase.nequip.descriptors import extract_descriptors, read_training_frames
 
     if isinstance(run_dirs, (str, os.PathLike)):
@@ -170,8 +179,10 @@ def fit_estimator_from_runs(
         index = "flat" if log_ids.size < AUTO_HNSW_ATOMS else "hnsw"
 
     frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
+    # one read of the model file gives both the descriptors and the recorded hash
+    calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
     desc_ids, descriptors = extract_descriptors(
-        model_path, frames, device=device, batch_size=batch_size, progress=progress
+        calc, frames, device=device, batch_size=batch_size, progress=progress
     )
     # Descriptors come in frame order; the logs in sorted-id order. Put the descriptor rows in the
     # logs' order and then verify id equality row by row (a frame of a different size, say, fails).
@@ -190,7 +201,7 @@ def fit_estimator_from_runs(
 
     metadata = {
         "model_path": str(model_path.resolve()),
-        "model_sha256": sha256_file(model_path),
+        "model_sha256": calc.model_sha256,
         "k": int(k),
         "index": index,
         "atol": None if atol is None else float(atol),

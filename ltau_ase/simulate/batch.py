@@ -5,7 +5,8 @@
 - Dask runs the relaxations: by default an in-process ``LocalCluster(processes=False)`` (threads,
   one relaxation per worker at a time); ``scheduler="tcp://host:port"`` uses an existing cluster.
 - ``calculator_factory`` is a picklable, hashable callable returning an ASE calculator (e.g.
-  :class:`NequIPLTAUFactory`). Each worker thread builds its calculator once and reuses it for
+  ``ModelBackend.ltau_factory(...)`` of a model backend, such as
+  :class:`ltau_ase.nequip.backend.NequIPLTAUFactory`). Each worker thread builds its calculator once and reuses it for
   every system it relaxes (a per-process cache keyed by thread and factory).
 - The client writes one row per system to the ase.db as soon as the system finishes. Each row is
   one SQLite transaction, and systems are identified by the unique key ``name``: re-running after a
@@ -50,33 +51,6 @@ DEFAULT_GROUP = "all"
 
 
 # ---------------------------------------------------------------------------- factories
-@dataclass(frozen=True)
-class NequIPLTAUFactory:
-    """Picklable recipe for ``LTAUCalculator.from_nequip(model_path, estimator_path, ...)``.
-
-    Frozen (hashable by value), so a worker recognises the same recipe and builds it once.
-    """
-
-    model_path: str
-    estimator_path: str
-    device: str = "cpu"
-    threshold: float | None = None
-    allow_model_mismatch: bool = False
-    unknown_species: str = "raise"
-    #: nequip's type-name mapping (True: the model's type names are chemical symbols); None: nequip's default
-    chemical_species_to_atom_type_map: bool | None = None
-
-    def __call__(self):
-        from ltau_ase.simulate.calculator import LTAUCalculator
-
-        loader = {} if self.chemical_species_to_atom_type_map is None else {
-            "chemical_species_to_atom_type_map": self.chemical_species_to_atom_type_map}
-        return LTAUCalculator.from_nequip(self.model_path, self.estimator_path, device=self.device,
-                                          threshold=self.threshold,
-                                          allow_model_mismatch=self.allow_model_mismatch,
-                                          unknown_species=self.unknown_species, **loader)
-
-
 _CALCULATORS: dict[tuple[int, Hashable], Any] = {}
 _CALCULATORS_LOCK = threading.Lock()
 
@@ -91,7 +65,7 @@ def worker_calculator(factory: Callable[[], Any]) -> Any:
         hash(key)
     except TypeError:
         raise TypeError(f"calculator_factory must be hashable so workers can reuse what it builds (e.g. a frozen "
-                        f"dataclass like NequIPLTAUFactory); got {type(factory).__name__}") from None
+                        f"dataclass such as a backend's ltau_factory); got {type(factory).__name__}") from None
     with _CALCULATORS_LOCK:
         calc = _CALCULATORS.get(key)
     if calc is None:
@@ -303,7 +277,7 @@ def relax_batch(
         structures: list of Atoms, or an extxyz / ase.db path (see :func:`read_structures`).
         db_path: SQLite ase.db (created when absent). Names already in it are skipped.
         calculator_factory: picklable, hashable callable returning an ASE calculator that provides
-            ``key`` (e.g. :class:`NequIPLTAUFactory`).
+            ``key`` (e.g. ``backend_for(model).ltau_factory(model, estimator)``).
         optimizer: ``"BFGS"`` (default), ``"LBFGS"``, ``"FIRE"`` or ``"oc20"`` (LBFGS maxstep 0.04,
             memory 50, damping 1.0, alpha 70).
         fmax: convergence criterion, eV/Å. steps: max optimizer steps (300, as OC20).
@@ -330,7 +304,7 @@ def relax_batch(
     try:
         hash(calculator_factory)
     except TypeError:
-        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass like NequIPLTAUFactory) so "
+        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass such as a backend's ltau_factory) so "
                         "each worker builds its calculator once") from None
     items = read_structures(structures)
     refs: dict[str, dict] = {}
