@@ -305,10 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=None, help="labels per iteration (default 6)")
     parser.add_argument("--committee-size", type=int, default=None, help="committee models M (default 3)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model (default 15)")
+    parser.add_argument("--md-steps", type=int, default=None, help="maximum MD steps per trajectory (default 100)")
     parser.add_argument("--jobs", type=int, default=None, help="campaigns run side by side (default 2)")
     args = parser.parse_args(argv)
     exp = Experiment.preset(args.quick, seeds=args.seeds, iterations=args.iterations, budget=args.budget,
-                            committee_size=args.committee_size, epochs=args.epochs, jobs=args.jobs)
+                            committee_size=args.committee_size, epochs=args.epochs, jobs=args.jobs,
+                            md_steps=args.md_steps)
     if exp.budget < 1:
         raise SystemExit("--budget must be >= 1")
     results = run_experiment(exp, args.output)

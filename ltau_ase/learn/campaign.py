@@ -412,14 +412,14 @@ class Campaign:
         if self.settings.selection == "committee":
             return CommitteeCalculator([LatentNequIPCalculator.from_model_file(
                 self.model_path(i, m), chemical_species_to_atom_type_map=True) for m in range(self.settings.n_models)])
-        return LTAUCalculator.from_nequip(self.model_path(i), self.iter_dir(i) / "estimator.ltau",
+        return LTAUCalculator.from_model(self.model_path(i), self.iter_dir(i) / "estimator.ltau",
                                           unknown_species="flag", chemical_species_to_atom_type_map=True)
 
     def factory(self, i: int):
-        from ltau_ase.simulate.batch import NequIPLTAUFactory
+        from ltau_ase.nequip.backend import NequIPCommitteeFactory, NequIPLTAUFactory
 
         if self.settings.selection == "committee":
-            return _CommitteeFactory(tuple(str(self.model_path(i, m)) for m in range(self.settings.n_models)))
+            return NequIPCommitteeFactory(tuple(str(self.model_path(i, m)) for m in range(self.settings.n_models)))
         return NequIPLTAUFactory(str(self.model_path(i)), str(self.iter_dir(i) / "estimator.ltau"),
                                  unknown_species="flag", chemical_species_to_atom_type_map=True)
 
@@ -594,17 +594,3 @@ def _load_labels(path: Path):
     from ltau_ase.learn.label import load_labels
 
     return load_labels(path)
-
-
-@dataclass(frozen=True)
-class _CommitteeFactory:
-    """Picklable recipe for a committee of nequip models whose type names are chemical symbols."""
-
-    model_paths: tuple[str, ...]
-
-    def __call__(self):
-        from ltau_ase.nequip.calculator import LatentNequIPCalculator
-        from ltau_ase.simulate.committee import CommitteeCalculator
-
-        return CommitteeCalculator([LatentNequIPCalculator.from_model_file(p, chemical_species_to_atom_type_map=True)
-                                    for p in self.model_paths])

@@ -1,13 +1,16 @@
 """Reference calculators for the active-learning tests (importable by a subprocess).
 
-``SlowEMT``: EMT that sleeps ``delay`` s per structure and appends a line ``<sha1 of positions>``
-to ``log`` for every calculation (to count reference calls across a kill and a resume).
+``SlowEMT``: EMT that sleeps ``delay`` s per structure (the environment variable
+``LTAU_TEST_REFERENCE_DELAY`` overrides it, so a campaign can be slowed down without changing its
+fingerprint) and appends a line ``<sha1 of positions>`` to ``log`` for every calculation (to count
+reference calls across a kill and a resume).
 ``FailingEMT``: EMT that raises for structures whose first atom is an element in ``raise_on`` and
 returns NaN forces for ``nan_on`` (decided by the structure, so the outcome is reproducible).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -28,7 +31,7 @@ class _SlowEMT(EMT):
         from ase.calculators.calculator import all_changes
 
         super().calculate(atoms, properties, system_changes or all_changes)
-        time.sleep(self.delay)
+        time.sleep(float(os.environ.get("LTAU_TEST_REFERENCE_DELAY", self.delay)))
         with open(self.log, "a") as fh:
             fh.write(positions_key(self.atoms) + "\n")
 

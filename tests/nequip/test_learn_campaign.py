@@ -65,7 +65,7 @@ def test_campaign_killed_while_labelling_resumes(tmp_path, inputs, tiny_nequip_r
     from ase.db import connect
 
     workdir, log = tmp_path / "campaign", tmp_path / "reference_calls.log"
-    reference = SlowEMT(0.5, str(log))
+    reference = SlowEMT(0.0, str(log))
     script = textwrap.dedent(f"""
         import sys, torch
         torch.set_num_threads(1)
@@ -74,10 +74,11 @@ def test_campaign_killed_while_labelling_resumes(tmp_path, inputs, tiny_nequip_r
         from test_learn_campaign import _campaign, SETTINGS
         from pathlib import Path
         inputs = {{k: Path(v) for k, v in {json.dumps({k: str(v) for k, v in inputs.items()})}.items()}}
-        _campaign({str(workdir)!r}, inputs, {str(tiny_nequip_run.run_dir)!r}, SlowEMT(0.5, {str(log)!r})).run()
+        _campaign({str(workdir)!r}, inputs, {str(tiny_nequip_run.run_dir)!r}, SlowEMT(0.0, {str(log)!r})).run()
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", LTAU_TEST_REFERENCE_DELAY="3"))
     labels = workdir / "iter_001" / "labels.db"
     deadline = time.time() + 240
     try:
