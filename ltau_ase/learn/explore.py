@@ -33,7 +33,7 @@ from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ltau_ase.simulate.batch import dask_client, make_optimizer, worker_calculator
-from ltau_ase.simulate.observers import UncertaintyStop, check_reduce, reduce_values
+from ltau_ase.simulate.observers import UncertaintyStop, check_reduce
 
 KINDS = ("md", "relax")
 

@@ -23,7 +23,8 @@ import pytest
 pytest.importorskip("nequip")
 
 from ltau_ase.core.atom_ids import frame_ids_of  # noqa: E402
-from ltau_ase.learn import CalculatorFactory, Campaign, CampaignSettings, ExploreSettings, TrainingSettings  # noqa: E402
+from ltau_ase.learn import (  # noqa: E402
+    CalculatorFactory, Campaign, CampaignSettings, ExploreSettings, TrainingSettings)
 from ltau_ase.nequip.training import assign_frame_ids, emt_slab_frames, write_training_file  # noqa: E402
 
 REFS = Path(__file__).resolve().parents[1] / "learn"
