@@ -81,13 +81,21 @@ def catalysis_settings():
 
 
 def make_data(exp: Experiment, seed: int, out: Path) -> dict[str, Any]:
-    """Initial train / val / calibration / test files and exploration seeds for one seed."""
+    """Initial train / val / calibration / test files and exploration seeds for one seed (kept in
+    ``out``; a rerun with the same sizes reuses them)."""
     from ase.data import atomic_numbers
     from ase.io import write
 
     from ltau_ase.datasets import generate_catalysis_dataset
     from ltau_ase.datasets.catalysis import DatasetSize
 
+    meta = out / "data.json"
+    sizes = {"initial_systems": exp.initial_systems, "seed_systems_id": exp.seed_systems_id,
+             "seed_systems_ood": exp.seed_systems_ood, "seed": seed}
+    if meta.exists():
+        cached = json.loads(meta.read_text())
+        if cached["sizes"] == sizes and all(Path(f).exists() for f in cached["data"]["files"].values()):
+            return cached["data"]
     settings = catalysis_settings()
     size = DatasetSize(train=exp.initial_systems, val=2, calibration=4, test_id=6, test_ood=6, is2rs_id=0,
                        is2rs_ood=0, relax_frames=2, rattle_frames=1, md_frames=1)
@@ -109,9 +117,11 @@ def make_data(exp: Experiment, seed: int, out: Path) -> dict[str, Any]:
     write(files["seeds"], seed_frames, format="extxyz")
     symbols = {s for frames in list(data.s2ef.values()) + [seed_frames] for f in frames
                for s in f.get_chemical_symbols()}
-    return {"files": {k: str(v) for k, v in files.items()},
-            "type_names": sorted(symbols, key=lambda s: atomic_numbers[s]),
-            "n_frames": {k: len(v) for k, v in data.s2ef.items()}, "n_seeds": len(seed_frames)}
+    result = {"files": {k: str(v) for k, v in files.items()},
+              "type_names": sorted(symbols, key=lambda s: atomic_numbers[s]),
+              "n_frames": {k: len(v) for k, v in data.s2ef.items()}, "n_seeds": len(seed_frames)}
+    meta.write_text(json.dumps({"sizes": sizes, "data": result}))
+    return result
 
 
 def campaign_settings(exp: Experiment, method: str, seed: int, type_names: Sequence[str]):

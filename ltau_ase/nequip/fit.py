@@ -26,11 +26,9 @@ from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
 from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
+from ltau_ase.core.index import choose_index
 
 PathLike = str | os.PathLike
-#: training sets with at least this many atoms get an HNSW index under index="auto" (paper: flat
-#: search below ~1e5 training atoms, HNSW above)
-AUTO_HNSW_ATOMS = 100_000
 DEFAULT_LOG_SUBDIR = "ltau_errors"
 
 
@@ -142,8 +140,9 @@ def fit_estimator_from_runs(
             files raise ValueError.
         output: the ``.ltau`` file to write (None: do not save).
         k: neighbours averaged per test atom (paper default 10).
-        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"`` (flat below 1e5 training atoms,
-            HNSW above).
+        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"``
+            (:func:`ltau_ase.core.index.choose_index`: flat below 1e5 training atoms, HNSW below 1e6,
+            IVF-PQ with exact re-ranking above; the choice is recorded as ``metadata["index_choice"]``).
         atol: error threshold (eV/Å); None: the final models' training MAE.
         window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
         model: checkpoint / package file giving the descriptors; default the first run's
@@ -175,12 +174,22 @@ def fit_estimator_from_runs(
     model_path = Path(model) if model is not None else _default_model(log_dirs[0])
     if not model_path.is_file():
         raise FileNotFoundError(f"model file {model_path} does not exist")
+    index_choice = f"index={index} given"
     if index == "auto":
-        index = "flat" if log_ids.size < AUTO_HNSW_ATOMS else "hnsw"
+        index, index_choice = choose_index(log_ids.size)
 
     frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
     # one read of the model file gives both the descriptors and the recorded hash
     calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
+    params = dict(estimator_params)
+    params.setdefault("progress", progress)
+    if params.get("max_memory") is not None:
+        # Say so before the long descriptor pass: D from one frame, epochs and atoms from the logs.
+        _, probe = extract_descriptors(calc, frames[:1], device=device, batch_size=1, progress=False)
+        win = EpochWindow.coerce(window)
+        LTAUEstimator(k=k, index=index, atol=atol, window=window, **params).check_fit_memory(
+            log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs]
+        )
     desc_ids, descriptors = extract_descriptors(
         calc, frames, device=device, batch_size=batch_size, progress=progress
     )
@@ -204,6 +213,7 @@ def fit_estimator_from_runs(
         "model_sha256": calc.model_sha256,
         "k": int(k),
         "index": index,
+        "index_choice": index_choice,
         "atol": None if atol is None else float(atol),
         "epoch_window": EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],
@@ -213,8 +223,6 @@ def fit_estimator_from_runs(
         "n_train_atoms": int(log_ids.size),
         "log_metadata": [log.metadata for log in logs],
     }
-    params = dict(estimator_params)
-    params.setdefault("progress", progress)
     estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
     estimator.fit(descriptors, logs, reference_forces=ref_forces,
                   atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
@@ -233,6 +241,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
+    trusted_targets: tuple[str, ...] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -245,6 +254,8 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
+        trusted_targets: extra ``_target_`` prefixes allowed in the checkpoints' configs (e.g. a
+            project's own Lightning callbacks); see :func:`ltau_ase.nequip.safe_load.verify_checkpoint`.
     Returns:
         ``log_dir``.
     """
@@ -283,7 +294,7 @@ def error_logs_from_checkpoints(
     starts = np.concatenate([[0], np.cumsum(n_atoms)])
     with ErrorLogWriter(log_dir, atom_ids, components=components, metadata=metadata) as writer:
         for epoch, ckpt in enumerate(tqdm(checkpoints, desc="checkpoints", unit="ckpt", disable=not progress)):
-            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device)
+            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device, trusted_targets=tuple(trusted_targets))
             pred = np.empty_like(ref)
             for first in range(0, len(frames), batch_size):
                 last = min(first + batch_size, len(frames))
