@@ -18,6 +18,7 @@ import sys
 SUBCOMMANDS = {
     "fit": "fit an LTAU estimator from nequip run directories and their training data",
     "relax": "batch relaxations with per-atom uncertainties (Dask, results in ase.db)",
+    "predict": "per-atom uncertainties of many structures (Dask, results in ase.db, resumable)",
     "report": "IS2RS-style analysis of a relaxation database against reference structures",
     "md": "molecular dynamics that stops when the uncertainty is too high",
     "reweight": "confidence map and re-weighted training set (dataset cartography)",

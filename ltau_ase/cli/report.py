@@ -56,6 +56,12 @@ def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
+    check_output_dir(args.output, "--output")
+    if args.references is not None and not args.references.is_file():
+        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
+
     import json
 
     from ltau_ase.core.jsonable import to_jsonable
@@ -63,11 +69,6 @@ def run(args: argparse.Namespace) -> int:
     from ltau_ase.plots import plot_rmsd_vs_uq
     from ltau_ase.simulate.batch import load_results, read_structures
 
-    check_output_dir(args.output, "--output")
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
-    if args.references is not None and not args.references.is_file():
-        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
     records = load_results(args.db)
     if not records:
         raise ValueError(f"{args.db} holds no relaxations")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if not relaxed:
         raise ValueError(f"all {len(records)} relaxations in {args.db} failed; nothing to analyse")
     if args.references is not None:
-        refs = dict(read_structures(str(args.references)))
+        refs = dict(read_structures(str(args.references), require_names=True))
     else:
         refs = {r["name"]: r["reference"] for r in relaxed if r["reference"] is not None}
         if not refs:
