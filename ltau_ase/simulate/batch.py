@@ -582,18 +582,27 @@ def relax_batch(
     return counts
 
 
+def local_cluster(n_workers: int = 1, dashboard: str | None = None) -> Any:
+    """The in-process Dask cluster of :func:`relax_batch`: ``n_workers`` threads of this process.
+
+    Every server it opens (scheduler and worker HTTP endpoints) listens on 127.0.0.1 only; the
+    scheduler serves its dashboard pages only when ``dashboard`` gives an address (e.g.
+    ``"127.0.0.1:8787"``), otherwise just ``/health`` and metrics on a random local port.
+    """
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                        dashboard_address=dashboard or "127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+                        scheduler_kwargs={"dashboard": dashboard is not None})
+
+
 def _run_pending(pending, db, calculator_factory, settings, refs, counts, owner, scheduler, n_workers,
                  dashboard, scheduler_timeout, progress, tqdm) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     cluster = None
     if scheduler is None:
-        # threads in this process; every server it opens listens on 127.0.0.1 only, and the scheduler
-        # serves dashboard pages only when asked to
-        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=dashboard or "127.0.0.1:0",
-                               worker_dashboard_address="127.0.0.1:0",
-                               scheduler_kwargs={"dashboard": dashboard is not None})
+        cluster = local_cluster(int(n_workers or 1), dashboard)
         client = Client(cluster)
     else:
         try:
