@@ -24,6 +24,7 @@ memory of a streaming pass is one block, whatever N.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -220,19 +221,24 @@ class ErrorLogWriter:
             raise ValueError("errors contain inf; expected finite values (NaN marks a missing atom)")
         if np.any(err < 0):
             raise ValueError(f"errors contain negative values (min {np.nanmin(err)}); expected error norms >= 0")
-        rows = np.searchsorted(self.atom_ids, ids)
-        rows_clipped = np.minimum(rows, self.n_atoms - 1)
-        unknown = self.atom_ids[rows_clipped] != ids
-        if np.any(unknown):
-            raise ValueError(
-                f"{int(unknown.sum())} atom ids are not known to this log, e.g. {ids[unknown][:5].tolist()}; "
-                "expected ids given to ErrorLogWriter"
-            )
-        order = np.sort(rows)
-        if np.any(order[1:] == order[:-1]):
-            raise ValueError("atom ids repeat within one epoch; expected each atom at most once per epoch")
-        row = np.full(self.n_atoms, np.nan, dtype=np.float32)
-        row[rows] = err
+        if ids.size == self.n_atoms and np.array_equal(ids, self.atom_ids):
+            # every atom, in the log's order: the row is the errors themselves (no lookup, no sort)
+            rows = slice(None)
+            row = np.array(err, dtype=np.float32)
+        else:
+            rows = np.searchsorted(self.atom_ids, ids)
+            rows_clipped = np.minimum(rows, self.n_atoms - 1)
+            unknown = self.atom_ids[rows_clipped] != ids
+            if np.any(unknown):
+                raise ValueError(
+                    f"{int(unknown.sum())} atom ids are not known to this log, e.g. {ids[unknown][:5].tolist()}; "
+                    "expected ids given to ErrorLogWriter"
+                )
+            order = np.sort(rows)
+            if np.any(order[1:] == order[:-1]):
+                raise ValueError("atom ids repeat within one epoch; expected each atom at most once per epoch")
+            row = np.full(self.n_atoms, np.nan, dtype=np.float32)
+            row[rows] = err
         comp_row = None
         if self.components:
             if components is None:
@@ -378,6 +384,83 @@ class ErrorLog:
         """(N,) float32 errors of the last selected epoch."""
         rows = self._rows(window)
         return self.read_block(slice(rows.stop - 1, rows.stop), slice(0, self.n_atoms))[0]
+
+
+# ---------------------------------------------------------------- multi-process (DDP) logging
+# A DDP run's ranks each see a shard of the training set; these helpers let the ranks agree on what
+# they log and merge their shards into one epoch row (used by ltau_ase.nequip.callback).
+
+
+def universe_digest(atom_ids: np.ndarray) -> dict[str, Any]:
+    """Small summary of an atom-id universe that ranks compare: count, first/last id and SHA-256."""
+    ids = np.ascontiguousarray(np.sort(np.asarray(atom_ids, dtype=np.int64)))
+    return {
+        "n_atoms": int(ids.size),
+        "first": int(ids[0]) if ids.size else None,
+        "last": int(ids[-1]) if ids.size else None,
+        "sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+    }
+
+
+def check_rank_universes(digests: list[dict[str, Any]]) -> None:
+    """Raise ValueError unless every rank's :func:`universe_digest` is the same."""
+    if any(d != digests[0] for d in digests[1:]):
+        lines = "; ".join(
+            f"rank {r}: {d['n_atoms']} atoms, ids {d['first']}..{d['last']}, sha256 {d['sha256'][:12]}"
+            for r, d in enumerate(digests)
+        )
+        raise ValueError(
+            f"the DDP ranks disagree on the training-atom ids ({lines}); expected every rank to read the same "
+            "training set (same files, frame ids, split seed)"
+        )
+
+
+def check_rank_epochs(headers: list[dict[str, Any]]) -> None:
+    """Raise ValueError unless every rank reports the same logged epoch and mode, with atoms.
+
+    ``headers[r]`` is rank r's ``{"epoch": int | None, "mode": str, "n_atoms": int, "error": str | None}``
+    (``epoch`` None: the rank has no errors for this epoch; ``error``: rank 0's failed log write).
+    """
+    errors = [f"rank {r}: {h['error']}" for r, h in enumerate(headers) if h.get("error")]
+    if errors:
+        raise RuntimeError("writing the error log failed on " + "; ".join(errors))
+    epochs = [h["epoch"] for h in headers]
+    modes = [h["mode"] for h in headers]
+    if all(e is None for e in epochs):
+        raise RuntimeError("LTAUErrorLogger collected no training atoms in this epoch on any rank")
+    if len(set(epochs)) != 1 or len(set(modes)) != 1:
+        desc = ", ".join(
+            f"rank {r}: " + ("no errors" if e is None else f"epoch {e}") + f" ({m})"
+            for r, (e, m) in enumerate(zip(epochs, modes))
+        )
+        raise ValueError(
+            f"the DDP ranks disagree on the epoch being logged ({desc}); expected every rank to log the same "
+            "epoch with the same LTAUErrorLogger settings; nothing of this epoch was committed"
+        )
+
+
+def merge_rank_parts(parts: list[dict[str, np.ndarray]], dedupe: bool = True) -> dict[str, np.ndarray]:
+    """Concatenate per-rank (or per-batch) error parts in order; with ``dedupe`` keep each atom id once.
+
+    A repeated id (a sample the DistributedSampler repeated to pad the epoch) keeps its first
+    occurrence in the given order. Returns the same keys as the parts (``ids``, ``errors``, optional
+    ``components`` and ``energy``) with ``n_repeated``: the number of dropped repeats. Without
+    ``dedupe`` repeats are kept (and refused by the log writer).
+    """
+    parts = [p for p in parts if p["ids"].size]
+    if not parts:
+        raise ValueError("no atoms to merge: every part is empty")
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    n_repeated = 0
+    if dedupe:
+        _, first = np.unique(merged["ids"], return_index=True)
+        n_repeated = merged["ids"].size - first.size
+        if n_repeated:
+            keep = np.sort(first)
+            merged = {key: value[keep] for key, value in merged.items()}
+    merged["n_repeated"] = np.int64(n_repeated)
+    return merged
+
 
 
 def load_error_logs(

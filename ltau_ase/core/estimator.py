@@ -9,6 +9,7 @@ test errors are s × the training errors). Imports numpy, scipy, faiss and tqdm 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any
 
@@ -20,10 +21,11 @@ from ltau_ase.core.distributions import (
     as_runs,
     default_atol,
     distributions_from_arrays,
+    estimate_memory,
 )
 from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
-from ltau_ase.core.index import INDEX_CHOICES, NeighbourIndex, as_float32
+from ltau_ase.core.index import INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 
 _PARAM_NAMES = (
     "k",
@@ -40,6 +42,7 @@ _PARAM_NAMES = (
     "metadata",
     "chunk_size",
     "progress",
+    "max_memory",
 )
 _LEARNED_ARRAYS = ("confidence_train_", "variability_train_", "mean_error_train_")
 #: parameters whose learned state (the error distributions) needs the training logs to recompute
@@ -72,6 +75,9 @@ class LTAUEstimator:
         metadata: free-form JSON-able provenance saved with the estimator (e.g. ``model_sha256``).
         chunk_size: atoms per chunk when streaming error logs.
         progress: show tqdm progress bars while fitting.
+        max_memory: memory budget of :meth:`fit` in bytes (None: no check). A fit whose estimated
+            peak (:meth:`estimate_fit_memory`) exceeds it raises ValueError before reading any
+            error, with the estimate.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class LTAUEstimator:
         metadata: dict[str, Any] | None = None,
         chunk_size: int = 1 << 16,
         progress: bool = False,
+        max_memory: int | None = None,
     ) -> None:
         self.k = k
         self.index = index
@@ -105,6 +112,7 @@ class LTAUEstimator:
         self.metadata = metadata
         self.chunk_size = chunk_size
         self.progress = progress
+        self.max_memory = max_memory
 
     def __repr__(self) -> str:
         defaults = LTAUEstimator.__init__.__defaults__
@@ -188,6 +196,65 @@ class LTAUEstimator:
         _check_scale(self.scale)
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer; got {self.chunk_size!r}")
+        if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
+            raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
+
+    def estimate_fit_memory(self, n_atoms: int, n_features: int, n_epochs: Any) -> dict[str, int]:
+        """Estimated peak resident bytes of :meth:`fit` with these parameters.
+
+        Args:
+            n_atoms: N training atoms; n_features: D; n_epochs: selected epochs of each of the M runs.
+        Returns:
+            bytes per part (``descriptors`` (N, D) float32 as passed to fit, ``distributions``
+            kept, ``streaming`` temporaries while building them, ``learned`` per-atom arrays,
+            ``index``, ``index_build`` temporaries) and ``peak``, the largest sum over the fit's
+            phases (streaming the logs, then building the index). Error logs are streamed, never
+            counted whole.
+        """
+        self._check_params()
+        n, d = int(n_atoms), int(n_features)
+        epochs = [int(e) for e in np.atleast_1d(n_epochs)]
+        dist = estimate_memory(self.distribution, n, epochs, self.bins, int(self.chunk_size))
+        kind = choose_index(n)[0] if self.index == "auto" else self.index
+        p = resolve_params(kind, self.index_params, n, d)
+        vectors = n * d * 4
+        # NeighbourIndex.build works on its own copy of the (N, D) float32 vectors: flat and
+        # ivfpq with re-ranking keep it, hnsw and ivfpq without re-ranking drop it after the build.
+        if kind == "flat":
+            index, build = vectors, 0
+        elif kind == "hnsw":
+            index, build = n * (d * 4 + p["M"] * 2 * 4 + 16), vectors  # level-0 links dominate the graph
+        else:
+            index = n * (p["m"] * p["nbits"] // 8 + 8) + p["nlist"] * d * 4
+            index += vectors if p.get("refine", 0) > 0 else 0
+            build = p["train_size"] * d * 4 + (0 if p.get("refine", 0) > 0 else vectors)
+        part = {
+            "descriptors": n * d * 4,
+            "distributions": dist["distributions"],
+            "streaming": dist["streaming"],
+            "learned": 3 * n * 8 + 2 * len(epochs) * n * 8,  # 3 (N,) float64 + (M, N) temporaries
+            "index": index,
+            "index_build": build + n * d,  # + the finiteness mask of as_float32
+        }
+        part["peak"] = part["descriptors"] + part["distributions"] + max(
+            part["streaming"], part["learned"], part["learned"] + part["index"] + part["index_build"]
+        )
+        return part
+
+    def check_fit_memory(self, n_atoms: int, n_features: int, n_epochs: Any) -> None:
+        """Raise ValueError, with the estimate, when a fit of this size would exceed ``max_memory``."""
+        if self.max_memory is None:
+            return
+        n, runs = int(n_atoms), list(np.atleast_1d(n_epochs))
+        est = self.estimate_fit_memory(n, n_features, runs)
+        if est["peak"] > self.max_memory:
+            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in est.items() if k != "peak")
+            raise ValueError(
+                f"this fit needs about {est['peak'] / 1e9:.2f} GB ({parts} GB) for {n} atoms x {len(runs)} runs "
+                f"with distribution={self.distribution!r}, index={self.index!r}, but max_memory is "
+                f"{self.max_memory / 1e9:.2f} GB; shrink the largest parts (compact distributions with fewer "
+                "bins, a compressed index: ivfpq) or raise the budget"
+            )
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -220,6 +287,7 @@ class LTAUEstimator:
             raise ValueError(
                 f"errors log {runs[0].n_atoms} atoms but descriptors have {n} rows; expected one descriptor per logged atom"
             )
+        self.check_fit_memory(n, d, [r.n_epochs for r in runs])
         log_ids = runs[0].atom_ids
         ids = None
         if atom_ids is not None:
@@ -251,6 +319,8 @@ class LTAUEstimator:
                 raise ValueError(f"atomic_numbers must be ({n},) integers in [1, 118]; got shape {z.shape}, dtype {z.dtype}")
             species = np.unique(z).astype(np.int64)
 
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
         atol = float(self.atol) if self.atol is not None else default_atol(runs)
         threshold: float | np.ndarray = atol if self.rtol == 0 else atol + float(self.rtol) * forces
         if self.distribution == "compact":
@@ -259,6 +329,7 @@ class LTAUEstimator:
             )
         else:
             dist = ExactDistributions.from_runs(runs, threshold, chunk_size=int(self.chunk_size))
+        seconds["distributions"] = time.perf_counter() - t0
         k_eff = int(min(self.k, n))
         if self.k > n:
             warnings.warn(f"k={self.k} exceeds the {n} training atoms; every prediction averages all {n}", stacklevel=2)
@@ -268,7 +339,10 @@ class LTAUEstimator:
         self.confidence_train_ = dist.confidence(threshold)
         self.variability_train_ = dist.std(threshold)
         self.mean_error_train_ = dist.mean_error()
+        seconds["train_confidence"] = time.perf_counter() - t0 - seconds["distributions"]
+        t1 = time.perf_counter()
         self.index_ = NeighbourIndex.build(x, self.index, self.index_params)
+        seconds["index"] = time.perf_counter() - t1
         self.n_features_in_ = int(d)
         self.n_train_atoms_ = int(n)
         self.k_eff_ = k_eff
@@ -279,6 +353,7 @@ class LTAUEstimator:
             "n_runs": len(runs),
             "n_epochs": [r.n_epochs for r in runs],
             "window": None if self.window is None else EpochWindow.coerce(self.window).to_dict(),
+            "seconds": seconds,  # wall time per stage of this fit
         }
         self._cache = None
         self._warned_short = False
@@ -641,6 +716,7 @@ def _settings_snapshot(est: "LTAUEstimator") -> dict[str, Any]:
     elif bins is not None:
         params["bins"] = int(bins)
     params["k"], params["chunk_size"] = int(est.k), int(est.chunk_size)
+    params["max_memory"] = None if est.max_memory is None else int(est.max_memory)
     params["atol"] = None if est.atol is None else float(est.atol)
     params["rtol"], params["scale"] = float(est.rtol), float(est.scale)
     if est.index_params is not None:

@@ -181,6 +181,15 @@ def fit_estimator_from_runs(
     frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
     # one read of the model file gives both the descriptors and the recorded hash
     calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
+    params = dict(estimator_params)
+    params.setdefault("progress", progress)
+    if params.get("max_memory") is not None:
+        # Say so before the long descriptor pass: D from one frame, epochs and atoms from the logs.
+        _, probe = extract_descriptors(calc, frames[:1], device=device, batch_size=1, progress=False)
+        win = EpochWindow.coerce(window)
+        LTAUEstimator(k=k, index=index, atol=atol, window=window, **params).check_fit_memory(
+            log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs]
+        )
     desc_ids, descriptors = extract_descriptors(
         calc, frames, device=device, batch_size=batch_size, progress=progress
     )
@@ -214,8 +223,6 @@ def fit_estimator_from_runs(
         "n_train_atoms": int(log_ids.size),
         "log_metadata": [log.metadata for log in logs],
     }
-    params = dict(estimator_params)
-    params.setdefault("progress", progress)
     estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
     estimator.fit(descriptors, logs, reference_forces=ref_forces,
                   atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
@@ -234,6 +241,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
+    trusted_targets: tuple[str, ...] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -246,6 +254,8 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
+        trusted_targets: extra ``_target_`` prefixes allowed in the checkpoints' configs (e.g. a
+            project's own Lightning callbacks); see :func:`ltau_ase.nequip.safe_load.verify_checkpoint`.
     Returns:
         ``log_dir``.
     """
@@ -284,7 +294,7 @@ def error_logs_from_checkpoints(
     starts = np.concatenate([[0], np.cumsum(n_atoms)])
     with ErrorLogWriter(log_dir, atom_ids, components=components, metadata=metadata) as writer:
         for epoch, ckpt in enumerate(tqdm(checkpoints, desc="checkpoints", unit="ckpt", disable=not progress)):
-            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device)
+            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device, trusted_targets=tuple(trusted_targets))
             pred = np.empty_like(ref)
             for first in range(0, len(frames), batch_size):
                 last = min(first + batch_size, len(frames))

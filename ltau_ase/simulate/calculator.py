@@ -31,6 +31,14 @@ PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
 _UNKNOWN_SPECIES_MODES = ("raise", "flag")
 
+# per-atom fields of a model that computes LTAU in its forward pass -> estimator.predict key
+MODEL_UQ_FIELDS = {
+    "ltau_uncertainty": "uncertainty",
+    "ltau_confidence": "confidence",
+    "ltau_expected_force_error": "expected_error",
+    "ltau_latent_distance": "distance",
+}
+
 # estimator.predict key -> calculator result key
 _PREDICT_TO_RESULT = {
     "uncertainty": "uncertainties",
@@ -77,7 +85,12 @@ class LTAUCalculator(Calculator):
         so the base calculator's own cache works and it computes each structure exactly once.
     estimator
         A fitted :class:`ltau_ase.core.estimator.LTAUEstimator` (or an object with the same
-        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface).
+        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface), or ``None``
+        when the base calculator's model computes LTAU itself (a model compiled with ``ltau compile``):
+        then ``calc.results`` must hold the per-atom fields ``ltau_uncertainty``, ``ltau_confidence``,
+        ``ltau_expected_force_error``, ``ltau_latent_distance`` of the same forward pass, the
+        threshold is the one compiled in (``threshold`` must be None) and the training species come
+        from ``calc.ltau_readout["species"]``.
     descriptors
         ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
         base calculator must fill in the same call that computes energy and forces (the model
@@ -110,6 +123,12 @@ class LTAUCalculator(Calculator):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
             raise TypeError(f"calc must be an ASE calculator, got {type(calc)}")
+        if estimator is None and getattr(calc, "ltau_readout", None) is None:
+            raise ValueError(f"estimator=None needs a base calculator whose model computes LTAU (compiled with "
+                             f"`ltau compile`); {type(calc).__name__} has no ltau_readout")
+        if estimator is None and (threshold is not None or descriptors is not None):
+            raise ValueError("a model that computes LTAU itself has its threshold and descriptors compiled in; "
+                             "threshold and descriptors must be None (recompile with another estimator to change them)")
         super().__init__(**kwargs)
         self.calc = calc
         self.estimator = estimator
@@ -126,7 +145,7 @@ class LTAUCalculator(Calculator):
     def from_model(
         cls,
         model_path: str | PathLike,
-        estimator: str | PathLike | Any,
+        estimator: str | PathLike | Any = None,
         device: str = "cpu",
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
@@ -144,11 +163,21 @@ class LTAUCalculator(Calculator):
         (:func:`ltau_ase.core.fileformat.check_model_fingerprint`). ``kwargs`` go to the backend's
         loader (for nequip: ``LatentNequIPCalculator.from_model_file``, e.g.
         ``chemical_species_to_atom_type_map=True``).
+
+        ``estimator=None``: the model computes LTAU itself (a file written by ``ltau compile``, loaded
+        with ``trusted=True``); its results carry the UQ of the same forward pass.
         """
         from ltau_ase.core.fileformat import check_model_fingerprint
         from ltau_ase.simulate.backends import backend_for, get_backend
 
         plugin = get_backend(backend) if backend is not None else backend_for(model_path)
+        if estimator is None:
+            # the model computes LTAU in its forward pass (a file written by `ltau compile`)
+            base = plugin.calculator(model_path, device=device, **kwargs)
+            if getattr(base, "ltau_readout", None) is None:
+                raise ValueError(f"{str(model_path)!r} does not compute LTAU itself; pass an estimator, or compile "
+                                 "the model with its estimator: ltau compile MODEL ESTIMATOR OUTPUT")
+            return cls(base, None, threshold=threshold, unknown_species=unknown_species)
         if isinstance(estimator, (str, PathLike)):
             from ltau_ase.core.estimator import LTAUEstimator
 
@@ -169,9 +198,11 @@ class LTAUCalculator(Calculator):
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
 
     @classmethod
-    def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any,
+    def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any = None,
                     **kwargs: Any) -> "LTAUCalculator":
-        """Alias of :meth:`from_model` for nequip ``.ckpt`` / ``.nequip.zip`` files (same arguments)."""
+        """Alias of :meth:`from_model` for nequip files (``.ckpt``, ``.nequip.zip``, compiled
+        ``.nequip.pt2`` / ``.nequip.pth``; same arguments). ``estimator_path=None``: a file written by
+        ``ltau compile`` that computes LTAU itself (load it with ``trusted=True``)."""
         return cls.from_model(model_path, estimator_path, **kwargs)
 
     # ------------------------------------------------------------------ ASE interface
@@ -197,6 +228,8 @@ class LTAUCalculator(Calculator):
 
     def _uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
+        if self.estimator is None:
+            return self._finish_uq(atoms, *self._model_uq(atoms, base_results))
         if self.descriptors is not None:
             desc = self.descriptors(atoms)
             source = "descriptors(atoms)"
@@ -226,6 +259,25 @@ class LTAUCalculator(Calculator):
             if species is not None:
                 unknown = ~np.isin(atoms.numbers, np.asarray(species))
         pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold)
+        return self._finish_uq(atoms, pred, unknown)
+
+    def _model_uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+        """(the LTAU fields the base model computed in its forward pass as ``estimator.predict`` keys,
+        (N,) bool mask of atoms of elements the estimator never saw)."""
+        missing = [f for f in MODEL_UQ_FIELDS if f not in base_results]
+        if missing:
+            raise ValueError(f"{type(self.calc).__name__} returned no {missing}; expected a model compiled with "
+                             "`ltau compile`, which outputs them")
+        species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
+        unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
+        if unseen and self.unknown_species == "raise":
+            raise ValueError(f"structure contains elements Z={unseen} never seen in the estimator's training set; "
+                             "use unknown_species='flag' to mark them as maximally uncertain instead")
+        pred = {key: base_results[field] for field, key in MODEL_UQ_FIELDS.items()}
+        return pred, np.isin(atoms.numbers, unseen)
+
+    def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any], unknown: np.ndarray) -> dict[str, Any]:
+        n = len(atoms)
         out: dict[str, Any] = {}
         for src, dst in _PREDICT_TO_RESULT.items():
             values = np.array(pred[src], dtype=np.float64)
