@@ -92,12 +92,12 @@ def factory_spec(text: str) -> str:
 
 
 def scheduler_address(text: str) -> str:
-    """A Dask scheduler address: ``tcp://host:port`` (or ``tls://``, ``inproc://``, ``ucx://``), or
+    """A Dask scheduler address: ``tcp://host:port`` (or ``tls://``, ``ucx://``, ``ws://``), or
     ``host:port``."""
     protocol, sep, rest = text.rpartition("://")
     host_port = rest if sep else text
     host, _, port = host_port.rpartition(":")
-    if (sep and protocol not in ("tcp", "tls", "inproc", "ucx", "ws", "wss")) or not host or not port.isdigit() \
+    if (sep and protocol not in ("tcp", "tls", "ucx", "ws", "wss")) or not host or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected a scheduler address like tcp://host:8786, got {text!r}")
     return text
@@ -163,10 +163,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, estimator: bool = True
                            help="force-error threshold of the confidences, eV/Å (default: the estimator's atol)")
         group.add_argument("--allow-model-mismatch", action="store_true",
                            help="use an estimator fitted for a different model file (warns)")
-        group.add_argument("--unknown-species", choices=("raise", "flag"), default="raise",
-                           help="elements the estimator never saw: fail (raise) or give their atoms uncertainty 1 "
-                                "(flag) (raise)")
+        group.add_argument("--unknown-species", choices=UNKNOWN_SPECIES_CHOICES, default=None,
+                           help="elements the estimator never saw: fail (raise), give their atoms uncertainty 1 "
+                                "(flag) or judge them by their latent neighbours alone (ignore) (default: the "
+                                "estimator's policy, raise unless it was fitted otherwise)")
     return group
+
+
+#: LTAUEstimator's unknown-species vocabulary (core.estimator.UNKNOWN_SPECIES_POLICIES; spelled out so that
+#: `ltau --help` does not import FAISS; tests/test_readme.py checks they agree)
+UNKNOWN_SPECIES_CHOICES = ("raise", "flag", "ignore")
 
 
 def check_model_options(args: argparse.Namespace) -> None:

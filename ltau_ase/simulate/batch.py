@@ -45,7 +45,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -89,6 +89,21 @@ def worker_calculator(factory: Callable[[], Any]) -> Any:
         with _CALCULATORS_LOCK:
             _CALCULATORS[key] = calc
     return calc
+
+
+def forget_calculators_of_finished_threads() -> int:
+    """Drop the cached calculators of worker threads that have ended; returns how many.
+
+    Called when an in-process cluster closes: its calculators (and their models) are freed, and a
+    later thread that happens to get a recycled thread id does not inherit a calculator built from
+    files that may have changed since.
+    """
+    alive = {t.ident for t in threading.enumerate()}
+    with _CALCULATORS_LOCK:
+        stale = [key for key in _CALCULATORS if key[0] not in alive]
+        for key in stale:
+            del _CALCULATORS[key]
+    return len(stale)
 
 
 # ---------------------------------------------------------------------------- one relaxation
@@ -214,7 +229,10 @@ def content_name(atoms: Atoms) -> str:
     SHA-256 over the atomic numbers (int64), positions (float64, Å), cell (float64, Å) and pbc, in
     that order (little-endian; -0.0 counted as 0.0). Identical inputs always give the same name, in
     any order and any run; structures differing in any atom, coordinate bit, cell or pbc get
-    different names. Tags, constraints and info do not enter.
+    different names. Tags, constraints and info do not enter. The hash is of the exact values: the
+    same file gives the same names in every run, but a structure written to extxyz (8 decimals) and
+    read back has rounded positions and so another name; name structures (``info["name"]``) to
+    match them across such copies.
     """
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(atoms.numbers, dtype="<i8").tobytes())
@@ -520,6 +538,20 @@ def check_batch_args(calculator_factory: Any, n_workers: Any = None, scheduler_t
                         "each worker builds its calculator once") from None
 
 
+def local_cluster(n_workers: int = 1, dashboard: str | None = None) -> Any:
+    """The in-process Dask cluster of :func:`relax_batch`: ``n_workers`` threads of this process.
+
+    Every server it opens (scheduler and worker HTTP endpoints) listens on 127.0.0.1 only; the
+    scheduler serves its dashboard pages only when ``dashboard`` gives an address (e.g.
+    ``"127.0.0.1:8787"``), otherwise just ``/health`` and metrics on a random local port.
+    """
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                        dashboard_address=dashboard or "127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+                        scheduler_kwargs={"dashboard": dashboard is not None})
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None, dashboard: str | None = None,
                 scheduler_timeout: float = 30.0) -> Iterator[Any]:
@@ -530,16 +562,11 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None, dash
     at ``dashboard``. Else the running scheduler at that address (ConnectionError when it does not
     answer within ``scheduler_timeout`` s), left running.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cluster = None
     if scheduler is None:
-        # threads in this process; every server it opens listens on 127.0.0.1 only, and the scheduler
-        # serves dashboard pages only when asked to
-        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=dashboard or "127.0.0.1:0",
-                               worker_dashboard_address="127.0.0.1:0",
-                               scheduler_kwargs={"dashboard": dashboard is not None})
+        cluster = local_cluster(int(n_workers or 1), dashboard)
         client = Client(cluster)
     else:
         try:
@@ -553,6 +580,7 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None, dash
         client.close()
         if cluster is not None:
             cluster.close()
+            forget_calculators_of_finished_threads()
 
 
 # ---------------------------------------------------------------------------- the batch
@@ -694,13 +722,55 @@ def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, r
 
 
 # ---------------------------------------------------------------------------- reading back
-def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Records of a relaxation database, in insertion order.
+@dataclass
+class RelaxationRecord:
+    """One relaxation as stored in the database by :func:`relax_batch` (what :func:`load_results` returns).
 
-    Each record: ``name``, ``group``, ``status``, ``reason``, ``converged``, ``nsteps``, ``wall_time``,
-    ``uq_initial``, ``uq_max``, ``uq_mean``, ``uq_final`` (NaN when absent), ``trace`` (array or None),
-    ``atoms`` (final structure), ``reference`` (Atoms or None), ``per_atom`` (dict of final UQ arrays).
-    ``statuses`` filters rows (e.g. ``("done", "unconverged")``).
+    Attributes:
+        name, group: the system's unique name and its group (e.g. in/out of domain).
+        status: ``"done"`` | ``"unconverged"`` | ``"failed"``; ``reason`` says why it failed.
+        converged, nsteps, wall_time: optimizer outcome, steps taken, seconds.
+        uq_initial, uq_max, uq_mean, uq_final: the RelaxationUQObserver statistics (NaN when absent).
+        trace: (nsteps + 1,) per-step UQ or None.
+        atoms: final structure (energy and forces as calculator results).
+        reference: reference relaxed structure stored with ``references=`` (or None).
+        per_atom: final per-atom UQ arrays (``ltau_uncertainties`` ...), each (N,).
+
+    ``record["name"]`` etc. also work (the dict records of earlier versions).
+    """
+
+    name: str
+    group: str = DEFAULT_GROUP
+    status: str = "done"
+    reason: str = ""
+    converged: bool = False
+    nsteps: int | None = None
+    wall_time: float = float("nan")
+    uq_initial: float = float("nan")
+    uq_max: float = float("nan")
+    uq_mean: float = float("nan")
+    uq_final: float = float("nan")
+    trace: np.ndarray | None = None
+    atoms: Atoms | None = None
+    reference: Atoms | None = None
+    per_atom: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def uq(self) -> dict[str, float]:
+        """``{"initial", "max", "mean", "final"}`` UQ statistics of the relaxation."""
+        return {"initial": self.uq_initial, "max": self.uq_max, "mean": self.uq_mean, "final": self.uq_final}
+
+
+def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[RelaxationRecord]:
+    """The :class:`RelaxationRecord` of every row of a relaxation database, in insertion order.
+
+    ``statuses`` filters rows (e.g. ``("done", "unconverged")``). For the IS2RS table of these records
+    use :func:`ltau_ase.is2rs.records_table`.
     """
     from ase.db import connect
 
@@ -723,13 +793,11 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
             fixed = np.asarray(data["reference_fixed"], dtype=bool)
             if fixed.any():
                 ref.set_constraint(FixAtoms(mask=fixed))
-        rec = {"name": row.get("name"), "group": row.get("group", DEFAULT_GROUP), "status": status,
-               "reason": row.get("reason", ""), "converged": bool(row.get("converged", False)),
-               "nsteps": row.get("nsteps"), "wall_time": row.get("wall_time", float("nan")),
-               "trace": np.asarray(data["trace"]) if "trace" in data else None,
-               "atoms": row.toatoms(), "reference": ref,
-               "per_atom": {k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")}}
-        for stat in ("initial", "max", "mean", "final"):
-            rec[f"uq_{stat}"] = row.get(f"uq_{stat}", float("nan"))
-        records.append(rec)
+        records.append(RelaxationRecord(
+            name=row.get("name"), group=row.get("group", DEFAULT_GROUP), status=status,
+            reason=row.get("reason", ""), converged=bool(row.get("converged", False)), nsteps=row.get("nsteps"),
+            wall_time=row.get("wall_time", float("nan")),
+            trace=np.asarray(data["trace"]) if "trace" in data else None, atoms=row.toatoms(), reference=ref,
+            per_atom={k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")},
+            **{f"uq_{stat}": row.get(f"uq_{stat}", float("nan")) for stat in ("initial", "max", "mean", "final")}))
     return records
