@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -189,7 +189,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
-    trusted_targets: Sequence[Any] = (),
+    trusted_targets: Sequence[Callable[..., Any]] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -202,9 +202,9 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
-        trusted_targets: extra classes / functions (the objects, not names) allowed as ``_target_`` in
-            the checkpoints' configs, e.g. a project's own Lightning callbacks; see
-            :meth:`LatentNequIPCalculator.from_model_file`.
+        trusted_targets: extra model-builder objects (not names) the checkpoints' model configuration
+            may name, e.g. a plugin's builder; see :mod:`ltau_ase.nequip.safe_load`. Callbacks and the
+            other training sections are never acted on when loading, so they need no trust.
     Returns:
         ``log_dir``.
     """
