@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "reweight": "confidence map and re-weighted training set (dataset cartography)",
     "compile": "compile a nequip checkpoint with its estimator into one model that outputs LTAU per atom",
     "convert": "rewrite an estimator file in the current format (--verify: check every digest and value)",
+    "learn": "active-learning campaign: explore, flag, select, label, retrain, refit (resumable)",
 }
 
 #: exit status of every failure (as argparse uses for usage errors)

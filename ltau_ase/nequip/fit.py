@@ -9,9 +9,9 @@ the same atom ids, fits an :class:`~ltau_ase.core.estimator.LTAUEstimator` and s
 per-epoch checkpoints on the training set and writes an error log, so finished runs trained
 without :class:`~ltau_ase.nequip.callback.LTAUErrorLogger` can adopt LTAU.
 
-Model files are loaded through nequip's own loader (eager mode, via
-:meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`). nequip unpickles
-checkpoints: load only files you trust.
+Model files are loaded by :meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`:
+a checkpoint is read once, unpickled with ``weights_only=True`` and built from an allow-list of exact
+nequip classes (:mod:`ltau_ase.nequip.safe_load`), so no code named by the file runs.
 """
 from __future__ import annotations
 

@@ -538,6 +538,20 @@ def check_batch_args(calculator_factory: Any, n_workers: Any = None, scheduler_t
                         "each worker builds its calculator once") from None
 
 
+def local_cluster(n_workers: int = 1, dashboard: str | None = None) -> Any:
+    """The in-process Dask cluster of :func:`relax_batch`: ``n_workers`` threads of this process.
+
+    Every server it opens (scheduler and worker HTTP endpoints) listens on 127.0.0.1 only; the
+    scheduler serves its dashboard pages only when ``dashboard`` gives an address (e.g.
+    ``"127.0.0.1:8787"``), otherwise just ``/health`` and metrics on a random local port.
+    """
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                        dashboard_address=dashboard or "127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+                        scheduler_kwargs={"dashboard": dashboard is not None})
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None, dashboard: str | None = None,
                 scheduler_timeout: float = 30.0) -> Iterator[Any]:
@@ -548,16 +562,11 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None, dash
     at ``dashboard``. Else the running scheduler at that address (ConnectionError when it does not
     answer within ``scheduler_timeout`` s), left running.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cluster = None
     if scheduler is None:
-        # threads in this process; every server it opens listens on 127.0.0.1 only, and the scheduler
-        # serves dashboard pages only when asked to
-        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=dashboard or "127.0.0.1:0",
-                               worker_dashboard_address="127.0.0.1:0",
-                               scheduler_kwargs={"dashboard": dashboard is not None})
+        cluster = local_cluster(int(n_workers or 1), dashboard)
         client = Client(cluster)
     else:
         try:
