@@ -20,6 +20,7 @@ from ltau_ase.core.distributions import (
     as_runs,
     default_atol,
     distributions_from_arrays,
+    make_edges,
 )
 from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
@@ -188,6 +189,12 @@ class LTAUEstimator:
         _check_scale(self.scale)
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer; got {self.chunk_size!r}")
+        try:
+            EpochWindow.coerce(self.window)
+            if self.bins is not None:
+                make_edges(self.bins, 1e-3, 1.0)  # validates the bins setting only
+        except (TypeError, IndexError) as exc:
+            raise ValueError(f"invalid window or bins setting: {exc}") from None
 
     # ------------------------------------------------------------------ fit
     def fit(
