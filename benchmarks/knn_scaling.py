@@ -35,7 +35,7 @@ Estimator-file mode (issue 13 §4)::
 
     python benchmarks/knn_scaling.py --estimator-open 1e7 --queries 1000
 
-fits an N-atom estimator (index="auto", 2 synthetic runs of 10 epochs), saves it, and in fresh
+fits an N-atom estimator (``--index``, default auto; 2 synthetic runs of ``--epochs`` 10), saves it, and in fresh
 processes times ``LTAUEstimator.load`` (memory-mapped) and one batch of predictions, with the
 resident-set growth, then times a full streamed ``verify=True`` load.
 
@@ -334,8 +334,9 @@ def _open_estimator(path: str, n_query: int, k: int, seed: int) -> dict:
             "confidence_range": [float(out["confidence"].min()), float(out["confidence"].max())]}
 
 
-def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir: Path, epochs: int = 10) -> dict:
-    """Fit an N-atom estimator (index="auto", synthetic error logs), save it, reopen it in a fresh process."""
+def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir: Path, epochs: int = 10,
+                       index: str = "auto") -> dict:
+    """Fit an N-atom estimator (synthetic error logs), save it, reopen it in a fresh process."""
     import subprocess
     import sys
     import tempfile
@@ -352,9 +353,9 @@ def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir:
         for i in range(epochs):
             e[i] = level * rng.gamma(4.0, 0.25, size=n).astype(np.float32)
         runs.append(e)
-    row = {"n_train": n, "dim": d, "epochs": epochs, "runs": 2}
+    row = {"n_train": n, "dim": d, "epochs": epochs, "runs": 2, "index": index}
     t0, c0 = time.perf_counter(), time.process_time()
-    est = LTAUEstimator(k=k, index="auto").fit(x, runs)
+    est = LTAUEstimator(k=k, index=index).fit(x, runs)
     row["fit_s"], row["fit_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     del x, runs
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -393,14 +394,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hnsw-seconds-1e6", type=float, default=None,
                         help="scale mode: recorded HNSW build time at 1e6 (s) when not rebuilt")
     parser.add_argument("--estimator-open", type=float, default=None, metavar="N",
-                        help="fit an N-atom estimator (index=auto), save it and time its memory-mapped reopening")
+                        help="fit an N-atom estimator, save it and time its memory-mapped reopening")
+    parser.add_argument("--index", default="auto", help="estimator-open mode: index kind (default auto)")
+    parser.add_argument("--epochs", type=int, default=10, help="estimator-open mode: synthetic epochs per run")
     args = parser.parse_args(argv)
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
     if args.estimator_open:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        report = run_estimator_open(int(args.estimator_open), args.dim, args.k, args.queries, args.seed, out.parent)
+        report = run_estimator_open(int(args.estimator_open), args.dim, args.k, args.queries, args.seed, out.parent,
+                                    epochs=args.epochs, index=args.index)
         out.write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
         return report
