@@ -57,6 +57,8 @@ import numpy as np
 from ltau_ase.core.index import NeighbourIndex
 
 EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 256)
+#: scale mode: (nprobe, refine) search settings also measured on the opened ivfpq index
+SCALE_SWEEP = ((4, 4), (4, 8), (8, 8), (16, 4), (2, 16))
 NPROBE_SWEEP = (1, 4, 16, 64)
 
 
@@ -228,6 +230,13 @@ def _open_and_query(workdir: str, n: int, d: int, k: int, params_json: str) -> d
     us, wall, ids, valid = timed_search(index, queries, k)
     after = _rss()
     np.save(work / "ids.npy", np.where(valid, ids, -1))
+    sweep = []
+    for nprobe, refine in SCALE_SWEEP:
+        index.params.update(nprobe=min(nprobe, index.params["nlist"]), refine=refine)
+        index.apply_search_params()
+        s_us, _, s_ids, s_valid = timed_search(index, queries, k)
+        np.save(work / f"ids_{nprobe}_{refine}.npy", np.where(s_valid, s_ids, -1))
+        sweep.append({"nprobe": nprobe, "refine": refine, "us_per_query": s_us})
     invlists = faiss.extract_index_ivf(index.index).invlists
     codes_bytes = sum(invlists.list_size(i) for i in range(invlists.nlist)) * (invlists.code_size + 8)
     table_bytes = index.index.precomputed_table.size() * 4
@@ -235,7 +244,7 @@ def _open_and_query(workdir: str, n: int, d: int, k: int, params_json: str) -> d
             "anon_bytes_after_open": opened["anon"] - before["anon"],
             "anon_bytes_after_queries": after["anon"] - before["anon"],
             "file_bytes_after_open": opened["file"] - before["file"],
-            "touched_vector_bytes": after["file"] - opened["file"],
+            "touched_vector_bytes": after["file"] - opened["file"], "sweep": sweep,
             "codes_and_ids_bytes": int(codes_bytes), "precomputed_table_bytes": int(table_bytes),
             "centroid_bytes": int(index.params["nlist"] * d * 4)}
 
@@ -287,6 +296,9 @@ def run_scale(sizes: list[int], n_query: int, k: int, d: int, seed: int, hnsw_ma
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             sub = json.loads(proc.stdout.strip().splitlines()[-1])
             ids = np.load(Path(tmp) / "ids.npy")
+            for point in sub["sweep"]:
+                got = np.load(Path(tmp) / f"ids_{point['nprobe']}_{point['refine']}.npy")
+                point["recall"] = recall_at_k(got, got >= 0, truth)
         row.update({f"ivfpq_{key}": v for key, v in sub.items()})
         row["ivfpq_recall"] = recall_at_k(ids, ids >= 0, truth)
         row["ivfpq_index_memory_bytes"] = sub["anon_bytes_after_queries"]
