@@ -12,6 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ltau_ase.cli.options import (
+    check_output_file,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+
 # λ used in the paper (App. E) for each scheme; uniform ignores it.
 PAPER_LAMBDA = {"easy": 2.0, "hard": 4.5, "uniform": 0.0}
 
@@ -26,15 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", type=Path, default=None, help="dataset-map PNG (default: <output stem>_map.png)")
     parser.add_argument("--scheme", choices=("easy", "hard", "uniform"), default="hard",
                         help="which atoms to up-weight (default: hard)")
-    parser.add_argument("--lam", type=float, default=None,
+    parser.add_argument("--lam", type=non_negative_float, default=None,
                         help="λ of the weights (default: the paper's 2.0 for easy, 4.5 for hard)")
-    parser.add_argument("--atol", type=float, default=None,
+    parser.add_argument("--atol", type=positive_float, default=None,
                         help="error threshold in eV/Å (--error-logs only; default: MAE of the final epoch)")
-    parser.add_argument("--skip-epochs", type=int, default=0, help="ignore the first S logged epochs (--error-logs only)")
-    parser.add_argument("--last-epochs", type=int, default=None, help="keep only the last W epochs (--error-logs only)")
-    parser.add_argument("--easy-threshold", type=float, default=0.5, help="µ at or above which steady atoms are easy")
-    parser.add_argument("--hard-threshold", type=float, default=0.5, help="µ below which steady atoms are hard")
-    parser.add_argument("--ambiguous-variability", type=float, default=0.2, help="σ at or above which atoms are ambiguous")
+    parser.add_argument("--skip-epochs", type=non_negative_int, default=0, help="ignore the first S logged epochs (--error-logs only)")
+    parser.add_argument("--last-epochs", type=positive_int, default=None, help="keep only the last W epochs (--error-logs only)")
+    parser.add_argument("--easy-threshold", type=probability, default=0.5, help="µ at or above which steady atoms are easy")
+    parser.add_argument("--hard-threshold", type=probability, default=0.5, help="µ below which steady atoms are hard")
+    parser.add_argument("--ambiguous-variability", type=probability, default=0.2, help="σ at or above which atoms are ambiguous")
     parser.add_argument("--group-key", default="config_type",
                         help="frame info key colouring the map when every frame has it (default: config_type)")
 
@@ -64,13 +73,16 @@ def _confidence_from_logs(paths, atol, window):
 
 
 def run(args: argparse.Namespace) -> int:
-    import ase.io
     import numpy as np
 
     from ltau_ase.cartography import REGIONS, export_extxyz, loss_weights, regions, values_for_frames
     from ltau_ase.core.errorlog import EpochWindow
+    from ltau_ase.core.trainingset import read_training_frames
     from ltau_ase.plots import plot_cartography
 
+    check_output_file(args.output, "--output")
+    if args.map is not None:
+        check_output_file(args.map, "--map")
     if args.estimator is not None:
         if args.atol is not None or args.skip_epochs or args.last_epochs is not None:
             raise ValueError("--atol, --skip-epochs and --last-epochs apply to --error-logs; "
@@ -82,11 +94,7 @@ def run(args: argparse.Namespace) -> int:
         atom_ids, mu, sigma, atol = _confidence_from_logs(args.error_logs, args.atol, window)
         source = f"{len(args.error_logs)} error log(s)"
 
-    frames = []
-    for path in args.train_file:
-        if not path.is_file():
-            raise FileNotFoundError(f"training file {path} does not exist")
-        frames.extend(ase.io.read(path, index=":", format="extxyz"))
+    frames = read_training_frames(args.train_file)
     mu_f, sigma_f = values_for_frames(frames, atom_ids, mu, sigma)
     lam = PAPER_LAMBDA[args.scheme] if args.lam is None else args.lam
     weights = loss_weights(mu_f, sigma_f, scheme=args.scheme, lam=lam)

@@ -13,6 +13,7 @@ computation: optimizers and MD drivers have already evaluated the structure when
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any
@@ -23,6 +24,8 @@ from ase.calculators.calculator import all_properties, compare_atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from ltau_ase.core.checks import check_int, check_number
+from ltau_ase.core.paths import check_writable_file
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
 
 Select = str | Sequence[int] | np.ndarray
@@ -216,14 +219,11 @@ class UncertaintyStop:
                  n_sigma: float = 3.0, select: Select = "all") -> None:
         if threshold is None and not adaptive:
             raise ValueError("threshold is required unless adaptive=True")
-        if threshold is not None and not math.isfinite(float(threshold)):
-            raise ValueError(f"threshold must be a finite number, got {threshold}")
-        if not isinstance(patience, (int, np.integer)) or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-        if adaptive and (not isinstance(warmup, (int, np.integer)) or warmup < 2):
-            raise ValueError(f"warmup must be an integer >= 2 in adaptive mode, got {warmup!r}")
-        if adaptive and not (math.isfinite(n_sigma) and n_sigma >= 0):
-            raise ValueError(f"n_sigma must be a finite number >= 0, got {n_sigma}")
+        check_number(threshold, "threshold", allow_none=True)
+        check_int(patience, "patience")
+        if adaptive:
+            check_int(warmup, "warmup (adaptive mode)", minimum=2)
+            check_number(n_sigma, "n_sigma", minimum=0)
         if on_trigger is not None and not callable(on_trigger):
             raise TypeError(f"on_trigger must be callable(atoms, info), got {type(on_trigger)}")
         self.dyn = dyn
@@ -232,6 +232,10 @@ class UncertaintyStop:
         self.atom_reduce = check_reduce(atom_reduce)
         self.patience = int(patience)
         self.on_trigger = on_trigger
+        if save_to is not None:  # now, not when the stop fires and its frame would be lost
+            check_writable_file(save_to, "save_to")
+            if not os.path.isdir(os.path.dirname(os.path.abspath(save_to))):
+                raise ValueError(f"save_to {save_to}: its directory does not exist; create it first")
         self.save_to = save_to
         self.adaptive = adaptive
         self.warmup = warmup
