@@ -23,6 +23,7 @@ from ltau_ase.core.distributions import (
     default_atol,
     distributions_from_arrays,
     estimate_memory,
+    make_edges,
 )
 from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
@@ -215,6 +216,12 @@ class LTAUEstimator:
         check_int(self.chunk_size, "chunk_size")
         if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
             raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
+        try:
+            EpochWindow.coerce(self.window)
+            if self.bins is not None:
+                make_edges(self.bins, 1e-3, 1.0)  # validates the bins setting only
+        except (TypeError, IndexError) as exc:
+            raise ValueError(f"invalid window or bins setting: {exc}") from None
 
     def estimate_fit_memory(self, n_atoms: int, n_features: int, n_epochs: Any) -> dict[str, int]:
         """Estimated peak resident bytes of :meth:`fit` with these parameters.
