@@ -533,6 +533,67 @@ class LTAUEstimator:
         self._cache = None
         return {"scale": self.scale_, "before": float(res["before"]), "after": float(res["after"])}
 
+    # ------------------------------------------------------------------ k on a calibration set
+    def select_k(
+        self,
+        descriptors: Any,
+        errors: Any,
+        k_grid: Any = (1, 2, 5, 10, 20, 50),
+        threshold: float | None = None,
+    ) -> dict[int, float]:
+        """Set k to the value of ``k_grid`` whose plain (paper-form) confidences have the lowest
+        miscalibration area on a calibration set (ties: the smaller k), as the demo chooses k.
+
+        One neighbour search with the largest k serves every candidate (the k nearest are a prefix of
+        the K nearest). k-dependent learned state follows: ``k_eff_`` and the training reference
+        distances (recomputed from the index's stored vectors; flat and hnsw indexes only). A previous
+        :meth:`fit_calibration` depended on k and is dropped: calibrate after choosing k.
+
+        Args:
+            descriptors: (n, D) calibration descriptors; errors: (n,) their true force-error norms (eV/Å).
+            k_grid: candidate k values (positive integers).
+            threshold: absolute threshold (eV/Å); None = ``atol_``.
+        Returns:
+            {k: miscalibration area} for every candidate.
+        """
+        from ltau_ase.core.calibration import miscalibration_area
+
+        self._check_fitted()
+        x = as_float32(descriptors, "descriptors", self.n_features_in_)
+        err = np.asarray(errors, dtype=np.float64)
+        if err.shape != (x.shape[0],) or not np.all(np.isfinite(err)) or np.any(err < 0):
+            raise ValueError(f"errors must be ({x.shape[0]},) finite force-error norms >= 0 (eV/Å); got shape {err.shape}")
+        ks = sorted({int(k) for k in k_grid}) if len(k_grid) else []
+        if not ks or ks[0] < 1:
+            raise ValueError(f"k_grid must hold positive integers; got {k_grid!r}")
+        if self.index == "ivfpq":
+            raise ValueError("select_k needs a flat or hnsw index (the training vectors are recovered from it); "
+                             "refit with the chosen k instead")
+        t = self.atol_ if threshold is None else threshold
+        if not _finite_number(t) or t < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 (eV/Å); got {threshold!r}")
+        n_train = self.n_train_atoms_
+        dist, ids, valid = self.index_.search(x, min(ks[-1], n_train))
+        p_train = self.train_confidence(threshold)
+        by_k: dict[int, float] = {}
+        for k in ks:
+            ke = min(k, n_train)
+            v = valid[:, :ke]
+            if np.any(v.sum(axis=1) == 0):
+                raise RuntimeError(f"the {self.index} index found no neighbour for some atoms; raise efSearch")
+            conf = self._average(p_train[ids[:, :ke]], v, self._weights(dist[:, :ke], v))
+            by_k[k] = float(miscalibration_area(conf, err, float(t)))
+        best = min(by_k, key=lambda k: (by_k[k], k))
+        self.k = best
+        self.k_eff_ = int(min(best, n_train))
+        train_x = self.index_.index.reconstruct_n(0, n_train)
+        self.train_distance_ref_ = reference_distances(self.index_, np.ascontiguousarray(train_x, dtype=np.float32),
+                                                       self.k_eff_)
+        for name in _CALIBRATION_ATTRS:
+            self.__dict__.pop(name, None)
+        self._cache = None
+        return by_k
+
     # ------------------------------------------------------------------ distance-aware calibration
     def fit_calibration(
         self,
@@ -541,6 +602,7 @@ class LTAUEstimator:
         atomic_numbers: Any = None,
         threshold: float | None = None,
         seed: int = 0,
+        frame_ids: Any = None,
     ) -> "LTAUEstimator":
         """Fit the distance-aware scale, per-element factors and conformal bounds on a calibration set.
 
@@ -551,7 +613,9 @@ class LTAUEstimator:
         on log r_j (m_j: the neighbours' mean logged error) with a power-law tail beyond the largest r,
         and c_Z the factor minimising the miscalibration area of the confidences at ``threshold``
         (shared search :func:`ltau_ase.core.calibration.search_scale`), per element with at least
-        ``MIN_ELEMENT_ATOMS`` atoms in the half, else pooled. On the second half the nonconformity
+        ``MIN_ELEMENT_ATOMS`` atoms in each half whose own factor also lowers the miscalibration of the
+        element's atoms in the second half (a guard against factors fitted to a few correlated
+        structures), else pooled. On the second half the nonconformity
         scores |ΔF_j| / (s_j m_j) give the split-conformal quantiles (Mondrian by element, same
         minimum count; :class:`ltau_ase.core.conformal.MondrianConformal`).
 
@@ -567,6 +631,9 @@ class LTAUEstimator:
             threshold: absolute threshold T (eV/Å) at which confidences are calibrated; None = ``atol_``
                 (with rtol > 0 pass it explicitly).
             seed: seed of the random halving.
+            frame_ids: optional (n,) integer structure label of each atom; then whole structures go to
+                one half (atoms of one structure have correlated errors, so an atom-level split would
+                make the halves look more alike than new structures are). Recommended; the CLI does it.
         Returns:
             self, with ``distance_scale_``, ``pooled_factor_``, ``element_factor_z_``,
             ``element_factors_``, ``conformal_`` and ``calibration_info_`` set.
@@ -614,8 +681,22 @@ class LTAUEstimator:
         tiny = float(ratio[ratio > 0].min()) if np.any(ratio > 0) else 1e-6
         m_floor = max(float(mean_error.mean()) * 1e-6, 1e-12)
         m = np.maximum(mean_error, m_floor)
-        order = np.random.default_rng(seed).permutation(n)
-        half_a, half_b = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+        rng = np.random.default_rng(seed)
+        if frame_ids is None:
+            order = rng.permutation(n)
+            half_a, half_b = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+        else:
+            f = np.asarray(frame_ids)
+            if f.shape != (n,) or not np.issubdtype(f.dtype, np.integer):
+                raise ValueError(f"frame_ids must be ({n},) integers, one per descriptor row; got shape {f.shape}")
+            frames = rng.permutation(np.unique(f))
+            if frames.size < 2:
+                raise ValueError("frame_ids name a single structure; the calibration needs at least two to split")
+            in_a = np.isin(f, frames[: frames.size // 2])
+            half_a, half_b = np.flatnonzero(in_a), np.flatnonzero(~in_a)
+            if min(half_a.size, half_b.size) < MIN_CALIBRATION_ATOMS // 2:
+                raise ValueError(f"splitting the {frames.size} structures in two gives {half_a.size} and {half_b.size} "
+                                 f"atoms; each half needs at least {MIN_CALIBRATION_ATOMS // 2} (add structures)")
 
         g = DistanceScale.fit(np.maximum(ratio[half_a], tiny), err[half_a] / m[half_a])
         base = g(ratio)
@@ -632,13 +713,22 @@ class LTAUEstimator:
         pooled = search_scale(miscal_of(half_a), bounds=(0.05, 20.0), n_grid=40, refine=True, current=1.0)
         elements, factors = [], []
         if z is not None:
-            labels, counts = np.unique(z[half_a], return_counts=True)
-            for label in labels[counts >= MIN_ELEMENT_ATOMS]:
+            labels_a, counts_a = np.unique(z[half_a], return_counts=True)
+            labels_b, counts_b = np.unique(z[half_b], return_counts=True)
+            enough_b = set(labels_b[counts_b >= MIN_ELEMENT_ATOMS].tolist())
+            for label in labels_a[counts_a >= MIN_ELEMENT_ATOMS]:
+                if int(label) not in enough_b:
+                    continue
                 rows = half_a[z[half_a] == label]
                 res = search_scale(miscal_of(rows), bounds=(0.05, 20.0), n_grid=40, refine=True,
                                    current=pooled["scale"])
-                elements.append(int(label))
-                factors.append(res["scale"])
+                # Atoms of one structure are correlated, so an element seen in few structures can get a
+                # factor that only fits them: keep it only if it also beats the pooled factor on the
+                # element's atoms of the other half.
+                check = miscal_of(half_b[z[half_b] == label])
+                if check(res["scale"]) < check(pooled["scale"]):
+                    elements.append(int(label))
+                    factors.append(res["scale"])
         self.distance_scale_ = g
         self.pooled_factor_ = float(pooled["scale"])
         self.element_factor_z_ = np.asarray(elements, dtype=np.int64)
@@ -656,6 +746,7 @@ class LTAUEstimator:
             "miscalibration_before": float(pooled["before"]),
             "miscalibration_after": float(pooled["after"]),
             "seed": int(seed),
+            "split": "atoms" if frame_ids is None else "structures",
         }
         return self
 
