@@ -117,7 +117,7 @@ def fit_estimator_from_runs(
     k: int = 10,
     index: str = "auto",
     atol: float | None = None,
-    window: EpochWindow | dict | tuple | None = None,
+    window: EpochWindow | dict | tuple | str | None = "last_half",
     model: PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 16,
@@ -138,7 +138,8 @@ def fit_estimator_from_runs(
         index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"`` (flat below 1e5 training atoms,
             HNSW above).
         atol: error threshold (eV/Å); None: the final models' training MAE.
-        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
+        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all; ``"last_half"``
+            (default): the last half, see ``LTAUEstimator``'s ``window``.
         model: checkpoint / package file giving the descriptors; default the first run's
             ``best.ckpt`` (else ``last.ckpt``; for a checkpoint-ensemble log its last
             checkpoint). Its SHA-256 is stored as ``model_sha256``.
@@ -194,7 +195,7 @@ def fit_estimator_from_runs(
         "k": int(k),
         "index": index,
         "atol": None if atol is None else float(atol),
-        "epoch_window": EpochWindow.coerce(window).to_dict(),
+        "epoch_window": window if isinstance(window, str) else EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],
         "error_logs": [str(d.resolve()) for d in log_dirs],
         "train_files": [str(f.resolve()) for f in train_files],

@@ -124,7 +124,7 @@ def test_search_scale_finds_minimum_and_keeps_current_when_no_better():
 def test_pair_confidence_matches_brute_force():
     rng = np.random.default_rng(5)
     errs = np.abs(rng.normal(size=(3, 12, 30)))  # 3 runs, 12 epochs, 30 atoms
-    est = LTAUEstimator(k=3, distribution="exact").fit(rng.normal(size=(30, 2)), list(errs))
+    est = LTAUEstimator(k=3, distribution="exact", window=None).fit(rng.normal(size=(30, 2)), list(errs))
     atoms = rng.integers(30, size=50)
     t = rng.uniform(0, 2, size=50)
     brute = np.array([np.mean([(errs[m, :, a] <= tt).mean() for m in range(3)]) for a, tt in zip(atoms, t)])
