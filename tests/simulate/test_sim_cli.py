@@ -97,5 +97,5 @@ def test_md_with_ltau_calculator_runs_to_the_end(tmp_path, capsys):
     assert len(images) == 6
     for key in ("uncertainties", "confidences", "expected_force_errors", "latent_distances"):
         assert images[-1].arrays["ltau_" + key].shape == (len(images[-1]),)
-    with pytest.raises(ValueError, match="--threshold is required"):
+    with pytest.raises(ValueError, match="--stop-threshold is required"):
         _run(md, ["--factory", "sim_standins:STANDIN_FACTORY", "--structure", tmp_path / "start.extxyz"])
