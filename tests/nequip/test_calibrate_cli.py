@@ -56,5 +56,5 @@ def test_ltau_calibrate_refuses_bad_inputs(tiny_nequip_run, tiny_estimator, tmp_
     write(tmp_path / "small.extxyz", frames[:5])
     assert f"at least {MIN_CALIBRATION_ATOMS}" in error(["--calibration-file", str(tmp_path / "small.extxyz")])
     other = tiny_nequip_run.run_dir / "epochs" / "epoch0000.ckpt"
-    assert "is not the model" in error(["--calibration-file", str(cal_file), "--model", str(other)])
+    assert "was fitted for a model with sha256" in error(["--calibration-file", str(cal_file), "--model", str(other)])
     assert not (tmp_path / "x.ltau").exists()
