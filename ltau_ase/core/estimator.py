@@ -619,7 +619,7 @@ class LTAUEstimator:
 
         One neighbour search with the largest k serves every candidate (the k nearest are a prefix of
         the K nearest). k-dependent learned state follows: ``k_eff_`` and the training reference
-        distances (recomputed from the index's stored vectors; flat and hnsw indexes only). A previous
+        distances (recomputed from the index's stored vectors). A previous
         :meth:`fit_calibration` depended on k and is dropped: calibrate after choosing k.
 
         Args:
@@ -639,9 +639,10 @@ class LTAUEstimator:
         ks = sorted({int(k) for k in k_grid}) if len(k_grid) else []
         if not ks or ks[0] < 1:
             raise ValueError(f"k_grid must hold positive integers; got {k_grid!r}")
-        if self.index == "ivfpq":
-            raise ValueError("select_k needs a flat or hnsw index (the training vectors are recovered from it); "
-                             "refit with the chosen k instead")
+        train_x = self.index_.training_vectors()
+        if train_x is None:
+            raise ValueError("select_k needs an index that keeps the training vectors (flat, hnsw, or ivfpq with "
+                             "refine > 0) to recompute the reference distances; refit with the chosen k instead")
         t = self.atol_ if threshold is None else threshold
         if not _finite_number(t) or t < 0:
             raise ValueError(f"threshold must be a finite number >= 0 (eV/Å); got {threshold!r}")
@@ -659,7 +660,6 @@ class LTAUEstimator:
         best = min(by_k, key=lambda k: (by_k[k], k))
         self.k = best
         self.k_eff_ = int(min(best, n_train))
-        train_x = self.index_.index.reconstruct_n(0, n_train)
         self.train_distance_ref_ = reference_distances(self.index_, np.ascontiguousarray(train_x, dtype=np.float32),
                                                        self.k_eff_)
         for name in _CALIBRATION_ATTRS:

@@ -293,3 +293,21 @@ def test_edited_calibration_in_a_file_is_refused(tmp_path):
                               ("c.ltau", nan_factor, "factors")):
         with pytest.raises(ValueError, match=match):
             LTAUEstimator.load(rewrite(name, edit))
+
+
+def test_select_k_matches_refits_with_each_k():
+    est, (xc, ec, _), _ = _shift_problem(seed=6, n_train=500, n_cal=300)
+    x_train = est.index_.training_vectors().copy()
+    errs = np.abs(np.random.default_rng(6).normal(size=(3, 8, 500)))
+    est = LTAUEstimator(k=10, distribution="exact").fit(x_train, list(errs))
+    by_k = est.select_k(xc, ec, k_grid=(1, 3, 7))
+    for k, value in by_k.items():  # brute force: an estimator fitted with that k
+        ref = LTAUEstimator(k=k, distribution="exact").fit(x_train, list(errs))
+        assert value == pytest.approx(miscalibration_area(ref.predict(xc)["confidence"], ec, ref.atol_), abs=1e-12)
+    best = min(by_k, key=lambda k: (by_k[k], k))
+    refit = LTAUEstimator(k=best, distribution="exact").fit(x_train, list(errs))
+    assert est.k == best and est.k_eff_ == best
+    np.testing.assert_allclose(est.train_distance_ref_, refit.train_distance_ref_, rtol=1e-6)
+    np.testing.assert_array_equal(est.predict(xc[:20])["confidence"], refit.predict(xc[:20])["confidence"])
+    with pytest.raises(ValueError, match="k_grid"):
+        est.select_k(xc, ec, k_grid=(0, 2))
