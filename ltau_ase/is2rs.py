@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ltau_ase.core.calibration import auroc, spearman
+from ltau_ase.core.checks import check_int
 
 __all__ = [
     "ADWT_THRESHOLDS",
@@ -228,11 +229,55 @@ def system_table(
             group = groups[name]
         else:
             raise ValueError(f"system {name!r} has no group in the groups mapping")
-        rec: dict[str, Any] = {"name": name, "group": str(group)}
-        rec.update({f"uq_{s}": float(p.info[f"ltau_uq_{s}"]) for s in UQ_STATISTICS})
-        rec.update(system_distances(p, r, cell_tolerance=cell_tolerance))
-        records.append(rec)
+        uq = {s: p.info[f"ltau_uq_{s}"] for s in UQ_STATISTICS}
+        records.append(_system_row(name, group, uq, p, r, cell_tolerance))
     return records, missing
+
+
+def _system_row(name: str, group: str, uq: Mapping[str, float], pred, ref, cell_tolerance: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "group": str(group)}
+    row.update({f"uq_{s}": float(uq[s]) for s in UQ_STATISTICS})
+    row.update(system_distances(pred, ref, cell_tolerance=cell_tolerance))
+    return row
+
+
+def records_table(
+    records: Sequence[Any],
+    references: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    cell_tolerance: float = 1e-4,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The per-system IS2RS table of relaxation records (the one path from a database to the metrics).
+
+    Args:
+        records: :class:`ltau_ase.simulate.batch.RelaxationRecord` objects (``load_results(db)``;
+            anything with ``name``, ``group``, ``status``, ``nsteps``, ``uq_initial|_final|_max|_mean``,
+            ``atoms`` and ``reference`` attributes). Failed relaxations are skipped: count them from
+            the records' ``status``.
+        references: system name -> reference relaxed :class:`ase.Atoms`; None: each record's stored
+            ``reference``.
+        strict: a relaxed system without a reference raises ValueError instead of being listed.
+    Returns:
+        ``(table, missing)``: one row per relaxed system with a reference (``name``, ``group``,
+        ``uq_*``, ``rmsd`` (Å), ``d_mean`` (Å), ``n_free``, ``status``, ``nsteps``), in record order, and
+        the names without a reference (also warned about).
+    """
+    relaxed = [r for r in records if r.status != "failed"]
+    if references is None:
+        references = {r.name: r.reference for r in relaxed if r.reference is not None}
+    pred = {r.name: r for r in relaxed}
+    if strict:
+        missing = [n for n in pred if n not in references]
+        if missing:
+            raise ValueError(f"{len(missing)} system(s) have no reference structure: {missing[:10]}")
+    matched, missing = match_references(pred, references)
+    table = []
+    for name, (rec, ref) in matched.items():
+        row = _system_row(name, rec.group, {s: getattr(rec, f"uq_{s}") for s in UQ_STATISTICS}, rec.atoms, ref,
+                          cell_tolerance)
+        row.update(status=rec.status, nsteps=rec.nsteps)
+        table.append(row)
+    return table, missing
 
 
 def bin_rmsd_by_uq(uq, rmsd, n_bins: int = 5, strategy: str = "quantile") -> dict[str, np.ndarray]:
@@ -257,8 +302,7 @@ def bin_rmsd_by_uq(uq, rmsd, n_bins: int = 5, strategy: str = "quantile") -> dic
         raise ValueError("no systems to bin")
     if not (np.isfinite(u).all() and np.isfinite(r).all()):
         raise ValueError("uq and rmsd must be finite")
-    if int(n_bins) != n_bins or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    check_int(n_bins, "n_bins")
     if strategy == "quantile":
         edges = np.unique(np.quantile(u, np.linspace(0.0, 1.0, int(n_bins) + 1)))
     elif strategy == "uniform":

@@ -73,7 +73,7 @@ def test_batch_relax_and_report_resumes(demo_dir, tmp_path):
                          "--output", str(tmp_path))
     first = re.search(r"first run: \{'done': (\d+), 'unconverged': (\d+), 'failed': (\d+)", stdout)
     assert sum(map(int, first.groups())) == 2
-    assert "re-run: {'done': 0, 'unconverged': 0, 'failed': 0, 'skipped': 2, 'total': 2}" in stdout
+    assert "re-run: {'done': 0, 'unconverged': 0, 'failed': 0, 'skipped': 2, 'busy': 0, 'total': 2}" in stdout
     rows = list(connect(str(tmp_path / "is2rs.db")).select())
     assert sorted(r.group for r in rows) == ["in_domain", "out_of_domain"]  # one row each, no duplicates
     assert all(r.nsteps <= 8 and 0 <= r.uq_initial <= 1 for r in rows)

@@ -18,10 +18,13 @@ import sys
 SUBCOMMANDS = {
     "fit": "fit an LTAU estimator from nequip run directories and their training data",
     "relax": "batch relaxations with per-atom uncertainties (Dask, results in ase.db)",
+    "predict": "per-atom uncertainties of many structures (Dask, results in ase.db, resumable)",
     "report": "IS2RS-style analysis of a relaxation database against reference structures",
     "md": "molecular dynamics that stops when the uncertainty is too high",
     "reweight": "confidence map and re-weighted training set (dataset cartography)",
+    "compile": "compile a nequip checkpoint with its estimator into one model that outputs LTAU per atom",
     "convert": "rewrite an estimator file in the current format (--verify: check every digest and value)",
+    "learn": "active-learning campaign: explore, flag, select, label, retrain, refit (resumable)",
     "calibrate": "choose k and fit distance-aware, per-element and conformal calibration on a labelled file",
 }
 

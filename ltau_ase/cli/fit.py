@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ltau_ase.cli.options import add_model_options, check_output_file, non_negative_int, positive_float, positive_int
+from ltau_ase.cli.options import (
+    add_model_options,
+    byte_size,
+    check_output_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       model_help="checkpoint (.ckpt) giving the descriptors (default: first run's last.ckpt, "
                                  "else best.ckpt)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass (default 16)")
+    parser.add_argument("--max-memory", type=byte_size, default=None, metavar="SIZE",
+                        help="memory budget of the fit, e.g. 4G or 4e9 bytes: refuse (with the estimate) "
+                             "before extracting descriptors when the fit would need more")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -73,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        max_memory=args.max_memory,
     )
     print(
         f"wrote {args.output}: {est.n_train_atoms_} training atoms, {len(args.run_dirs)} run(s), "

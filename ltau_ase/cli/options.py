@@ -92,18 +92,53 @@ def factory_spec(text: str) -> str:
 
 
 def scheduler_address(text: str) -> str:
-    """A Dask scheduler address: ``tcp://host:port`` (or ``tls://``, ``inproc://``, ``ucx://``), or
+    """A Dask scheduler address: ``tcp://host:port`` (or ``tls://``, ``ucx://``, ``ws://``), or
     ``host:port``."""
     protocol, sep, rest = text.rpartition("://")
     host_port = rest if sep else text
     host, _, port = host_port.rpartition(":")
-    if (sep and protocol not in ("tcp", "tls", "inproc", "ucx", "ws", "wss")) or not host or not port.isdigit() \
+    if (sep and protocol not in ("tcp", "tls", "ucx", "ws", "wss")) or not host or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected a scheduler address like tcp://host:8786, got {text!r}")
     return text
 
 
+def byte_size(text: str) -> int:
+    """``"4G"``, ``"4GB"``, ``"512M"``, ``"4e9"`` -> bytes (decimal units: 1G = 1e9 bytes), > 0."""
+    units = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    t = text.strip().upper().removesuffix("B")
+    scale = units.get(t[-1:])
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 4G, 512M or 4e9 bytes, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a size > 0, got {text!r}")
+    return int(value)
+
+
 # ----------------------------------------------------------------------------- option groups
+def add_dask_options(parser: argparse.ArgumentParser, what: str = "model") -> argparse._ArgumentGroup:
+    """``--scheduler``, ``--scheduler-timeout``, ``--workers``, ``--dashboard`` (``ltau relax``, ``predict``)."""
+    dask = parser.add_argument_group("Dask")
+    dask.add_argument("--scheduler", type=scheduler_address, default=None,
+                      help="address of a running Dask scheduler (default: an in-process cluster on 127.0.0.1)")
+    dask.add_argument("--scheduler-timeout", type=positive_float, default=30.0,
+                      help="seconds to wait for --scheduler to answer (30)")
+    dask.add_argument("--workers", type=positive_int, default=1,
+                      help=f"in-process cluster workers, each with its own {what} (1)")
+    dask.add_argument("--dashboard", nargs="?", const="127.0.0.1:8787", default=None, metavar="HOST:PORT",
+                      help="serve the Dask dashboard of the in-process cluster (default address 127.0.0.1:8787)")
+    return dask
+
+
+def check_dask_options(args: argparse.Namespace) -> None:
+    """``--workers`` and ``--dashboard`` configure the in-process cluster only."""
+    if args.scheduler is not None and (args.workers != 1 or args.dashboard is not None):
+        raise ValueError("--workers and --dashboard configure the in-process cluster; they do not apply with "
+                         "--scheduler")
+
+
 def add_alias(parser: argparse.ArgumentParser | Any, old: str, dest: str, type: Callable[[str], Any]) -> None:
     """Accept the old option name ``old`` for ``dest``, hidden from ``--help``."""
     parser.add_argument(old, dest=dest, type=type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -128,10 +163,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, estimator: bool = True
                            help="force-error threshold of the confidences, eV/Å (default: the estimator's atol)")
         group.add_argument("--allow-model-mismatch", action="store_true",
                            help="use an estimator fitted for a different model file (warns)")
-        group.add_argument("--unknown-species", choices=("raise", "flag"), default="raise",
-                           help="elements the estimator never saw: fail (raise) or give their atoms uncertainty 1 "
-                                "(flag) (raise)")
+        group.add_argument("--unknown-species", choices=UNKNOWN_SPECIES_CHOICES, default=None,
+                           help="elements the estimator never saw: fail (raise), give their atoms uncertainty 1 "
+                                "(flag) or judge them by their latent neighbours alone (ignore) (default: the "
+                                "estimator's policy, raise unless it was fitted otherwise)")
     return group
+
+
+#: LTAUEstimator's unknown-species vocabulary (core.estimator.UNKNOWN_SPECIES_POLICIES; spelled out so that
+#: `ltau --help` does not import FAISS; tests/test_readme.py checks they agree)
+UNKNOWN_SPECIES_CHOICES = ("raise", "flag", "ignore")
 
 
 def check_model_options(args: argparse.Namespace) -> None:

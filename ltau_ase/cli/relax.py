@@ -15,16 +15,16 @@ from pathlib import Path
 
 from ltau_ase.cli.options import (
     add_alias,
+    add_dask_options,
     add_model_options,
     atom_reduce,
     atom_selection,
+    check_dask_options,
     check_model_options,
     check_output_file,
     load_factory,
     non_negative_int,
     positive_float,
-    positive_int,
-    scheduler_address,
 )
 
 # kept importable for older callers: `ltau_ase.cli.relax.load_factory`
@@ -44,15 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="oc20 = LBFGS with maxstep 0.04, memory 50, damping 1, alpha 70 (default BFGS)")
     parser.add_argument("--fmax", type=positive_float, default=0.05, help="force convergence criterion, eV/Å (0.05)")
     parser.add_argument("--steps", type=non_negative_int, default=300, help="maximum optimizer steps (300)")
-    dask = parser.add_argument_group("Dask")
-    dask.add_argument("--scheduler", type=scheduler_address, default=None,
-                      help="address of a running Dask scheduler (default: an in-process cluster on 127.0.0.1)")
-    dask.add_argument("--scheduler-timeout", type=positive_float, default=30.0,
-                      help="seconds to wait for --scheduler to answer (30)")
-    dask.add_argument("--workers", type=positive_int, default=1,
-                      help="in-process cluster workers, each with its own model (1)")
-    dask.add_argument("--dashboard", nargs="?", const="127.0.0.1:8787", default=None, metavar="HOST:PORT",
-                      help="serve the Dask dashboard of the in-process cluster (default address 127.0.0.1:8787)")
+    add_dask_options(parser)
     parser.add_argument("--atom-reduce", type=atom_reduce, default="mean",
                         help="'mean', 'max' or a quantile in [0, 1] (mean)")
     parser.add_argument("--select", type=atom_selection, default="free",
@@ -80,9 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for option, path in (("--structures", args.structures), ("--references", args.references)):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{option} {path} does not exist or is not a file")
-    if args.scheduler is not None and (args.workers != 1 or args.dashboard is not None):
-        raise ValueError("--workers and --dashboard configure the in-process cluster; they do not apply with "
-                         "--scheduler")
+    check_dask_options(args)
     factory = factory_from_args(args)
     factory()  # build the calculator once here: a bad model, estimator or factory fails before any work
     counts = relax_batch(str(args.structures), str(args.db), factory, optimizer=args.optimizer, fmax=args.fmax,

@@ -41,53 +41,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--fit-failure-model (its own RMSD threshold applies)")
 
 
-def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False) -> tuple[list[dict], list[str]]:
-    """Per-system rows (name, group, uq_*, rmsd, d_mean, n_free, status, nsteps) and names lacking a reference."""
-    from ltau_ase.is2rs import system_table
+def build_table(records: list, refs: dict[str, Any] | None = None, strict: bool = False) -> tuple[list[dict], list[str]]:
+    """Per-system rows and names lacking a reference: :func:`ltau_ase.is2rs.records_table` (kept name)."""
+    from ltau_ase.is2rs import records_table
 
-    pred = {}
-    for r in records:
-        atoms = r["atoms"]
-        atoms.info.update({f"ltau_uq_{s}": r[f"uq_{s}"] for s in ("initial", "final", "max", "mean")})
-        pred[r["name"]] = atoms
-    if strict:
-        missing = [n for n in pred if n not in refs]
-        if missing:
-            raise ValueError(f"{len(missing)} system(s) have no reference structure: {missing[:10]}")
-    table, missing = system_table(pred, refs, groups={r["name"]: r["group"] for r in records})
-    by_name = {r["name"]: r for r in records}
-    for row in table:
-        row.update(status=by_name[row["name"]]["status"], nsteps=by_name[row["name"]]["nsteps"])
-    return table, missing
+    return records_table(records, refs, strict=strict)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
+    check_output_dir(args.output, "--output")
+    if args.references is not None and not args.references.is_file():
+        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
+
     import json
 
     from ltau_ase.core.jsonable import to_jsonable
-    from ltau_ase.is2rs import uq_rmsd_analysis
+    from ltau_ase.is2rs import records_table, uq_rmsd_analysis
     from ltau_ase.plots import plot_rmsd_vs_uq
     from ltau_ase.simulate.batch import load_results, read_structures
 
-    check_output_dir(args.output, "--output")
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
-    if args.references is not None and not args.references.is_file():
-        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
     records = load_results(args.db)
     if not records:
         raise ValueError(f"{args.db} holds no relaxations")
-    failed = [{"name": r["name"], "reason": r["reason"]} for r in records if r["status"] == "failed"]
-    relaxed = [r for r in records if r["status"] != "failed"]
+    failed = [{"name": r.name, "reason": r.reason} for r in records if r.status == "failed"]
+    relaxed = [r for r in records if r.status != "failed"]
     if not relaxed:
         raise ValueError(f"all {len(records)} relaxations in {args.db} failed; nothing to analyse")
+    refs = None  # the references stored in the database
     if args.references is not None:
-        refs = dict(read_structures(str(args.references)))
-    else:
-        refs = {r["name"]: r["reference"] for r in relaxed if r["reference"] is not None}
-        if not refs:
-            raise ValueError(f"{args.db} stores no reference structures; pass --references")
-    table, missing = build_table(relaxed, refs, strict=args.strict)
+        refs = dict(read_structures(str(args.references), require_names=True))
+    elif all(r.reference is None for r in relaxed):
+        raise ValueError(f"{args.db} stores no reference structures; pass --references")
+    table, missing = records_table(relaxed, refs, strict=args.strict)
     if not table:
         raise ValueError("no relaxed system has a reference structure; check the names in --references")
     groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
@@ -97,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     png = plot_rmsd_vs_uq(analysis["binned"], args.output / "rmsd_vs_uq.png", threshold=args.rmsd_threshold)
     metrics = {"db": str(args.db), "n_records": len(records), "n_scored": len(table),
-               "unconverged": [r["name"] for r in relaxed if r["status"] == "unconverged"],
+               "unconverged": [r.name for r in relaxed if r.status == "unconverged"],
                "failed": failed, "missing_references": missing, "analysis": analysis, "systems": table}
     if failure:
         metrics["failure_model"] = failure

@@ -58,7 +58,7 @@ def frame_ids_of(frames: Sequence[Any]) -> np.ndarray:
     for i, atoms in enumerate(frames):
         if FRAME_ID_KEY not in atoms.info:
             raise ValueError(f"frame {i} has no info['{FRAME_ID_KEY}']; training frames need unique integer frame "
-                             "ids (set atoms.info['frame_id'], see ltau_ase.nequip.training.assign_frame_ids)")
+                             "ids (set atoms.info['frame_id'], see ltau_ase.core.trainingset.assign_frame_ids)")
         value = atoms.info[FRAME_ID_KEY]
         if value is None or isinstance(value, bool) or not float(value).is_integer():
             raise ValueError(
@@ -71,3 +71,35 @@ def frame_ids_of(frames: Sequence[Any]) -> np.ndarray:
     if (counts > 1).any():
         raise ValueError(f"frame ids repeat across the training frames: {unique[counts > 1][:10].tolist()}")
     return ids
+
+
+SOURCE_FRAME_ID_KEY = "source_frame_id"
+
+
+def assign_new_frame_ids(frames: Sequence[Any], taken: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Give frames that enter a training set fresh frame ids, unique against ``taken``.
+
+    Frames written by ``ltau md``, :class:`~ltau_ase.simulate.observers.UncertaintyStop` (``save_to``)
+    or an exploration keep the ``frame_id`` of the structure they started from, so adding them to a
+    training set as they are would collide with that structure (and with each other). This is the
+    one place where such frames get new ids: ``max(taken) + 1, + 2, ...`` in frame order (0, 1, ...
+    when nothing is taken). The previous id, when there was one, is kept in
+    ``info["source_frame_id"]``. Frames are changed in place.
+
+    Args:
+        frames: the frames (``ase.Atoms`` or anything with ``.info``) entering the training set.
+        taken: frame ids already in the training set, (T,) integers.
+    Returns:
+        (F,) int64 new ids.
+    """
+    taken = np.asarray(taken, dtype=np.int64).reshape(-1)
+    first = int(taken.max()) + 1 if taken.size else 0
+    if first + len(frames) > MAX_FRAME_ID:
+        raise ValueError(f"no frame ids left: {len(frames)} new frames after id {first - 1} exceed 2**42")
+    new = np.arange(first, first + len(frames), dtype=np.int64)
+    for atoms, frame_id in zip(frames, new):
+        old = atoms.info.get(FRAME_ID_KEY)
+        if old is not None and not isinstance(old, bool) and float(old).is_integer():
+            atoms.info[SOURCE_FRAME_ID_KEY] = int(old)
+        atoms.info[FRAME_ID_KEY] = int(frame_id)
+    return new

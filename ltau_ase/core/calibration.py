@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from ltau_ase.core.checks import check_int
+
 __all__ = [
     "CalibrationCurve",
     "calibration_curve",
@@ -171,8 +173,7 @@ def calibration_curve(
     err = _errors("errors", errors)
     _same_length(confidence=conf, errors=err)
     thr = _threshold(threshold, conf.shape[0])
-    if int(n_bins) != n_bins or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    check_int(n_bins, "n_bins")
     edges = _bin_edges(conf, int(n_bins), strategy)
     idx = _assign_bins(conf, edges)
     n_total = edges.size - 1

@@ -191,9 +191,12 @@ class _Distributions:
         ``threshold`` is a scalar or (N,) (one per training atom, e.g. atol + rtol·|F_ref|), eV/Å.
         """
         t = _check_threshold(threshold, self.n_atoms)
-        idx = np.arange(self.n_atoms) if atoms is None else np.asarray(atoms, dtype=np.int64)
         if _same_threshold(t, self.fitted_threshold):
+            if atoms is None:  # a slice, not a fancy index: no (M, N) copies of the counts
+                return self.fitted_counts / self.n_logged
+            idx = np.asarray(atoms, dtype=np.int64)
             return self.fitted_counts[:, idx] / self.n_logged[:, idx]
+        idx = np.arange(self.n_atoms) if atoms is None else np.asarray(atoms, dtype=np.int64)
         out = np.empty((self.n_runs, idx.size), dtype=np.float64)
         for start in range(0, idx.size, _EVAL_CHUNK):
             sub = idx[start : start + _EVAL_CHUNK]
@@ -297,6 +300,44 @@ class ExactDistributions(_Distributions):
         runs = [arrays[f"sorted_errors_{m}"] for m in range(int(info["n_runs"]))]
         thr = arrays["fitted_threshold"]
         return cls(runs, float(thr) if thr.ndim == 0 else thr)
+
+
+def n_bin_edges(bins: Any) -> int:
+    """Number of edges K that :func:`make_edges` makes from the ``bins`` setting (before seeing data)."""
+    if bins is None:
+        return DEFAULT_N_EDGES
+    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+        return int(bins)
+    if isinstance(bins, (tuple, list)) and len(bins) == 2 and isinstance(bins[0], str):
+        return int(bins[1])
+    return int(np.asarray(bins).size)
+
+
+def estimate_memory(
+    kind: str, n_atoms: int, n_epochs: Sequence[int], bins: Any = None, chunk_size: int = _EVAL_CHUNK
+) -> dict[str, int]:
+    """Peak bytes of building ``kind`` (``"compact"`` or ``"exact"``) distributions by streaming.
+
+    Args:
+        n_atoms: N training atoms.
+        n_epochs: selected epochs of each of the M runs.
+    Returns:
+        ``{"distributions": bytes kept, "streaming": bytes of temporaries at the peak}``, from the
+        array sizes of :meth:`CompactDistributions.from_runs` / :meth:`ExactDistributions.from_runs`.
+    """
+    n_runs, e_max = len(n_epochs), max(n_epochs)
+    per_run = n_runs * n_atoms * 8  # one (M, N) int64/float64 array
+    blocks = 8 * e_max * min(chunk_size, n_atoms) * 4  # the streamed block and its temporaries
+    if kind == "compact":
+        count_bytes = np.dtype(_count_dtype(e_max)).itemsize
+        kept = n_runs * n_atoms * (n_bin_edges(bins) + 1) * count_bytes + 3 * per_run + n_atoms * 8
+        # from_runs holds n_logged, fitted_counts and sums next to the counts (+ max_error);
+        # the constructor recomputes n_logged while from_runs' copy is alive.
+        return {"distributions": kept, "streaming": 2 * per_run + blocks}
+    if kind == "exact":
+        kept = sum(n_epochs) * n_atoms * 4 + 2 * per_run + n_atoms * 8
+        return {"distributions": kept, "streaming": e_max * n_atoms + per_run + blocks}
+    raise ValueError(f"distribution must be 'compact' or 'exact'; got {kind!r}")
 
 
 def _check_q(q: float) -> float:

@@ -24,6 +24,7 @@ memory of a streaming pass is one block, whatever N.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -32,7 +33,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ltau_ase.core.checks import check_int
+
 FORMAT_NAME = "ltau-ase-errorlog"
+#: the log directory LTAUErrorLogger writes inside a training run directory by default
+DEFAULT_LOG_SUBDIR = "ltau_errors"
 FORMAT_VERSION = 1
 _META = "meta.json"
 _IDS = "atom_ids.npy"
@@ -53,12 +58,8 @@ class EpochWindow:
     last: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.skip, (int, np.integer)) or isinstance(self.skip, bool) or self.skip < 0:
-            raise ValueError(f"EpochWindow.skip must be a non-negative integer; got {self.skip!r}")
-        if self.last is not None and (
-            not isinstance(self.last, (int, np.integer)) or isinstance(self.last, bool) or self.last < 1
-        ):
-            raise ValueError(f"EpochWindow.last must be a positive integer or None; got {self.last!r}")
+        check_int(self.skip, "EpochWindow.skip", minimum=0)
+        check_int(self.last, "EpochWindow.last", allow_none=True)
 
     def select(self, n_epochs: int) -> slice:
         """Row slice of the selected epochs among ``n_epochs`` logged ones; raises if none is left."""
@@ -220,19 +221,24 @@ class ErrorLogWriter:
             raise ValueError("errors contain inf; expected finite values (NaN marks a missing atom)")
         if np.any(err < 0):
             raise ValueError(f"errors contain negative values (min {np.nanmin(err)}); expected error norms >= 0")
-        rows = np.searchsorted(self.atom_ids, ids)
-        rows_clipped = np.minimum(rows, self.n_atoms - 1)
-        unknown = self.atom_ids[rows_clipped] != ids
-        if np.any(unknown):
-            raise ValueError(
-                f"{int(unknown.sum())} atom ids are not known to this log, e.g. {ids[unknown][:5].tolist()}; "
-                "expected ids given to ErrorLogWriter"
-            )
-        order = np.sort(rows)
-        if np.any(order[1:] == order[:-1]):
-            raise ValueError("atom ids repeat within one epoch; expected each atom at most once per epoch")
-        row = np.full(self.n_atoms, np.nan, dtype=np.float32)
-        row[rows] = err
+        if ids.size == self.n_atoms and np.array_equal(ids, self.atom_ids):
+            # every atom, in the log's order: the row is the errors themselves (no lookup, no sort)
+            rows = slice(None)
+            row = np.array(err, dtype=np.float32)
+        else:
+            rows = np.searchsorted(self.atom_ids, ids)
+            rows_clipped = np.minimum(rows, self.n_atoms - 1)
+            unknown = self.atom_ids[rows_clipped] != ids
+            if np.any(unknown):
+                raise ValueError(
+                    f"{int(unknown.sum())} atom ids are not known to this log, e.g. {ids[unknown][:5].tolist()}; "
+                    "expected ids given to ErrorLogWriter"
+                )
+            order = np.sort(rows)
+            if np.any(order[1:] == order[:-1]):
+                raise ValueError("atom ids repeat within one epoch; expected each atom at most once per epoch")
+            row = np.full(self.n_atoms, np.nan, dtype=np.float32)
+            row[rows] = err
         comp_row = None
         if self.components:
             if components is None:
@@ -367,8 +373,7 @@ class ErrorLog:
 
         Memory: one block, E_window × chunk × 4 bytes (100 epochs × 65 536 atoms: 26 MB).
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+        check_int(chunk_size, "chunk_size")
         rows = self._rows(window)
         for start in range(0, self.n_atoms, int(chunk_size)):
             sl = slice(start, min(start + int(chunk_size), self.n_atoms))
@@ -378,6 +383,83 @@ class ErrorLog:
         """(N,) float32 errors of the last selected epoch."""
         rows = self._rows(window)
         return self.read_block(slice(rows.stop - 1, rows.stop), slice(0, self.n_atoms))[0]
+
+
+# ---------------------------------------------------------------- multi-process (DDP) logging
+# A DDP run's ranks each see a shard of the training set; these helpers let the ranks agree on what
+# they log and merge their shards into one epoch row (used by ltau_ase.nequip.callback).
+
+
+def universe_digest(atom_ids: np.ndarray) -> dict[str, Any]:
+    """Small summary of an atom-id universe that ranks compare: count, first/last id and SHA-256."""
+    ids = np.ascontiguousarray(np.sort(np.asarray(atom_ids, dtype=np.int64)))
+    return {
+        "n_atoms": int(ids.size),
+        "first": int(ids[0]) if ids.size else None,
+        "last": int(ids[-1]) if ids.size else None,
+        "sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+    }
+
+
+def check_rank_universes(digests: list[dict[str, Any]]) -> None:
+    """Raise ValueError unless every rank's :func:`universe_digest` is the same."""
+    if any(d != digests[0] for d in digests[1:]):
+        lines = "; ".join(
+            f"rank {r}: {d['n_atoms']} atoms, ids {d['first']}..{d['last']}, sha256 {d['sha256'][:12]}"
+            for r, d in enumerate(digests)
+        )
+        raise ValueError(
+            f"the DDP ranks disagree on the training-atom ids ({lines}); expected every rank to read the same "
+            "training set (same files, frame ids, split seed)"
+        )
+
+
+def check_rank_epochs(headers: list[dict[str, Any]]) -> None:
+    """Raise ValueError unless every rank reports the same logged epoch and mode, with atoms.
+
+    ``headers[r]`` is rank r's ``{"epoch": int | None, "mode": str, "n_atoms": int, "error": str | None}``
+    (``epoch`` None: the rank has no errors for this epoch; ``error``: rank 0's failed log write).
+    """
+    errors = [f"rank {r}: {h['error']}" for r, h in enumerate(headers) if h.get("error")]
+    if errors:
+        raise RuntimeError("writing the error log failed on " + "; ".join(errors))
+    epochs = [h["epoch"] for h in headers]
+    modes = [h["mode"] for h in headers]
+    if all(e is None for e in epochs):
+        raise RuntimeError("LTAUErrorLogger collected no training atoms in this epoch on any rank")
+    if len(set(epochs)) != 1 or len(set(modes)) != 1:
+        desc = ", ".join(
+            f"rank {r}: " + ("no errors" if e is None else f"epoch {e}") + f" ({m})"
+            for r, (e, m) in enumerate(zip(epochs, modes))
+        )
+        raise ValueError(
+            f"the DDP ranks disagree on the epoch being logged ({desc}); expected every rank to log the same "
+            "epoch with the same LTAUErrorLogger settings; nothing of this epoch was committed"
+        )
+
+
+def merge_rank_parts(parts: list[dict[str, np.ndarray]], dedupe: bool = True) -> dict[str, np.ndarray]:
+    """Concatenate per-rank (or per-batch) error parts in order; with ``dedupe`` keep each atom id once.
+
+    A repeated id (a sample the DistributedSampler repeated to pad the epoch) keeps its first
+    occurrence in the given order. Returns the same keys as the parts (``ids``, ``errors``, optional
+    ``components`` and ``energy``) with ``n_repeated``: the number of dropped repeats. Without
+    ``dedupe`` repeats are kept (and refused by the log writer).
+    """
+    parts = [p for p in parts if p["ids"].size]
+    if not parts:
+        raise ValueError("no atoms to merge: every part is empty")
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    n_repeated = 0
+    if dedupe:
+        _, first = np.unique(merged["ids"], return_index=True)
+        n_repeated = merged["ids"].size - first.size
+        if n_repeated:
+            keep = np.sort(first)
+            merged = {key: value[keep] for key, value in merged.items()}
+    merged["n_repeated"] = np.int64(n_repeated)
+    return merged
+
 
 
 def load_error_logs(
@@ -398,3 +480,43 @@ def load_error_logs(
                 "expected every run of an ensemble to log the same training atoms"
             )
     return logs
+
+
+def _is_error_log(path: Path) -> bool:
+    meta = path / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def find_error_log(run_dir: str | os.PathLike) -> Path:
+    """The error-log directory of a run.
+
+    ``run_dir`` may be an error-log directory itself; otherwise ``run_dir/ltau_errors`` is used
+    when it exists, else the single error log found directly below ``run_dir``.
+
+    Raises:
+        FileNotFoundError: no log found.
+        ValueError: several logs found and none is ``ltau_errors`` (pass the log directory).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if _is_error_log(run_dir):
+        return run_dir
+    if _is_error_log(run_dir / DEFAULT_LOG_SUBDIR):
+        return run_dir / DEFAULT_LOG_SUBDIR
+    found = sorted(p for p in run_dir.iterdir() if p.is_dir() and _is_error_log(p))
+    if not found:
+        raise FileNotFoundError(
+            f"no LTAU error log in {run_dir}; expected a '{DEFAULT_LOG_SUBDIR}' directory written by "
+            "LTAUErrorLogger (or build one from per-epoch checkpoints with error_logs_from_checkpoints)"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{run_dir} holds several error logs {[p.name for p in found]}; pass the wanted log directory instead"
+        )
+    return found[0]

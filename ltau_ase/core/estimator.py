@@ -14,21 +14,24 @@ bounds (:mod:`ltau_ase.core.conformal`). Imports numpy, scipy, faiss and tqdm on
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any
 
 import numpy as np
 
+from ltau_ase.core.checks import check_int, check_number, is_finite_number
 from ltau_ase.core.distributions import (
     CompactDistributions,
     ExactDistributions,
     as_runs,
     default_atol,
     distributions_from_arrays,
+    estimate_memory,
 )
 from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
-from ltau_ase.core.index import INDEX_CHOICES, NeighbourIndex, as_float32
+from ltau_ase.core.index import INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
 from ltau_ase.core.shift import REFERENCE_SAMPLE, DistanceScale, reference_distances
 
@@ -58,12 +61,28 @@ _PARAM_NAMES = (
     "metadata",
     "chunk_size",
     "progress",
+    "max_memory",
 )
 _LEARNED_ARRAYS = ("confidence_train_", "variability_train_", "mean_error_train_")
 #: parameters whose learned state (the error distributions) needs the training logs to recompute
 _REFIT_PARAMS = ("atol", "rtol", "distribution", "bins", "window")
 #: largest k accepted (each query allocates k neighbours; the paper uses k ≈ 10)
 MAX_K = 4096
+
+
+#: what happens to atoms of elements never seen at fit (see ``LTAUEstimator(unknown_species=...)``)
+UNKNOWN_SPECIES_POLICIES = ("raise", "flag", "ignore")
+#: earlier names kept working: the estimator's "warn" (now "flag", still warning)
+UNKNOWN_SPECIES_ALIASES = {"warn": "flag"}
+
+
+def unknown_species_policy(value: Any) -> str:
+    """The canonical policy (one of :data:`UNKNOWN_SPECIES_POLICIES`) of ``value`` or its alias."""
+    canonical = UNKNOWN_SPECIES_ALIASES.get(value, value) if isinstance(value, str) else value
+    if canonical not in UNKNOWN_SPECIES_POLICIES:
+        raise ValueError(f"unknown_species must be one of {UNKNOWN_SPECIES_POLICIES} (alias 'warn' = 'flag'); "
+                         f"got {value!r}")
+    return canonical
 
 
 class LTAUEstimator:
@@ -92,11 +111,20 @@ class LTAUEstimator:
             miscalibration on in-domain test atoms 0.057 (all 12 epochs) vs 0.019 (last 6) on the
             demo's full data, 0.059 vs 0.057 on its quick data (16 epochs), 0.23 vs 0.08 in the
             molecular study of issue 11.
-        unknown_species: what :meth:`check_species` does with elements unseen at fit:
-            ``"raise"``, ``"warn"`` or ``"ignore"``.
+        unknown_species: the policy for atoms of elements never seen at fit (needs
+            ``atomic_numbers`` at fit), applied by :meth:`predict` when it gets atomic numbers and
+            by :meth:`check_species` (:data:`UNKNOWN_SPECIES_POLICIES`): ``"raise"`` refuses them
+            (ValueError naming the elements), because the error distributions say nothing about
+            them; ``"flag"`` reports them as maximally uncertain (uncertainty 1, confidence 0,
+            expected error NaN; latent distance still computed) and lists them in the result
+            ``unknown_species``; ``"ignore"`` leaves them to the latent-distance lookup alone.
+            ``"warn"`` (the earlier name) is an alias of ``"flag"`` that also warns.
         metadata: free-form JSON-able provenance saved with the estimator (e.g. ``model_sha256``).
         chunk_size: atoms per chunk when streaming error logs.
         progress: show tqdm progress bars while fitting.
+        max_memory: memory budget of :meth:`fit` in bytes (None: no check). A fit whose estimated
+            peak (:meth:`estimate_fit_memory`) exceeds it raises ValueError before reading any
+            error, with the estimate.
     """
 
     def __init__(
@@ -115,6 +143,7 @@ class LTAUEstimator:
         metadata: dict[str, Any] | None = None,
         chunk_size: int = 1 << 16,
         progress: bool = False,
+        max_memory: int | None = None,
     ) -> None:
         self.k = k
         self.index = index
@@ -130,6 +159,7 @@ class LTAUEstimator:
         self.metadata = metadata
         self.chunk_size = chunk_size
         self.progress = progress
+        self.max_memory = max_memory
 
     def __repr__(self) -> str:
         defaults = LTAUEstimator.__init__.__defaults__
@@ -190,9 +220,8 @@ class LTAUEstimator:
         return [name for name in _REFIT_PARAMS if now[name] != fitted[name]]
 
     def _check_params(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k <= 0:
-            raise ValueError(f"k must be a positive integer; got {self.k!r}")
-        if isinstance(self.k, (int, np.integer)) and self.k > MAX_K:
+        check_int(self.k, "k")
+        if self.k > MAX_K:
             raise ValueError(f"k must be at most {MAX_K}; got {self.k}")
         if not isinstance(self.index, str) or self.index not in INDEX_CHOICES:
             raise ValueError(f"index must be one of {INDEX_CHOICES}; got {self.index!r}")
@@ -204,15 +233,70 @@ class LTAUEstimator:
             raise ValueError(f"weights must be 'uniform' or 'distance'; got {self.weights!r}")
         if self.distribution not in ("compact", "exact"):
             raise ValueError(f"distribution must be 'compact' or 'exact'; got {self.distribution!r}")
-        if self.unknown_species not in ("raise", "warn", "ignore"):
-            raise ValueError(f"unknown_species must be 'raise', 'warn' or 'ignore'; got {self.unknown_species!r}")
-        if self.atol is not None and (not _finite_number(self.atol) or self.atol < 0):
-            raise ValueError(f"atol must be None or a finite number >= 0 (eV/Å); got {self.atol!r}")
-        if not _finite_number(self.rtol) or self.rtol < 0:
-            raise ValueError(f"rtol must be a finite number >= 0; got {self.rtol!r}")
+        unknown_species_policy(self.unknown_species)
+        check_number(self.atol, "atol", minimum=0, unit="eV/Å", allow_none=True)
+        check_number(self.rtol, "rtol", minimum=0)
         _check_scale(self.scale)
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer; got {self.chunk_size!r}")
+        check_int(self.chunk_size, "chunk_size")
+        if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
+            raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
+
+    def estimate_fit_memory(self, n_atoms: int, n_features: int, n_epochs: Any) -> dict[str, int]:
+        """Estimated peak resident bytes of :meth:`fit` with these parameters.
+
+        Args:
+            n_atoms: N training atoms; n_features: D; n_epochs: selected epochs of each of the M runs.
+        Returns:
+            bytes per part (``descriptors`` (N, D) float32 as passed to fit, ``distributions``
+            kept, ``streaming`` temporaries while building them, ``learned`` per-atom arrays,
+            ``index``, ``index_build`` temporaries) and ``peak``, the largest sum over the fit's
+            phases (streaming the logs, then building the index). Error logs are streamed, never
+            counted whole.
+        """
+        self._check_params()
+        n, d = int(n_atoms), int(n_features)
+        epochs = [int(e) for e in np.atleast_1d(n_epochs)]
+        dist = estimate_memory(self.distribution, n, epochs, self.bins, int(self.chunk_size))
+        kind = choose_index(n)[0] if self.index == "auto" else self.index
+        p = resolve_params(kind, self.index_params, n, d)
+        vectors = n * d * 4
+        # NeighbourIndex.build works on its own copy of the (N, D) float32 vectors: flat and
+        # ivfpq with re-ranking keep it, hnsw and ivfpq without re-ranking drop it after the build.
+        if kind == "flat":
+            index, build = vectors, 0
+        elif kind == "hnsw":
+            index, build = n * (d * 4 + p["M"] * 2 * 4 + 16), vectors  # level-0 links dominate the graph
+        else:
+            index = n * (p["m"] * p["nbits"] // 8 + 8) + p["nlist"] * d * 4
+            index += vectors if p.get("refine", 0) > 0 else 0
+            build = p["train_size"] * d * 4 + (0 if p.get("refine", 0) > 0 else vectors)
+        part = {
+            "descriptors": n * d * 4,
+            "distributions": dist["distributions"],
+            "streaming": dist["streaming"],
+            "learned": 3 * n * 8 + 2 * len(epochs) * n * 8,  # 3 (N,) float64 + (M, N) temporaries
+            "index": index,
+            "index_build": build + n * d,  # + the finiteness mask of as_float32
+        }
+        part["peak"] = part["descriptors"] + part["distributions"] + max(
+            part["streaming"], part["learned"], part["learned"] + part["index"] + part["index_build"]
+        )
+        return part
+
+    def check_fit_memory(self, n_atoms: int, n_features: int, n_epochs: Any) -> None:
+        """Raise ValueError, with the estimate, when a fit of this size would exceed ``max_memory``."""
+        if self.max_memory is None:
+            return
+        n, runs = int(n_atoms), list(np.atleast_1d(n_epochs))
+        est = self.estimate_fit_memory(n, n_features, runs)
+        if est["peak"] > self.max_memory:
+            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in est.items() if k != "peak")
+            raise ValueError(
+                f"this fit needs about {est['peak'] / 1e9:.2f} GB ({parts} GB) for {n} atoms x {len(runs)} runs "
+                f"with distribution={self.distribution!r}, index={self.index!r}, but max_memory is "
+                f"{self.max_memory / 1e9:.2f} GB; shrink the largest parts (compact distributions with fewer "
+                "bins, a compressed index: ivfpq) or raise the budget"
+            )
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -246,6 +330,7 @@ class LTAUEstimator:
             raise ValueError(
                 f"errors log {runs[0].n_atoms} atoms but descriptors have {n} rows; expected one descriptor per logged atom"
             )
+        self.check_fit_memory(n, d, [r.n_epochs for r in runs])
         log_ids = runs[0].atom_ids
         ids = None
         if atom_ids is not None:
@@ -277,6 +362,8 @@ class LTAUEstimator:
                 raise ValueError(f"atomic_numbers must be ({n},) integers in [1, 118]; got shape {z.shape}, dtype {z.dtype}")
             species = np.unique(z).astype(np.int64)
 
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
         atol = float(self.atol) if self.atol is not None else default_atol(runs)
         threshold: float | np.ndarray = atol if self.rtol == 0 else atol + float(self.rtol) * forces
         if self.distribution == "compact":
@@ -285,6 +372,7 @@ class LTAUEstimator:
             )
         else:
             dist = ExactDistributions.from_runs(runs, threshold, chunk_size=int(self.chunk_size))
+        seconds["distributions"] = time.perf_counter() - t0
         k_eff = int(min(self.k, n))
         if self.k > n:
             warnings.warn(f"k={self.k} exceeds the {n} training atoms; every prediction averages all {n}", stacklevel=2)
@@ -294,7 +382,10 @@ class LTAUEstimator:
         self.confidence_train_ = dist.confidence(threshold)
         self.variability_train_ = dist.std(threshold)
         self.mean_error_train_ = dist.mean_error()
+        seconds["train_confidence"] = time.perf_counter() - t0 - seconds["distributions"]
+        t1 = time.perf_counter()
         self.index_ = NeighbourIndex.build(x, self.index, self.index_params)
+        seconds["index"] = time.perf_counter() - t1
         # each training atom's leave-one-out neighbour distance: the yardstick of "far" for fit_calibration
         self.train_distance_ref_ = reference_distances(self.index_, x, k_eff)
         self.n_features_in_ = int(d)
@@ -308,6 +399,7 @@ class LTAUEstimator:
             "n_epochs": [r.n_epochs for r in runs],
             "window": None if window is None else window.to_dict(),
             "window_policy": self.window if isinstance(self.window, str) else None,
+            "seconds": seconds,  # wall time per stage of this fit
         }
         for name in _CALIBRATION_ATTRS + ("scale_",):
             self.__dict__.pop(name, None)  # a refit invalidates earlier calibrations
@@ -409,8 +501,9 @@ class LTAUEstimator:
         self,
         descriptors: Any,
         threshold: float | None = None,
-        coverage: float | None = None,
         atomic_numbers: Any = None,
+        unknown_species: str | None = None,
+        coverage: float | None = None,
         distance_aware: bool = True,
     ) -> dict[str, np.ndarray]:
         """Uncertainties of n atoms.
@@ -418,11 +511,14 @@ class LTAUEstimator:
         Args:
             descriptors: (n, D) latent descriptors from the same model as at fit.
             threshold: absolute error threshold (eV/Å); None = the fitted atol (+ rtol·|F_ref|).
+            atomic_numbers: (n,) atomic numbers of the atoms; given, atoms of elements never seen at
+                fit are treated by the ``unknown_species`` policy (raise, flag or ignore), and a
+                calibrated estimator uses its per-element factors and conformal quantiles (without:
+                the pooled ones).
+            unknown_species: overrides the estimator's policy for this call (None: keep it).
             coverage: q in (0, 1): add ``error_bound``, the split-conformal per-atom bound (eV/Å) with
                 P(|ΔF| ≤ bound) ≥ q on data exchangeable with the calibration set (needs
                 :meth:`fit_calibration`).
-            atomic_numbers: (n,) atomic numbers, for the per-element factors and conformal quantiles
-                of a calibrated estimator; None uses the pooled ones.
             distance_aware: with False a calibrated estimator predicts as the paper does (one scale,
                 ``effective_scale``), ignoring its calibration.
         Returns:
@@ -433,12 +529,23 @@ class LTAUEstimator:
             calibrated, the per-atom distance-aware s_j = c_Z · g(r_j); then ``distance_ratio`` (r_j,
             the distance over the training set's median leave-one-out distance) and ``scale`` (s_j)
             are added, and ``error_bound`` when ``coverage`` is given. With ``weights="distance"``
-            confidence and expected_error are inverse-distance weighted.
+            confidence and expected_error are inverse-distance weighted. With ``atomic_numbers``,
+            also ``unknown_species``: (n,) bool, the atoms of unseen elements (all False unless the
+            policy is ``"flag"``), whose uncertainty is 1, confidence 0 and expected error and
+            error bound NaN.
+        Raises:
+            ValueError: an unseen element under the ``"raise"`` policy (before any search).
         """
         if coverage is not None:
             coverage = check_coverage(coverage)
+        unknown = None
+        if atomic_numbers is not None:
+            unknown = self.unknown_atoms(atomic_numbers, unknown_species)
         dist, ids, valid = self._neighbours(descriptors)
         n = ids.shape[0]
+        if unknown is not None and unknown.shape != (n,):
+            raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "
+                             "expected one per atom")
         z = None if atomic_numbers is None else _check_atomic_numbers(atomic_numbers, n, "atomic_numbers")
         w = self._weights(dist, valid)
         mean_error = self._average(self.mean_error_train_[ids], valid, w)
@@ -450,26 +557,35 @@ class LTAUEstimator:
         if not calibrated:
             p_train = self.train_confidence(threshold)
             confidence = self._average(p_train[ids], valid, w)
-            return {
+            out = {
                 "confidence": confidence,
                 "uncertainty": 1.0 - confidence,
                 "expected_error": self.effective_scale * mean_error,
                 "distance": distance,
             }
-        ratio = self._distance_ratio(distance)
-        scale = self._element_factors(z, n) * self.distance_scale_(ratio)
-        confidence = self._scaled_confidence(ids, valid, w, scale, threshold)
-        out = {
-            "confidence": confidence,
-            "uncertainty": 1.0 - confidence,
-            "expected_error": scale * mean_error,
-            "distance": distance,
-            "distance_ratio": ratio,
-            "scale": scale,
-        }
-        if coverage is not None:
-            q = self.conformal_.quantile_for(z, coverage) if z is not None else np.full(n, self.conformal_.quantiles(coverage)[1])
-            out["error_bound"] = q * scale * mean_error
+        else:
+            ratio = self._distance_ratio(distance)
+            scale = self._element_factors(z, n) * self.distance_scale_(ratio)
+            confidence = self._scaled_confidence(ids, valid, w, scale, threshold)
+            out = {
+                "confidence": confidence,
+                "uncertainty": 1.0 - confidence,
+                "expected_error": scale * mean_error,
+                "distance": distance,
+                "distance_ratio": ratio,
+                "scale": scale,
+            }
+            if coverage is not None:
+                q = (self.conformal_.quantile_for(z, coverage) if z is not None
+                     else np.full(n, self.conformal_.quantiles(coverage)[1]))
+                out["error_bound"] = q * scale * mean_error
+        if unknown is not None:
+            out["confidence"][unknown] = 0.0
+            out["uncertainty"][unknown] = 1.0
+            out["expected_error"][unknown] = np.nan
+            if "error_bound" in out:
+                out["error_bound"][unknown] = np.nan
+            out["unknown_species"] = unknown
         return out
 
     # ------------------------------------------------------------------ distance-aware helpers
@@ -501,18 +617,35 @@ class LTAUEstimator:
 
     # ------------------------------------------------------------------ species
     def check_species(self, atomic_numbers: Any) -> np.ndarray:
-        """Atomic numbers in ``atomic_numbers`` never seen at fit (sorted); raises/warns per ``unknown_species``.
+        """Atomic numbers in ``atomic_numbers`` never seen at fit (sorted).
 
-        Returns an empty array when ``species_`` was not recorded at fit.
+        Raises ValueError naming them under the ``"raise"`` policy (warns under ``"warn"``);
+        returns an empty array when ``species_`` was not recorded at fit.
         """
+        return self._unseen(atomic_numbers, self.unknown_species)[0]
+
+    def unknown_atoms(self, atomic_numbers: Any, unknown_species: str | None = None) -> np.ndarray:
+        """(n,) bool: the atoms to report as unknown under the policy (estimator's, or the override).
+
+        ``"raise"``: ValueError when any element is unseen; ``"flag"``: the atoms of unseen elements;
+        ``"ignore"`` (or no ``species_`` recorded): all False.
+        """
+        policy = self.unknown_species if unknown_species is None else unknown_species
+        unseen, z = self._unseen(atomic_numbers, policy)
+        if unknown_species_policy(policy) != "flag" or not unseen.size:
+            return np.zeros(z.shape, dtype=bool)
+        return np.isin(z, unseen)
+
+    def _unseen(self, atomic_numbers: Any, policy: str) -> tuple[np.ndarray, np.ndarray]:
+        canonical = unknown_species_policy(policy)
         self._check_fitted()
         z = np.asarray(atomic_numbers)
         if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer):
             raise ValueError(f"atomic_numbers must be a 1-d integer array; got shape {z.shape}, dtype {z.dtype}")
         if self.species_ is None:
-            return np.empty(0, dtype=np.int64)
+            return np.empty(0, dtype=np.int64), z
         unseen = np.setdiff1d(np.unique(z), self.species_)
-        if unseen.size:
+        if unseen.size and (canonical == "raise" or policy == "warn"):
             try:
                 from ase.data import chemical_symbols  # lazy: the core stays free of ASE at import
 
@@ -523,11 +656,11 @@ class LTAUEstimator:
                 f"elements {names} never appear in the training set (trained on Z={self.species_.tolist()}); "
                 "LTAU uncertainties for them are extrapolations"
             )
-            if self.unknown_species == "raise":
-                raise ValueError(msg)
-            if self.unknown_species == "warn":
-                warnings.warn(msg, stacklevel=2)
-        return unseen
+            if canonical == "raise":
+                raise ValueError(msg + "; use unknown_species='flag' to mark those atoms as maximally uncertain "
+                                 "instead, or 'ignore' to judge them by their latent neighbours alone")
+            warnings.warn(msg, stacklevel=3)
+        return unseen, z
 
     # ------------------------------------------------------------------ scale
     def fit_scale(
@@ -1039,6 +1172,7 @@ def _settings_snapshot(est: "LTAUEstimator") -> dict[str, Any]:
     elif bins is not None:
         params["bins"] = int(bins)
     params["k"], params["chunk_size"] = int(est.k), int(est.chunk_size)
+    params["max_memory"] = None if est.max_memory is None else int(est.max_memory)
     params["atol"] = None if est.atol is None else float(est.atol)
     params["rtol"], params["scale"] = float(est.rtol), float(est.scale)
     if est.index_params is not None:
@@ -1257,10 +1391,8 @@ def _check_values(est: "LTAUEstimator", info: dict[str, Any], dist: dict[str, np
             raise bad("the stored confidence spreads disagree with the stored distributions")
 
 
-def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(float(x))
+_finite_number = is_finite_number  # its earlier private name
 
 
 def _check_scale(scale: Any) -> None:
-    if not _finite_number(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0; got {scale!r}")
+    check_number(scale, "scale", minimum=0, strict=True)

@@ -18,10 +18,12 @@ from typing import Any
 
 from ltau_ase.simulate.backends import ModelBackend
 
-#: eager model files, which expose the latent features (loaded through nequip's own loader)
+#: eager model files, which expose the latent features (checkpoints built by ltau_ase.nequip.safe_load;
+#: .nequip.zip packages only with trusted=True)
 EAGER_SUFFIXES = (".ckpt", ".nequip.zip")
-#: AOTI-compiled files: claimed so that loading them gives nequip's explanation, not "no backend"
-AOTI_SUFFIXES = (".nequip.pt2",)
+#: nequip-compile outputs (AOTI, TorchScript), loaded by :mod:`ltau_ase.nequip.compiled` when they
+#: output the latent features (``ltau compile`` / ``nequip-compile --output-fields ... node_features``)
+AOTI_SUFFIXES = (".nequip.pt2", ".nequip.pth")
 
 
 class NequIPBackend(ModelBackend):
@@ -35,6 +37,19 @@ class NequIPBackend(ModelBackend):
         from ltau_ase.nequip.calculator import LatentNequIPCalculator
 
         return LatentNequIPCalculator.from_model_file(path, device=device, **kwargs)
+
+    def fingerprint(self, path: str | PathLike) -> str:
+        """The file's SHA-256; for a compiled file, that of the checkpoint it was compiled from.
+
+        ``ltau compile`` records the source checkpoint's SHA-256 in the compiled file's metadata
+        (``ltau_source``), so an estimator fitted for the checkpoint matches its compiled model and
+        one fitted for another checkpoint does not. Read from the archive without loading its code.
+        """
+        if str(path).endswith(AOTI_SUFFIXES):
+            from ltau_ase.nequip.compiled import recorded_source_sha256
+
+            return recorded_source_sha256(path)
+        return super().fingerprint(path)
 
     def ltau_factory(self, model_path: str, estimator_path: str, **kwargs: Any) -> "NequIPLTAUFactory":
         return NequIPLTAUFactory(str(model_path), str(estimator_path), **kwargs)
@@ -55,7 +70,8 @@ class NequIPLTAUFactory:
     device: str = "cpu"
     threshold: float | None = None
     allow_model_mismatch: bool = False
-    unknown_species: str = "raise"
+    #: unknown-element policy ("raise" | "flag" | "ignore"); None: the estimator's own
+    unknown_species: str | None = None
     #: nequip's type-name mapping (True: the model's type names are chemical symbols); None: nequip's default
     chemical_species_to_atom_type_map: bool | None = None
 
@@ -75,7 +91,8 @@ class NequIPCommitteeFactory:
 
     For :func:`ltau_ase.simulate.batch.relax_batch` (each worker builds it once). ``model_paths``
     are ``.ckpt`` / ``.nequip.zip`` files of the members, loaded with
-    ``LatentNequIPCalculator.from_model_file`` (nequip unpickles these files: use trusted models).
+    ``LatentNequIPCalculator.from_model_file`` (checkpoints are verified against an allow-list of exact
+    nequip classes; ``.nequip.zip`` packages carry code and are refused unless trusted).
     """
 
     model_paths: tuple[str, ...]

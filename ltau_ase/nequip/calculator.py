@@ -5,9 +5,10 @@
 last message-passing (convnet) layer, read from the SAME model output that yields energy, forces and
 stress. No second forward pass is ever made.
 
-Only eager models carry latent features: load ``.ckpt`` checkpoints or ``nequip-package``
-``.nequip.zip`` files with :meth:`LatentNequIPCalculator.from_model_file`. AOTI-compiled
-``.nequip.pt2`` files return energies/forces/stress only and are refused with an explanation.
+Load ``.ckpt`` checkpoints, ``nequip-package`` ``.nequip.zip`` files or compiled ``.nequip.pt2`` /
+``.nequip.pth`` files with :meth:`LatentNequIPCalculator.from_model_file`. A compiled file must list
+``node_features`` among its outputs (``ltau compile`` or ``nequip-compile --output-fields ...
+node_features``, see :mod:`ltau_ase.nequip.compiled`); one without is refused with the flags to use.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ LATENT_FIELD = AtomicDataDict.NODE_FEATURES_KEY
 
 _EAGER_SUFFIXES = (".ckpt", ".nequip.zip")
 _AOTI_SUFFIXES = (".pt2",)
+#: nequip-compile outputs (AOTI, TorchScript); loaded by :mod:`ltau_ase.nequip.compiled`
+_COMPILED_SUFFIXES = (".nequip.pt2", ".nequip.pth")
 
 
 def latent_dim(model: torch.nn.Module) -> int:
@@ -86,11 +89,15 @@ class LatentNequIPCalculator(NequIPCalculator):
         super().__init__(model, device, **kwargs)
         # per instance: extending the class list would change every NequIPCalculator
         self.implemented_properties = [*type(self).implemented_properties, DESCRIPTORS_KEY]
-        self.descriptor_dim: int = latent_dim(self.model)
+        self.descriptor_dim: int | None = self._descriptor_dim()
         self.model_path: Path | None = None
         #: hex SHA-256 of the model file's bytes the model was built from (set by from_model_file)
         self.model_sha256: str | None = None
         self._known_numbers = _known_atomic_numbers(self.transforms)
+
+    def _descriptor_dim(self) -> int | None:
+        """D of the latent features (subclass hook: compiled models read it from their metadata)."""
+        return latent_dim(self.model)
 
     @classmethod
     def from_model_file(
@@ -113,7 +120,8 @@ class LatentNequIPCalculator(NequIPCalculator):
         carry code and are refused unless ``trusted=True`` (then nequip's own loader reads the file).
 
         ``chemical_species_to_atom_type_map`` and the neighbour-list options are nequip's (as in
-        ``NequIPCalculator.from_compiled_model``); other keyword arguments go to the constructor (unit
+        ``NequIPCalculator.from_compiled_model``); None maps chemical symbols to the type names of the
+        same name without nequip's warning when every type name is a chemical symbol; other keyword arguments go to the constructor (unit
         factors). The SHA-256 of the bytes the model was built from is kept as :attr:`model_sha256`.
 
         Raises:
@@ -123,6 +131,16 @@ class LatentNequIPCalculator(NequIPCalculator):
         """
         path = Path(path)
         name = path.name
+        if name.endswith(_COMPILED_SUFFIXES):
+            if not trusted:
+                raise ValueError(
+                    f"{path} is a compiled model: loading it runs the native code (AOTInductor shared library) or "
+                    "TorchScript code stored in the file, which cannot be verified. Pass trusted=True if you trust "
+                    "the file's origin (e.g. you compiled it with `ltau compile`)"
+                )
+            from ltau_ase.nequip.compiled import load_compiled_calculator
+
+            return load_compiled_calculator(path, device=device, **kwargs)
         if name.endswith(_AOTI_SUFFIXES):
             raise ValueError(
                 f"{path} is an AOTI-compiled model (nequip-compile --mode aotinductor); it returns only "
@@ -163,6 +181,10 @@ class LatentNequIPCalculator(NequIPCalculator):
             raise ValueError("transforms are built from the model's metadata; do not pass `transforms`")
         r_max = float(model.metadata[graph_model.R_MAX_KEY])
         type_names = model.metadata[graph_model.TYPE_NAMES_KEY].split(" ")
+        if chemical_species_to_atom_type_map is None and all(t in chemical_symbols[1:] for t in type_names):
+            # type names that are chemical symbols: nequip's default (identity) is the right map, so
+            # spare `ltau fit` / `ltau md` users its warning on every model load
+            chemical_species_to_atom_type_map = True
         species_map = handle_chemical_species_map(chemical_species_to_atom_type_map, type_names)
         transforms = basic_transforms(
             model.metadata, r_max, type_names, species_map,

@@ -34,7 +34,22 @@ Restarts (``nequip-train ... ckpt_path=...``) append to the existing log when it
 or after the restart epoch; otherwise they raise. A fresh run refuses an existing log
 (FileExistsError from the writer).
 
-Multi-process (DDP) training is refused (RuntimeError): each rank would see only its shard.
+Multi-process (DDP) training (``trainer.strategy: ddp``, Lightning's or nequip's DDP strategy, any
+number of ranks): every rank collects the errors of its own shard; at each logged epoch end the
+ranks' errors are gathered to rank 0 (``torch.distributed``), which alone writes the log. The log
+holds the same atom ids as a single-process run, each atom once per epoch:
+
+* free mode: Lightning's ``DistributedSampler`` pads the epoch by repeating up to world_size − 1
+  frames (its ``drop_last=False``); a repeated atom keeps the error of its first occurrence in
+  rank order (the original sample: the padding copies go to higher ranks), never both;
+* exact mode: rank r evaluates frames r, r + world_size, … of the in-order training set, so
+  every frame is evaluated exactly once.
+
+Before anything is written the ranks compare their atom-id universes, and at every epoch end their
+epoch numbers, modes and atom counts; a disagreement raises the same ValueError on every rank (no
+rank is left waiting). An epoch is committed only after every rank's errors have arrived, so a rank
+killed mid-epoch leaves no committed partial epoch; the committed epochs stay readable and a
+restart from a checkpoint appends to them as in a single-process run.
 
 Outputs in ``log_dir`` (an :class:`ltau_ase.core.errorlog.ErrorLog` directory):
     force-error norms |F_pred − F_ref|₂ (eV/Å), one row per logged epoch; with ``components=True``
@@ -56,7 +71,14 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 
 from ltau_ase.core.atom_ids import ATOMS_PER_FRAME_BITS, global_atom_ids
-from ltau_ase.core.errorlog import ErrorLogWriter
+from ltau_ase.core.errorlog import (
+    DEFAULT_LOG_SUBDIR,
+    ErrorLogWriter,
+    check_rank_epochs,
+    check_rank_universes,
+    merge_rank_parts,
+    universe_digest,
+)
 from ltau_ase.nequip.fields import FRAME_ID_KEY
 
 _MODES = ("free", "exact")
@@ -100,6 +122,21 @@ def _batch_errors(
     return out
 
 
+def _distributed(trainer: lightning.Trainer) -> bool:
+    """True when the run has several ranks sharing an initialised torch.distributed process group."""
+    return (
+        int(getattr(trainer, "world_size", 1)) > 1
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
+def _all_gather_object(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def _find_file_paths(config: Any) -> list[str]:
     """All ``file_path`` values in a (nested) dataset config, in order."""
     found: list[str] = []
@@ -131,7 +168,7 @@ class LTAUErrorLogger(lightning.Callback):
 
     def __init__(
         self,
-        log_dir: str | os.PathLike = "ltau_errors",
+        log_dir: str | os.PathLike = DEFAULT_LOG_SUBDIR,
         mode: str = "free",
         components: bool = False,
         energy: bool = False,
@@ -152,12 +189,10 @@ class LTAUErrorLogger(lightning.Callback):
             raise ValueError(f"LTAUErrorLogger mode must be one of {_MODES}; got {self.mode!r}")
         if int(self.every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be >= 1; got {self.every_n_epochs!r}")
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise RuntimeError(
-                f"LTAUErrorLogger does not support multi-process training (world_size={trainer.world_size}): "
-                "each rank sees only its shard of the training set and concurrent writes would corrupt the log. "
-                "Train on one device, or build the log afterwards with "
-                "ltau_ase.nequip.fit.error_logs_from_checkpoints."
+                f"LTAUErrorLogger runs with world_size={trainer.world_size} but no torch.distributed process group "
+                "is initialised; multi-process training is supported with a DDP strategy (trainer.strategy: ddp)"
             )
 
     def _resolve_log_dir(self, trainer: lightning.Trainer) -> Path:
@@ -218,6 +253,7 @@ class LTAUErrorLogger(lightning.Callback):
             "train_files": [str(p) for p in _find_file_paths(train_cfg)] if train_cfg is not None else [],
             "n_train_frames": int(n_frames),
             "training_module": type(pl_module).__module__ + "." + type(pl_module).__qualname__,
+            "world_size": int(trainer.world_size),
             "units": "eV/Angstrom",
         }
 
@@ -240,39 +276,69 @@ class LTAUErrorLogger(lightning.Callback):
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         t0 = time.perf_counter()
         train_loader = self._training_dataloader(trainer)
+        self._ddp = _distributed(trainer)
+        self._rank = int(trainer.global_rank) if self._ddp else 0
+        world = int(trainer.world_size) if self._ddp else 1
         # In-order copy of the training loader: same dataset, collate function and batch size.
-        self._eval_loader = torch.utils.data.DataLoader(
+        universe_loader = torch.utils.data.DataLoader(
             train_loader.dataset,
             batch_size=train_loader.batch_size or 1,
             shuffle=False,
             collate_fn=train_loader.collate_fn,
             num_workers=0,
         )
-        frame_ids, n_atoms, atom_ids = self._collect_atom_ids(self._eval_loader)
-        log_dir = self._resolve_log_dir(trainer)
-        metadata = self._metadata(trainer, pl_module, frame_ids.size)
-        resume = self._check_resume(trainer, log_dir)
-        self._writer = ErrorLogWriter(
-            log_dir, atom_ids, components=bool(self.components), metadata=metadata, resume=resume
-        )
-        self._energy_writer = None
-        if self.energy:
-            self._energy_writer = ErrorLogWriter(
-                log_dir / ENERGY_SUBDIR,
-                atom_ids,
-                metadata={**metadata, "quantity": "|E_pred - E_ref| / n_atoms (eV/atom)"},
-                resume=resume,
+        frame_ids, n_atoms, atom_ids = self._collect_atom_ids(universe_loader)
+        # The exact pass of rank r evaluates frames r, r + world, ...: every frame once over the ranks.
+        self._eval_loader = universe_loader
+        if world > 1:
+            shard = torch.utils.data.Subset(train_loader.dataset, range(self._rank, len(train_loader.dataset), world))
+            self._eval_loader = torch.utils.data.DataLoader(
+                shard,
+                batch_size=train_loader.batch_size or 1,
+                shuffle=False,
+                collate_fn=train_loader.collate_fn,
+                num_workers=0,
             )
+        log_dir = self._resolve_log_dir(trainer)
         self.log_dir_ = log_dir
-        # Rows are written (and fsync'ed) by one background thread, so the disk latency of the
-        # durable write overlaps with the next epoch; writes stay in epoch order, and a failed
-        # write raises at the next epoch end or at train end.
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltau-errorlog")
+        self._writer = None
+        self._energy_writer = None
+        problem = None
+        if self._ddp:
+            check_rank_universes(_all_gather_object(universe_digest(atom_ids)))
+        if self._rank == 0:
+            try:
+                metadata = self._metadata(trainer, pl_module, frame_ids.size)
+                resume = self._check_resume(trainer, log_dir)
+                self._writer = ErrorLogWriter(
+                    log_dir, atom_ids, components=bool(self.components), metadata=metadata, resume=resume
+                )
+                if self.energy:
+                    self._energy_writer = ErrorLogWriter(
+                        log_dir / ENERGY_SUBDIR,
+                        atom_ids,
+                        metadata={**metadata, "quantity": "|E_pred - E_ref| / n_atoms (eV/atom)"},
+                        resume=resume,
+                    )
+            except Exception as exc:  # re-raised below on every rank, so that no rank waits forever
+                problem = exc
+        if self._ddp:
+            msg = _all_gather_object(None if problem is None else f"{type(problem).__name__}: {problem}")[0]
+            if msg is not None and problem is None:
+                raise RuntimeError(f"LTAUErrorLogger could not open the error log on rank 0: {msg}")
+        if problem is not None:
+            raise problem
+        # Rows are written (and fsync'ed) by one background thread on rank 0, so the disk latency of
+        # the durable write overlaps with the next epoch; writes stay in epoch order, and a failed
+        # write raises at the next epoch end (on every rank) or at train end.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltau-errorlog") if self._rank == 0 else None
         self._pending_write: Future | None = None
         #: per logged epoch, the wall time (s) spent inside this callback (hooks + log write)
         self.hook_seconds_: list[float] = []
-        #: per logged epoch, the part of hook_seconds_ spent at epoch end (exact pass + log write)
+        #: per logged epoch, the part of hook_seconds_ spent at epoch end (exact pass, gather, log write)
         self.epoch_end_seconds_: list[float] = []
+        #: per logged epoch, atoms seen twice (DistributedSampler padding) and logged once
+        self.repeated_atoms_: list[int] = []
         self._reset_epoch()
         self._hook = None
         if self.mode == "free":
@@ -355,24 +421,55 @@ class LTAUErrorLogger(lightning.Callback):
         if self.mode == "exact":
             self._parts = []
             self._exact_pass(pl_module)
-        if not self._parts:
-            raise RuntimeError(f"LTAUErrorLogger collected no training atoms in epoch {epoch}")
-        ids = np.concatenate([p["ids"] for p in self._parts])
-        errors = np.concatenate([p["errors"] for p in self._parts])
-        comps = np.concatenate([p["components"] for p in self._parts]) if self.components else None
-        energy = np.concatenate([p["energy"] for p in self._parts]) if self.energy else None
-        self._wait_for_write()
-        self._pending_write = self._io.submit(self._write_epoch, epoch, ids, errors, comps, energy)
+        if self._ddp:
+            merged = self._gather_epoch(epoch)
+        else:
+            if not self._parts:
+                raise RuntimeError(f"LTAUErrorLogger collected no training atoms in epoch {epoch}")
+            merged = merge_rank_parts(self._parts, dedupe=False)  # one process: a repeat is a bug, refused
+            self._wait_for_write()
+        if merged is not None:  # rank 0: commit in the background
+            self.repeated_atoms_.append(int(merged.pop("n_repeated")))
+            self._pending_write = self._io.submit(
+                self._write_epoch, epoch, merged["ids"], merged["errors"], merged.get("components"), merged.get("energy")
+            )
         self.epoch_end_seconds_.append(time.perf_counter() - t0)
         self.hook_seconds_.append(self._hook_s + self.epoch_end_seconds_[-1])
         self._reset_epoch()
+
+    def _gather_epoch(self, epoch: int) -> dict[str, np.ndarray] | None:
+        """Gather every rank's errors of this epoch to rank 0; the merged epoch there, None elsewhere.
+
+        First every rank learns every rank's header (epoch, mode, atom count, rank 0's last write
+        error) and checks it identically, so a disagreement raises on all ranks at once.
+        """
+        local = merge_rank_parts(self._parts) if self._parts else None
+        write_error = None
+        if self._rank == 0:
+            try:
+                self._wait_for_write()
+            except Exception as exc:
+                write_error = f"{type(exc).__name__}: {exc}"
+        header = {
+            "epoch": int(epoch) if local is not None else None,
+            "mode": self.mode,
+            "n_atoms": 0 if local is None else int(local["ids"].size),
+            "error": write_error,
+        }
+        check_rank_epochs(_all_gather_object(header))
+        local.pop("n_repeated")
+        gathered: list[Any] | None = [None] * torch.distributed.get_world_size() if self._rank == 0 else None
+        torch.distributed.gather_object(local, gathered, dst=0)
+        if self._rank != 0:
+            return None
+        return merge_rank_parts(gathered)  # rank order: a padded repeat keeps its original (lower-rank) copy
 
     def _write_epoch(self, epoch, ids, errors, comps, energy) -> None:
         self._writer.append_epoch(ids, errors, epoch=epoch, components=comps)
         if self._energy_writer is not None:
             self._energy_writer.append_epoch(ids, energy, epoch=epoch)
 
-    def _wait_for_write(self) -> None:
+    def _wait_for_write(self) -> None:  # rank 0 (or single process) only
         pending, self._pending_write = getattr(self, "_pending_write", None), None
         if pending is not None:
             pending.result()  # re-raises an exception of the write
@@ -387,7 +484,7 @@ class LTAUErrorLogger(lightning.Callback):
             self._release()
 
     def _release(self) -> None:
-        io = getattr(self, "_io", None)
+        io = getattr(self, "_io", None)  # None on ranks > 0
         if io is not None:
             io.shutdown(wait=True)
             self._io = None

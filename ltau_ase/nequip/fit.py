@@ -9,9 +9,9 @@ the same atom ids, fits an :class:`~ltau_ase.core.estimator.LTAUEstimator` and s
 per-epoch checkpoints on the training set and writes an error log, so finished runs trained
 without :class:`~ltau_ase.nequip.callback.LTAUErrorLogger` can adopt LTAU.
 
-Model files are loaded through nequip's own loader (eager mode, via
-:meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`). nequip unpickles
-checkpoints: load only files you trust.
+Model files are loaded by :meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`:
+a checkpoint is read once, unpickled with ``weights_only=True`` and built from an allow-list of exact
+nequip classes (:mod:`ltau_ase.nequip.safe_load`), so no code named by the file runs.
 """
 from __future__ import annotations
 
@@ -22,56 +22,22 @@ from typing import Any, Sequence
 import numpy as np
 from ase import Atoms
 
-from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
-from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
+from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids
+from ltau_ase.core.checks import check_int
+from ltau_ase.core.errorlog import (  # noqa: F401  (find_error_log, DEFAULT_LOG_SUBDIR: re-exported, old home)
+    DEFAULT_LOG_SUBDIR,
+    EpochWindow,
+    ErrorLog,
+    ErrorLogWriter,
+    find_error_log,
+    load_error_logs,
+)
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
 from ltau_ase.core.index import choose_index
+from ltau_ase.core.trainingset import as_paths, frames_for_atom_ids, read_training_frames
 
 PathLike = str | os.PathLike
-DEFAULT_LOG_SUBDIR = "ltau_errors"
-
-
-def _is_error_log(path: Path) -> bool:
-    meta = path / "meta.json"
-    if not meta.is_file():
-        return False
-    try:
-        import json
-
-        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def find_error_log(run_dir: PathLike) -> Path:
-    """The error-log directory of a run.
-
-    ``run_dir`` may be an error-log directory itself; otherwise ``run_dir/ltau_errors`` is used
-    when it exists, else the single error log found directly below ``run_dir``.
-
-    Raises:
-        FileNotFoundError: no log found.
-        ValueError: several logs found and none is ``ltau_errors`` (pass the log directory).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if _is_error_log(run_dir):
-        return run_dir
-    if _is_error_log(run_dir / DEFAULT_LOG_SUBDIR):
-        return run_dir / DEFAULT_LOG_SUBDIR
-    found = sorted(p for p in run_dir.iterdir() if p.is_dir() and _is_error_log(p))
-    if not found:
-        raise FileNotFoundError(
-            f"no LTAU error log in {run_dir}; expected a '{DEFAULT_LOG_SUBDIR}' directory written by "
-            "LTAUErrorLogger (or build one with error_logs_from_checkpoints)"
-        )
-    if len(found) > 1:
-        raise ValueError(
-            f"{run_dir} holds several error logs {[p.name for p in found]}; pass the wanted log directory instead"
-        )
-    return found[0]
 
 
 #: checkpoint names tried in order for a run's default model: last.ckpt first, the model that
@@ -99,20 +65,6 @@ def _default_model(log_dir: Path) -> Path:
     recorded = meta.get("run_dir")
     run_dir = Path(recorded) if recorded and Path(recorded).is_dir() else log_dir.parent
     return default_checkpoint(run_dir)
-
-
-def _frames_for_ids(frames: Sequence[Atoms], log_ids: np.ndarray, train_files: Sequence[PathLike]) -> list[Atoms]:
-    """The training frames holding the logged atoms, in file order; raises if some are missing."""
-    frame_ids = frame_ids_of(frames)
-    wanted = np.unique(split_atom_ids(log_ids)[0])
-    missing = np.setdiff1d(wanted, frame_ids)
-    if missing.size:
-        raise ValueError(
-            f"{missing.size} frames of the error logs are not in the training files {[str(f) for f in train_files]} "
-            f"(frame ids e.g. {missing[:5].tolist()}); expected the files the runs were trained on"
-        )
-    keep = np.isin(frame_ids, wanted)
-    return [a for a, k in zip(frames, keep) if k]
 
 
 def fit_estimator_from_runs(
@@ -160,13 +112,9 @@ def fit_estimator_from_runs(
         ValueError: logs of different atoms, frames missing, or descriptors not aligned with the logs.
     """
     from ltau_ase.nequip.calculator import LatentNequIPCalculator
-    from ltau_ase.nequip.descriptors import extract_descriptors, read_training_frames
+    from ltau_ase.nequip.descriptors import extract_descriptors
 
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    if isinstance(train_files, (str, os.PathLike)):
-        train_files = [train_files]
-    run_dirs, train_files = [Path(r) for r in run_dirs], [Path(f) for f in train_files]
+    run_dirs, train_files = as_paths(run_dirs), as_paths(train_files)
     if not run_dirs:
         raise ValueError("no run directories given; expected at least one nequip run")
     log_dirs = [find_error_log(r) for r in run_dirs]
@@ -179,9 +127,18 @@ def fit_estimator_from_runs(
     if index == "auto":
         index, index_choice = choose_index(log_ids.size)
 
-    frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
+    frames = frames_for_atom_ids(read_training_frames(train_files), log_ids, train_files)
     # one read of the model file gives both the descriptors and the recorded hash
     calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
+    params = dict(estimator_params)
+    params.setdefault("progress", progress)
+    if params.get("max_memory") is not None:
+        # Say so before the long descriptor pass: D from one frame, epochs and atoms from the logs.
+        _, probe = extract_descriptors(calc, frames[:1], device=device, batch_size=1, progress=False)
+        win = EpochWindow.coerce(window)
+        LTAUEstimator(k=k, index=index, atol=atol, window=window, **params).check_fit_memory(
+            log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs]
+        )
     desc_ids, descriptors = extract_descriptors(
         calc, frames, device=device, batch_size=batch_size, progress=progress
     )
@@ -215,8 +172,6 @@ def fit_estimator_from_runs(
         "n_train_atoms": int(log_ids.size),
         "log_metadata": [log.metadata for log in logs],
     }
-    params = dict(estimator_params)
-    params.setdefault("progress", progress)
     estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
     estimator.fit(descriptors, logs, reference_forces=ref_forces,
                   atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
@@ -235,6 +190,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
+    trusted_targets: tuple[str, ...] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -247,6 +203,8 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
+        trusted_targets: extra ``_target_`` prefixes allowed in the checkpoints' configs (e.g. a
+            project's own Lightning callbacks); see :func:`ltau_ase.nequip.safe_load.verify_checkpoint`.
     Returns:
         ``log_dir``.
     """
@@ -255,7 +213,6 @@ def error_logs_from_checkpoints(
     from tqdm.auto import tqdm
 
     from ltau_ase.nequip.calculator import LatentNequIPCalculator
-    from ltau_ase.nequip.descriptors import read_training_frames
 
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:
@@ -263,11 +220,8 @@ def error_logs_from_checkpoints(
     for c in checkpoints:
         if not c.is_file():
             raise FileNotFoundError(f"checkpoint {c} does not exist")
-    if isinstance(train_files, (str, os.PathLike)):
-        train_files = [train_files]
-    train_files = [Path(f) for f in train_files]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    train_files = as_paths(train_files)
+    check_int(batch_size, "batch_size")
     frames = read_training_frames(train_files)
     n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
     atom_ids = global_atom_ids(frame_ids_of(frames), n_atoms)
@@ -285,7 +239,7 @@ def error_logs_from_checkpoints(
     starts = np.concatenate([[0], np.cumsum(n_atoms)])
     with ErrorLogWriter(log_dir, atom_ids, components=components, metadata=metadata) as writer:
         for epoch, ckpt in enumerate(tqdm(checkpoints, desc="checkpoints", unit="ckpt", disable=not progress)):
-            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device)
+            calc = LatentNequIPCalculator.from_model_file(ckpt, device=device, trusted_targets=tuple(trusted_targets))
             pred = np.empty_like(ref)
             for first in range(0, len(frames), batch_size):
                 last = min(first + batch_size, len(frames))

@@ -205,8 +205,16 @@ def _unpickle_weights_only(data: bytes, source: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _verified_config(node: Any, table: Mapping[str, Callable[..., Any]], where: str, source: str) -> Any:
+#: deepest nesting a model configuration may have (nequip's are a few levels deep)
+_MAX_CONFIG_DEPTH = 32
+
+
+def _verified_config(node: Any, table: Mapping[str, Callable[..., Any]], where: str, source: str,
+                     depth: int = 0) -> Any:
     """A copy of ``node`` with every ``_target_`` string replaced by the allowed object it names."""
+    if depth > _MAX_CONFIG_DEPTH:
+        raise ValueError(f"{source}: {where} is nested more than {_MAX_CONFIG_DEPTH} levels deep; a model "
+                         "configuration is a few levels deep")
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
@@ -219,10 +227,10 @@ def _verified_config(node: Any, table: Mapping[str, Callable[..., Any]], where: 
             if key == "_target_":
                 out[key] = _allowed_object(value, table, here, source)
             else:
-                out[key] = _verified_config(value, table, here, source)
+                out[key] = _verified_config(value, table, here, source, depth + 1)
         return out
     if isinstance(node, (list, tuple)):
-        return type(node)(_verified_config(v, table, f"{where}[{i}]", source) for i, v in enumerate(node))
+        return type(node)(_verified_config(v, table, f"{where}[{i}]", source, depth + 1) for i, v in enumerate(node))
     if isinstance(node, str) and "${" in node:
         raise ValueError(f"{source}: {where} holds the interpolation {node!r}; a saved model configuration "
                          "holds resolved values only")

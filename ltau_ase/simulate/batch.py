@@ -45,7 +45,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -89,6 +89,21 @@ def worker_calculator(factory: Callable[[], Any]) -> Any:
         with _CALCULATORS_LOCK:
             _CALCULATORS[key] = calc
     return calc
+
+
+def forget_calculators_of_finished_threads() -> int:
+    """Drop the cached calculators of worker threads that have ended; returns how many.
+
+    Called when an in-process cluster closes: its calculators (and their models) are freed, and a
+    later thread that happens to get a recycled thread id does not inherit a calculator built from
+    files that may have changed since.
+    """
+    alive = {t.ident for t in threading.enumerate()}
+    with _CALCULATORS_LOCK:
+        stale = [key for key in _CALCULATORS if key[0] not in alive]
+        for key in stale:
+            del _CALCULATORS[key]
+    return len(stale)
 
 
 # ---------------------------------------------------------------------------- one relaxation
@@ -214,7 +229,10 @@ def content_name(atoms: Atoms) -> str:
     SHA-256 over the atomic numbers (int64), positions (float64, Å), cell (float64, Å) and pbc, in
     that order (little-endian; -0.0 counted as 0.0). Identical inputs always give the same name, in
     any order and any run; structures differing in any atom, coordinate bit, cell or pbc get
-    different names. Tags, constraints and info do not enter.
+    different names. Tags, constraints and info do not enter. The hash is of the exact values: the
+    same file gives the same names in every run, but a structure written to extxyz (8 decimals) and
+    read back has rounded positions and so another name; name structures (``info["name"]``) to
+    match them across such copies.
     """
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(atoms.numbers, dtype="<i8").tobytes())
@@ -459,6 +477,112 @@ def release_claims(db_path: str | PathLike, owner: ClaimOwner) -> None:
         con.execute(f"DELETE FROM {CLAIMS_TABLE} WHERE owner = ?", (owner.token,))
 
 
+def claim_pending(db_path: str | PathLike, pending: list[tuple[str, Atoms]],
+                  counts: dict[str, int]) -> tuple[ClaimOwner, list[tuple[str, Atoms]]]:
+    """Claim ``pending`` for this process; returns ``(owner, the pairs now claimed)``.
+
+    Adds names with a row already to ``counts["skipped"]`` and sets ``counts["busy"]`` to the names
+    left to another live process (with a warning; ``counts["busy_owner"]`` names those processes).
+    Release with :func:`release_claims` when done.
+    """
+    owner = ClaimOwner.this_process()
+    claimed, already, busy = claim_systems(db_path, [n for n, _ in pending], owner)
+    counts["skipped"] += len(already)
+    counts["busy"] = len(busy)
+    if busy:
+        holders = sorted(set(busy.values()))
+        counts["busy_owner"] = ", ".join(holders)  # printed by the CLI
+        warnings.warn(f"{len(busy)} system(s) are claimed by another running process ({', '.join(holders)}) and "
+                      "are left to it", stacklevel=3)
+    mine = set(claimed)
+    return owner, [(n, a) for n, a in pending if n in mine]
+
+
+def store_rows(db: Any, rows: Sequence[tuple[Atoms, dict[str, Any], dict[str, Any]]],
+               owner: ClaimOwner | None = None) -> list[int]:
+    """Write ``(atoms, key_value_pairs, data)`` rows and end their claims, in one SQLite transaction.
+
+    A name that already has a row (another process wrote it meanwhile; the unique name index refuses
+    it) is skipped: the rows are then written one transaction each. Returns each row's id, 0 for a
+    skipped one.
+    """
+    def write(batch):
+        with db:  # one SQLite transaction: the rows, and the end of their claims
+            ids = [db.write(atoms, key_value_pairs=kvp, data=data) for atoms, kvp, data in batch]
+            if owner is not None:
+                db.connection.executemany(f"DELETE FROM {CLAIMS_TABLE} WHERE name = ? AND owner = ?",
+                                          [(kvp["name"], owner.token) for _, kvp, _ in batch])
+        return ids
+
+    try:
+        return write(rows)
+    except sqlite3.IntegrityError:  # the unique name index: never a second row for a name
+        if len(rows) == 1:
+            return [0]
+        return [store_rows(db, [row], owner)[0] for row in rows]
+
+
+def check_batch_args(calculator_factory: Any, n_workers: Any = None, scheduler_timeout: Any = 30.0) -> None:
+    """Check the arguments every batch run shares; raises TypeError / ValueError naming the problem."""
+    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer))
+                                  or n_workers < 1):
+        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
+    if not (isinstance(scheduler_timeout, (int, float)) and math.isfinite(scheduler_timeout) and scheduler_timeout > 0):
+        raise ValueError(f"scheduler_timeout must be a positive number of seconds, got {scheduler_timeout!r}")
+    if not callable(calculator_factory):
+        raise TypeError(f"calculator_factory must be callable() -> calculator, got {type(calculator_factory)}")
+    try:
+        hash(calculator_factory)
+    except TypeError:
+        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass such as a backend's ltau_factory) so "
+                        "each worker builds its calculator once") from None
+
+
+def local_cluster(n_workers: int = 1, dashboard: str | None = None) -> Any:
+    """The in-process Dask cluster of :func:`relax_batch`: ``n_workers`` threads of this process.
+
+    Every server it opens (scheduler and worker HTTP endpoints) listens on 127.0.0.1 only; the
+    scheduler serves its dashboard pages only when ``dashboard`` gives an address (e.g.
+    ``"127.0.0.1:8787"``), otherwise just ``/health`` and metrics on a random local port.
+    """
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                        dashboard_address=dashboard or "127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+                        scheduler_kwargs={"dashboard": dashboard is not None})
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, n_workers: int | None = None, dashboard: str | None = None,
+                scheduler_timeout: float = 30.0) -> Iterator[Any]:
+    """A Dask ``Client`` for a batch run, closed on exit.
+
+    ``scheduler`` None: an in-process ``LocalCluster`` of ``n_workers`` (default 1) single-thread
+    workers, closed on exit; every server it opens listens on 127.0.0.1 only, with a dashboard only
+    at ``dashboard``. Else the running scheduler at that address (ConnectionError when it does not
+    answer within ``scheduler_timeout`` s), left running.
+    """
+    from distributed import Client
+
+    cluster = None
+    if scheduler is None:
+        cluster = local_cluster(int(n_workers or 1), dashboard)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout=scheduler_timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler} within {scheduler_timeout:g} s: "
+                                  f"{' '.join(str(exc).split())}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+            forget_calculators_of_finished_threads()
+
+
 # ---------------------------------------------------------------------------- the batch
 def relax_batch(
     structures: str | PathLike | Sequence[Atoms],
@@ -511,18 +635,7 @@ def relax_batch(
                              key=key, atom_reduce=atom_reduce,
                              select=tuple(select) if isinstance(select, list) else select,
                              max_force=float(max_force)).validate()
-    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer))
-                                  or n_workers < 1):
-        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
-    if not (isinstance(scheduler_timeout, (int, float)) and math.isfinite(scheduler_timeout) and scheduler_timeout > 0):
-        raise ValueError(f"scheduler_timeout must be a positive number of seconds, got {scheduler_timeout!r}")
-    if not callable(calculator_factory):
-        raise TypeError(f"calculator_factory must be callable() -> calculator, got {type(calculator_factory)}")
-    try:
-        hash(calculator_factory)
-    except TypeError:
-        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass such as a backend's ltau_factory) so "
-                        "each worker builds its calculator once") from None
+    check_batch_args(calculator_factory, n_workers, scheduler_timeout)
     items = read_structures(structures)
     refs: dict[str, dict] = {}
     if references is not None:
@@ -545,16 +658,7 @@ def relax_batch(
     if not pending:
         return counts
 
-    owner = ClaimOwner.this_process()
-    claimed, already, busy = claim_systems(db_path, [n for n, _ in pending], owner)
-    counts["skipped"] += len(already)
-    counts["busy"] = len(busy)
-    if busy:
-        holders = sorted(set(busy.values()))
-        warnings.warn(f"{len(busy)} system(s) are claimed by another running process ({', '.join(holders)}) and "
-                      "are left to it", stacklevel=2)
-    mine = set(claimed)
-    pending = [(n, a) for n, a in pending if n in mine]
+    owner, pending = claim_pending(db_path, pending, counts)
     try:
         if pending:
             _run_pending(pending, db, calculator_factory, settings, refs, counts, owner, scheduler, n_workers,
@@ -566,24 +670,9 @@ def relax_batch(
 
 def _run_pending(pending, db, calculator_factory, settings, refs, counts, owner, scheduler, n_workers,
                  dashboard, scheduler_timeout, progress, tqdm) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if scheduler is None:
-        # threads in this process; every server it opens listens on 127.0.0.1 only, and the scheduler
-        # serves dashboard pages only when asked to
-        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=dashboard or "127.0.0.1:0",
-                               worker_dashboard_address="127.0.0.1:0",
-                               scheduler_kwargs={"dashboard": dashboard is not None})
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(scheduler, timeout=scheduler_timeout)
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler} within {scheduler_timeout:g} s: "
-                                  f"{' '.join(str(exc).split())}") from None
-    try:
+    with dask_client(scheduler, n_workers, dashboard, scheduler_timeout) as client:
         futures = {client.submit(relax_one, name, atoms, calculator_factory, settings, pure=False): (name, atoms)
                    for name, atoms in pending}
         bar = tqdm(total=len(futures), disable=not progress, desc="relaxations", unit="system")
@@ -603,10 +692,6 @@ def _run_pending(pending, db, calculator_factory, settings, refs, counts, owner,
             bar.set_postfix({s: counts[s] for s in STATUSES})
             fut.release()
         bar.close()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, reference: dict | None,
@@ -633,25 +718,59 @@ def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, r
         data["traceback"] = result["traceback"]
     if reference is not None:
         data.update(reference)
-    try:
-        with db:  # one SQLite transaction: the row, and the end of its claim
-            row_id = db.write(result["atoms"], key_value_pairs=kvp, data=data)
-            if owner is not None:
-                db.connection.execute(f"DELETE FROM {CLAIMS_TABLE} WHERE name = ? AND owner = ?",
-                                      (name, owner.token))
-    except sqlite3.IntegrityError:  # the unique name index: never a second row for a name
-        return 0
-    return row_id
+    return store_rows(db, [(result["atoms"], kvp, data)], owner)[0]
 
 
 # ---------------------------------------------------------------------------- reading back
-def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Records of a relaxation database, in insertion order.
+@dataclass
+class RelaxationRecord:
+    """One relaxation as stored in the database by :func:`relax_batch` (what :func:`load_results` returns).
 
-    Each record: ``name``, ``group``, ``status``, ``reason``, ``converged``, ``nsteps``, ``wall_time``,
-    ``uq_initial``, ``uq_max``, ``uq_mean``, ``uq_final`` (NaN when absent), ``trace`` (array or None),
-    ``atoms`` (final structure), ``reference`` (Atoms or None), ``per_atom`` (dict of final UQ arrays).
-    ``statuses`` filters rows (e.g. ``("done", "unconverged")``).
+    Attributes:
+        name, group: the system's unique name and its group (e.g. in/out of domain).
+        status: ``"done"`` | ``"unconverged"`` | ``"failed"``; ``reason`` says why it failed.
+        converged, nsteps, wall_time: optimizer outcome, steps taken, seconds.
+        uq_initial, uq_max, uq_mean, uq_final: the RelaxationUQObserver statistics (NaN when absent).
+        trace: (nsteps + 1,) per-step UQ or None.
+        atoms: final structure (energy and forces as calculator results).
+        reference: reference relaxed structure stored with ``references=`` (or None).
+        per_atom: final per-atom UQ arrays (``ltau_uncertainties`` ...), each (N,).
+
+    ``record["name"]`` etc. also work (the dict records of earlier versions).
+    """
+
+    name: str
+    group: str = DEFAULT_GROUP
+    status: str = "done"
+    reason: str = ""
+    converged: bool = False
+    nsteps: int | None = None
+    wall_time: float = float("nan")
+    uq_initial: float = float("nan")
+    uq_max: float = float("nan")
+    uq_mean: float = float("nan")
+    uq_final: float = float("nan")
+    trace: np.ndarray | None = None
+    atoms: Atoms | None = None
+    reference: Atoms | None = None
+    per_atom: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def uq(self) -> dict[str, float]:
+        """``{"initial", "max", "mean", "final"}`` UQ statistics of the relaxation."""
+        return {"initial": self.uq_initial, "max": self.uq_max, "mean": self.uq_mean, "final": self.uq_final}
+
+
+def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[RelaxationRecord]:
+    """The :class:`RelaxationRecord` of every row of a relaxation database, in insertion order.
+
+    ``statuses`` filters rows (e.g. ``("done", "unconverged")``). For the IS2RS table of these records
+    use :func:`ltau_ase.is2rs.records_table`.
     """
     from ase.db import connect
 
@@ -674,13 +793,11 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
             fixed = np.asarray(data["reference_fixed"], dtype=bool)
             if fixed.any():
                 ref.set_constraint(FixAtoms(mask=fixed))
-        rec = {"name": row.get("name"), "group": row.get("group", DEFAULT_GROUP), "status": status,
-               "reason": row.get("reason", ""), "converged": bool(row.get("converged", False)),
-               "nsteps": row.get("nsteps"), "wall_time": row.get("wall_time", float("nan")),
-               "trace": np.asarray(data["trace"]) if "trace" in data else None,
-               "atoms": row.toatoms(), "reference": ref,
-               "per_atom": {k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")}}
-        for stat in ("initial", "max", "mean", "final"):
-            rec[f"uq_{stat}"] = row.get(f"uq_{stat}", float("nan"))
-        records.append(rec)
+        records.append(RelaxationRecord(
+            name=row.get("name"), group=row.get("group", DEFAULT_GROUP), status=status,
+            reason=row.get("reason", ""), converged=bool(row.get("converged", False)), nsteps=row.get("nsteps"),
+            wall_time=row.get("wall_time", float("nan")),
+            trace=np.asarray(data["trace"]) if "trace" in data else None, atoms=row.toatoms(), reference=ref,
+            per_atom={k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")},
+            **{f"uq_{stat}": row.get(f"uq_{stat}", float("nan")) for stat in ("initial", "max", "mean", "final")}))
     return records

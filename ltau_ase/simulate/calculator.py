@@ -29,10 +29,19 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+from ltau_ase.core.estimator import unknown_species_policy
+
 PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds")
 PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
-_UNKNOWN_SPECIES_MODES = ("raise", "flag")
+
+# per-atom fields of a model that computes LTAU in its forward pass -> estimator.predict key
+MODEL_UQ_FIELDS = {
+    "ltau_uncertainty": "uncertainty",
+    "ltau_confidence": "confidence",
+    "ltau_expected_force_error": "expected_error",
+    "ltau_latent_distance": "distance",
+}
 
 # estimator.predict key -> calculator result key
 _PREDICT_TO_RESULT = {
@@ -81,7 +90,13 @@ class LTAUCalculator(Calculator):
         so the base calculator's own cache works and it computes each structure exactly once.
     estimator
         A fitted :class:`ltau_ase.core.estimator.LTAUEstimator` (or an object with the same
-        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface).
+        ``predict(descriptors, threshold=, atomic_numbers=, unknown_species=)`` / ``n_features_in_``
+        interface), or ``None`` when the base calculator's model computes LTAU itself (a model
+        compiled with ``ltau compile``): then ``calc.results`` must hold the per-atom fields
+        ``ltau_uncertainty``, ``ltau_confidence``, ``ltau_expected_force_error``,
+        ``ltau_latent_distance`` of the same forward pass, the threshold is the one compiled in
+        (``threshold`` must be None) and the training species come from
+        ``calc.ltau_readout["species"]``.
     descriptors
         ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
         base calculator must fill in the same call that computes energy and forces (the model
@@ -92,13 +107,15 @@ class LTAUCalculator(Calculator):
         q in (0, 1): also return ``force_error_bounds`` (eV/Å), the estimator's split-conformal
         per-atom bounds at coverage q (needs an estimator calibrated with ``fit_calibration``).
     unknown_species
-        What to do with atoms of an element the estimator never saw in training:
-        ``"raise"`` (default) raises ``ValueError`` naming the elements, because the model's force on
-        such an atom is an extrapolation the error distributions say nothing about;
-        ``"flag"`` marks those atoms as maximally uncertain (uncertainty 1, confidence 0, expected
-        error NaN; latent distance still computed) and lists them in ``results["unknown_species"]``
-        (bool (N,)), so a simulation can continue and an :class:`UncertaintyStop` can fire on them.
-        Their ``force_error_bounds`` are NaN as well.
+        Atoms of an element the estimator never saw in training (see
+        :class:`~ltau_ase.core.estimator.LTAUEstimator`, which owns this policy): ``None`` (default)
+        keeps the estimator's own policy (``"raise"`` unless it was fitted otherwise); ``"raise"``
+        raises ``ValueError`` naming the elements, because the model's force on such an atom is an
+        extrapolation the error distributions say nothing about; ``"flag"`` marks those atoms as
+        maximally uncertain (uncertainty 1, confidence 0, expected error NaN; latent distance still
+        computed), so a simulation can continue and an :class:`UncertaintyStop` can fire on them;
+        ``"ignore"`` judges them by their latent neighbours alone. ``results["unknown_species"]``
+        (bool (N,)) lists the flagged atoms.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
     """
@@ -109,10 +126,12 @@ class LTAUCalculator(Calculator):
         estimator: Any,
         descriptors: Callable[[Atoms], np.ndarray] | None = None,
         threshold: float | None = None,
-        unknown_species: str = "raise",
+        unknown_species: str | None = None,
         coverage: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if unknown_species is not None:
+            unknown_species_policy(unknown_species)  # the estimator's vocabulary; raises ValueError
         if coverage is not None:
             from ltau_ase.core.conformal import check_coverage
 
@@ -120,12 +139,16 @@ class LTAUCalculator(Calculator):
             if not getattr(estimator, "is_calibrated", False):
                 raise ValueError("coverage needs an estimator calibrated with fit_calibration (or `ltau calibrate`); "
                                  "this one has no conformal calibration")
-        if unknown_species not in _UNKNOWN_SPECIES_MODES:
-            raise ValueError(f"unknown_species must be one of {_UNKNOWN_SPECIES_MODES}, got {unknown_species!r}")
         if descriptors is not None and not callable(descriptors):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
             raise TypeError(f"calc must be an ASE calculator, got {type(calc)}")
+        if estimator is None and getattr(calc, "ltau_readout", None) is None:
+            raise ValueError(f"estimator=None needs a base calculator whose model computes LTAU (compiled with "
+                             f"`ltau compile`); {type(calc).__name__} has no ltau_readout")
+        if estimator is None and (threshold is not None or descriptors is not None):
+            raise ValueError("a model that computes LTAU itself has its threshold and descriptors compiled in; "
+                             "threshold and descriptors must be None (recompile with another estimator to change them)")
         super().__init__(**kwargs)
         self.calc = calc
         self.estimator = estimator
@@ -144,11 +167,11 @@ class LTAUCalculator(Calculator):
     def from_model(
         cls,
         model_path: str | PathLike,
-        estimator: str | PathLike | Any,
+        estimator: str | PathLike | Any = None,
         device: str = "cpu",
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
-        unknown_species: str = "raise",
+        unknown_species: str | None = None,
         backend: str | None = None,
         coverage: float | None = None,
         **kwargs: Any,
@@ -163,11 +186,21 @@ class LTAUCalculator(Calculator):
         (:func:`ltau_ase.core.fileformat.check_model_fingerprint`). ``kwargs`` go to the backend's
         loader (for nequip: ``LatentNequIPCalculator.from_model_file``, e.g.
         ``chemical_species_to_atom_type_map=True``).
+
+        ``estimator=None``: the model computes LTAU itself (a file written by ``ltau compile``, loaded
+        with ``trusted=True``); its results carry the UQ of the same forward pass.
         """
         from ltau_ase.core.fileformat import check_model_fingerprint
         from ltau_ase.simulate.backends import backend_for, get_backend
 
         plugin = get_backend(backend) if backend is not None else backend_for(model_path)
+        if estimator is None:
+            # the model computes LTAU in its forward pass (a file written by `ltau compile`)
+            base = plugin.calculator(model_path, device=device, **kwargs)
+            if getattr(base, "ltau_readout", None) is None:
+                raise ValueError(f"{str(model_path)!r} does not compute LTAU itself; pass an estimator, or compile "
+                                 "the model with its estimator: ltau compile MODEL ESTIMATOR OUTPUT")
+            return cls(base, None, threshold=threshold, unknown_species=unknown_species)
         if isinstance(estimator, (str, PathLike)):
             from ltau_ase.core.estimator import LTAUEstimator
 
@@ -188,9 +221,11 @@ class LTAUCalculator(Calculator):
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species, coverage=coverage)
 
     @classmethod
-    def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any,
+    def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any = None,
                     **kwargs: Any) -> "LTAUCalculator":
-        """Alias of :meth:`from_model` for nequip ``.ckpt`` / ``.nequip.zip`` files (same arguments)."""
+        """Alias of :meth:`from_model` for nequip files (``.ckpt``, ``.nequip.zip``, compiled
+        ``.nequip.pt2`` / ``.nequip.pth``; same arguments). ``estimator_path=None``: a file written by
+        ``ltau compile`` that computes LTAU itself (load it with ``trusted=True``)."""
         return cls.from_model(model_path, estimator_path, **kwargs)
 
     # ------------------------------------------------------------------ ASE interface
@@ -216,6 +251,8 @@ class LTAUCalculator(Calculator):
 
     def _uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
+        if self.estimator is None:
+            return self._finish_uq(atoms, self._model_uq(atoms, base_results))
         if self.descriptors is not None:
             desc = self.descriptors(atoms)
             source = "descriptors(atoms)"
@@ -232,24 +269,36 @@ class LTAUCalculator(Calculator):
         if desc.ndim != 2 or desc.shape[0] != n or (d is not None and desc.shape[1] != d):
             raise ValueError(f"{source} has shape {desc.shape}, expected ({n}, {d}) for {n} atoms and an "
                              f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
-        unknown = np.zeros(n, dtype=bool)
-        if self.unknown_species == "raise":
-            # raises itself when the estimator is set to; otherwise returns the unseen elements
-            unseen = self.estimator.check_species(atoms.numbers)
-            if unseen is not None and len(unseen):
-                raise ValueError(f"structure contains elements Z={sorted(np.asarray(unseen).tolist())} never seen "
-                                 "in the estimator's training set; use unknown_species='flag' to mark them as "
-                                 "maximally uncertain instead")
-        else:
-            species = getattr(self.estimator, "species_", None)
-            if species is not None:
-                unknown = ~np.isin(atoms.numbers, np.asarray(species))
-        extra: dict[str, Any] = {}
-        if getattr(self.estimator, "is_calibrated", False):  # per-element factors and conformal quantiles
-            extra["atomic_numbers"] = np.asarray(atoms.numbers, dtype=np.int64)
-        if self.coverage is not None:
-            extra["coverage"] = self.coverage
-        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold, **extra)
+        # the estimator owns the unknown-element policy (raise / flag / ignore); this only maps results
+        extra = {} if self.coverage is None else {"coverage": self.coverage}
+        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold,
+                                      atomic_numbers=np.asarray(atoms.numbers),
+                                      unknown_species=self.unknown_species, **extra)
+        return self._finish_uq(atoms, pred)
+
+    def _model_uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
+        """The LTAU fields the base model computed in its forward pass as ``estimator.predict`` keys, with
+        the unknown-species policy (the estimator's vocabulary; None: ``"raise"``) applied."""
+        missing = [f for f in MODEL_UQ_FIELDS if f not in base_results]
+        if missing:
+            raise ValueError(f"{type(self.calc).__name__} returned no {missing}; expected a model compiled with "
+                             "`ltau compile`, which outputs them")
+        pred = {key: np.array(base_results[field], dtype=np.float64) for field, key in MODEL_UQ_FIELDS.items()}
+        policy = unknown_species_policy(self.unknown_species or "raise")
+        species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
+        unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
+        if unseen and policy == "raise":
+            raise ValueError(f"structure contains elements Z={unseen} never seen in the estimator's training set; "
+                             "use unknown_species='flag' to mark them as maximally uncertain instead")
+        unknown = np.isin(atoms.numbers, unseen) if policy == "flag" else np.zeros(len(atoms), dtype=bool)
+        if unknown.any():  # the same marking LTAUEstimator.predict applies
+            pred["uncertainty"][unknown], pred["confidence"][unknown] = 1.0, 0.0
+            pred["expected_error"][unknown] = np.nan
+        pred["unknown_species"] = unknown
+        return pred
+
+    def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any]) -> dict[str, Any]:
+        n = len(atoms)
         out: dict[str, Any] = {}
         mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}))
         for src, dst in mapping.items():
@@ -257,13 +306,7 @@ class LTAUCalculator(Calculator):
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
             out[dst] = values
-        if unknown.any():
-            out["uncertainties"][unknown] = 1.0
-            out["confidences"][unknown] = 0.0
-            out["expected_force_errors"][unknown] = np.nan
-            if _BOUND_RESULT in out:
-                out[_BOUND_RESULT][unknown] = np.nan
-        out["unknown_species"] = unknown
+        out["unknown_species"] = np.array(pred.get("unknown_species", np.zeros(n, dtype=bool)), dtype=bool)
         out["max_uncertainty"] = float(out["uncertainties"].max()) if n else float("nan")
         out["mean_uncertainty"] = float(out["uncertainties"].mean()) if n else float("nan")
         return out

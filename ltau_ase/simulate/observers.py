@@ -26,6 +26,7 @@ from ase.calculators.calculator import all_properties, compare_atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from ltau_ase.core.checks import check_int, check_number
 from ltau_ase.core.paths import check_writable_file
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
 
@@ -278,14 +279,12 @@ class UncertaintyStop:
                  n_sigma: float = 3.0, select: Select = "all") -> None:
         if threshold is None and not adaptive:
             raise ValueError("threshold is required unless adaptive=True")
-        if threshold is not None and (math.isnan(float(threshold)) or float(threshold) == -math.inf):
-            raise ValueError(f"threshold must be a number or +inf (record only), got {threshold}")
-        if not isinstance(patience, (int, np.integer)) or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-        if adaptive and (not isinstance(warmup, (int, np.integer)) or warmup < 2):
-            raise ValueError(f"warmup must be an integer >= 2 in adaptive mode, got {warmup!r}")
-        if adaptive and not (math.isfinite(n_sigma) and n_sigma >= 0):
-            raise ValueError(f"n_sigma must be a finite number >= 0, got {n_sigma}")
+        if not (isinstance(threshold, (int, float, np.floating)) and threshold == math.inf):  # +inf: record only
+            check_number(threshold, "threshold", allow_none=True)
+        check_int(patience, "patience")
+        if adaptive:
+            check_int(warmup, "warmup (adaptive mode)", minimum=2)
+            check_number(n_sigma, "n_sigma", minimum=0)
         if on_trigger is not None and not callable(on_trigger):
             raise TypeError(f"on_trigger must be callable(atoms, info), got {type(on_trigger)}")
         self.dyn = dyn

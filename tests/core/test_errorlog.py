@@ -160,3 +160,22 @@ def test_load_error_logs_ensemble(tmp_path):
         load_error_logs([tmp_path / "a", tmp_path / "c"])
     with pytest.raises(ValueError, match="no error-log paths"):
         load_error_logs([])
+
+
+def test_full_sorted_epoch_and_shuffled_epoch_give_the_same_row(tmp_path):
+    rng = np.random.default_rng(4)
+    ids = np.sort(rng.choice(10**6, 500, replace=False)).astype(np.int64)
+    err = rng.random(500).astype(np.float32)
+    comp = rng.random((500, 3)).astype(np.float32)
+    perm = rng.permutation(500)
+    with ErrorLogWriter(tmp_path / "log", ids, components=True) as w:
+        w.append_epoch(ids, err, epoch=0, components=comp)  # every atom in log order
+        w.append_epoch(ids[perm], err[perm], epoch=1, components=comp[perm])  # shuffled
+        w.append_epoch(ids[::-1][:499], err[::-1][:499], epoch=2, components=comp[::-1][:499])  # one missing
+    log = ErrorLog(tmp_path / "log")
+    e = np.asarray(log.errors())
+    np.testing.assert_array_equal(e[0], err)
+    np.testing.assert_array_equal(e[1], err)
+    np.testing.assert_array_equal(e[2][1:], err[1:])
+    assert np.isnan(e[2][0])
+    np.testing.assert_array_equal(np.asarray(log.components())[1], comp)

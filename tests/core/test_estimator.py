@@ -198,6 +198,26 @@ def test_check_species():
     with pytest.warns(UserWarning, match="Pt"):
         assert est.check_species([78]).tolist() == [78]
     assert LTAUEstimator(k=2).fit(x, errs).check_species([78]).size == 0  # species not recorded
+    # predict applies the same policy given atomic numbers: flag = maximally uncertain, ignore = plain
+    q = x[:3]
+    plain = est.predict(q)
+    z_q = np.array([1, 78, 8])
+    with pytest.raises(ValueError, match=r"Pt \(Z=78\).*unknown_species='flag'"):
+        est.predict(q, atomic_numbers=z_q, unknown_species="raise")
+    flagged = est.predict(q, atomic_numbers=z_q, unknown_species="flag")
+    assert flagged["unknown_species"].tolist() == [False, True, False]
+    assert flagged["uncertainty"][1] == 1.0 and flagged["confidence"][1] == 0.0
+    assert np.isnan(flagged["expected_error"][1]) and flagged["distance"][1] == plain["distance"][1]
+    np.testing.assert_array_equal(flagged["uncertainty"][[0, 2]], plain["uncertainty"][[0, 2]])
+    ignored = est.predict(q, atomic_numbers=z_q, unknown_species="ignore")
+    np.testing.assert_array_equal(ignored["uncertainty"], plain["uncertainty"])
+    assert not ignored["unknown_species"].any()
+    with pytest.warns(UserWarning, match="Pt"):  # the estimator's own policy: "warn", an alias of "flag"
+        np.testing.assert_array_equal(est.predict(q, atomic_numbers=z_q)["uncertainty"], flagged["uncertainty"])
+    with pytest.raises(ValueError, match="unknown_species must be one of"):
+        LTAUEstimator(unknown_species="drop").fit(x, errs)
+    with pytest.raises(ValueError, match="one per atom"):
+        est.predict(q, atomic_numbers=np.array([1, 8]), unknown_species="ignore")
     with pytest.raises(ValueError, match="atomic_numbers"):
         LTAUEstimator(k=2).fit(x, errs, atomic_numbers=np.zeros(30, int))
 

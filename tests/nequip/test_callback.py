@@ -240,9 +240,9 @@ def test_duplicate_frame_ids_across_files_are_refused():
         LTAUErrorLogger()._collect_atom_ids(loader)
 
 
-def test_multi_process_training_is_refused():
+def test_multi_process_training_without_a_process_group_is_refused():
     trainer = SimpleNamespace(world_size=2)
-    with pytest.raises(RuntimeError, match="multi-process"):
+    with pytest.raises(RuntimeError, match="no torch.distributed process group"):
         LTAUErrorLogger().setup(trainer, None, "fit")
     with pytest.raises(ValueError, match="mode"):
         LTAUErrorLogger(mode="sometimes").setup(SimpleNamespace(world_size=1), None, "fit")

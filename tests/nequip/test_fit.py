@@ -55,6 +55,22 @@ def test_ltau_fit_cli_end_to_end(tiny_nequip_ensemble, tmp_path, capsys):
     assert np.array_equal(est.atom_ids_, log_ids)
 
 
+def test_ltau_fit_over_the_memory_budget_stops_before_extracting_descriptors(tiny_nequip_ensemble, tmp_path, capsys, monkeypatch):
+    import ltau_ase.nequip.descriptors as descriptors
+
+    ens = tiny_nequip_ensemble
+    n_frames = []
+    real = descriptors.extract_descriptors
+    monkeypatch.setattr(descriptors, "extract_descriptors", lambda calc, frames, **kw: n_frames.append(len(frames)) or real(calc, frames, **kw))
+    argv = ["fit", *(str(r.run_dir) for r in ens.runs), "--train-file", *(str(f) for f in ens.train_files)]
+    argv += ["--output", str(tmp_path / "est.ltau"), "--no-progress", "--max-memory", "100K"]
+    assert ltau_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ltau fit: error: this fit needs about") and "max_memory is 0.00 GB" in err
+    assert n_frames == [1] and not (tmp_path / "est.ltau").exists()  # one probe frame, then stop
+    assert ltau_main(argv[:-1] + ["1G"]) == 0 and n_frames[1:] == [1, len(ens.frames) - ens.n_val]
+
+
 def test_descriptor_rows_align_with_logged_atoms(tiny_nequip_ensemble):
     """With k = 1 a training atom's nearest neighbour is itself, so its predicted confidence must be
     its own training confidence: any shuffle of descriptor rows against log columns breaks this."""

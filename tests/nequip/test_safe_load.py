@@ -171,6 +171,31 @@ def test_training_module_outside_allow_list_is_refused(clean_checkpoint, tmp_pat
         LatentNequIPCalculator.from_model_file(path)
 
 
+def test_deep_nesting_is_refused(clean_checkpoint, tmp_path):
+    cfg = _good_model(clean_checkpoint)
+    node = cfg
+    for _ in range(200):
+        node["x"] = {}
+        node = node["x"]
+    path = _write(_with_model(clean_checkpoint, cfg), tmp_path / "deep.ckpt")
+    with pytest.raises(ValueError, match="nested more than"):
+        LatentNequIPCalculator.from_model_file(path)
+
+
+def test_names_in_sections_never_acted_on_stay_inert(clean_checkpoint, tmp_path, marker):
+    """Data, trainer, callbacks, optimizer and loss are a record of training: never resolved or called."""
+    ckpt = copy.deepcopy(clean_checkpoint)
+    evil = {"_target_": "nequip.nn.compile.os.system", "command": f"touch {marker}"}
+    info = ckpt["hyper_parameters"]["info_dict"]
+    info["data"] = evil
+    info["trainer"]["callbacks"].append(evil)
+    ckpt["hyper_parameters"]["optimizer"] = evil
+    ckpt["hyper_parameters"]["loss"] = evil
+    path = _write(ckpt, tmp_path / "record.ckpt")
+    loaded = load_checkpoint_model(path)
+    assert loaded.model.is_graph_model and loaded.hyper_parameters["optimizer"] == evil
+
+
 def test_pickle_payload_never_runs(tmp_path, marker):
     bad = _pickle_bomb(tmp_path / "evil.ckpt", marker)
     with pytest.raises(ValueError, match="cannot be loaded safely"):

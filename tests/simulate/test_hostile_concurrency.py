@@ -158,3 +158,19 @@ def test_rows_of_a_finished_run_are_not_claimed_again(tmp_path):
     claimed, already, busy = claim_systems(db_path, [a.info["name"] for a in systems], ClaimOwner.this_process())
     assert claimed == [] and sorted(already) == sorted(a.info["name"] for a in systems) and busy == {}
     assert len(load_results(db_path)) == 2
+
+
+def test_calculators_of_a_finished_batch_are_not_inherited(tmp_path):
+    """Worker threads die with their cluster; a recycled thread id must not reuse their calculator
+    (which may hold a model file that has changed since)."""
+    import threading
+
+    import sim_standins
+    from ltau_ase.simulate import batch
+
+    for run in range(2):
+        sim_standins.FACTORY_CALLS.clear()
+        relax_batch(batch_systems(n=2, bad=False), tmp_path / f"r{run}.db", StandInFactory(), progress=False, steps=1)
+        assert len(sim_standins.FACTORY_CALLS) == 1  # built afresh by each batch's worker
+        alive = {t.ident for t in threading.enumerate()}
+        assert all(ident in alive for ident, _ in batch._CALCULATORS)

@@ -1,0 +1,336 @@
+"""Active learning on the EMT catalysis domain: LTAU selection vs random vs a DP-GEN committee.
+
+    python benchmarks/active_learning.py [--quick] --output DIR [--seeds 3] [--iterations 3] [--jobs 2]
+
+For every seed, three campaigns (:class:`ltau_ase.learn.Campaign`) start from the same small
+in-domain training set, with the same label budget per iteration, the same training settings and
+the same exploration seeds (in-domain and held-out adsorbate systems, MD at temperatures above the
+training data's 300-900 K):
+
+* ``ltau``: one model; MD with the LTAU calculator and an UncertaintyStop (threshold: a quantile of
+  the calibration frames' max-atom uncertainty); flagged frames chosen by uncertainty and latent
+  diversity (farthest-point sampling).
+* ``random``: the same kind of exploration (one model, the LTAU stop); the batch is drawn uniformly
+  among all explored frames.
+* ``committee``: M models (DP-GEN); MD on the committee mean force, stopped above the upper trust
+  level; frames with lo < max force deviation <= hi drawn uniformly (lo: the same calibration
+  quantile of the deviation, hi = 3 lo, as DP-GEN's 0.05 / 0.15 eV/Å).
+
+The initial model is shared: the ``random`` campaign starts from a copy of the ``ltau`` campaign's
+iteration 0 and the committee's first member is that model. After every iteration the test force
+MAE (member 1, eV/Å) is measured on held-out in-domain and out-of-domain frames.
+
+Output: ``DIR/results.json`` (every curve, per method and seed; the label savings and exploration
+cost ratios with their spread over seeds), ``DIR/active_learning.png`` (MAE vs labels, mean ± std
+bands), and the campaigns in ``DIR/campaigns/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+METHODS = ("ltau", "random", "committee")
+DOMAINS = ("in_domain", "out_of_domain")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    quick: bool = False
+    seeds: int = 3
+    iterations: int = 3
+    budget: int = 6
+    committee_size: int = 3
+    initial_systems: int = 6  # in-domain systems of the initial training set (4 frames each)
+    seed_systems_id: int = 3  # exploration seeds per domain
+    seed_systems_ood: int = 3
+    temperatures: tuple[float, ...] = (600.0, 1200.0)
+    replicas: int = 1
+    md_steps: int = 100
+    stride: int = 5
+    epochs: int = 15
+    threshold_quantile: float = 0.9
+    jobs: int = 2
+
+    @classmethod
+    def preset(cls, quick: bool, **overrides: Any) -> "Experiment":
+        base = cls(quick=True, seeds=1, iterations=2, budget=3, committee_size=2, initial_systems=4,
+                   seed_systems_id=2, seed_systems_ood=2, temperatures=(900.0,), md_steps=40, stride=5,
+                   epochs=6) if quick else cls()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------- data
+def catalysis_settings():
+    from ltau_ase.datasets import CatalysisSettings
+
+    # small slabs (13-14 atoms); out of domain = held-out adsorbates on the same metals (no new element)
+    return CatalysisSettings(metals_in_domain=("Cu", "Pd", "Pt"), metals_out_of_domain=(),
+                             adsorbates_in_domain=("H", "O", "N", "C", "OH", "CH", "NH"),
+                             adsorbates_out_of_domain=("CO", "NO"), slab_sizes=((2, 2, 3),))
+
+
+def make_data(exp: Experiment, seed: int, out: Path) -> dict[str, Any]:
+    """Initial train / val / calibration / test files and exploration seeds for one seed (kept in
+    ``out``; a rerun with the same sizes reuses them)."""
+    from ase.data import atomic_numbers
+    from ase.io import write
+
+    from ltau_ase.datasets import generate_catalysis_dataset
+    from ltau_ase.datasets.catalysis import DatasetSize
+
+    meta = out / "data.json"
+    sizes = {"initial_systems": exp.initial_systems, "seed_systems_id": exp.seed_systems_id,
+             "seed_systems_ood": exp.seed_systems_ood, "seed": seed}
+    if meta.exists():
+        cached = json.loads(meta.read_text())
+        if cached["sizes"] == sizes and all(Path(f).exists() for f in cached["data"]["files"].values()):
+            return cached["data"]
+    settings = catalysis_settings()
+    size = DatasetSize(train=exp.initial_systems, val=2, calibration=4, test_id=6, test_ood=6, is2rs_id=0,
+                       is2rs_ood=0, relax_frames=2, rattle_frames=1, md_frames=1)
+    data = generate_catalysis_dataset(seed=seed, size=size, settings=settings)
+    seed_size = DatasetSize(train=exp.seed_systems_id, val=0, calibration=0, test_id=0,
+                            test_ood=exp.seed_systems_ood, is2rs_id=0, is2rs_ood=0, relax_frames=1,
+                            rattle_frames=0, md_frames=0)
+    seeds = generate_catalysis_dataset(seed=10_000 + seed, size=seed_size, settings=settings)
+    seed_frames = []
+    for frame in seeds.s2ef["train"] + seeds.s2ef["test_ood"]:
+        frame.info["name"] = frame.info["system"]
+        seed_frames.append(frame)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in ("train", "val", "calibration", "test_id", "test_ood"):
+        files[split] = out / f"{split}.extxyz"
+        write(files[split], data.s2ef[split], format="extxyz")
+    files["seeds"] = out / "seeds.extxyz"
+    write(files["seeds"], seed_frames, format="extxyz")
+    symbols = {s for frames in list(data.s2ef.values()) + [seed_frames] for f in frames
+               for s in f.get_chemical_symbols()}
+    result = {"files": {k: str(v) for k, v in files.items()},
+              "type_names": sorted(symbols, key=lambda s: atomic_numbers[s]),
+              "n_frames": {k: len(v) for k, v in data.s2ef.items()}, "n_seeds": len(seed_frames)}
+    meta.write_text(json.dumps({"sizes": sizes, "data": result}))
+    return result
+
+
+def campaign_settings(exp: Experiment, method: str, seed: int, type_names: Sequence[str]):
+    from ltau_ase.learn import CampaignSettings, ExploreSettings, TrainingSettings
+
+    return CampaignSettings(
+        type_names=tuple(type_names), selection=method, n_iterations=exp.iterations, budget=exp.budget,
+        explore=ExploreSettings(kinds=("md",), temperatures=tuple(exp.temperatures), md_steps=exp.md_steps,
+                                replicas=exp.replicas, stride=exp.stride, patience=1,
+                                # LTAU uncertainties lie in [0, 1] and the max over atoms of a young
+                                # model saturates at 1: watch the mean; DP-GEN watches the max deviation
+                                atom_reduce="max" if method == "committee" else "mean"),
+        training=TrainingSettings(epochs=exp.epochs, parallel=1 if exp.jobs > 1 else 2),
+        threshold_quantile=exp.threshold_quantile, committee_size=exp.committee_size, seed=seed)
+
+
+def run_campaign(exp: Experiment, method: str, seed: int, data: dict, workdir: str,
+                 n_iterations: int | None = None) -> dict[str, Any]:
+    """One campaign in its own process (one torch / FAISS thread); returns its history and timing."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    from ltau_ase.learn import CalculatorFactory, Campaign
+
+    files = data["files"]
+    t0 = time.perf_counter()
+    campaign = Campaign(workdir, campaign_settings(exp, method, seed, data["type_names"]), train=files["train"],
+                        val=files["val"], calibration=files["calibration"], seeds=files["seeds"],
+                        reference=CalculatorFactory("ase.calculators.emt:EMT"),
+                        test_sets={"in_domain": files["test_id"], "out_of_domain": files["test_ood"]},
+                        progress=False)
+    history = campaign.run(n_iterations)
+    return {"method": method, "seed": seed, "history": history, "wall_s": time.perf_counter() - t0}
+
+
+def share_initial_model(src: Path, method: str, dst: Path) -> None:
+    """Start ``random`` / ``committee`` from the ltau campaign's initial model (same data, settings, seed)."""
+    if (dst / "iter_000").exists():
+        return
+    (dst / "iter_000").mkdir(parents=True)
+    if method == "random":  # same model, estimator and calibration; metrics are recomputed
+        for item in (src / "iter_000").iterdir():
+            if item.name != "metrics.json":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / "iter_000" / item.name)
+    else:  # the committee's member 1 is the same model; members 2..M are trained
+        shutil.copytree(src / "iter_000" / "models" / "member1", dst / "iter_000" / "models" / "member1")
+
+
+# ---------------------------------------------------------------------------- analysis
+def labels_to_reach(labels: Sequence[float], mae: Sequence[float], target: float) -> float | None:
+    """Labels at which a curve first reaches ``mae <= target`` (linear interpolation between
+    iterations); None when it never does."""
+    for j, (x, y) in enumerate(zip(labels, mae)):
+        if y <= target:
+            if j == 0:
+                return float(x)
+            x0, y0 = labels[j - 1], mae[j - 1]
+            return float(x0 + (x - x0) * (y0 - target) / (y0 - y)) if y0 != y else float(x)
+    return None
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    return {"mean": float(v.mean()) if v.size else None, "std": float(v.std(ddof=1)) if v.size > 1 else None,
+            "n": int(v.size), "n_missing": int(sum(x is None for x in values)), "values": list(values)}
+
+
+def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]:
+    """Curves per method and seed, and the goal numbers (per seed, then mean ± std over seeds)."""
+    curves: dict[str, dict] = {}
+    for method, by_seed in runs.items():
+        curves[method] = {}
+        for seed, run in sorted(by_seed.items()):
+            h = run["history"]
+            curves[method][str(seed)] = {
+                "labels": [x["labels_used"] for x in h],
+                **{f"mae_{d}": [x["evaluation"][d]["force_mae"] for x in h] for d in DOMAINS},
+                "exploration_model_steps": sum(x.get("exploration", {}).get("model_steps", 0) for x in h),
+                "exploration_wall_s": sum(x.get("exploration", {}).get("wall_time_s", 0.0) for x in h),
+                "training_wall_s": sum(x["timings_s"].get("training", 0.0) for x in h),
+                "campaign_wall_s": run["wall_s"],
+                "n_flagged": [x.get("exploration", {}).get("n_flagged") for x in h],
+                "n_triggered": [x.get("exploration", {}).get("n_triggered") for x in h],
+                "spearman_selected": [x.get("selected_uq_vs_error", {}).get("spearman_statistic_vs_max_error")
+                                      for x in h],
+            }
+    goals: dict[str, Any] = {}
+    seeds = sorted(set.intersection(*(set(c) for c in curves.values())))
+    for domain in DOMAINS + ("mean_of_domains",):
+        def curve(method, seed):
+            c = curves[method][seed]
+            if domain == "mean_of_domains":
+                return c["labels"], [(a + b) / 2 for a, b in zip(c["mae_in_domain"], c["mae_out_of_domain"])]
+            return c["labels"], c[f"mae_{domain}"]
+
+        vs_random, vs_committee, rel_committee = [], [], []
+        for seed in seeds:
+            lr, mr = curve("random", seed)
+            ll, ml = curve("ltau", seed)
+            lc, mc = curve("committee", seed)
+            need = labels_to_reach(ll, ml, mr[-1])
+            vs_random.append(None if need is None or lr[-1] == 0 else 1.0 - need / lr[-1])
+            need_c = labels_to_reach(ll, ml, mc[-1])
+            vs_committee.append(None if need_c is None or lc[-1] == 0 else need_c / lc[-1])
+            rel_committee.append(ml[-1] / mc[-1])
+        goals[domain] = {"label_saving_vs_random": _mean_std(vs_random),
+                         "labels_ratio_vs_committee": _mean_std(vs_committee),
+                         "final_mae_ratio_ltau_over_committee": _mean_std(rel_committee)}
+    cost = [curves["ltau"][s]["exploration_model_steps"] / curves["committee"][s]["exploration_model_steps"]
+            for s in seeds if curves["committee"][s]["exploration_model_steps"]]
+    wall = [curves["ltau"][s]["exploration_wall_s"] / curves["committee"][s]["exploration_wall_s"]
+            for s in seeds if curves["committee"][s]["exploration_wall_s"]]
+    goals["exploration_cost_ratio_ltau_over_committee"] = {"model_steps": _mean_std(cost), "wall": _mean_std(wall),
+                                                          "target": 1.0 / exp.committee_size}
+    return {"curves": curves, "goals": goals, "seeds": seeds}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    colours = {"ltau": "C0", "random": "C1", "committee": "C2"}
+    for ax, domain in zip(axes, DOMAINS):
+        for method, by_seed in results["curves"].items():
+            labels = np.array([c["labels"] for c in by_seed.values()], dtype=float)
+            mae = np.array([c[f"mae_{domain}"] for c in by_seed.values()], dtype=float)
+            x, y = labels.mean(axis=0), mae.mean(axis=0)
+            ax.plot(x, y, "o-", color=colours[method], label=method)
+            if mae.shape[0] > 1:
+                s = mae.std(axis=0, ddof=1)
+                ax.fill_between(x, y - s, y + s, color=colours[method], alpha=0.2)
+        ax.set_xlabel("labels used (EMT calculations)")
+        ax.set_ylabel("test force MAE (eV/Å)")
+        ax.set_title(domain.replace("_", " "))
+        ax.legend()
+    fig.suptitle(f"active learning, mean ± std over {len(results['seeds'])} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def run_experiment(exp: Experiment, output: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    root = output / "campaigns"
+    data = {seed: make_data(exp, seed, output / "data" / f"seed{seed}") for seed in range(exp.seeds)}
+    runs: dict[str, dict[int, dict]] = {m: {} for m in METHODS}
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with ProcessPoolExecutor(max_workers=exp.jobs, mp_context=ctx) as pool:
+        # phase 1: the shared initial models
+        futs = [pool.submit(run_campaign, exp, "ltau", s, data[s], str(root / f"ltau_seed{s}"), 0)
+                for s in range(exp.seeds)]
+        for f in as_completed(futs):
+            f.result()
+        for s in range(exp.seeds):
+            for method in ("random", "committee"):
+                share_initial_model(root / f"ltau_seed{s}", method, root / f"{method}_seed{s}")
+        # phase 2: every campaign to the end (committees first: they take longest)
+        order = [(m, s) for m in ("committee", "ltau", "random") for s in range(exp.seeds)]
+        futs = {pool.submit(run_campaign, exp, m, s, data[s], str(root / f"{m}_seed{s}")): (m, s) for m, s in order}
+        for f in as_completed(futs):
+            r = f.result()
+            runs[r["method"]][r["seed"]] = r
+            print(f"finished {r['method']} seed {r['seed']} in {r['wall_s']:.0f} s", flush=True)
+    results = analyse(runs, exp)
+    results["experiment"] = asdict(exp)
+    results["data"] = {str(s): {k: v for k, v in d.items() if k != "files"} for s, d in data.items()}
+    results["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                      "total_s": time.perf_counter() - t_start}
+    from ltau_ase.core.jsonable import to_jsonable
+
+    (output / "results.json").write_text(json.dumps(to_jsonable(results), indent=2))
+    plot(results, output / "active_learning.png")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--quick", action="store_true", help="one seed, two small iterations (< 5 min)")
+    parser.add_argument("--seeds", type=int, default=None, help="independent repetitions (default 3)")
+    parser.add_argument("--iterations", type=int, default=None, help="label-and-retrain iterations (default 3)")
+    parser.add_argument("--budget", type=int, default=None, help="labels per iteration (default 6)")
+    parser.add_argument("--committee-size", type=int, default=None, help="committee models M (default 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs per model (default 15)")
+    parser.add_argument("--md-steps", type=int, default=None, help="maximum MD steps per trajectory (default 100)")
+    parser.add_argument("--jobs", type=int, default=None, help="campaigns run side by side (default 2)")
+    args = parser.parse_args(argv)
+    exp = Experiment.preset(args.quick, seeds=args.seeds, iterations=args.iterations, budget=args.budget,
+                            committee_size=args.committee_size, epochs=args.epochs, jobs=args.jobs,
+                            md_steps=args.md_steps)
+    if exp.budget < 1:
+        raise SystemExit("--budget must be >= 1")
+    results = run_experiment(exp, args.output)
+    g = results["goals"]
+    for domain in DOMAINS + ("mean_of_domains",):
+        print(f"{domain}: label saving vs random {g[domain]['label_saving_vs_random']['mean']}, labels vs committee "
+              f"{g[domain]['labels_ratio_vs_committee']['mean']}")
+    print(f"exploration cost ltau/committee: {g['exploration_cost_ratio_ltau_over_committee']['model_steps']['mean']}")
+    print(f"wrote {args.output / 'results.json'} in {results['run']['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

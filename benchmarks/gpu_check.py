@@ -1,0 +1,235 @@
+"""GPU readiness of ltau-ase: equality with the CPU and step times with and without UQ (issue 12 §3).
+
+    python benchmarks/gpu_check.py [--budget 240] [--quick]
+
+No downloads, no interactive steps. Builds its own random-weight NequIP models (tiny: 2 layers,
+8 features, l_max 1; paper-size: 4 layers, 32 features, l_max 2) and synthetic reference sets of
+10⁵ and 10⁶ training atoms (latent-like descriptors from the model itself, log-normal error logs),
+then runs each check in its own try/except and prints one JSON summary (also written to
+``$OUT/gpu_check.json`` when ``OUT`` is set, else ``benchmark_output/gpu_check.json``).
+
+Checks (each reports ``ok``/``skipped``/``failed`` with its numbers or the error):
+
+* ``model_equality_<model>``: energy, forces and descriptors of the eager ``LatentNequIPCalculator``
+  on CUDA against the CPU (max relative difference; float32 models).
+* ``readout_equality_<model>_<N>``: the in-model LTAU readout (torch exact kNN) on CUDA against
+  ``LTAUEstimator.predict`` (FAISS flat on the CPU) on the same latents.
+* ``step_times_<model>_<N>``: medians over interleaved steps on the 81-atom slab of (a) bare
+  nequip forces, (b) eager LTAU = forces + FAISS predict on the CPU, (c) eager forces + torch kNN
+  on the GPU (latents stay on the device), (d) in-model LTAU (one forward pass with the readout
+  appended). ms and UQ share of the step.
+
+Without a GPU every CUDA check is ``skipped`` with the reason, and the CPU parts still run (so the
+script can be tested anywhere). A total time guard (``--budget`` seconds) skips what no longer fits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import overhead  # noqa: E402  (same directory: model, structure and synthetic-set builders)
+
+
+class Guard:
+    """Per-check try/except and the total time budget."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.t0 = time.perf_counter()
+        self.budget = budget_s
+        self.checks: dict[str, Any] = {}
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.t0)
+
+    def run(self, name: str, fn: Callable[[], dict], need_s: float = 0.0, needs_gpu: bool = False) -> Any:
+        import torch
+
+        if needs_gpu and not torch.cuda.is_available():
+            self.checks[name] = {"status": "skipped", "reason": "no CUDA GPU visible to torch "
+                                 f"(torch {torch.__version__}, cuda build {torch.version.cuda})"}
+        elif self.left() < need_s:
+            self.checks[name] = {"status": "skipped", "reason": f"time budget: {self.left():.0f} s left, needs ~{need_s:.0f} s"}
+        else:
+            t = time.perf_counter()
+            try:
+                result = fn()
+                self.checks[name] = {"status": "ok", "seconds": round(time.perf_counter() - t, 2), **result}
+            except Exception as exc:  # report and go on with the next check
+                self.checks[name] = {"status": "failed", "seconds": round(time.perf_counter() - t, 2),
+                                     "error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc(limit=6)}
+        print(f"[gpu_check] {name}: {self.checks[name]['status']} ({self.left():.0f} s left)", file=sys.stderr, flush=True)
+        return self.checks[name]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def latent_calc(model, device: str):
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
+    return LatentNequIPCalculator(model, device, transforms=overhead.transforms_for(model))
+
+
+def check_model_equality(model, atoms) -> dict:
+    import copy
+
+    cpu = latent_calc(copy.deepcopy(model), "cpu")
+    gpu = latent_calc(copy.deepcopy(model), "cuda")
+    out = {}
+    for name, calc in (("cpu", cpu), ("cuda", gpu)):
+        a = atoms.copy()
+        a.calc = calc
+        a.get_forces()
+        out[name] = dict(calc.results)
+    return {f"max_rel_diff_{k}": _rel(out["cuda"][k], out["cpu"][k]) for k in ("energy", "forces", "descriptors")}
+
+
+def check_readout_equality(estimator, queries, device: str) -> dict:
+    from ltau_ase.nequip.inmodel import readout_for_estimator, readout_predict
+
+    readout = readout_for_estimator(estimator).to(device)
+    got = readout_predict(readout, queries)
+    exp = estimator.predict(queries)
+    return {f"max_abs_diff_{k}": float(np.max(np.abs(got[k] - exp[k]))) for k in exp} | {
+        "max_rel_diff_distance": _rel(got["distance"], exp["distance"]), "n_queries": int(len(queries))}
+
+
+def time_steps(model, atoms, estimator, device: str, repeats: int) -> dict:
+    """Interleaved medians (ms) of bare / eager LTAU (FAISS CPU) / eager + torch kNN / in-model steps."""
+    import copy
+
+    import torch
+    from nequip.integrations.ase import NequIPCalculator
+
+    from ltau_ase.nequip.inmodel import InModelLTAUCalculator, append_ltau, readout_from_estimator
+    from ltau_ase.simulate.calculator import LTAUCalculator
+
+    bare = NequIPCalculator(copy.deepcopy(model), device, transforms=overhead.transforms_for(model))
+    eager = LTAUCalculator(latent_calc(copy.deepcopy(model), device), estimator)
+    knn_calc = latent_calc(copy.deepcopy(model), device)
+    readout = readout_from_estimator(model, estimator).to(device)
+    inmodel_model = append_ltau(copy.deepcopy(model), readout_from_estimator(model, estimator)).to(device).eval()
+    inmodel = LTAUCalculator(InModelLTAUCalculator(inmodel_model, device, transforms=overhead.transforms_for(model)), None)
+
+    def run_knn(a):
+        data = knn_calc.atoms_to_data(a)
+        out = knn_calc.call_model(data)
+        readout({"node_features": out["node_features"].detach()})
+
+    steps = {
+        "bare": lambda a: (setattr(a, "calc", bare), a.get_forces()),
+        "eager_faiss_cpu": lambda a: (setattr(a, "calc", eager), a.get_forces(), eager.get_property("uncertainties", a)),
+        "eager_torch_knn": run_knn,
+        "inmodel": lambda a: (setattr(a, "calc", inmodel), a.get_forces(), inmodel.get_property("uncertainties", a)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(repeats + 2):
+        base = atoms.copy()
+        base.rattle(0.03, seed=r)
+        for name in names[r % 4:] + names[:r % 4]:
+            a = base.copy()
+            _sync()
+            t = time.perf_counter()
+            steps[name](a)
+            _sync()
+            if r >= 2:  # warm-up rounds
+                times[name].append(time.perf_counter() - t)
+    med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    res = {f"{k}_ms": v for k, v in med.items()}
+    res["uq_share_eager_faiss_pct"] = 100 * (med["eager_faiss_cpu"] - med["bare"]) / med["eager_faiss_cpu"]
+    res["uq_share_inmodel_pct"] = 100 * (med["inmodel"] - med["bare"]) / med["inmodel"]
+    res["repeats"] = repeats
+    res["device"] = str(torch.device(device))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=240.0, help="total seconds before remaining checks are skipped")
+    parser.add_argument("--quick", action="store_true", help="10^4 / 10^5 reference atoms and fewer repeats (for CPU tests)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per step kind (default 20, quick 3)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--output", default=None, help="JSON file (default $OUT/gpu_check.json or benchmark_output/)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from nequip.utils.global_state import set_global_state
+
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    set_global_state()
+    guard = Guard(args.budget)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    sizes = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
+    repeats = args.repeats or (3 if args.quick else 20)
+    atoms = overhead.benchmark_structure()
+    summary: dict[str, Any] = {
+        "benchmark": "gpu_check", "gpu": torch.cuda.get_device_name(0) if gpu else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "k": args.k, "reference_sizes": list(sizes), "quick": args.quick,
+        "synthetic": "random model weights; latent-like synthetic references; log-normal synthetic error logs",
+    }
+    if not gpu:
+        summary["note"] = "no CUDA GPU: GPU checks skipped; CPU timings below are not GPU figures"
+        print("[gpu_check] no CUDA GPU visible: GPU checks are skipped, CPU parts run", file=sys.stderr)
+
+    for model_name in ("tiny", "paper"):
+        model = overhead.build_model(**overhead.MODELS[model_name])
+        guard.run(f"model_equality_{model_name}", lambda: check_model_equality(model, atoms), 10, needs_gpu=True)
+        probe = latent_calc(model, "cpu")
+        for n in sizes:
+            est_box: dict[str, Any] = {}
+
+            def fit() -> dict:
+                desc, errors, numbers = overhead.synthetic_training_set(probe, atoms, n, 8, seed=1)
+                est_box["est"] = LTAUEstimator(k=args.k).fit(desc, errors, atomic_numbers=numbers)
+                rng = np.random.default_rng(5)
+                est_box["queries"] = desc[rng.integers(0, n, 200)] + 0.05 * rng.standard_normal((200, desc.shape[1])).astype(np.float32)
+                return {"n_train_atoms": n, "descriptor_dim": int(desc.shape[1])}
+
+            fitted = guard.run(f"fit_{model_name}_{n}", fit, need_s=20 if n >= 10**6 else 5)
+            if fitted["status"] != "ok":
+                continue
+            est = est_box["est"]
+            guard.run(f"readout_equality_{model_name}_{n}",
+                      lambda: check_readout_equality(est, est_box["queries"], device), 5)
+            guard.run(f"step_times_{model_name}_{n}", lambda: time_steps(model, atoms, est, device, repeats), 30)
+            del est_box
+    summary["checks"] = guard.checks
+    summary["total_seconds"] = round(time.perf_counter() - guard.t0, 1)
+    summary["failed"] = [k for k, v in guard.checks.items() if v["status"] == "failed"]
+    text = json.dumps(summary, indent=2)
+    print(text)
+    out = Path(args.output) if args.output else (Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("benchmark_output")) / "gpu_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"[gpu_check] wrote {out}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

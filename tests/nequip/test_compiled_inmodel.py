@@ -1,0 +1,198 @@
+"""LTAU inside the model without compiling: the torch readout against LTAUEstimator.predict and
+brute-force numpy, the compile command's input checks (nothing compiled here, all fast)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ltau_ase.core.estimator import LTAUEstimator
+from ltau_ase.core.fileformat import sha256_file
+from ltau_ase.nequip.inmodel import (
+    LTAU_FIELDS,
+    compressed_accuracy,
+    readout_for_estimator,
+    readout_predict,
+    reference_from_estimator,
+)
+
+pytestmark = pytest.mark.slow  # uses the tiny trained model
+
+
+@pytest.fixture(scope="module")
+def tiny_latents(tiny_nequip_run, latent_calc):
+    """Descriptors of the tiny run's training frames (rows = atoms) and of rattled copies (queries)."""
+    train, queries = [], []
+    for i, frame in enumerate(tiny_nequip_run.frames[:24]):
+        a = frame.copy()
+        a.calc = latent_calc
+        a.get_forces()
+        train.append(latent_calc.results["descriptors"].copy())
+        b = frame.copy()
+        b.rattle(0.15, seed=i)
+        b.calc = latent_calc
+        b.get_forces()
+        queries.append(latent_calc.results["descriptors"].copy())
+    return np.concatenate(train), np.concatenate(queries)
+
+
+@pytest.fixture(scope="module")
+def tiny_estimator(tiny_latents):
+    x, _ = tiny_latents
+    rng = np.random.default_rng(0)
+    # errors that vary smoothly with the latent position (as real ones do) plus noise, 6 epochs
+    base = 0.05 + 0.02 * np.abs(x[:, 0] - x[:, 0].mean())
+    errors = base[None, :] * rng.lognormal(0.0, 0.3, size=(6, x.shape[0]))
+    return LTAUEstimator(k=7, scale=1.3).fit(x, errors)
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_exact_readout_equals_estimator_predict(tiny_latents, tiny_estimator, weights):
+    x, q = tiny_latents
+    est = tiny_estimator
+    est.set_params(weights=weights)
+    try:
+        expected = est.predict(q)
+        # blocks much smaller than N: the candidates of several blocks are merged
+        got = readout_predict(readout_for_estimator(est, block_size=37), q)
+    finally:
+        est.set_params(weights="uniform")
+    for key in ("uncertainty", "confidence", "expected_error", "distance"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_exact_readout_against_brute_force_numpy(tiny_latents, tiny_estimator):
+    x, q = tiny_latents
+    est = tiny_estimator
+    d = np.sqrt(((q[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
+    nn = np.argsort(d, axis=1, kind="stable")[:, : est.k]
+    p = est.distributions_.confidence(est.atol_ / est.scale)
+    got = readout_predict(readout_for_estimator(est), q)
+    np.testing.assert_allclose(got["confidence"], p[nn].mean(1), rtol=1e-6)
+    np.testing.assert_allclose(got["expected_error"], est.scale * est.mean_error_train_[nn].mean(1), rtol=1e-6)
+    np.testing.assert_allclose(got["distance"], np.take_along_axis(d, nn, 1).mean(1), rtol=1e-5)
+
+
+def test_compressed_readout_pools_counts_like_numpy(tiny_latents, tiny_estimator):
+    """Nearest centroids fill the k member slots; the last contributes only the missing count."""
+    _, q = tiny_latents
+    est = tiny_estimator
+    ref = reference_from_estimator(est, "compressed", n_centroids=20)
+    c, counts = ref["reference"].astype(np.float64), ref["counts"]
+    assert counts.sum() == est.n_train_atoms_ and np.all(counts >= 1)
+    np.testing.assert_allclose(np.bincount(ref["assignment"], minlength=len(counts)), counts)
+    got = readout_predict(readout_for_estimator(est, "compressed", n_centroids=20), q)
+    k = est.k
+    for i in range(0, len(q), 17):
+        dist = np.sqrt(((c - q[i]) ** 2).sum(1))
+        w, conf, err, dd = 0.0, 0.0, 0.0, 0.0
+        for j in np.argsort(dist, kind="stable"):
+            take = min(counts[j], k - w)
+            conf += take * ref["confidence"][j]
+            err += take * ref["mean_error"][j]
+            dd += take * dist[j]
+            w += take
+            if w >= k:
+                break
+        assert got["confidence"][i] == pytest.approx(conf / k, rel=1e-6)
+        assert got["expected_error"][i] == pytest.approx(err / k, rel=1e-6)
+        assert got["distance"][i] == pytest.approx(dd / k, rel=1e-5)
+
+
+def test_compressed_accuracy_reports_spearman_and_recall(tiny_latents, tiny_estimator):
+    _, q = tiny_latents
+    acc = compressed_accuracy(tiny_estimator, q, n_centroids=40)
+    assert -1.0 <= acc["spearman"] <= 1.0 and 0.0 <= acc["recall"] <= 1.0
+    assert acc["n_centroids"] <= 40 and acc["k"] == tiny_estimator.k
+    # one centroid per atom: recall is 1 and the compressed result is the exact one
+    x, _ = tiny_latents
+    full = compressed_accuracy(tiny_estimator, q, n_centroids=len(x))
+    if full["n_centroids"] == len(x):  # k-means placed one centroid on every atom
+        assert full["recall"] == pytest.approx(1.0) and full["max_abs_uncertainty_diff"] < 1e-6
+
+
+def test_readout_refuses_ivfpq_and_wrong_dimension(tiny_latents, tiny_estimator, tiny_nequip_run, latent_calc):
+    from ltau_ase.nequip.inmodel import readout_from_estimator
+
+    x, _ = tiny_latents
+    rng = np.random.default_rng(1)
+    pq = LTAUEstimator(k=3, index="ivfpq", index_params={"nlist": 2, "m": 2, "nbits": 4, "refine": 0}).fit(
+        x, rng.lognormal(size=(3, len(x))))
+    with pytest.raises(ValueError, match="compressed codes"):
+        reference_from_estimator(pq)
+    other = LTAUEstimator(k=3).fit(rng.normal(size=(50, 5)), rng.lognormal(size=(3, 50)))
+    with pytest.raises(ValueError, match="5-dimensional"):
+        readout_from_estimator(latent_calc.model, other)
+
+
+# ---------------------------------------------------------------------------- compile: bad input, no compile
+@pytest.fixture(scope="module")
+def matching_estimator_file(tiny_nequip_run, tiny_latents, tmp_path_factory):
+    x, _ = tiny_latents
+    rng = np.random.default_rng(2)
+    est = LTAUEstimator(k=5, metadata={"model_sha256": sha256_file(tiny_nequip_run.checkpoint)})
+    est.fit(x, rng.lognormal(-3, 0.5, size=(4, len(x))))
+    path = tmp_path_factory.mktemp("est") / "est.ltau"
+    est.save(str(path))
+    return path
+
+
+def _cli(*args):
+    from ltau_ase.cli import main
+
+    return main(["compile", *map(str, args)])
+
+
+def test_compile_refuses_existing_output_and_keeps_it(tiny_nequip_run, matching_estimator_file, tmp_path, capsys):
+    out = tmp_path / "m.nequip.pt2"
+    out.write_bytes(b"keep me")
+    assert _cli(tiny_nequip_run.checkpoint, matching_estimator_file, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert out.read_bytes() == b"keep me"
+
+
+def test_compile_refuses_cuda_without_gpu_and_torchscript_on_new_torch(tiny_nequip_run, matching_estimator_file,
+                                                                       tmp_path, capsys):
+    from ltau_ase.nequip.compiled import torchscript_supported
+
+    if not torch.cuda.is_available():
+        assert _cli(tiny_nequip_run.checkpoint, matching_estimator_file, tmp_path / "m.nequip.pt2", "--device", "cuda") == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    if not torchscript_supported():
+        assert _cli(tiny_nequip_run.checkpoint, matching_estimator_file, tmp_path / "m.nequip.pth",
+                    "--mode", "torchscript") == 2
+        assert "TorchScript compilation is not supported" in capsys.readouterr().err
+    assert _cli(tiny_nequip_run.checkpoint, matching_estimator_file, tmp_path / "m.pt2") == 2
+    assert "must end with .nequip.pt2" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_refuses_estimator_of_another_model(tiny_nequip_run, tiny_latents, tmp_path, capsys):
+    x, _ = tiny_latents
+    rng = np.random.default_rng(3)
+    est = LTAUEstimator(k=3, metadata={"model_sha256": "0" * 64}).fit(x, rng.lognormal(size=(3, len(x))))
+    est.save(str(tmp_path / "other.ltau"))
+    assert _cli(tiny_nequip_run.checkpoint, tmp_path / "other.ltau", tmp_path / "m.nequip.pt2") == 2
+    assert "belongs to another model" in capsys.readouterr().err
+    # right hash recorded, wrong descriptor dimension
+    est5 = LTAUEstimator(k=3, metadata={"model_sha256": sha256_file(tiny_nequip_run.checkpoint)})
+    est5.fit(rng.normal(size=(40, 5)), rng.lognormal(size=(3, 40))).save(str(tmp_path / "d5.ltau"))
+    assert _cli(tiny_nequip_run.checkpoint, tmp_path / "d5.ltau", tmp_path / "m.nequip.pt2") == 2
+    assert "D mismatch" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d5.ltau", "other.ltau"]
+
+
+def test_failed_compile_leaves_nothing_at_output(tiny_nequip_run, matching_estimator_file, tmp_path, monkeypatch):
+    import ltau_ase.nequip.compiled as compiled
+
+    def half_written(model, data, outputs, metadata, path, device):
+        assert set(LTAU_FIELDS) <= set(outputs) and "node_features" in outputs
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(compiled, "_export_aoti", half_written)
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        compiled.compile_model(tiny_nequip_run.checkpoint, tmp_path / "m.nequip.pt2", estimator=matching_estimator_file)
+    assert list(tmp_path.iterdir()) == []

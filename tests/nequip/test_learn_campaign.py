@@ -1,0 +1,167 @@
+"""A two-iteration active-learning campaign on the tiny nequip model with EMT as the reference.
+
+Lives next to the tiny-model session fixtures (``tests/nequip/conftest.py``): iteration 0 is the
+fixture's trained run, so only the two retrainings are paid here. A subprocess runs the campaign
+and is killed while it labels (the reference sleeps); the campaign is then resumed here: the frames
+labelled before the kill are not computed again, nothing is duplicated, the frame ids of all
+training files stay unique, and the second iteration runs to the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nequip")
+
+from ltau_ase.core.atom_ids import frame_ids_of  # noqa: E402
+from ltau_ase.learn import (  # noqa: E402
+    CalculatorFactory, Campaign, CampaignSettings, ExploreSettings, TrainingSettings)
+from ltau_ase.nequip.training import assign_frame_ids, emt_slab_frames, write_training_file  # noqa: E402
+
+REFS = Path(__file__).resolve().parents[1] / "learn"
+sys.path.insert(0, str(REFS))
+from references import SlowEMT, positions_key  # noqa: E402
+
+SETTINGS = CampaignSettings(
+    type_names=("Cu", "Pt", "O", "H"), selection="ltau", n_iterations=2, budget=3,
+    explore=ExploreSettings(kinds=("md",), temperatures=(900.0, 1500.0), md_steps=30, stride=5, atom_reduce="mean"),
+    training=TrainingSettings(epochs=2, parallel=1), threshold_quantile=0.5, k=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_nequip_run):
+    root = tmp_path_factory.mktemp("learn_inputs")
+    train = write_training_file(root / "train.extxyz", tiny_nequip_run.frames)  # the run's training frames
+    cal = assign_frame_ids(emt_slab_frames(6, seed=11), 9000)
+    test = assign_frame_ids(emt_slab_frames(4, seed=12, metals=("Pt",)), 9100)
+    seeds = emt_slab_frames(3, seed=13, rattle=0.05)
+    for i, s in enumerate(seeds):
+        s.calc = None
+        s.info = {"name": f"seed{i}", "frame_id": i}  # the start frame's id: copies would collide with it
+    files = {"train": train, "val": tiny_nequip_run.val_file,
+             "calibration": write_training_file(root / "cal.extxyz", cal),
+             "seeds": root / "seeds.extxyz", "test": write_training_file(root / "test.extxyz", test)}
+    from ase.io import write
+
+    write(files["seeds"], seeds, format="extxyz")
+    return files
+
+
+def _campaign(workdir, inputs, run_dir, reference, settings=SETTINGS, **kw):
+    return Campaign(workdir, settings, train=inputs["train"], val=inputs["val"], calibration=inputs["calibration"],
+                    seeds=inputs["seeds"], reference=reference, test_sets={"in_domain": inputs["test"]},
+                    initial_run=run_dir, progress=False, **kw)
+
+
+def test_campaign_killed_while_labelling_resumes(tmp_path, inputs, tiny_nequip_run):
+    from ase.db import connect
+
+    workdir, log = tmp_path / "campaign", tmp_path / "reference_calls.log"
+    reference = SlowEMT(0.0, str(log))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {str(REFS)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from references import SlowEMT
+        from test_learn_campaign import _campaign, SETTINGS
+        from pathlib import Path
+        inputs = {{k: Path(v) for k, v in {json.dumps({k: str(v) for k, v in inputs.items()})}.items()}}
+        _campaign({str(workdir)!r}, inputs, {str(tiny_nequip_run.run_dir)!r}, SlowEMT(0.0, {str(log)!r})).run()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", LTAU_TEST_REFERENCE_DELAY="3"))
+    labels = workdir / "iter_001" / "labels.db"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if labels.exists() and connect(str(labels)).count() >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert labels.exists(), "the campaign did not reach labelling in time"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {row.get("name"): positions_key(row.toatoms()) for row in connect(str(labels)).select()}
+    selected = json.loads((workdir / "iter_001" / "selected.json").read_text())["names"]
+    assert 1 <= len(before) < len(selected) <= SETTINGS.budget
+
+    # another campaign's settings or inputs are refused in this directory
+    with pytest.raises(ValueError, match="another campaign"):
+        _campaign(workdir, inputs, tiny_nequip_run.run_dir, reference,
+                  settings=CampaignSettings(**{**SETTINGS.__dict__, "budget": 4}))
+
+    history = _campaign(workdir, inputs, tiny_nequip_run.run_dir, reference).run()
+    calls = log.read_text().split()
+    for name, key in before.items():  # labelled before the kill: computed exactly once
+        assert calls.count(key) == 1, name
+    for i in (1, 2):
+        rows = list(connect(str(workdir / f"iter_{i:03d}" / "labels.db")).select())
+        names = [r.get("name") for r in rows]
+        assert len(names) == len(set(names))
+        chosen = json.loads((workdir / f"iter_{i:03d}" / "selected.json").read_text())["names"]
+        assert sorted(names) == sorted(chosen) and len(chosen) <= SETTINGS.budget
+    assert [h["iteration"] for h in history] == [0, 1, 2]
+    assert history[2]["labels_used"] == sum(
+        connect(str(workdir / f"iter_{i:03d}" / "labels.db")).count() for i in (1, 2))
+
+    # frames entering the training set got new ids: unique across all files, clear of validation ids
+    from ase.io import read
+
+    files = [inputs["train"]] + [workdir / f"iter_{i:03d}" / "new_frames.extxyz" for i in (1, 2)
+                                 if (workdir / f"iter_{i:03d}" / "new_frames.extxyz").exists()]
+    frames = [a for f in files for a in read(f, index=":")]
+    ids = frame_ids_of(frames)  # raises on a collision
+    assert not set(ids) & set(frame_ids_of(read(inputs["val"], index=":")))
+    assert len(frames) == history[2]["n_train_frames"]
+    new = [a for a in frames if "campaign_iteration" in a.info]
+    assert new and all(a.info["frame_id"] > max(frame_ids_of(tiny_nequip_run.frames)) for a in new)
+
+    for h in history:
+        assert np.isfinite(h["evaluation"]["in_domain"]["force_mae"])
+        assert 0.0 < h["calibration"]["threshold"] <= 1.0
+    ex = history[1]["exploration"]
+    assert ex["n_tasks"] == 6 and ex["n_failed"] == 0
+    assert len(history[1]["selected_uq_vs_error"]["frames"]) == connect(str(labels)).count()
+    assert (workdir / "report.md").read_text().count("\n| ") >= 4 and (workdir / "report.png").stat().st_size > 0
+    # the retrained model is a new model with its own estimator
+    assert (workdir / "iter_002" / "estimator.ltau").exists()
+
+
+def test_bad_inputs_are_refused(tmp_path, inputs, tiny_nequip_run):
+    from ase.build import fcc111
+    from ase.io import write
+
+    with pytest.raises(ValueError, match="budget"):
+        CampaignSettings(**{**SETTINGS.__dict__, "budget": 0}).validate()
+    bad_seed = fcc111("Au", size=(2, 2, 3), vacuum=5.0)
+    bad_seed.info["name"] = "gold"
+    write(tmp_path / "au.extxyz", [bad_seed])
+    with pytest.raises(ValueError, match=r"'gold' contains \['Au'\], which the model does not know"):
+        Campaign(tmp_path / "c", SETTINGS, train=inputs["train"], val=inputs["val"],
+                 calibration=inputs["calibration"], seeds=tmp_path / "au.extxyz", reference=CalculatorFactory())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.txt").write_text("not a campaign")
+    with pytest.raises(ValueError, match="not empty and holds no campaign"):
+        _campaign(tmp_path / "other", inputs, tiny_nequip_run.run_dir, CalculatorFactory())
+
+
+def test_cli_bad_budget_exits_2(tmp_path, inputs):
+    cmd = [sys.executable, "-m", "ltau_ase.cli", "learn", "--workdir", str(tmp_path / "w"), "--train",
+           str(inputs["train"]), "--val", str(inputs["val"]), "--calibration", str(inputs["calibration"]),
+           "--seeds", str(inputs["seeds"]), "--type-names", "Cu,Pt,O,H", "--budget", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("ltau learn: error: budget must be a positive")
+    assert len(proc.stderr.strip().splitlines()) == 1
