@@ -74,7 +74,7 @@ def fit_estimator_from_runs(
     k: int = 10,
     index: str = "auto",
     atol: float | None = None,
-    window: EpochWindow | dict | tuple | None = None,
+    window: EpochWindow | dict | tuple | str | None = "last_half",
     model: PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 16,
@@ -96,7 +96,8 @@ def fit_estimator_from_runs(
             (:func:`ltau_ase.core.index.choose_index`: flat below 1e5 training atoms, HNSW below 1e6,
             IVF-PQ with exact re-ranking above; the choice is recorded as ``metadata["index_choice"]``).
         atol: error threshold (eV/Å); None: the final models' training MAE.
-        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
+        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all; ``"last_half"``
+            (default): the last half, see ``LTAUEstimator``'s ``window``.
         model: checkpoint / package file giving the descriptors; default the first run's
             ``last.ckpt`` (else ``best.ckpt``; for a checkpoint-ensemble log its last
             checkpoint), the file the README's ``from_model`` / ``ltau relax`` load. Its SHA-256
@@ -163,7 +164,7 @@ def fit_estimator_from_runs(
         "index": index,
         "index_choice": index_choice,
         "atol": None if atol is None else float(atol),
-        "epoch_window": EpochWindow.coerce(window).to_dict(),
+        "epoch_window": window if isinstance(window, str) else EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],
         "error_logs": [str(d.resolve()) for d in log_dirs],
         "train_files": [str(f.resolve()) for f in train_files],
