@@ -241,6 +241,9 @@ class LTAUEstimator:
         check_int(self.chunk_size, "chunk_size")
         if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
             raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
+        if isinstance(self.window, str) and self.window != LAST_HALF:
+            raise ValueError(f"window must be {LAST_HALF!r}, None (all epochs), an EpochWindow, a dict or a "
+                             f"(skip, last) tuple; got {self.window!r}")
         try:
             if not (isinstance(self.window, str) and self.window == LAST_HALF):  # resolved at fit
                 EpochWindow.coerce(self.window)
@@ -1220,6 +1223,8 @@ def _blob_bound(kind: str, params: dict[str, Any], n: int, d: int) -> int:
         # vectors, levels, offsets and on average at most 4·M neighbour slots per node
         return _BLOB_OVERHEAD + n * (4 * d + 4 + 8 + 16 * m)
     nlist, m, nbits = int(params.get("nlist", 1)), int(params.get("m", 1)), int(params.get("nbits", 8))
+    # a hostile nbits (validated to [1, 16] later) must not make 2**nbits itself the hang
+    nbits = min(max(nbits, 0), 64)
     code = -(-m * nbits // 8)
     return _BLOB_OVERHEAD + n * (code + 8) + nlist * (4 * d + 24 + 8 + 4 + 16 * 32) + 4 * d * (2**nbits)
 
