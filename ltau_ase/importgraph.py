@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("ltau_ase.simulate", "simulate"),
     ("ltau_ase.datasets", "datasets"),
     ("ltau_ase.nequip", "nequip (backend)"),
+    ("ltau_ase.learn", "learn"),
     ("ltau_ase.cli", "cli"),
     ("ltau_ase.demo", "demo"),
     ("ltau_ase.importgraph", "tools"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -74,7 +74,7 @@ def fit_estimator_from_runs(
     k: int = 10,
     index: str = "auto",
     atol: float | None = None,
-    window: EpochWindow | dict | tuple | None = None,
+    window: EpochWindow | dict | tuple | str | None = "last_half",
     model: PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 16,
@@ -96,7 +96,8 @@ def fit_estimator_from_runs(
             (:func:`ltau_ase.core.index.choose_index`: flat below 1e5 training atoms, HNSW below 1e6,
             IVF-PQ with exact re-ranking above; the choice is recorded as ``metadata["index_choice"]``).
         atol: error threshold (eV/Å); None: the final models' training MAE.
-        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
+        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all; ``"last_half"``
+            (default): the last half, see ``LTAUEstimator``'s ``window``.
         model: checkpoint / package file giving the descriptors; default the first run's
             ``last.ckpt`` (else ``best.ckpt``; for a checkpoint-ensemble log its last
             checkpoint), the file the README's ``from_model`` / ``ltau relax`` load. Its SHA-256
@@ -163,7 +164,7 @@ def fit_estimator_from_runs(
         "index": index,
         "index_choice": index_choice,
         "atol": None if atol is None else float(atol),
-        "epoch_window": EpochWindow.coerce(window).to_dict(),
+        "epoch_window": window if isinstance(window, str) else EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],
         "error_logs": [str(d.resolve()) for d in log_dirs],
         "train_files": [str(f.resolve()) for f in train_files],
@@ -189,7 +190,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
-    trusted_targets: tuple[str, ...] = (),
+    trusted_targets: Sequence[Callable[..., Any]] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -202,8 +203,9 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
-        trusted_targets: extra ``_target_`` prefixes allowed in the checkpoints' configs (e.g. a
-            project's own Lightning callbacks); see :func:`ltau_ase.nequip.safe_load.verify_checkpoint`.
+        trusted_targets: extra model-builder objects (not names) the checkpoints' model configuration
+            may name, e.g. a plugin's builder; see :mod:`ltau_ase.nequip.safe_load`. Callbacks and the
+            other training sections are never acted on when loading, so they need no trust.
     Returns:
         ``log_dir``.
     """

@@ -55,6 +55,7 @@ from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from ltau_ase.core.checks import check_int
 from ltau_ase.simulate.calculator import PER_ATOM_UQ
 from ltau_ase.simulate.observers import RelaxationUQObserver, check_reduce
 
@@ -547,6 +548,8 @@ def local_cluster(n_workers: int = 1, dashboard: str | None = None) -> Any:
     """
     from distributed import LocalCluster
 
+    # a LocalCluster asked for no or negative workers waits forever for them: refuse instead
+    n_workers = check_int(n_workers, "n_workers", minimum=1)
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
                         dashboard_address=dashboard or "127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
                         scheduler_kwargs={"dashboard": dashboard is not None})
@@ -566,7 +569,7 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None, dash
 
     cluster = None
     if scheduler is None:
-        cluster = local_cluster(int(n_workers or 1), dashboard)
+        cluster = local_cluster(1 if n_workers is None else n_workers, dashboard)
         client = Client(cluster)
     else:
         try:

@@ -9,6 +9,9 @@ per atom, shape (N,)
     ``expected_force_errors``   expected |F error| of the atom, eV/Å
     ``latent_distances``        mean Euclidean distance to the k nearest training descriptors, in the
                                 model's latent units (no physical unit)
+    ``force_error_bounds``      only with ``coverage=q`` and a calibrated estimator
+                                (``LTAUEstimator.fit_calibration``): split-conformal bound (eV/Å) with
+                                P(|F error| <= bound) >= q on data like the calibration set
 per structure (float)
     ``max_uncertainty``, ``mean_uncertainty``  over all atoms
 
@@ -28,7 +31,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from ltau_ase.core.estimator import unknown_species_policy
 
-PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances")
+PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds")
 PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
 
@@ -47,6 +50,7 @@ _PREDICT_TO_RESULT = {
     "expected_error": "expected_force_errors",
     "distance": "latent_distances",
 }
+_BOUND_RESULT = "force_error_bounds"
 
 
 def check_finite_geometry(atoms: Atoms) -> None:
@@ -99,6 +103,9 @@ class LTAUCalculator(Calculator):
         backends' calculators do). A callable ``descriptors(atoms) -> (N, D)`` computes them instead.
     threshold
         Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
+    coverage
+        q in (0, 1): also return ``force_error_bounds`` (eV/Å), the estimator's split-conformal
+        per-atom bounds at coverage q (needs an estimator calibrated with ``fit_calibration``).
     unknown_species
         Atoms of an element the estimator never saw in training (see
         :class:`~ltau_ase.core.estimator.LTAUEstimator`, which owns this policy): ``None`` (default)
@@ -120,10 +127,18 @@ class LTAUCalculator(Calculator):
         descriptors: Callable[[Atoms], np.ndarray] | None = None,
         threshold: float | None = None,
         unknown_species: str | None = None,
+        coverage: float | None = None,
         **kwargs: Any,
     ) -> None:
         if unknown_species is not None:
             unknown_species_policy(unknown_species)  # the estimator's vocabulary; raises ValueError
+        if coverage is not None:
+            from ltau_ase.core.conformal import check_coverage
+
+            coverage = check_coverage(coverage)
+            if not getattr(estimator, "is_calibrated", False):
+                raise ValueError("coverage needs an estimator calibrated with fit_calibration (or `ltau calibrate`); "
+                                 "this one has no conformal calibration")
         if descriptors is not None and not callable(descriptors):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
@@ -140,9 +155,11 @@ class LTAUCalculator(Calculator):
         self.descriptors = descriptors
         self.threshold = threshold
         self.unknown_species = unknown_species
+        self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        self.implemented_properties = base + list(UQ_PROPERTIES)
+        uq = [p for p in UQ_PROPERTIES if p != _BOUND_RESULT or coverage is not None]
+        self.implemented_properties = base + uq
         self._base_properties = base
 
     # ------------------------------------------------------------------ construction
@@ -156,6 +173,7 @@ class LTAUCalculator(Calculator):
         allow_model_mismatch: bool = False,
         unknown_species: str | None = None,
         backend: str | None = None,
+        coverage: float | None = None,
         **kwargs: Any,
     ) -> "LTAUCalculator":
         """Build from a model file and an estimator (file or fitted object).
@@ -200,7 +218,7 @@ class LTAUCalculator(Calculator):
         if loaded is not None and loaded != fingerprint:
             raise ValueError(f"model file {str(model_path)!r} changed while it was being loaded (sha256 {fingerprint} "
                              f"when checked, {loaded} when read); load it again once it is no longer being written")
-        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
+        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species, coverage=coverage)
 
     @classmethod
     def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any = None,
@@ -252,9 +270,10 @@ class LTAUCalculator(Calculator):
             raise ValueError(f"{source} has shape {desc.shape}, expected ({n}, {d}) for {n} atoms and an "
                              f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
         # the estimator owns the unknown-element policy (raise / flag / ignore); this only maps results
+        extra = {} if self.coverage is None else {"coverage": self.coverage}
         pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold,
                                       atomic_numbers=np.asarray(atoms.numbers),
-                                      unknown_species=self.unknown_species)
+                                      unknown_species=self.unknown_species, **extra)
         return self._finish_uq(atoms, pred)
 
     def _model_uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
@@ -281,7 +300,8 @@ class LTAUCalculator(Calculator):
     def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
         out: dict[str, Any] = {}
-        for src, dst in _PREDICT_TO_RESULT.items():
+        mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}))
+        for src, dst in mapping.items():
             values = np.array(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
@@ -293,7 +313,7 @@ class LTAUCalculator(Calculator):
 
     def todict(self) -> dict[str, Any]:
         return {"calc": type(self.calc).__name__, "threshold": self.threshold,
-                "unknown_species": self.unknown_species}
+                "unknown_species": self.unknown_species, "coverage": self.coverage}
 
 
 def store_uq_in_atoms(atoms: Atoms, results: Mapping[str, Any] | None = None) -> Atoms:

@@ -119,6 +119,12 @@ def test_relax_batch_refuses_bad_worker_counts(tmp_path):
         with pytest.raises(ValueError, match="n_workers"):
             relax_batch(batch_systems(n=1, bad=False), tmp_path / "r.db", StandInFactory(), n_workers=n)
     assert not (tmp_path / "r.db").exists()  # refused before the database was touched
+    from ltau_ase.simulate.batch import dask_client
+
+    for n in (-1, 0, 2.5):  # every caller of the shared cluster (relax, predict, learn) is covered
+        with pytest.raises(ValueError, match="n_workers"):
+            with dask_client(None, n):
+                pass
 
 
 def test_md_refuses_a_nan_structure_before_running(tmp_path, capsys):

@@ -226,7 +226,7 @@ def _fitted_real_estimator(tmp_path=None):
     desc = np.concatenate([CountingDescriptors()(a) for a in train]).astype(np.float32)
     z = np.concatenate([a.numbers for a in train])
     errors = rng.gamma(2.0, 0.05, size=(15, desc.shape[0])) * (1 + desc[:, :1].T ** 2)
-    est = LTAUEstimator(k=4, index="flat", atol=0.1, distribution="exact").fit(desc, errors, atomic_numbers=z)
+    est = LTAUEstimator(k=4, index="flat", atol=0.1, distribution="exact", window=None).fit(desc, errors, atomic_numbers=z)
     return est, desc, errors
 
 
