@@ -242,7 +242,7 @@ class LTAUEstimator:
         if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
             raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
         try:
-            if self.window != LAST_HALF:  # resolved against the error logs at fit
+            if not (isinstance(self.window, str) and self.window == LAST_HALF):  # resolved at fit
                 EpochWindow.coerce(self.window)
             if self.bins is not None:
                 make_edges(self.bins, 1e-3, 1.0)  # validates the bins setting only
@@ -332,7 +332,7 @@ class LTAUEstimator:
         self._check_params()
         x = as_float32(descriptors, "descriptors")
         n, d = x.shape
-        window = self._resolved_window(errors)
+        window = self.resolve_window(errors)
         runs = as_runs(errors, window)
         if runs[0].n_atoms != n:
             raise ValueError(
@@ -415,8 +415,12 @@ class LTAUEstimator:
         self._warned_short = False
         return self
 
-    def _resolved_window(self, errors: Any) -> EpochWindow | None:
-        """The EpochWindow for ``errors``: ``"last_half"`` becomes the last ⌈E/2⌉ epochs of the shortest run."""
+    def resolve_window(self, errors: Any) -> EpochWindow | None:
+        """The EpochWindow this estimator's ``window`` selects from ``errors`` (None: all epochs).
+
+        ``"last_half"`` becomes the last ⌈E/2⌉ epochs of the shortest of the runs in ``errors`` (any
+        form :meth:`fit` accepts, ErrorLogs included).
+        """
         if isinstance(self.window, str) and self.window != LAST_HALF:
             raise ValueError(f"window must be {LAST_HALF!r}, None (all epochs), an EpochWindow, a dict or a "
                              f"(skip, last) tuple; got {self.window!r}")

@@ -18,7 +18,8 @@ def _fitted(n=3000, d=8, epochs=(20, 30), **params):
 
 @pytest.mark.parametrize("distribution", ["compact", "exact"])
 def test_estimate_covers_the_arrays_a_fit_keeps(distribution):
-    x, errors, est = _fitted(distribution=distribution, index="flat", k=5)
+    # every epoch kept (window=None), so the arrays a fit keeps are those of the epochs passed to the estimate
+    x, errors, est = _fitted(distribution=distribution, index="flat", k=5, window=None)
     part = est.estimate_fit_memory(x.shape[0], x.shape[1], [e.shape[0] for e in errors])
     dist = est.distributions_
     if distribution == "compact":
