@@ -242,7 +242,8 @@ class LTAUEstimator:
         if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
             raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
         try:
-            EpochWindow.coerce(self.window)
+            if self.window != LAST_HALF:  # resolved against the logs at fit (_resolved_window)
+                EpochWindow.coerce(self.window)
             if self.bins is not None:
                 make_edges(self.bins, 1e-3, 1.0)  # validates the bins setting only
         except (TypeError, IndexError) as exc:
