@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "report": "IS2RS-style analysis of a relaxation database against reference structures",
     "md": "molecular dynamics that stops when the uncertainty is too high",
     "reweight": "confidence map and re-weighted training set (dataset cartography)",
+    "calibrate": "choose k and fit distance-aware, per-element and conformal calibration on a labelled file",
 }
 
 

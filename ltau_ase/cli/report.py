@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="equal-count or equal-width UQ bins (quantile)")
     parser.add_argument("--groups", default=None, help="comma-separated groups to report, in order (default: all)")
     parser.add_argument("--strict", action="store_true", help="a missing reference is an error")
+    parser.add_argument("--fit-failure-model", type=Path, default=None, metavar="JSON",
+                        help="fit P(RMSD > --threshold | UQ trace) on these relaxations (calibration set) and "
+                             "write it here")
+    parser.add_argument("--failure-model", type=Path, default=None, metavar="JSON",
+                        help="add each system's failure probability p_fail from a model written by "
+                             "--fit-failure-model (its own RMSD threshold applies)")
 
 
 def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False) -> tuple[list[dict], list[str]]:
@@ -79,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
     groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
     analysis = uq_rmsd_analysis(table, groups=groups, threshold=args.threshold, n_bins=args.bins,
                                 strategy=args.strategy)
+    failure = failure_probabilities(table, args)
     args.output.mkdir(parents=True, exist_ok=True)
     png = plot_rmsd_vs_uq(analysis["binned"], args.output / "rmsd_vs_uq.png", threshold=args.threshold)
     metrics = {"db": str(args.db), "n_records": len(records), "n_scored": len(table),
                "unconverged": [r["name"] for r in relaxed if r["status"] == "unconverged"],
                "failed": failed, "missing_references": missing, "analysis": analysis, "systems": table}
+    if failure:
+        metrics["failure_model"] = failure
     out = args.output / "metrics.json"
     out.write_text(json.dumps(to_jsonable(metrics), indent=2))
     print(f"scored {len(table)} of {len(records)} systems ({len(failed)} failed, {len(missing)} without "
@@ -92,4 +101,42 @@ def run(args: argparse.Namespace) -> int:
         rho = ", ".join(f"{s} {v['spearman']:.3f}" for s, v in entry["stats"].items())
         print(f"  {g}: n={entry['n_systems']} ADwT={entry['adwt']:.3f} mean RMSD={entry['mean_rmsd']:.3f} Å; "
               f"Spearman(UQ, RMSD): {rho}")
+    if failure:
+        print("  failure model: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in failure.items() if k != "path"))
     return 0
+
+
+def failure_probabilities(table: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """Fit and/or apply the IS2RS failure model (``ltau_ase.is2rs.FailureModel``); adds ``p_fail`` to rows."""
+    import json
+
+    import numpy as np
+
+    from ltau_ase.core.calibration import auroc
+    from ltau_ase.is2rs import FailureModel
+
+    if args.fit_failure_model is None and args.failure_model is None:
+        return {}
+    out: dict[str, Any] = {}
+    if args.fit_failure_model is not None:
+        model = FailureModel(rmsd_threshold=args.threshold).fit(table)
+        args.fit_failure_model.parent.mkdir(parents=True, exist_ok=True)
+        args.fit_failure_model.write_text(json.dumps(model.to_dict(), indent=2))
+        out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_)
+    if args.failure_model is not None:
+        if not args.failure_model.is_file():
+            raise FileNotFoundError(f"no failure model at {args.failure_model}")
+        try:
+            state = json.loads(args.failure_model.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{args.failure_model} is not JSON: {exc}") from None
+        model = FailureModel.from_dict(state)
+    p = model.predict_proba(table)
+    failed = np.array([row["rmsd"] > model.rmsd_threshold for row in table])
+    for row, value in zip(table, p):
+        row["p_fail"] = float(value)
+    out.update(rmsd_threshold=model.rmsd_threshold, mean_p_fail=float(p.mean()), fraction_failed=float(failed.mean()),
+               brier=float(np.mean((p - failed) ** 2)),
+               auroc=auroc(p, failed) if 0 < failed.sum() < failed.size else float("nan"))
+    return out

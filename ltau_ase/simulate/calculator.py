@@ -9,6 +9,9 @@ per atom, shape (N,)
     ``expected_force_errors``   expected |F error| of the atom, eV/Å
     ``latent_distances``        mean Euclidean distance to the k nearest training descriptors, in the
                                 model's latent units (no physical unit)
+    ``force_error_bounds``      only with ``coverage=q`` and a calibrated estimator
+                                (``LTAUEstimator.fit_calibration``): split-conformal bound (eV/Å) with
+                                P(|F error| <= bound) >= q on data like the calibration set
 per structure (float)
     ``max_uncertainty``, ``mean_uncertainty``  over all atoms
 
@@ -27,7 +30,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances")
+PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds")
 PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
 _UNKNOWN_SPECIES_MODES = ("raise", "flag")
@@ -39,6 +42,7 @@ _PREDICT_TO_RESULT = {
     "expected_error": "expected_force_errors",
     "distance": "latent_distances",
 }
+_BOUND_RESULT = "force_error_bounds"
 
 
 class LTAUCalculator(Calculator):
@@ -58,6 +62,9 @@ class LTAUCalculator(Calculator):
         adapter does). A callable ``descriptors(atoms) -> (N, D)`` computes them instead.
     threshold
         Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
+    coverage
+        q in (0, 1): also return ``force_error_bounds`` (eV/Å), the estimator's split-conformal
+        per-atom bounds at coverage q (needs an estimator calibrated with ``fit_calibration``).
     unknown_species
         What to do with atoms of an element the estimator never saw in training:
         ``"raise"`` (default) raises ``ValueError`` naming the elements, because the model's force on
@@ -65,6 +72,7 @@ class LTAUCalculator(Calculator):
         ``"flag"`` marks those atoms as maximally uncertain (uncertainty 1, confidence 0, expected
         error NaN; latent distance still computed) and lists them in ``results["unknown_species"]``
         (bool (N,)), so a simulation can continue and an :class:`UncertaintyStop` can fire on them.
+        Their ``force_error_bounds`` are NaN as well.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
     """
@@ -76,8 +84,16 @@ class LTAUCalculator(Calculator):
         descriptors: Callable[[Atoms], np.ndarray] | None = None,
         threshold: float | None = None,
         unknown_species: str = "raise",
+        coverage: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if coverage is not None:
+            from ltau_ase.core.conformal import check_coverage
+
+            coverage = check_coverage(coverage)
+            if not getattr(estimator, "is_calibrated", False):
+                raise ValueError("coverage needs an estimator calibrated with fit_calibration (or `ltau calibrate`); "
+                                 "this one has no conformal calibration")
         if unknown_species not in _UNKNOWN_SPECIES_MODES:
             raise ValueError(f"unknown_species must be one of {_UNKNOWN_SPECIES_MODES}, got {unknown_species!r}")
         if descriptors is not None and not callable(descriptors):
@@ -90,9 +106,11 @@ class LTAUCalculator(Calculator):
         self.descriptors = descriptors
         self.threshold = threshold
         self.unknown_species = unknown_species
+        self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        self.implemented_properties = base + list(UQ_PROPERTIES)
+        uq = [p for p in UQ_PROPERTIES if p != _BOUND_RESULT or coverage is not None]
+        self.implemented_properties = base + uq
         self._base_properties = base
 
     # ------------------------------------------------------------------ construction
@@ -105,6 +123,7 @@ class LTAUCalculator(Calculator):
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
         unknown_species: str = "raise",
+        coverage: float | None = None,
         **kwargs: Any,
     ) -> "LTAUCalculator":
         """Build from a nequip model file (``.ckpt`` / ``.nequip.zip``) and an estimator file.
@@ -133,7 +152,7 @@ class LTAUCalculator(Calculator):
                 raise ValueError(msg + "; pass allow_model_mismatch=True to use them together anyway")
             warnings.warn(msg + " (allowed by allow_model_mismatch=True)", stacklevel=2)
         base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
-        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
+        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species, coverage=coverage)
 
     # ------------------------------------------------------------------ ASE interface
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
@@ -185,9 +204,15 @@ class LTAUCalculator(Calculator):
             species = getattr(self.estimator, "species_", None)
             if species is not None:
                 unknown = ~np.isin(atoms.numbers, np.asarray(species))
-        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold)
+        extra: dict[str, Any] = {}
+        if getattr(self.estimator, "is_calibrated", False):  # per-element factors and conformal quantiles
+            extra["atomic_numbers"] = np.asarray(atoms.numbers, dtype=np.int64)
+        if self.coverage is not None:
+            extra["coverage"] = self.coverage
+        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold, **extra)
         out: dict[str, Any] = {}
-        for src, dst in _PREDICT_TO_RESULT.items():
+        mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}))
+        for src, dst in mapping.items():
             values = np.array(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
@@ -196,6 +221,8 @@ class LTAUCalculator(Calculator):
             out["uncertainties"][unknown] = 1.0
             out["confidences"][unknown] = 0.0
             out["expected_force_errors"][unknown] = np.nan
+            if _BOUND_RESULT in out:
+                out[_BOUND_RESULT][unknown] = np.nan
         out["unknown_species"] = unknown
         out["max_uncertainty"] = float(out["uncertainties"].max()) if n else float("nan")
         out["mean_uncertainty"] = float(out["uncertainties"].mean()) if n else float("nan")
@@ -203,7 +230,7 @@ class LTAUCalculator(Calculator):
 
     def todict(self) -> dict[str, Any]:
         return {"calc": type(self.calc).__name__, "threshold": self.threshold,
-                "unknown_species": self.unknown_species}
+                "unknown_species": self.unknown_species, "coverage": self.coverage}
 
 
 def store_uq_in_atoms(atoms: Atoms, results: Mapping[str, Any] | None = None) -> Atoms:

@@ -215,7 +215,9 @@ def test_fit_scale_recovers_error_ratio():
     true = 3.0 * np.abs(rng.normal(size=lab_t.size)) * sigma[lab_t]  # test errors 3x the training ones
     est = LTAUEstimator(k=5, distribution="exact").fit(x, errs)
     res = est.fit_scale(x_t, true)
-    assert 2.5 < res["scale"] < 3.6 and est.scale == res["scale"]
+    # the fitted s is learned state; the user's scale parameter stays the prior (issue 10)
+    assert 2.5 < res["scale"] < 3.6 and est.scale_ == res["scale"] and est.scale == 1.0
+    assert est.effective_scale == res["scale"]
     assert res["after"] < 0.3 * res["before"] and res["after"] < 0.05
     # The returned numbers are the miscalibration of predict() at the chosen scale.
     from ltau_ase.core.calibration import miscalibration_area

@@ -48,6 +48,21 @@ def test_relax_then_report(tmp_path, capsys):
         assert row["rmsd"] == pytest.approx(np.sqrt(np.mean(d**2)), rel=1e-6)
         assert row["d_mean"] == pytest.approx(d.mean(), rel=1e-6)
         assert row["uq_final"] == pytest.approx(relaxed[row["name"]]["uq_final"])
+    # failure probabilities from a model fitted elsewhere (synthetic calibration relaxations)
+    from ltau_ase.is2rs import FailureModel
+
+    rng = np.random.default_rng(0)
+    calib = [{"uq_initial": u, "uq_max": u, "uq_mean": u, "uq_final": u, "nsteps": 10, "rmsd": r}
+             for u, r in zip(rng.uniform(0, 1, 40), np.r_[np.full(20, 0.1), np.full(20, 0.9)])]
+    model = FailureModel(rmsd_threshold=0.5).fit(calib)
+    (tmp_path / "fail.json").write_text(json.dumps(model.to_dict()))
+    with pytest.warns(UserWarning, match="1 of 8 system"):
+        assert _run(report, ["--db", db, "--output", out, "--failure-model", tmp_path / "fail.json"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    np.testing.assert_allclose([row["p_fail"] for row in metrics["systems"]], model.predict_proba(metrics["systems"]))
+    assert metrics["failure_model"]["mean_p_fail"] == pytest.approx(np.mean([r["p_fail"] for r in metrics["systems"]]))
+    with pytest.raises(ValueError, match="at least 5 relaxations"), pytest.warns(UserWarning):
+        _run(report, ["--db", db, "--output", out, "--fit-failure-model", tmp_path / "f2.json"])
     with pytest.raises(ValueError, match="no reference structure"):
         _run(report, ["--db", db, "--output", out, "--strict"])
     with pytest.raises(ValueError, match="either --factory or --model"):
