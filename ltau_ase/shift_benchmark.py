@@ -33,6 +33,7 @@ from ltau_ase.shift_metrics import (bootstrap_ci, coverage, normalised_conformal
 
 METHODS = ("ltau_paper", "ltau_distance", "distance", "committee")
 METHOD_LABELS = {"ltau_paper": "LTAU (paper)", "ltau_distance": "distance-aware LTAU",
+                 "ltau_distance_expected_error": "distance-aware expected error (eV/Å)",
                  "distance": "latent distance", "committee": "committee"}
 
 
@@ -43,7 +44,7 @@ class ShiftBenchConfig:
     quick: bool = False
     seed: int = 0
     members: int = 4
-    epochs: int = 30
+    epochs: int = 12
     num_layers: int = 2
     num_features: int = 16
     l_max: int = 1
@@ -58,11 +59,14 @@ class ShiftBenchConfig:
     is2rs_limit: int | None = None
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
+    md_runs_reference: int = 20
     md_runs_in_domain: int = 20
-    md_steps_in_domain: int = 1000
+    md_steps_in_domain: int = 500
     md_runs_hot: int = 20
-    md_steps_hot: int = 300
-    md_hot_temperatures: tuple[float, ...] = (600.0, 1200.0)
+    md_steps_hot: int = 250
+    md_hot_temperatures: tuple[float, ...] = (1200.0,)
+    md_emt_stride_in_domain: int = 5
+    md_emt_stride_hot: int = 1
     md_error_bound: float = 1.0
     md_after_breakdown: int = 30
     md_false_alarm_rate: float = 0.05
@@ -77,7 +81,7 @@ class ShiftBenchConfig:
     @classmethod
     def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
         if quick:
-            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=4,
+            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=3, md_runs_reference=9, md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
                       timing_repeats=5, workers=1,
                       settings=ShiftSettings(n_train=6, n_val=2, n_calibration=3, n_calibration_mild=2, n_test=2,
@@ -232,14 +236,15 @@ def _relax_task(args: tuple) -> dict[str, Any]:
 def _md_task(args: tuple) -> dict[str, Any]:
     """Langevin MD with member 1; per step: its descriptors and the true max-atom EMT force error (eV/Å).
 
-    Ends ``after`` steps past the first step whose error exceeds ``error_bound`` (or is not finite).
+    The EMT error is evaluated every ``emt_stride`` steps (NaN in between). Ends ``after`` steps past
+    the first evaluated step whose error exceeds ``error_bound`` (or is not finite).
     """
     from ase import units
     from ase.calculators.emt import EMT
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import thermalize_momenta
 
-    key, atoms, temperature, steps, seed, error_bound, after = args
+    key, atoms, temperature, steps, seed, error_bound, after, emt_stride = args
     single = _WORKER["single"]
     emt = EMT()
     atoms = atoms.copy()
@@ -252,16 +257,25 @@ def _md_task(args: tuple) -> dict[str, Any]:
     broken_at = None
     ref = atoms.copy()
     ref.calc = emt
-    for step, _ in enumerate(dyn.irun(steps)):
-        f1 = np.asarray(single.results["forces"])
-        desc.append(np.array(single.results["descriptors"], dtype=np.float32))
-        ref.positions = atoms.positions
-        e = np.linalg.norm(f1 - ref.get_forces(apply_constraint=False), axis=1).max()
-        err.append(e)
-        if not np.isfinite(e) or e > error_bound:
-            broken_at = step if broken_at is None else broken_at
-        if broken_at is not None and (step - broken_at >= after or not np.isfinite(e)):
-            break
+    try:
+        for step, _ in enumerate(dyn.irun(steps)):
+            f1 = np.asarray(single.results["forces"])
+            desc.append(np.array(single.results["descriptors"], dtype=np.float32))
+            if step % emt_stride:
+                err.append(math.nan)  # not evaluated at this step
+                continue
+            ref.positions = atoms.positions
+            e = np.linalg.norm(f1 - ref.get_forces(apply_constraint=False), axis=1).max()
+            e = e if np.isfinite(e) else math.inf
+            err.append(e)
+            if e > error_bound and broken_at is None:
+                broken_at = step
+            if broken_at is not None and (step - broken_at >= after or not np.isfinite(e)):
+                break
+    except Exception:  # the model or EMT blew up on a broken structure: the run ends broken
+        err = err[:len(desc)]
+        if len(err) < len(desc):
+            err.append(math.inf)
     return {"key": key, "descriptors": np.stack(desc), "true_max_error": np.array(err)}
 
 
@@ -320,7 +334,8 @@ def md_start_structures(cfg: ShiftBenchConfig, n: int, stream: int) -> list:
 def md_plan(cfg: ShiftBenchConfig) -> dict[str, tuple[float, int, int, int]]:
     """Run groups: name -> (temperature K, runs, steps, stream)."""
     t0 = cfg.settings.train_temperature
-    plan = {f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
+    plan = {"reference": (t0, cfg.md_runs_reference, cfg.md_steps_in_domain, 101),
+            f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
     for j, t in enumerate(cfg.md_hot_temperatures):
         plan[f"T{t:g}"] = (t, cfg.md_runs_hot, cfg.md_steps_hot, 103 + j)
     return plan
@@ -334,8 +349,9 @@ def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict
         path = out / "raw" / f"md_{group}.pkl"
         if not (reuse and path.is_file()):
             starts = md_start_structures(cfg, runs, stream)
-            tasks = [(i, a, temp, steps, [cfg.seed, stream, i, 7], cfg.md_error_bound, cfg.md_after_breakdown)
-                     for i, a in enumerate(starts)]
+            stride = cfg.md_emt_stride_hot if temp > cfg.settings.train_temperature else cfg.md_emt_stride_in_domain
+            tasks = [(i, a, temp, steps, [cfg.seed, stream, i, 7], cfg.md_error_bound, cfg.md_after_breakdown,
+                      stride) for i, a in enumerate(starts)]
             res = _pool_map(cfg, train, _md_task, tasks, f"MD {group}")
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(pickle.dumps(res))
@@ -380,20 +396,25 @@ class Scorer:
         self.cfg, self.paper, self.paper_scaled, self.aware = cfg, paper, paper_scaled, aware
         self.seen = seen_numbers
 
-    def predict(self, desc: np.ndarray, numbers: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+    def predict(self, desc: np.ndarray, numbers: np.ndarray | None = None,
+                bounds: bool = False) -> dict[str, dict[str, np.ndarray]]:
+        """Per method: ``uncertainty`` (n,); with ``bounds`` also confidences, σ and conformal bounds."""
         out = {}
         p = self.paper.predict(desc)
-        ps = self.paper_scaled.predict(desc)
-        out["ltau_paper"] = {"uncertainty": p["uncertainty"], "confidence": p["confidence"],
-                             "confidence_cal": ps["confidence"], "sigma": ps["expected_error"]}
+        out["ltau_paper"] = {"uncertainty": p["uncertainty"], "confidence": p["confidence"]}
+        if bounds:
+            ps = self.paper_scaled.predict(desc)
+            out["ltau_paper"].update(confidence_cal=ps["confidence"], sigma=ps["expected_error"])
         out["distance"] = {"uncertainty": p["distance"]}
         if self.aware is not None:
-            kwargs = {"atomic_numbers": numbers} if numbers is not None else {}
-            a = self.aware.predict(desc, coverage=self.cfg.coverages[0], **kwargs)
+            a = self.aware.predict(desc, atomic_numbers=numbers)
             out["ltau_distance"] = {"uncertainty": a["uncertainty"], "confidence_cal": a["confidence"],
-                                    "sigma": a.get("expected_error", a["uncertainty"])}
-            for q in self.cfg.coverages:
-                out["ltau_distance"][f"bound_{q:g}"] = self.aware.predict(desc, coverage=q, **kwargs)["error_bound"]
+                                    "sigma": a["expected_error"]}
+            out["ltau_distance_expected_error"] = {"uncertainty": a["expected_error"]}
+            if bounds:
+                for q in self.cfg.coverages:
+                    out["ltau_distance"][f"bound_{q:g}"] = self.aware.predict(
+                        desc, coverage=q, atomic_numbers=numbers)["error_bound"]
         return out
 
 
@@ -405,15 +426,17 @@ def _calibrated_methods(cfg, fit, evals, seen):
 
     est = fit["estimators"][cfg.k]
     cal = {k: np.concatenate([evals["calibration"][k], evals["calibration_mild"][k]])
-           for k in ("descriptors", "err_single", "err_committee", "u_committee", "numbers")}
+           for k in ("descriptors", "err_single", "err_committee", "u_committee", "numbers", "system")}
+    structure = np.unique(cal["system"], return_inverse=True)[1]
     scaled = copy.deepcopy(est)
     scale = scaled.fit_scale(cal["descriptors"], cal["err_single"])
     aware = None
     aware_note = "LTAUEstimator has no fit_calibration (shift-method API not merged): distance-aware LTAU not scored"
     if hasattr(est, "fit_calibration"):
         aware = copy.deepcopy(est).fit_calibration(cal["descriptors"], cal["err_single"],
-                                                   atomic_numbers=cal["numbers"])
-        aware_note = "fit_calibration on the in-domain calibration split plus the milder-shift split"
+                                                   atomic_numbers=cal["numbers"], seed=cfg.seed, frame_ids=structure)
+        aware_note = ("fit_calibration (atomic numbers, whole systems per half) on the in-domain calibration "
+                      "split plus the milder-shift (600 K) split")
     comm_scale = fit_committee_scale(cal["u_committee"], cal["err_committee"], est.atol_)["scale"]
     return est, scaled, aware, cal, {"paper_scale": scale, "committee_scale": comm_scale, "aware": aware_note}
 
@@ -425,12 +448,12 @@ def score_s2ef(cfg: ShiftBenchConfig, scorer: Scorer, evals: dict, cal: dict, at
 
     mae = {"single": float(evals["test_in_domain"]["err_single"].mean()),
            "committee": float(evals["test_in_domain"]["err_committee"].mean())}
-    cal_pred = scorer.predict(cal["descriptors"], cal["numbers"])
+    cal_pred = scorer.predict(cal["descriptors"], cal["numbers"], bounds=True)
     domains = [s[len("test_"):] for s in evals if s.startswith("test_")]
     rows: dict[str, Any] = {}
     for domain in domains + ["element_species_aware"]:
         ev = evals["test_" + domain.replace("_species_aware", "")]
-        pred = scorer.predict(ev["descriptors"], ev["numbers"])
+        pred = scorer.predict(ev["descriptors"], ev["numbers"], bounds=True)
         unseen = ~np.isin(ev["numbers"], seen)
         groups = ev["system"]
         res: dict[str, Any] = {"n_atoms": int(ev["err_single"].size), "n_systems": int(np.unique(groups).size),
@@ -522,7 +545,7 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
                                "n_exploded": int(sum(r["status"] != "done" for r in rows)),
                                "failure_rate": float(fail_all.mean()) if rows else math.nan,
                                "median_rmsd": float(np.median([r["rmsd"] for r in rows])) if rows else math.nan}
-        for method in METHODS:
+        for method in METHOD_LABELS:
             have = [r for r in rows if method in r]
             if not have:
                 continue
@@ -535,47 +558,85 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
                                                   seed=cfg.seed)
             res[method] = m
         out["domains"][split[len("is2rs_"):]] = res
+    _failure_models(cfg, out)
     return out
+
+
+def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
+    """Per method: :class:`ltau_ase.is2rs.FailureModel` fitted on the calibration relaxations, its AUROC per domain."""
+    from ltau_ase.core.calibration import auroc
+
+    try:
+        from ltau_ase.is2rs import FailureModel
+    except ImportError:
+        out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
+        return
+
+    def rows_of(split: str, method: str) -> list[dict]:
+        return [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
+                for r in out["table"][split] if method in r and math.isfinite(r["rmsd"])]
+
+    info: dict[str, Any] = {}
+    for method in METHOD_LABELS:
+        fit_rows = rows_of("is2rs_calibration", method)
+        if not fit_rows:
+            continue
+        try:
+            model = FailureModel(rmsd_threshold=cfg.failure_rmsd).fit(fit_rows)
+        except ValueError as exc:
+            info[method] = f"not fitted: {exc}"
+            continue
+        info[method] = model.to_dict()
+        for split in out["table"]:
+            if split == "is2rs_calibration":
+                continue
+            # exploded relaxations (RMSD inf) are failures the model must flag too: give them their trace
+            rows = [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
+                    for r in out["table"][split] if method in r]
+            if not rows:
+                continue
+            p = model.predict_proba(rows)
+            fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
+            d = out["domains"][split[len("is2rs_"):]][method]
+            d["auroc_failure_probability"] = bootstrap_ci(np.arange(len(rows)), lambda i: auroc(p[i], fail[i]),
+                                                          cfg.bootstrap, seed=cfg.seed)
+            d["mean_failure_probability"] = float(p.mean())
+            d["observed_failure_rate"] = float(fail.mean())
+    out["failure_model"] = info
 
 
 def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
     """Stop outcomes per temperature from per-step max-atom statistics.
 
-    Thresholds come from in-domain runs (the (1 − α) quantile of per-run maxima). The in-domain
-    group is cross-fitted (runs split into two halves by index parity; each half is judged with the
-    threshold of the other), so no run is judged with a threshold it helped set; hot groups use the
-    threshold of all in-domain runs.
+    Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
+    of the per-run peaks for the stated false-alarm rate) over the separate in-domain ``reference``
+    runs; the monitored groups (in-domain and hot) are judged with it.
     """
+    from ltau_ase.simulate.observers import stop_threshold
+
     def stats(run) -> dict[str, np.ndarray]:
         pred_steps = [scorer.predict(d) for d in run["descriptors"]]
         return {m: np.array([p[m]["uncertainty"].max() for p in pred_steps]) for m in pred_steps[0]}
 
-    t0 = f"T{cfg.settings.train_temperature:g}"
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
-    methods = list(traces[t0][0])
-    n0 = len(traces[t0])
-    folds = [np.arange(n0) % 2 == 0, np.arange(n0) % 2 == 1]
+    methods = list(traces["reference"][0])
     res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
-                           "patience": cfg.md_patience, "threshold_rule": "run-maxima quantile", "thresholds": {},
-                           "cross_fit_thresholds": {}, "groups": {}}
-    per_run_thr: dict[str, np.ndarray] = {}
-    for m in methods:
-        res["thresholds"][m] = run_maxima_threshold([t[m] for t in traces[t0]], cfg.md_false_alarm_rate)
-        thr = np.empty(n0)
-        for k, fold in enumerate(folds):
-            other = folds[1 - k]
-            thr[fold] = run_maxima_threshold([traces[t0][i][m] for i in np.flatnonzero(other)],
-                                             cfg.md_false_alarm_rate)
-        per_run_thr[m] = thr
-        res["cross_fit_thresholds"][m] = sorted(set(thr.tolist()))
+                           "patience": cfg.md_patience, "n_reference_runs": len(md["reference"]),
+                           "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over the reference runs",
+                           "thresholds": {m: stop_threshold([t[m] for t in traces["reference"]],
+                                                            cfg.md_false_alarm_rate, cfg.md_patience)
+                                          for m in methods},
+                           "groups": {}}
     for group, runs in md.items():
+        if group == "reference":
+            continue
         g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
-                             "max_true_error": [float(r["true_max_error"].max()) for r in runs]}
+                             "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
         for m in methods:
-            thr = per_run_thr[m] if group == t0 else res["thresholds"][m]
-            g[m] = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs], thr,
-                                 cfg.md_error_bound, cfg.md_patience, cfg.md_on_time_steps)
+            g[m] = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                                 res["thresholds"][m], cfg.md_error_bound, cfg.md_patience, cfg.md_on_time_steps)
         res["groups"][group] = g
+    res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md["reference"]]
     return res
 
 
@@ -607,7 +668,7 @@ def is2rs_table(results: dict) -> str:
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) |"
              % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|"]
     for domain, row in results["is2rs"]["domains"].items():
-        for method in METHODS:
+        for method in METHOD_LABELS:
             m = row.get(method)
             if m:
                 lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
@@ -621,7 +682,7 @@ def md_table(results: dict) -> str:
              "after breakdown | median delay | missed |" % (md["error_bound"], results["config"]["md_on_time_steps"]),
              "|---|---|---|---|---|---|---|---|---|"]
     for group, g in md["groups"].items():
-        for method in METHODS:
+        for method in METHOD_LABELS:
             o = g.get(method)
             if o:
                 lines.append(f"| {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
@@ -685,8 +746,28 @@ def write_summary(out: Path, results: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------- main
-def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool = True) -> dict[str, Any]:
-    """Run (or resume) every stage; write results.json, summary.md and PNGs to ``output``."""
+def ensemble_from_demo(demo_output: str | Path) -> dict[str, Any]:
+    """The trained ensemble of a ``make demo`` output directory (its training file, checkpoints, error logs)."""
+    root = Path(demo_output)
+    members = sorted((root / "models").glob("member*"), key=lambda p: int(p.name[len("member"):]))
+    models = [m / "run" / "last.ckpt" for m in members]
+    logs = [m / "ltau_errors" for m in members]
+    missing = [str(p) for p in models + logs + [root / "data" / "train.extxyz"] if not p.exists()]
+    if len(members) < 2 or missing:
+        raise FileNotFoundError(f"{root} is not a complete demo output (needs data/train.extxyz and >= 2 "
+                                f"models/member*/run/last.ckpt with ltau_errors); missing: {missing or 'members'}")
+    return {"train_file": root / "data" / "train.extxyz", "models": models, "log_dirs": logs,
+            "source": str(root)}
+
+
+def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool = True,
+                        ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; write results.json, summary.md and PNGs to ``output``.
+
+    ``ensemble`` (e.g. :func:`ensemble_from_demo`) scores an already trained ensemble instead of
+    training one at ``settings.train_temperature``: its ``train_file`` (the frames the error logs
+    cover), ``models`` (member checkpoints, member 1 first) and ``log_dirs``.
+    """
     import faiss
     import torch
 
@@ -705,8 +786,18 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
         return r
 
     data = timed("data", stage_data, cfg, out, reuse)
-    train = timed("training", stage_train, cfg, out, data, reuse)
-    fit = timed("estimator", stage_fit, cfg, out, data, train)
+    if ensemble is None:
+        train = timed("training", stage_train, cfg, out, data, reuse)
+        fit = timed("estimator", stage_fit, cfg, out, data, train)
+    else:
+        from ase.io import read
+
+        if len(ensemble["models"]) != cfg.members:
+            cfg = replace(cfg, members=len(ensemble["models"]))
+        train = {"models": list(ensemble["models"]), "log_dirs": list(ensemble["log_dirs"]),
+                 "train_times": [math.nan] * cfg.members, "source": ensemble.get("source")}
+        frames = read(ensemble["train_file"], index=":", format="extxyz")
+        fit = timed("estimator", stage_fit, cfg, out, {"splits": {"train": frames}}, train)
     evals = timed("s2ef evaluation", stage_evaluate, cfg, out, data, train, reuse)
     is2rs = timed("is2rs relaxations", stage_is2rs, cfg, out, data, train, reuse)
     md = timed("md runs", stage_md, cfg, out, train, reuse)
@@ -724,6 +815,7 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
         | {s: {"n_systems": v["initial"]["n_frames"], "rejected_placements": v["rejected_placements"]}
            for s, v in data["manifest"]["is2rs"].items()},
         "type_names": data["type_names"], "training_seconds": train["train_times"],
+        "ensemble_source": train.get("source", "trained here"),
         "s2ef": s2ef, "is2rs": is2rs_res, "md": md_res, "cost": cost,
     }
     results = to_jsonable(results)

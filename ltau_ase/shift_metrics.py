@@ -163,8 +163,8 @@ def species_aware(uncertainty: np.ndarray, unseen: np.ndarray) -> np.ndarray:
 
 def summarise_ci(ci: Mapping[str, Any], digits: int = 3) -> str:
     """``value [low, high]`` for a table."""
-    def f(x: float) -> str:
+    def f(x: float | None) -> str:
         return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
-    if not math.isfinite(ci["low"]):
+    if ci["low"] is None or not math.isfinite(ci["low"]):
         return f(ci["value"])
     return f"{f(ci['value'])} [{f(ci['low'])}, {f(ci['high'])}]"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,8 +80,8 @@ class ShiftSettings:
     n_calibration: int = 20
     n_calibration_mild: int = 10
     n_test: int = 20
-    n_is2rs: int = 100
-    n_is2rs_calibration: int = 50
+    n_is2rs: int = 50
+    n_is2rs_calibration: int = 30
     relax_frames: int = 4
     md_frames: int = 6
     md_stride: int = 10
@@ -118,9 +119,13 @@ class ShiftSettings:
         if domain == "mild":
             return self.metals_in, self.adsorbates_in, self.facet_in, self.mild_temperature
         if domain.startswith("T"):
-            t = float(domain[1:])
+            try:
+                t = float(domain[1:])
+            except ValueError:
+                t = math.nan
             if t not in self.hot_temperatures:
-                raise ValueError(f"temperature domain {domain!r} not in hot_temperatures {self.hot_temperatures}")
+                raise ValueError(f"unknown shift domain {domain!r}: not a temperature of hot_temperatures "
+                                 f"{self.hot_temperatures}")
             return self.metals_in, self.adsorbates_in, self.facet_in, t
         if domain == "adsorbate":
             return self.metals_in, self.adsorbates_out, self.facet_in, self.train_temperature
@@ -191,9 +196,20 @@ def _catalysis_settings(settings: ShiftSettings) -> CatalysisSettings:
     return CatalysisSettings(slab_sizes=settings.slab_sizes)
 
 
-def generate_split(settings: ShiftSettings, split: str, seed: int = 0, progress: bool = False
+def _is2rs_job(args: tuple) -> tuple[Atoms, Atoms, list[dict]]:
+    spec, name, split, seed_seq, cat = args
+    rejected: list[dict] = []
+    a, r = _is2rs_system(spec, name, split, np.random.default_rng(seed_seq), cat, rejected)
+    return a, r, rejected
+
+
+def generate_split(settings: ShiftSettings, split: str, seed: int = 0, progress: bool = False, workers: int = 1
                    ) -> list[Atoms] | tuple[list[Atoms], list[Atoms]]:
-    """One split of :func:`split_plan` (frame ids not yet assigned): frames, or (initial, relaxed) lists."""
+    """One split of :func:`split_plan` (frame ids not yet assigned): frames, or (initial, relaxed) lists.
+
+    ``workers`` > 1 computes the EMT references of an IS2RS split in that many processes (the result
+    does not depend on it: every system has its own random stream).
+    """
     settings.validate()
     plan = split_plan(settings)
     if split not in plan:
@@ -207,6 +223,22 @@ def generate_split(settings: ShiftSettings, split: str, seed: int = 0, progress:
     initial: list[Atoms] = []
     relaxed: list[Atoms] = []
     rejected: list[dict] = []
+    if kind == "is2rs" and workers > 1:
+        import multiprocessing as mp
+
+        jobs = [(spec, spec.name(split, i), split, [seed, stream, i], cat) for i, spec in enumerate(specs)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = pool.imap(_is2rs_job, jobs)
+            if progress:
+                from tqdm.auto import tqdm
+
+                results = tqdm(results, total=len(jobs), desc=f"EMT {split}", unit="system", leave=False)
+            for spec, (a, r, rej) in zip(specs, results):
+                name = a.info["system"]
+                initial.append(_tag(a, spec, name, split, domain, "is2rs_initial", 0.0))
+                relaxed.append(_tag(r, spec, name, split, domain, "is2rs_relaxed", 0.0))
+                rejected.extend(rej)
+        specs = []
     iterator = specs
     if progress:
         from tqdm.auto import tqdm
@@ -236,13 +268,16 @@ def generate_split(settings: ShiftSettings, split: str, seed: int = 0, progress:
 
 
 def write_shift_dataset(directory: str | Path, settings: ShiftSettings | None = None, seed: int = 0,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, workers: int = 1, reuse_files: bool = False) -> dict:
     """Generate every split and write ``<split>.extxyz`` (IS2RS: ``_initial`` / ``_relaxed``) and ``manifest.json``.
 
     The manifest has the layout of :func:`ltau_ase.datasets.catalysis.write_catalysis_dataset`, so
     :func:`ltau_ase.datasets.catalysis.read_split` reads the splits. Frame ids are unique over all
-    splits, assigned in :func:`split_plan` order. Returns the manifest.
+    splits, assigned in :func:`split_plan` order. ``reuse_files=True`` reads a split whose files are
+    already in ``directory`` (from an interrupted run with the same settings and seed) instead of
+    generating it again. Returns the manifest.
     """
+    from ase.io import read
     from ase.io import write
 
     settings = settings or ShiftSettings()
@@ -262,8 +297,20 @@ def write_shift_dataset(directory: str | Path, settings: ShiftSettings | None = 
         from tqdm.auto import tqdm
 
         splits = tqdm(list(splits), desc="shift data", unit="split")
-    for split, (kind, domain, _) in splits:
-        data = generate_split(settings, split, seed=seed, progress=progress)
+    for split, (kind, domain, n) in splits:
+        files = [directory / f"{split}.extxyz"] if kind != "is2rs" else [
+            directory / f"{split}_{label}.extxyz" for label in ("initial", "relaxed")]
+        if reuse_files and all(f.is_file() for f in files):
+            # every system has its own random stream, so the first n systems of a larger split are
+            # exactly the split of n systems
+            data = [read(f, index=":", format="extxyz") for f in files]
+            if kind == "is2rs":
+                data = tuple(frames[:n] for frames in data)
+            else:
+                names = list(dict.fromkeys(f.info["system"] for f in data[0]))[:n]
+                data = [f for f in data[0] if f.info["system"] in set(names)]
+        else:
+            data = generate_split(settings, split, seed=seed, progress=progress, workers=workers)
         groups = [data] if kind != "is2rs" else list(data)
         for frames in groups:
             for frame in frames:
