@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -54,14 +55,14 @@ class ShiftBenchConfig:
     train_timeout: float = 1800.0
     k: int = 20
     coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
-    relax_steps: int = 50
+    relax_steps: int = 40
     committee_stride: int = 10
     is2rs_limit: int | None = None
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
     md_runs_reference: int = 20
     md_runs_in_domain: int = 20
-    md_steps_in_domain: int = 500
+    md_steps_in_domain: int = 300
     md_runs_hot: int = 20
     md_steps_hot: int = 250
     md_hot_temperatures: tuple[float, ...] = (1200.0,)
@@ -81,10 +82,11 @@ class ShiftBenchConfig:
     @classmethod
     def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
         if quick:
-            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=3, md_runs_reference=9, md_false_alarm_rate=0.1,
+            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=3, md_runs_reference=9,
+                      md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
                       timing_repeats=5, workers=1,
-                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=3, n_calibration_mild=2, n_test=2,
+                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=6, n_calibration_mild=3, n_test=2,
                                              n_is2rs=4, n_is2rs_calibration=4, md_frames=2, relax_frames=2,
                                              slab_sizes=((2, 2, 3),)))
         else:
@@ -109,7 +111,8 @@ def stage_data(cfg: ShiftBenchConfig, out: Path, reuse: bool) -> dict[str, Any]:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if not (reuse and manifest and manifest["settings"] == json.loads(json.dumps(asdict(cfg.settings)))
             and manifest["seed"] == cfg.seed):
-        manifest = write_shift_dataset(data_dir, cfg.settings, seed=cfg.seed, progress=True)
+        manifest = write_shift_dataset(data_dir, cfg.settings, seed=cfg.seed, progress=True, reuse_files=reuse,
+                                       workers=cfg.workers)
     splits = {name: read_split(data_dir, name) for name in list(manifest["s2ef"]) + list(manifest["is2rs"])}
     s = cfg.settings
     type_names = species_of(s, ["in_domain", "adsorbate", "element"])
@@ -144,29 +147,51 @@ def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict
 
 
 # ---------------------------------------------------------------------------- stage 4: S2EF evaluation
-def stage_evaluate(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, dict]:
-    """Per-atom errors, committee spreads and member-1 descriptors of every S2EF split (cached in raw/)."""
-    from ltau_ase.demo import _load_model, evaluate_frames
-    from ltau_ase.simulate.committee import CommitteeCalculator
+def _cache_key(train: dict, *parts: Any) -> str:
+    """What a cached raw result depends on: member checkpoints (sha256) and the given parts."""
+    from ltau_ase.core.fileformat import sha256_file
 
+    return json.dumps([[sha256_file(p) for p in train["models"]], *parts], default=str)
+
+
+def _cached(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return "cache_key" in z.files and str(z["cache_key"]) == key
+    key_file = path.with_suffix(".key")
+    return key_file.is_file() and key_file.read_text() == key
+
+
+def stage_evaluate(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, dict]:
+    """Per-atom errors, committee spreads and member-1 descriptors of every S2EF split (cached in raw/).
+
+    Frames are evaluated with :func:`ltau_ase.demo.evaluate_frames` in ``workers`` processes (chunks of
+    frames, concatenated back in frame order).
+    """
     raw = out / "raw"
     raw.mkdir(exist_ok=True)
     names = [s for s in data["manifest"]["s2ef"] if s not in ("train", "val")]
-    evals: dict[str, dict] = {}
-    members = None
-    for split in names:
-        path = raw / f"s2ef_{split}.npz"
-        frames = data["splits"][split]
-        if not (reuse and path.is_file()):
-            if members is None:
-                members = [_load_model(p) for p in train["models"]]
-                committee = CommitteeCalculator(members)
-            ev = evaluate_frames(frames, committee, members[0])
+    keys = {s: _cache_key(train, data["manifest"]["s2ef"][s]["sha256"]) for s in names}
+    todo = [s for s in names if not (reuse and _cached(raw / f"s2ef_{s}.npz", keys[s]))]
+    chunk = 10
+    tasks = [(split, i, data["splits"][split][i:i + chunk]) for split in todo
+             for i in range(0, len(data["splits"][split]), chunk)]
+    if tasks:
+        parts = _pool_map(cfg, train, _evaluate_task, tasks, "evaluating S2EF frames")
+        for split in todo:
+            mine = sorted((p for p in parts if p["split"] == split), key=lambda p: p["start"])
+            frames = data["splits"][split]
+            ev = {k: np.concatenate([p["ev"][k] for p in mine]) for k in mine[0]["ev"]}
+            ev["frame"] = np.concatenate([p["ev"]["frame"] + p["start"] for p in mine])
             ev["numbers"] = np.concatenate([f.numbers for f in frames])
             ev["system"] = np.array([frames[i].info["system"] for i in ev["frame"]])
-            np.savez(path, **ev)
-        with np.load(path) as z:
-            evals[split] = {k: z[k] for k in z.files}
+            np.savez(raw / f"s2ef_{split}.npz", cache_key=np.array(keys[split]), **ev)
+    evals: dict[str, dict] = {}
+    for split in names:
+        with np.load(raw / f"s2ef_{split}.npz") as z:
+            evals[split] = {k: z[k] for k in z.files if k != "cache_key"}
     return evals
 
 
@@ -186,6 +211,14 @@ def _worker_init(model_paths: Sequence[str]) -> None:
     members = [_load_model(p) for p in model_paths]
     _WORKER.update(members=members, committee=CommitteeCalculator(members[:]),
                    single=_load_model(model_paths[0]))
+
+
+def _evaluate_task(args: tuple) -> dict[str, Any]:
+    from ltau_ase.demo import evaluate_frames
+
+    split, start, frames = args
+    return {"split": split, "start": start,
+            "ev": evaluate_frames(frames, _WORKER["committee"], _WORKER["members"][0])}
 
 
 def _relax_task(args: tuple) -> dict[str, Any]:
@@ -300,7 +333,9 @@ def stage_is2rs(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse
     results = {}
     for split in ["is2rs_calibration"] + [f"is2rs_{d}" for d in IS2RS_DOMAINS]:
         path = out / "raw" / f"{split}.pkl"
-        if not (reuse and path.is_file()):
+        key = _cache_key(train, data["manifest"]["is2rs"][split]["initial"]["sha256"], cfg.is2rs_limit,
+                         cfg.relax_steps, cfg.relax_fmax, cfg.committee_stride)
+        if not (reuse and _cached(path, key)):
             initial, relaxed = data["splits"][split]
             n = len(initial) if cfg.is2rs_limit is None else min(cfg.is2rs_limit, len(initial))
             tasks = [(i, initial[i], relaxed[i], cfg.relax_steps, cfg.relax_fmax, cfg.committee_stride)
@@ -309,6 +344,7 @@ def stage_is2rs(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(pickle.dumps(res))  # our own file, written just now
             tmp.replace(path)
+            path.with_suffix(".key").write_text(key)
         results[split] = pickle.loads(path.read_bytes())
     return results
 
@@ -347,7 +383,9 @@ def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict
     results = {}
     for group, (temp, runs, steps, stream) in md_plan(cfg).items():
         path = out / "raw" / f"md_{group}.pkl"
-        if not (reuse and path.is_file()):
+        key = _cache_key(train, temp, runs, steps, stream, cfg.seed, cfg.md_slab, cfg.md_error_bound,
+                         cfg.md_after_breakdown, cfg.md_emt_stride_hot, cfg.md_emt_stride_in_domain)
+        if not (reuse and _cached(path, key)):
             starts = md_start_structures(cfg, runs, stream)
             stride = cfg.md_emt_stride_hot if temp > cfg.settings.train_temperature else cfg.md_emt_stride_in_domain
             tasks = [(i, a, temp, steps, [cfg.seed, stream, i, 7], cfg.md_error_bound, cfg.md_after_breakdown,
@@ -356,6 +394,7 @@ def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(pickle.dumps(res))
             tmp.replace(path)
+            path.with_suffix(".key").write_text(key)
         results[group] = pickle.loads(path.read_bytes())
     return results
 
@@ -641,6 +680,11 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- report
+def _num(x: Any, digits: int = 3) -> str:
+    """A number for a table; None (NaN in JSON) and non-finite values as n/a."""
+    return "n/a" if x is None or not math.isfinite(float(x)) else f"{float(x):.{digits}g}"
+
+
 def _cell(m: dict | None, key: str) -> str:
     if m is None or key not in m:
         return "–"
@@ -686,8 +730,8 @@ def md_table(results: dict) -> str:
             o = g.get(method)
             if o:
                 lines.append(f"| {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
-                             f"{md['thresholds'][method]:.3g} | {o['n_false_alarms']}/{o['n_runs']} | "
-                             f"{o['n_on_time']}/{o['n_broken']} | {o['median_delay']:.3g} | {o['n_missed']} |")
+                             f"{_num(md['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
+                             f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
     return "\n".join(lines)
 
 
@@ -736,7 +780,7 @@ def write_summary(out: Path, results: dict) -> Path:
         "## IS2RS failure prediction", "", is2rs_table(results), "",
         "## MD stop", "", md_table(results), "",
         "## Cost per force call (× one model)", "",
-        " ".join(f"{METHOD_LABELS.get(k, k)}: {v:.2f}×;" for k, v in c["over_single"].items())
+        " ".join(f"{METHOD_LABELS.get(k, k)}: {_num(v)}×;" for k, v in c["over_single"].items())
         + f" ({c['n_atoms']} atoms, median of {c['repeats']} interleaved rounds; single model "
         f"{c['median_s']['single'] * 1e3:.1f} ms).", "",
     ]
@@ -821,12 +865,77 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
     results = to_jsonable(results)
     results["figures"] = figures(out, results)
     results["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                      "machine": f"{platform.machine()} {platform.processor() or ''}, Python "
-                                 f"{platform.python_version()}".replace("  ", " "),
+                      "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, Python "
+                                 f"{platform.python_version()}",
                       "stages_s": stages, "total_s": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_summary(out, results)
     return results
 
 
-__all__ = ["METHODS", "ShiftBenchConfig", "run_shift_benchmark", "summary_table", "is2rs_table", "md_table"]
+
+
+
+# ---------------------------------------------------------------------------- demo hook
+def demo_config(quick: bool, seed: int = 0) -> ShiftBenchConfig:
+    """Reduced sizes for ``make demo`` (scores the demo's own ensemble; see :func:`demo_shift_headline`)."""
+    if quick:
+        settings = ShiftSettings(n_train=1, n_val=1, n_calibration=6, n_calibration_mild=2, n_test=2, n_is2rs=3,
+                                 n_is2rs_calibration=3, md_frames=2, relax_frames=1, md_equilibration=0,
+                                 md_stride=3, slab_sizes=((2, 2, 3),))
+        return ShiftBenchConfig(quick=True, seed=seed, k=5, relax_steps=10, committee_stride=5, md_runs_reference=1,
+                                md_runs_in_domain=1, md_steps_in_domain=20, md_runs_hot=1, md_steps_hot=20,
+                                md_false_alarm_rate=0.5, bootstrap=50, timing_repeats=5, workers=1, settings=settings)
+    settings = ShiftSettings(n_train=1, n_val=1, n_calibration=10, n_calibration_mild=5, n_test=6, n_is2rs=12,
+                             n_is2rs_calibration=12, md_frames=4)
+    return ShiftBenchConfig(seed=seed, k=20, relax_steps=40, md_runs_reference=9, md_runs_in_domain=5,
+                            md_steps_in_domain=200, md_runs_hot=5, md_steps_hot=150, md_false_alarm_rate=0.1,
+                            bootstrap=200, timing_repeats=15, workers=1, settings=settings)
+
+
+def headline(results: dict) -> dict[str, Any]:
+    """The numbers the issue's goals name, flattened (point values; CIs stay in results.json)."""
+    s = results["s2ef"]["domains"]
+    h: dict[str, Any] = {}
+    for domain, row in s.items():
+        for method in METHODS:
+            m = row.get(method)
+            if not m:
+                continue
+            for key in ("spearman", "auroc", "miscalibration_uncalibrated", "miscalibration_calibrated"):
+                if key in m:
+                    h[f"{domain}.{method}.{key}"] = m[key]["value"]
+            for q, c in m.get("coverage", {}).items():
+                h[f"{domain}.{method}.coverage_{q}"] = c["value"]
+    for domain, row in results["is2rs"]["domains"].items():
+        for method in METHOD_LABELS:
+            if method in row:
+                h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
+                if "auroc_failure_probability" in row[method]:
+                    h[f"is2rs.{domain}.{method}.auroc_failure_probability"] = \
+                        row[method]["auroc_failure_probability"]["value"]
+    for group, g in results["md"]["groups"].items():
+        for method in METHOD_LABELS:
+            if method in g:
+                h[f"md.{group}.{method}.false_alarms"] = g[method]["n_false_alarms"]
+                h[f"md.{group}.{method}.on_time_rate"] = g[method]["on_time_rate"]
+    for method, ratio in results["cost"]["over_single"].items():
+        h[f"cost.{method}_over_single"] = ratio
+    return h
+
+
+def demo_shift_headline(demo_output: str | Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Score the demo's trained ensemble under shift; for ``ltau_ase.demo`` (one call after training).
+
+    Writes the benchmark's output to ``<demo_output>/shift/`` and returns ``{"headline": {...},
+    "summary": path of summary.md, "markdown": the per-atom table}``. The demo's members were trained
+    on relaxation, rattled and 300–900 K MD frames, so its 1200 K domain is the only temperature shift
+    beyond its training range; ``benchmarks/shift.py`` trains at one temperature instead.
+    """
+    out = Path(demo_output) / "shift"
+    results = run_shift_benchmark(out, demo_config(quick, seed), ensemble=ensemble_from_demo(demo_output))
+    return {"headline": headline(results), "summary": str(out / "summary.md"), "markdown": summary_table(results)}
+
+
+__all__ = ["METHODS", "ShiftBenchConfig", "demo_config", "demo_shift_headline", "ensemble_from_demo", "headline",
+           "is2rs_table", "md_table", "run_shift_benchmark", "summary_table"]

@@ -300,16 +300,21 @@ def write_shift_dataset(directory: str | Path, settings: ShiftSettings | None = 
     for split, (kind, domain, n) in splits:
         files = [directory / f"{split}.extxyz"] if kind != "is2rs" else [
             directory / f"{split}_{label}.extxyz" for label in ("initial", "relaxed")]
+        data = None
         if reuse_files and all(f.is_file() for f in files):
             # every system has its own random stream, so the first n systems of a larger split are
             # exactly the split of n systems
-            data = [read(f, index=":", format="extxyz") for f in files]
-            if kind == "is2rs":
-                data = tuple(frames[:n] for frames in data)
-            else:
-                names = list(dict.fromkeys(f.info["system"] for f in data[0]))[:n]
-                data = [f for f in data[0] if f.info["system"] in set(names)]
-        else:
+            found = [read(f, index=":", format="extxyz") for f in files]
+            if kind == "is2rs" and len(found[0]) >= n:
+                data = tuple(frames[:n] for frames in found)
+            elif kind != "is2rs":
+                names = list(dict.fromkeys(f.info["system"] for f in found[0]))
+                per_system = settings.md_frames + (settings.relax_frames if kind == "train" else 0)
+                if len(names) >= n and all(sum(f.info["system"] == x for f in found[0]) >= per_system
+                                           for x in names[:1]):
+                    keep = set(names[:n])
+                    data = [f for f in found[0] if f.info["system"] in keep]
+        if data is None:
             data = generate_split(settings, split, seed=seed, progress=progress, workers=workers)
         groups = [data] if kind != "is2rs" else list(data)
         for frames in groups:
