@@ -62,9 +62,9 @@ class ShiftBenchConfig:
     failure_rmsd: float = 0.5
     md_runs_reference: int = 20
     md_runs_in_domain: int = 20
-    md_steps_in_domain: int = 300
+    md_steps_in_domain: int = 150
     md_runs_hot: int = 20
-    md_steps_hot: int = 250
+    md_steps_hot: int = 200
     md_hot_temperatures: tuple[float, ...] = (1200.0,)
     md_emt_stride_in_domain: int = 5
     md_emt_stride_hot: int = 1
