@@ -19,6 +19,28 @@ Usage::
 
     python benchmarks/knn_scaling.py [--sizes 10000 100000 1000000] [--queries 1000] [--quick]
                                      [--output benchmark_output/knn_scaling.json]
+
+Scale mode (issue 13 §3: IVF-PQ with exact re-ranking against memory-mapped vectors)::
+
+    python benchmarks/knn_scaling.py --scale --sizes 1e6 1e7 [--hnsw-max 1e5] [--hnsw-seconds-1e6 374]
+
+For each N it builds the default ``ivfpq`` index (re-ranking a refine·k shortlist), writes its arrays
+to disk and, in a fresh process, reopens them the way ``LTAUEstimator.load`` does (vectors as a
+read-only memory map), then reports build time (wall and CPU), recall@k against exact search
+(``faiss.knn`` over all vectors), CPU µs per query atom on one thread, and resident memory: the fresh
+process's anonymous-RSS growth from opening the index and running the queries (codes, ids, centroids,
+precomputed tables; not evictable) and, separately, the file-backed pages of the vector map the
+queries touched (page cache, evictable), each against flat's 4·N·D bytes.
+Estimator-file mode (issue 13 §4)::
+
+    python benchmarks/knn_scaling.py --estimator-open 1e7 --queries 1000
+
+fits an N-atom estimator (index="auto", 2 synthetic runs of 10 epochs), saves it, and in fresh
+processes times ``LTAUEstimator.load`` (memory-mapped) and one batch of predictions, with the
+resident-set growth, then times a full streamed ``verify=True`` load.
+
+HNSW is built only up to ``--hnsw-max`` atoms (374 s at 10⁶ on the reference machine: pass the
+recorded figure with ``--hnsw-seconds-1e6`` for the build-time goal).
 """
 from __future__ import annotations
 
@@ -170,6 +192,191 @@ def _print_size(n: int, results: list[dict], hnsw_curve: list[dict], ivf_curve: 
     print("  ivfpq nprobe sweep:  " + ", ".join(f"{c['nprobe']}: {c['us_per_query']:.1f} µs / {c['recall']:.3f}" for c in ivf_curve))
 
 
+def _rss() -> dict[str, int]:
+    """{'anon': bytes, 'file': bytes} resident set of this process (Linux /proc)."""
+    out = {"anon": 0, "file": 0}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                out["anon"] = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                out["file"] = int(line.split()[1]) * 1024
+    return out
+
+
+def _open_and_query(workdir: str, n: int, d: int, k: int, params_json: str) -> dict:
+    """Run in a fresh process: open the stored ivfpq index (vectors memory-mapped) and query it.
+
+    A fresh process makes the resident-set figures clean (no freed-but-kept heap from the build).
+    """
+    import gc
+
+    work = Path(workdir)
+    params = json.loads(params_json)
+    queries = np.load(work / "queries.npy")
+    gc.collect()
+    before = _rss()
+    t0 = time.perf_counter()
+    vectors = np.load(work / "vectors.npy", mmap_mode="r")
+    blob = np.load(work / "blob.npy", mmap_mode="r")
+    index = NeighbourIndex.from_arrays("ivfpq", params, {"faiss_index": blob, "index_vectors": vectors}, n, d,
+                                       check_values=False)
+    open_s = time.perf_counter() - t0
+    del blob
+    gc.collect()
+    opened = _rss()
+    us, wall, ids, valid = timed_search(index, queries, k)
+    after = _rss()
+    np.save(work / "ids.npy", np.where(valid, ids, -1))
+    invlists = faiss.extract_index_ivf(index.index).invlists
+    codes_bytes = sum(invlists.list_size(i) for i in range(invlists.nlist)) * (invlists.code_size + 8)
+    table_bytes = index.index.precomputed_table.size() * 4
+    return {"open_s": open_s, "us_per_query": us, "wall_us_per_query": wall,
+            "anon_bytes_after_open": opened["anon"] - before["anon"],
+            "anon_bytes_after_queries": after["anon"] - before["anon"],
+            "file_bytes_after_open": opened["file"] - before["file"],
+            "touched_vector_bytes": after["file"] - opened["file"],
+            "codes_and_ids_bytes": int(codes_bytes), "precomputed_table_bytes": int(table_bytes),
+            "centroid_bytes": int(index.params["nlist"] * d * 4)}
+
+
+def run_scale(sizes: list[int], n_query: int, k: int, d: int, seed: int, hnsw_max: int, hnsw_1e6_s: float | None,
+              workdir: Path) -> dict:
+    """IVF-PQ + exact re-ranking against memory-mapped vectors, versus flat (and HNSW up to hnsw_max)."""
+    import gc
+    import subprocess
+    import sys
+    import tempfile
+
+    rng = np.random.default_rng(seed)
+    queries = latent_like(n_query, d, rng)
+    rows = []
+    for n in sizes:
+        x = latent_like(n, d, rng)
+        t0 = time.perf_counter()
+        _, truth = faiss.knn(queries, x, k)
+        flat_s = time.perf_counter() - t0
+        flat_bytes = 4 * n * d
+        row = {"n_train": n, "dim": d, "k": k, "n_query": n_query, "flat_memory_bytes": flat_bytes,
+               "flat_wall_us_per_query": flat_s / n_query * 1e6}
+        if n <= hnsw_max:
+            t0, c0 = time.perf_counter(), time.process_time()
+            hnsw = NeighbourIndex.build(x, "hnsw")
+            row["hnsw_build_s"] = time.perf_counter() - t0
+            row["hnsw_build_cpu_s"] = time.process_time() - c0
+            del hnsw
+        elif n == 10**6 and hnsw_1e6_s:
+            row["hnsw_build_s"] = hnsw_1e6_s
+            row["hnsw_build_s_source"] = "recorded (not rebuilt)"
+        t0, c0 = time.perf_counter(), time.process_time()
+        ivf = NeighbourIndex.build(x, "ivfpq")
+        row["ivfpq_build_s"] = time.perf_counter() - t0
+        row["ivfpq_build_cpu_s"] = time.process_time() - c0
+        row["ivfpq_params"] = dict(ivf.params)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            arrays = ivf.to_arrays()
+            np.save(Path(tmp) / "vectors.npy", arrays["index_vectors"])
+            np.save(Path(tmp) / "blob.npy", arrays["faiss_index"])
+            np.save(Path(tmp) / "queries.npy", queries)
+            del arrays, ivf, x
+            gc.collect()
+            code = ("import json, sys; sys.path.insert(0, %r); import faiss; faiss.omp_set_num_threads(%d); "
+                    "from knn_scaling import _open_and_query; "
+                    "print(json.dumps(_open_and_query(%r, %d, %d, %d, %r)))"
+                    % (str(Path(__file__).parent), faiss.omp_get_max_threads(), tmp, n, d, k, json.dumps(row["ivfpq_params"])))
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            sub = json.loads(proc.stdout.strip().splitlines()[-1])
+            ids = np.load(Path(tmp) / "ids.npy")
+        row.update({f"ivfpq_{key}": v for key, v in sub.items()})
+        row["ivfpq_recall"] = recall_at_k(ids, ids >= 0, truth)
+        row["ivfpq_index_memory_bytes"] = sub["anon_bytes_after_queries"]
+        row["ivfpq_memory_vs_flat"] = sub["anon_bytes_after_queries"] / flat_bytes
+        row["ivfpq_memory_with_touched_pages_vs_flat"] = (sub["anon_bytes_after_queries"] + sub["touched_vector_bytes"]) / flat_bytes
+        if "hnsw_build_s" in row:
+            row["ivfpq_build_vs_hnsw"] = row["ivfpq_build_s"] / row["hnsw_build_s"]
+            row["ivfpq_build_cpu_vs_hnsw"] = row["ivfpq_build_cpu_s"] / row.get("hnsw_build_cpu_s", row["hnsw_build_s"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"config": {"sizes": sizes, "n_query": n_query, "k": k, "dim": d, "seed": seed,
+                       "data": "Zipf-weighted mixture of 300 anisotropic Gaussian clusters, intrinsic dim 6",
+                       "faiss_version": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
+                       "cpu_count": os.cpu_count(), "machine": platform.machine()},
+            "scale": rows}
+
+
+def _open_estimator(path: str, n_query: int, k: int, seed: int) -> dict:
+    """Fresh process: time ``LTAUEstimator.load`` of a large file, then a batch of predictions."""
+    import gc
+
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    rng = np.random.default_rng(seed + 1)
+    gc.collect()
+    before = _rss()
+    t0 = time.perf_counter()
+    est = LTAUEstimator.load(path)
+    open_s = time.perf_counter() - t0
+    opened = _rss()
+    queries = latent_like(n_query, est.n_features_in_, rng)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = est.predict(queries)
+    predict_s, predict_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    after = _rss()
+    mapped = sorted(name for name, value in vars(est).items() if isinstance(value, np.memmap))
+    if isinstance(est.index_.vectors, np.memmap):
+        mapped.append("index_.vectors")
+    return {"open_s": open_s, "anon_bytes_after_open": opened["anon"] - before["anon"],
+            "file_bytes_after_open": opened["file"] - before["file"],
+            "predict_s": predict_s, "predict_cpu_us_per_atom": predict_cpu_s / n_query * 1e6,
+            "anon_bytes_after_predict": after["anon"] - before["anon"],
+            "file_bytes_touched_by_predict": after["file"] - opened["file"],
+            "memory_mapped": mapped, "index_kind": est.index_.kind, "index_choice": est.index_.reason,
+            "confidence_range": [float(out["confidence"].min()), float(out["confidence"].max())]}
+
+
+def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir: Path, epochs: int = 10) -> dict:
+    """Fit an N-atom estimator (index="auto", synthetic error logs), save it, reopen it in a fresh process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    rng = np.random.default_rng(seed)
+    x = latent_like(n, d, rng)
+    # Per-atom error levels that vary smoothly with the descriptor, plus epoch-to-epoch noise (eV/Å).
+    level = (0.05 + 0.02 * np.abs(x[:, 0])).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        e = np.empty((epochs, n), dtype=np.float32)
+        for i in range(epochs):
+            e[i] = level * rng.gamma(4.0, 0.25, size=n).astype(np.float32)
+        runs.append(e)
+    row = {"n_train": n, "dim": d, "epochs": epochs, "runs": 2}
+    t0, c0 = time.perf_counter(), time.process_time()
+    est = LTAUEstimator(k=k, index="auto").fit(x, runs)
+    row["fit_s"], row["fit_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    del x, runs
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "large.ltau"
+        t0 = time.perf_counter()
+        est.save(path)
+        row["save_s"] = time.perf_counter() - t0
+        row["file_bytes"] = path.stat().st_size
+        del est
+        code = ("import json, sys; sys.path.insert(0, %r); import faiss; faiss.omp_set_num_threads(%d); "
+                "from knn_scaling import _open_estimator; print(json.dumps(_open_estimator(%r, %d, %d, %d)))"
+                % (str(Path(__file__).parent), faiss.omp_get_max_threads(), str(path), n_query, k, seed))
+        for label in ("warm", "again"):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            row[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        t0 = time.perf_counter()
+        LTAUEstimator.load(path, verify=True)
+        row["verify_s"] = time.perf_counter() - t0
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="training-set sizes N")
@@ -181,9 +388,30 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FAISS OpenMP threads (default 1: stable timings on a shared machine; 0 = FAISS default)")
     parser.add_argument("--quick", action="store_true", help="N = 1e4 only, 200 queries (smoke test)")
     parser.add_argument("--output", default="benchmark_output/knn_scaling.json")
+    parser.add_argument("--scale", action="store_true", help="IVF-PQ + re-ranking scale mode (see module docstring)")
+    parser.add_argument("--hnsw-max", type=float, default=1e5, help="scale mode: build HNSW only up to this N")
+    parser.add_argument("--hnsw-seconds-1e6", type=float, default=None,
+                        help="scale mode: recorded HNSW build time at 1e6 (s) when not rebuilt")
+    parser.add_argument("--estimator-open", type=float, default=None, metavar="N",
+                        help="fit an N-atom estimator (index=auto), save it and time its memory-mapped reopening")
     args = parser.parse_args(argv)
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
+    if args.estimator_open:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = run_estimator_open(int(args.estimator_open), args.dim, args.k, args.queries, args.seed, out.parent)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+        return report
+    if args.scale:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = run_scale([int(s) for s in args.sizes], args.queries, args.k, args.dim, args.seed, int(args.hnsw_max),
+                           args.hnsw_seconds_1e6, out.parent)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+        return report
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes]
     n_query = 200 if args.quick else args.queries
     report = run(sizes, n_query, args.k, args.dim, args.seed)

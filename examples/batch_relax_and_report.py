@@ -16,7 +16,8 @@ from ltau_ase.core.jsonable import to_jsonable
 from ltau_ase.datasets import read_split
 from ltau_ase.is2rs import uq_rmsd_analysis
 from ltau_ase.plots import plot_rmsd_vs_uq
-from ltau_ase.simulate.batch import NequIPLTAUFactory, load_results, relax_batch
+from ltau_ase.nequip.backend import NequIPLTAUFactory
+from ltau_ase.simulate.batch import load_results, relax_batch
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--demo-dir", type=Path, default=Path("demo_output"), help="output of `make demo`")

@@ -38,8 +38,8 @@ print(f"k={estimator.k} index={meta['index']} atol={estimator.atol_:.4f} eV/Å (
       f"window={meta['epoch_window']} elements Z={estimator.species_.tolist()}")
 print(f"model {model} sha256 {meta['model_sha256'][:16]}...; saved {output}")
 
-# The saved file is all a simulation needs; from_nequip checks the model hash against it.
-calc = LTAUCalculator.from_nequip(model, output, chemical_species_to_atom_type_map=True)
+# The saved file is all a simulation needs; from_model checks the model hash against it.
+calc = LTAUCalculator.from_model(model, output, chemical_species_to_atom_type_map=True)
 test = read(args.demo_dir / "data" / "test_id.extxyz", index=0)
 reference = test.get_forces(apply_constraint=False)  # EMT forces stored in the file
 test.calc = calc

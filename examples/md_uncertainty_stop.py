@@ -35,7 +35,7 @@ out = args.output or args.demo_dir / "examples" / "md"
 out.mkdir(parents=True, exist_ok=True)
 
 atoms = read(args.demo_dir / "data" / "is2rs_ood_initial.extxyz", index=args.index)
-atoms.calc = LTAUCalculator.from_nequip(args.demo_dir / "models" / "member1" / "run" / "last.ckpt",
+atoms.calc = LTAUCalculator.from_model(args.demo_dir / "models" / "member1" / "run" / "last.ckpt",
                                         args.demo_dir / "estimator.ltau", chemical_species_to_atom_type_map=True)
 initial = atoms.calc.get_property("mean_uncertainty", atoms)
 threshold = initial + args.margin if args.threshold is None else args.threshold

@@ -2,7 +2,7 @@
 
 Run after `make demo`:  python examples/relax_with_uncertainty.py [--demo-dir demo_output]
 
-LTAUCalculator.from_nequip loads the demo's model and estimator (checking that the estimator was
+LTAUCalculator.from_model loads the demo's model and estimator (checking that the estimator was
 fitted for this model file), a RelaxationUQObserver records the mean uncertainty of the free atoms
 at every BFGS step, and store_uq_in_atoms puts the per-atom UQ into extxyz columns.
 """
@@ -30,7 +30,7 @@ n_fixed = sum(len(c.get_indices()) for c in atoms.constraints)
 print(f"system {atoms.info['system']}: {len(atoms)} atoms, {n_fixed} fixed by FixAtoms")
 
 # The demo's models name their atom types by chemical symbol: map symbols to types one to one.
-atoms.calc = LTAUCalculator.from_nequip(args.demo_dir / "models" / "member1" / "run" / "last.ckpt",
+atoms.calc = LTAUCalculator.from_model(args.demo_dir / "models" / "member1" / "run" / "last.ckpt",
                                         args.demo_dir / "estimator.ltau", chemical_species_to_atom_type_map=True)
 observer = RelaxationUQObserver(atoms, atom_reduce="mean", select="free")  # records the initial structure now
 opt = BFGS(atoms, trajectory=str(out / "relax.traj"), logfile=None)

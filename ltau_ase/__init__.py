@@ -19,6 +19,11 @@ _PUBLIC = {
     "UncertaintyStop": "ltau_ase.simulate.observers",
 }
 
+#: model backends shipped with the package (name -> "module:attribute"), found by
+#: ltau_ase.simulate.backends next to the entry points of the group "ltau_ase.backends"; importing
+#: the module must not import torch (loading a model may)
+BUILTIN_BACKENDS = {"nequip": "ltau_ase.nequip.backend:NequIPBackend"}
+
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 

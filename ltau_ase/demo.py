@@ -301,8 +301,8 @@ def stage_calibrate(cfg: DemoConfig, out: Path, fit: dict, evals: dict) -> dict[
 
 # ---------------------------------------------------------------------------- stage 5
 def stage_is2rs(cfg: DemoConfig, out: Path, data: dict, train: dict, cal: dict) -> dict[str, Any]:
-    from ltau_ase.simulate.batch import NequIPLTAUFactory, load_results, relax_batch
-    from ltau_ase.simulate.committee import NequIPCommitteeFactory
+    from ltau_ase.nequip.backend import NequIPCommitteeFactory, NequIPLTAUFactory
+    from ltau_ase.simulate.batch import load_results, relax_batch
 
     initial, refs = [], []
     for split, domain in (("is2rs_id", "in_domain"), ("is2rs_ood", "out_of_domain")):
@@ -388,7 +388,7 @@ def stage_md(cfg: DemoConfig, out: Path, data: dict, train: dict, cal: dict, eva
     per_frame = np.bincount(ev["frame"], weights=u_cal) / np.bincount(ev["frame"])
     threshold = float(np.quantile(per_frame, cfg.md_quantile))
     atoms = md_system(cfg.seed, data["settings"])
-    atoms.calc = LTAUCalculator.from_nequip(train["models"][0], cal["path"], chemical_species_to_atom_type_map=True)
+    atoms.calc = LTAUCalculator.from_model(train["models"][0], cal["path"], chemical_species_to_atom_type_map=True)
     rng = np.random.default_rng([cfg.seed, 7])
     thermalize_momenta(atoms, temperature_K=cfg.md_temperature, rng=rng)
     dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=cfg.md_temperature, friction=0.02 / units.fs,

@@ -43,3 +43,22 @@ def test_frame_ids_of_reads_and_validates_info():
         frame_ids_of([Atoms("H", info={"frame_id": 1.5})])
     with pytest.raises(ValueError, match=r"repeat .*\[5\]"):
         frame_ids_of([frames[0], Atoms("H", info={"frame_id": 5})])
+
+
+def test_nequip_backend_claims_its_files_without_importing_torch():
+    code = ("import sys; from ltau_ase.simulate.backends import backend_for; "
+            "b = [backend_for(p).name for p in ('r/last.ckpt', 'm.nequip.zip', 'm.nequip.pt2')]; "
+            "print(b, 'torch' in sys.modules, 'nequip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['nequip', 'nequip', 'nequip'] False False"
+
+
+def test_nequip_backend_builds_the_batch_factories():
+    from ltau_ase.nequip.backend import NequIPCommitteeFactory, NequIPLTAUFactory
+    from ltau_ase.simulate.backends import backend_for
+
+    backend = backend_for("run/last.ckpt")
+    f = backend.ltau_factory("run/last.ckpt", "model.ltau", device="cpu", threshold=0.2)
+    assert f == NequIPLTAUFactory("run/last.ckpt", "model.ltau", threshold=0.2) and hash(f) == hash(
+        NequIPLTAUFactory("run/last.ckpt", "model.ltau", threshold=0.2))
+    assert backend.committee_factory(["a.ckpt", "b.ckpt"]) == NequIPCommitteeFactory(("a.ckpt", "b.ckpt"))

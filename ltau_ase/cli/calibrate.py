@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="candidate k values, comma-separated; 'keep' keeps the estimator's k (1,2,5,10,20,50)")
     parser.add_argument("--error-threshold", "--threshold", dest="threshold", type=float, default=None,
                         help="force-error threshold of the confidences, eV/Å (default: the estimator's atol)")
-    parser.add_argument("--coverage", type=float, default=0.9,
+    parser.add_argument("--coverage", type=float, default=0.9, metavar="Q",
                         help="coverage in (0, 1) of the conformal bounds summarised at the end (0.9)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration set's random halving (0)")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu)")
@@ -73,34 +73,32 @@ def run(args: argparse.Namespace) -> int:
 
     from ltau_ase.core.conformal import check_coverage
     from ltau_ase.core.estimator import MIN_CALIBRATION_ATOMS, LTAUEstimator
-    from ltau_ase.core.fileformat import sha256_file
+    from ltau_ase.core.fileformat import check_model_fingerprint
+    from ltau_ase.simulate.backends import backend_for
 
     coverage = check_coverage(args.coverage)
     ks = _k_grid(args.k_grid)
     if args.threshold is not None and not (np.isfinite(args.threshold) and args.threshold > 0):
         raise ValueError(f"--error-threshold must be a finite number > 0 eV/Å; got {args.threshold}")
+    if not args.estimator.is_file():
+        raise FileNotFoundError(f"--estimator {args.estimator} does not exist or is not a file")
     est = LTAUEstimator.load(args.estimator)
-    recorded = (est.metadata or {}).get("model_sha256")
     model = args.model if args.model is not None else (est.metadata or {}).get("model_path")
     if model is None:
         raise ValueError(f"{args.estimator} records no model path; pass --model")
     model = Path(model)
     if not model.is_file():
         raise FileNotFoundError(f"no model file at {model}")
-    digest = sha256_file(model)
-    if recorded != digest:
-        raise ValueError(f"model {model} (sha256 {digest[:12]}…) is not the model {args.estimator} was fitted for "
-                         f"({'no hash recorded' if recorded is None else 'sha256 ' + recorded[:12] + '…'}); "
-                         "descriptors of another model live in another latent space")
+    backend = backend_for(model)  # the model backend that claims the file (nequip for .ckpt)
+    # descriptors of another model live in another latent space: refuse before any forward pass
+    check_model_fingerprint(est.metadata, backend.fingerprint(model), model=model, estimator=args.estimator)
     frames = read_labelled(args.calibration_file)
     n_atoms = sum(len(a) for a in frames)
     if n_atoms < MIN_CALIBRATION_ATOMS:
         raise ValueError(f"the calibration file(s) hold {n_atoms} atoms; at least {MIN_CALIBRATION_ATOMS} are needed "
                          "(half fit the distance scale and per-element factors, half the conformal quantiles)")
 
-    from ltau_ase.nequip.calculator import LatentNequIPCalculator  # the backend: torch is imported here only
-
-    calc = LatentNequIPCalculator.from_model_file(model, device=args.device)
+    calc = backend.calculator(model, device=args.device)
     descriptors, errors, numbers, frame_ids = [], [], [], []
     for atoms in tqdm(frames, desc="calibration forces", unit="frame"):
         reference = np.asarray(atoms.calc.results["forces"], dtype=np.float64)

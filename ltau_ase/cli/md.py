@@ -3,8 +3,9 @@
 Every ``--interval`` steps (and at the stopping step) a frame goes to the extxyz ``--trajectory``
 with the energy, forces and per-atom UQ columns (``ltau_uncertainties``, ``ltau_confidences``,
 ``ltau_expected_force_errors``, ``ltau_latent_distances``; ``ltau_force_error_bounds`` with
-``--coverage``). The stop threshold is ``--threshold``, or chosen from in-domain ``--reference-runs``
-(earlier ``ltau md --threshold inf --interval 1`` trajectories) for a ``--false-alarm-rate``. The file is flushed after each frame.
+``--coverage``). The file is flushed after each frame. The stop threshold is ``--stop-threshold``, or
+chosen from in-domain ``--reference-runs`` (earlier ``ltau md --interval 1`` trajectories run with a
+threshold they never reach) for a stated ``--false-alarm-rate``.
 Langevin runs with ``fixcm=False``; a ``FixCom`` constraint keeps the centre of mass in place
 unless the structure has ``FixAtoms`` (which already pins it).
 """
@@ -13,63 +14,86 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ltau_ase.cli.relax import load_factory, parse_reduce
+from ltau_ase.cli.options import (
+    add_alias,
+    add_model_options,
+    at_least_two,
+    atom_reduce,
+    check_model_options,
+    check_output_file,
+    load_factory,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="nequip model (.ckpt or .nequip.zip)")
-    parser.add_argument("--estimator", type=Path, help="LTAU estimator file fitted for --model")
-    parser.add_argument("--factory", default=None, metavar="MODULE:NAME",
-                        help="instead of --model/--estimator: a calculator factory to import")
+    model = add_model_options(parser)
+    add_alias(model, "--uq-threshold", dest="error_threshold", type=positive_float)  # before: force-error threshold
     parser.add_argument("--structure", type=Path, required=True, help="initial structure (any ASE-readable file)")
     parser.add_argument("--index", type=int, default=-1, help="frame of --structure to start from (-1: last)")
     parser.add_argument("--ensemble", choices=("langevin", "nve"), default="langevin",
                         help="langevin (NVT) or nve (velocity Verlet) (langevin)")
-    parser.add_argument("--temperature", type=float, default=300.0,
+    parser.add_argument("--temperature", type=non_negative_float, default=300.0,
                         help="K: Langevin target and initial Maxwell-Boltzmann velocities (300)")
-    parser.add_argument("--timestep", type=float, default=1.0, help="fs (1.0)")
-    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (0.01)")
-    parser.add_argument("--steps", type=int, default=1000, help="maximum MD steps (1000)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="stop when the reduced UQ exceeds this (required unless --adaptive)")
-    parser.add_argument("--reference-runs", type=Path, nargs="+", default=None, metavar="EXTXYZ",
-                        help="in-domain runs written by `ltau md --interval 1` (e.g. with --threshold inf): the "
-                             "threshold is chosen from their per-step --key statistic for --false-alarm-rate")
-    parser.add_argument("--false-alarm-rate", type=float, default=None,
-                        help="with --reference-runs: tolerated share of in-domain runs that stop, in (0, 1)")
-    parser.add_argument("--patience", type=int, default=1, help="consecutive steps above the threshold (1)")
-    parser.add_argument("--key", default="uncertainties",
-                        help="per-atom UQ watched: uncertainties, expected_force_errors, latent_distances")
-    parser.add_argument("--atom-reduce", default="max", help="'max', 'mean' or a quantile in [0, 1] (max)")
-    parser.add_argument("--adaptive", action="store_true",
-                        help="stop above running mean + n_sigma × std after --warmup steps")
-    parser.add_argument("--warmup", type=int, default=20, help="adaptive warm-up steps (20)")
-    parser.add_argument("--n-sigma", type=float, default=3.0, help="adaptive bound in standard deviations (3)")
-    parser.add_argument("--uq-threshold", type=float, default=None,
-                        help="force-error threshold of the confidences, eV/Å (default: the estimator's atol)")
+    parser.add_argument("--timestep", type=positive_float, default=1.0, help="fs (1.0)")
+    parser.add_argument("--friction", type=non_negative_float, default=0.01, help="Langevin friction, 1/fs (0.01)")
+    parser.add_argument("--steps", type=non_negative_int, default=1000, help="maximum MD steps (1000)")
+    stop = parser.add_argument_group("uncertainty stop")
+    stop.add_argument("--stop-threshold", type=non_negative_float, default=None, metavar="UQ",
+                      help="stop when the reduced UQ value (--key, --atom-reduce) exceeds this (required unless "
+                           "--adaptive)")
+    add_alias(stop, "--threshold", dest="stop_threshold", type=non_negative_float)  # before: the stop bound
+    stop.add_argument("--reference-runs", type=Path, nargs="+", default=None, metavar="EXTXYZ",
+                      help="in-domain runs written by `ltau md --interval 1` (e.g. with a huge --stop-threshold): the "
+                           "threshold is chosen from their per-step --key statistic for --false-alarm-rate")
+    stop.add_argument("--false-alarm-rate", type=float, default=None,
+                      help="with --reference-runs: tolerated share of in-domain runs that stop, in (0, 1)")
+    stop.add_argument("--patience", type=positive_int, default=1, help="consecutive steps above the threshold (1)")
+    stop.add_argument("--key", choices=("uncertainties", "expected_force_errors", "latent_distances"),
+                      default="uncertainties", help="per-atom UQ watched (uncertainties)")
+    stop.add_argument("--atom-reduce", type=atom_reduce, default="max",
+                      help="'max', 'mean' or a quantile in [0, 1] (max)")
+    stop.add_argument("--adaptive", action="store_true",
+                      help="stop above running mean + n_sigma × std after --warmup steps")
+    stop.add_argument("--warmup", type=at_least_two, default=20, help="adaptive warm-up steps (20)")
+    stop.add_argument("--n-sigma", type=non_negative_float, default=3.0,
+                      help="adaptive bound in standard deviations (3)")
+    stop.add_argument("--save-to", type=Path, default=None, help="extxyz receiving the triggering frame")
     parser.add_argument("--coverage", type=float, default=None,
                         help="also write conformal force_error_bounds (eV/Å) at this coverage in (0, 1); needs an "
                              "estimator from `ltau calibrate`")
     parser.add_argument("--trajectory", type=Path, default=Path("md.extxyz"), help="extxyz output (md.extxyz)")
-    parser.add_argument("--interval", type=int, default=1, help="write every N steps (1)")
-    parser.add_argument("--save-to", type=Path, default=None, help="extxyz receiving the triggering frame")
-    parser.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (0)")
-    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu)")
-    parser.add_argument("--allow-model-mismatch", action="store_true",
-                        help="use an estimator fitted for a different model file (warns)")
+    parser.add_argument("--interval", type=positive_int, default=1, help="write every N steps (1)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of velocities and Langevin noise (0)")
 
 
 def _calculator(args: argparse.Namespace):
+    check_model_options(args)
     if args.factory is not None:
-        if args.model is not None or args.estimator is not None:
-            raise ValueError("give either --factory or --model/--estimator, not both")
         return load_factory(args.factory)()
-    if args.model is None or args.estimator is None:
-        raise ValueError("--model and --estimator are required (or --factory module:name)")
     from ltau_ase.simulate.calculator import LTAUCalculator
 
-    return LTAUCalculator.from_nequip(args.model, args.estimator, device=args.device, threshold=args.uq_threshold,
-                                      allow_model_mismatch=args.allow_model_mismatch, coverage=args.coverage)
+    return LTAUCalculator.from_model(args.model, args.estimator, device=args.device, threshold=args.error_threshold,
+                                     allow_model_mismatch=args.allow_model_mismatch,
+                                     unknown_species=args.unknown_species, coverage=args.coverage)
+
+
+def _read_structure(path: Path, index: int):
+    from ase.io import read
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--structure {path} does not exist or is not a file")
+    try:
+        atoms = read(path, index=index)
+    except Exception as exc:  # ASE raises many types for an empty or garbled file
+        raise ValueError(f"cannot read a structure from {path} (frame {index}): {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())}") from None
+    if len(atoms) == 0:
+        raise ValueError(f"{path} frame {index} holds no atoms")
+    return atoms
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,30 +102,29 @@ def run(args: argparse.Namespace) -> int:
     from ase.calculators.calculator import all_properties
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixAtoms, FixCom
-    from ase.io import read, write
+    from ase.io import write
     from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
 
-    from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
+    from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, check_finite_geometry, store_uq_in_atoms
     from ltau_ase.simulate.observers import UncertaintyStop
 
     if (args.reference_runs is None) != (args.false_alarm_rate is None):
         raise ValueError("--reference-runs and --false-alarm-rate go together")
     if args.reference_runs is not None:
-        if args.threshold is not None:
-            raise ValueError("give either --threshold or --reference-runs/--false-alarm-rate, not both")
-        args.threshold = reference_threshold(args.reference_runs, args.key, parse_reduce(args.atom_reduce),
-                                             args.false_alarm_rate, args.patience)
-        print(f"threshold {args.threshold:.6g} from {len(args.reference_runs)} reference runs "
+        if args.stop_threshold is not None:
+            raise ValueError("give either --stop-threshold or --reference-runs/--false-alarm-rate, not both")
+        args.stop_threshold = reference_threshold(args.reference_runs, args.key, args.atom_reduce,
+                                                  args.false_alarm_rate, args.patience)
+        print(f"stop threshold {args.stop_threshold:.6g} from {len(args.reference_runs)} reference runs "
               f"(false-alarm rate {args.false_alarm_rate:g}, patience {args.patience})")
-    if args.threshold is None and not args.adaptive:
-        raise ValueError("--threshold is required unless --adaptive or --reference-runs")
-    for name in ("steps", "interval"):
-        if getattr(args, name) < (0 if name == "steps" else 1):
-            raise ValueError(f"--{name} must be {'>= 0' if name == 'steps' else '>= 1'}, got {getattr(args, name)}")
-    if not (args.timestep > 0 and args.temperature >= 0):
-        raise ValueError("--timestep must be > 0 fs and --temperature >= 0 K")
-    atoms = read(args.structure, index=args.index)
+    if args.stop_threshold is None and not args.adaptive:
+        raise ValueError("--stop-threshold is required unless --adaptive or --reference-runs")
+    check_output_file(args.trajectory, "--trajectory")
+    if args.save_to is not None:
+        check_output_file(args.save_to, "--save-to")
+    atoms = _read_structure(args.structure, args.index)
+    check_finite_geometry(atoms)
     atoms.calc = _calculator(args)
     rng = np.random.default_rng(args.seed)
     _thermalize(atoms, args.temperature, rng)
@@ -114,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         dyn = VelocityVerlet(atoms, timestep=args.timestep * units.fs, logfile=None)
 
     args.trajectory.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_to is not None:
+        args.save_to.parent.mkdir(parents=True, exist_ok=True)
     handle = open(args.trajectory, "w")
     written: set[int] = set()
 
@@ -134,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             write_frame()
 
     dyn.attach(write_frame, interval=args.interval)
-    stop = UncertaintyStop(dyn, args.threshold, key=args.key, atom_reduce=parse_reduce(args.atom_reduce),
+    stop = UncertaintyStop(dyn, args.stop_threshold, key=args.key, atom_reduce=args.atom_reduce,
                            patience=args.patience, on_trigger=on_trigger, save_to=args.save_to,
                            adaptive=args.adaptive, warmup=args.warmup, n_sigma=args.n_sigma)
     dyn.attach(stop)

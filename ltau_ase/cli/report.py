@@ -4,7 +4,7 @@ For every relaxed system (status ``done`` or ``unconverged``) the reference rela
 taken from ``--references`` (extxyz or ase.db, matched by name) or, without it, from the reference
 stored in the database by ``ltau relax --references``. Per system: mean free-atom displacement d_s
 and RMSD (OC20 ``min_diff``). Then ADwT, Spearman ρ and AUROC of each UQ statistic (initial, final,
-max, mean) for RMSD above ``--threshold``, and RMSD binned by UQ per group (paper Fig. 4).
+max, mean) for RMSD above ``--rmsd-threshold``, and RMSD binned by UQ per group (paper Fig. 4).
 
 Outputs in ``--output``: ``metrics.json`` (analysis, per-system table, failed systems, systems without
 reference) and ``rmsd_vs_uq.png``. Failed systems and missing references are listed, never dropped
@@ -16,6 +16,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ltau_ase.cli.options import add_alias, check_output_dir, positive_float, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, required=True, help="relaxation database written by `ltau relax`")
@@ -23,15 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference relaxed structures (extxyz or ase.db, matched by name); default: the "
                              "references stored in --db")
     parser.add_argument("--output", type=Path, default=Path("report"), help="output directory (report/)")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--rmsd-threshold", type=positive_float, default=0.5, metavar="ANGSTROM",
                         help="RMSD (Å) above which a relaxation counts as failed for AUROC (0.5, the ADwT ceiling)")
-    parser.add_argument("--bins", type=int, default=5, help="UQ bins per statistic (5)")
+    add_alias(parser, "--threshold", dest="rmsd_threshold", type=positive_float)  # before: the RMSD bound
+    parser.add_argument("--bins", type=positive_int, default=5, help="UQ bins per statistic (5)")
     parser.add_argument("--strategy", choices=("quantile", "uniform"), default="quantile",
                         help="equal-count or equal-width UQ bins (quantile)")
     parser.add_argument("--groups", default=None, help="comma-separated groups to report, in order (default: all)")
     parser.add_argument("--strict", action="store_true", help="a missing reference is an error")
     parser.add_argument("--fit-failure-model", type=Path, default=None, metavar="JSON",
-                        help="fit P(RMSD > --threshold | UQ trace) on these relaxations (calibration set) and "
+                        help="fit P(RMSD > --rmsd-threshold | UQ trace) on these relaxations (calibration set) and "
                              "write it here")
     parser.add_argument("--failure-model", type=Path, default=None, metavar="JSON",
                         help="add each system's failure probability p_fail from a model written by "
@@ -66,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     from ltau_ase.plots import plot_rmsd_vs_uq
     from ltau_ase.simulate.batch import load_results, read_structures
 
+    check_output_dir(args.output, "--output")
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file; expected a directory for metrics.json and the PNG")
+    if args.references is not None and not args.references.is_file():
+        raise FileNotFoundError(f"--references {args.references} does not exist or is not a file")
     records = load_results(args.db)
     if not records:
         raise ValueError(f"{args.db} holds no relaxations")
@@ -83,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
     if not table:
         raise ValueError("no relaxed system has a reference structure; check the names in --references")
     groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
-    analysis = uq_rmsd_analysis(table, groups=groups, threshold=args.threshold, n_bins=args.bins,
+    analysis = uq_rmsd_analysis(table, groups=groups, threshold=args.rmsd_threshold, n_bins=args.bins,
                                 strategy=args.strategy)
     failure = failure_probabilities(table, args)
     args.output.mkdir(parents=True, exist_ok=True)
-    png = plot_rmsd_vs_uq(analysis["binned"], args.output / "rmsd_vs_uq.png", threshold=args.threshold)
+    png = plot_rmsd_vs_uq(analysis["binned"], args.output / "rmsd_vs_uq.png", threshold=args.rmsd_threshold)
     metrics = {"db": str(args.db), "n_records": len(records), "n_scored": len(table),
                "unconverged": [r["name"] for r in relaxed if r["status"] == "unconverged"],
                "failed": failed, "missing_references": missing, "analysis": analysis, "systems": table}
@@ -120,7 +128,7 @@ def failure_probabilities(table: list[dict], args: argparse.Namespace) -> dict[s
         return {}
     out: dict[str, Any] = {}
     if args.fit_failure_model is not None:
-        model = FailureModel(rmsd_threshold=args.threshold).fit(table)
+        model = FailureModel(rmsd_threshold=args.rmsd_threshold).fit(table)
         args.fit_failure_model.parent.mkdir(parents=True, exist_ok=True)
         args.fit_failure_model.write_text(json.dumps(model.to_dict(), indent=2))
         out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_)

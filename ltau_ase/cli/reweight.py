@@ -12,6 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ltau_ase.cli.options import (
+    check_output_file,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+
 # λ used in the paper (App. E) for each scheme; uniform ignores it.
 PAPER_LAMBDA = {"easy": 2.0, "hard": 4.5, "uniform": 0.0}
 
@@ -26,15 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", type=Path, default=None, help="dataset-map PNG (default: <output stem>_map.png)")
     parser.add_argument("--scheme", choices=("easy", "hard", "uniform"), default="hard",
                         help="which atoms to up-weight (default: hard)")
-    parser.add_argument("--lam", type=float, default=None,
+    parser.add_argument("--lam", type=non_negative_float, default=None,
                         help="λ of the weights (default: the paper's 2.0 for easy, 4.5 for hard)")
-    parser.add_argument("--atol", type=float, default=None,
+    parser.add_argument("--atol", type=positive_float, default=None,
                         help="error threshold in eV/Å (--error-logs only; default: MAE of the final epoch)")
-    parser.add_argument("--skip-epochs", type=int, default=0, help="ignore the first S logged epochs (--error-logs only)")
-    parser.add_argument("--last-epochs", type=int, default=None, help="keep only the last W epochs (--error-logs only)")
-    parser.add_argument("--easy-threshold", type=float, default=0.5, help="µ at or above which steady atoms are easy")
-    parser.add_argument("--hard-threshold", type=float, default=0.5, help="µ below which steady atoms are hard")
-    parser.add_argument("--ambiguous-variability", type=float, default=0.2, help="σ at or above which atoms are ambiguous")
+    parser.add_argument("--skip-epochs", type=non_negative_int, default=0, help="ignore the first S logged epochs (--error-logs only)")
+    parser.add_argument("--last-epochs", type=positive_int, default=None, help="keep only the last W epochs (--error-logs only)")
+    parser.add_argument("--easy-threshold", type=probability, default=0.5, help="µ at or above which steady atoms are easy")
+    parser.add_argument("--hard-threshold", type=probability, default=0.5, help="µ below which steady atoms are hard")
+    parser.add_argument("--ambiguous-variability", type=probability, default=0.2, help="σ at or above which atoms are ambiguous")
     parser.add_argument("--group-key", default="config_type",
                         help="frame info key colouring the map when every frame has it (default: config_type)")
 
@@ -71,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from ltau_ase.core.errorlog import EpochWindow
     from ltau_ase.plots import plot_cartography
 
+    check_output_file(args.output, "--output")
+    if args.map is not None:
+        check_output_file(args.map, "--map")
     if args.estimator is not None:
         if args.atol is not None or args.skip_epochs or args.last_epochs is not None:
             raise ValueError("--atol, --skip-epochs and --last-epochs apply to --error-logs; "

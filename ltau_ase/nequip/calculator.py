@@ -11,8 +11,9 @@ Only eager models carry latent features: load ``.ckpt`` checkpoints or ``nequip-
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from ase.data import chemical_symbols
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
-from ltau_ase.nequip.safe_load import verify_checkpoint
+from ltau_ase.nequip.safe_load import load_eager_model
+from ltau_ase.simulate.calculator import check_finite_geometry
 
 #: result key holding the (N, D) float32 descriptors
 DESCRIPTORS_KEY = "descriptors"
@@ -86,6 +88,8 @@ class LatentNequIPCalculator(NequIPCalculator):
         self.implemented_properties = [*type(self).implemented_properties, DESCRIPTORS_KEY]
         self.descriptor_dim: int = latent_dim(self.model)
         self.model_path: Path | None = None
+        #: hex SHA-256 of the model file's bytes the model was built from (set by from_model_file)
+        self.model_sha256: str | None = None
         self._known_numbers = _known_atomic_numbers(self.transforms)
 
     @classmethod
@@ -94,19 +98,23 @@ class LatentNequIPCalculator(NequIPCalculator):
         path: Union[str, Path],
         device: Union[str, torch.device] = "cpu",
         trusted: bool = False,
-        trusted_targets: tuple[str, ...] = (),
+        trusted_targets: Iterable[Callable[..., Any]] = (),
+        chemical_species_to_atom_type_map: Optional[Union[Dict[str, str], bool]] = None,
+        neighborlist_backend: Optional[str] = None,
+        neighborlist_backend_kwargs: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
     ) -> "LatentNequIPCalculator":
-        """Load an eager model from a ``.ckpt`` checkpoint or a ``.nequip.zip`` package.
+        """Load an eager model from a ``.ckpt`` checkpoint (or, trusted only, a ``.nequip.zip`` package).
 
-        nequip unpickles model files and instantiates the classes their configuration names. Unless
-        ``trusted=True``, a checkpoint is first verified with
-        :func:`ltau_ase.nequip.safe_load.verify_checkpoint` (tensors and plain containers only, Hydra
-        targets from nequip/torch/Lightning or ``trusted_targets``); ``.nequip.zip`` packages carry
-        code and are refused unless ``trusted=True``.
+        Unless ``trusted=True``, the checkpoint is read once and its model is built from that in-memory
+        copy by :func:`ltau_ase.nequip.safe_load.load_checkpoint_model`: ``torch.load(weights_only=True)``,
+        and only the exact nequip classes and functions of the allow-list (plus ``trusted_targets``,
+        objects such as a plugin's model builder) may be named by the file. ``.nequip.zip`` packages
+        carry code and are refused unless ``trusted=True`` (then nequip's own loader reads the file).
 
-        Keyword arguments go to nequip's loader (e.g. ``chemical_species_to_atom_type_map``,
-        ``neighborlist_backend``) or the calculator constructor (unit factors).
+        ``chemical_species_to_atom_type_map`` and the neighbour-list options are nequip's (as in
+        ``NequIPCalculator.from_compiled_model``); other keyword arguments go to the constructor (unit
+        factors). The SHA-256 of the bytes the model was built from is kept as :attr:`model_sha256`.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
@@ -126,27 +134,47 @@ class LatentNequIPCalculator(NequIPCalculator):
                 f"unrecognised model file {path}; expected a nequip checkpoint (.ckpt) or a "
                 "nequip-package file (.nequip.zip)"
             )
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
-        if not trusted:
-            if name.endswith(".nequip.zip"):
-                raise ValueError(
-                    f"{path} is a nequip-package archive: loading it imports code stored in the file, which "
-                    "cannot be verified. Load the training checkpoint (.ckpt) instead, or pass trusted=True "
-                    "if you trust the file's origin"
-                )
-            verify_checkpoint(path, trusted_targets)
-        from nequip.model.utils import _EAGER_MODEL_KEY
-        from nequip.utils.global_state import set_global_state
-
-        set_global_state()
-        # the one place that relies on nequip's private loader (stable in nequip 0.19)
-        calc = cls._from_saved_model(str(path), device=device, compile_mode=_EAGER_MODEL_KEY, **kwargs)
+        loaded = load_eager_model(path, trusted=trusted, trusted_targets=trusted_targets)
+        calc = cls._from_eager_model(
+            loaded.model, device, chemical_species_to_atom_type_map,
+            neighborlist_backend, neighborlist_backend_kwargs, **kwargs,
+        )
         calc.model_path = path
+        calc.model_sha256 = loaded.sha256
         return calc
 
+    @classmethod
+    def _from_eager_model(
+        cls,
+        model: torch.nn.Module,
+        device: Union[str, torch.device],
+        chemical_species_to_atom_type_map: Optional[Union[Dict[str, str], bool]],
+        neighborlist_backend: Optional[str],
+        neighborlist_backend_kwargs: Optional[Dict[str, Any]],
+        **kwargs: Any,
+    ) -> "LatentNequIPCalculator":
+        """The calculator around an eager ``GraphModel``: the type mapper and neighbour list that
+        nequip's ``_from_saved_model`` builds from the model's metadata."""
+        from nequip.data._nl import DEFAULT_NEIGHBORLIST_BACKEND
+        from nequip.integrations.utils import basic_transforms, handle_chemical_species_map
+        from nequip.nn import graph_model
+
+        if "transforms" in kwargs:
+            raise ValueError("transforms are built from the model's metadata; do not pass `transforms`")
+        r_max = float(model.metadata[graph_model.R_MAX_KEY])
+        type_names = model.metadata[graph_model.TYPE_NAMES_KEY].split(" ")
+        species_map = handle_chemical_species_map(chemical_species_to_atom_type_map, type_names)
+        transforms = basic_transforms(
+            model.metadata, r_max, type_names, species_map,
+            neighborlist_backend=neighborlist_backend or DEFAULT_NEIGHBORLIST_BACKEND,
+            neighborlist_backend_kwargs=neighborlist_backend_kwargs,
+        )
+        return cls(model=model, device=device, transforms=transforms, **kwargs)
+
     def atoms_to_data(self, atoms: Atoms) -> AtomicDataDict.Type:
-        """nequip's conversion, after checking that the model knows every element of ``atoms``."""
+        """nequip's conversion (which builds the neighbour list), after checking that the geometry is
+        finite and that the model knows every element of ``atoms``."""
+        check_finite_geometry(atoms)
         if self._known_numbers is not None:
             unknown = sorted(set(atoms.numbers.tolist()) - self._known_numbers)
             if unknown:

@@ -26,11 +26,9 @@ from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
 from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
+from ltau_ase.core.index import choose_index
 
 PathLike = str | os.PathLike
-#: training sets with at least this many atoms get an HNSW index under index="auto" (paper: flat
-#: search below ~1e5 training atoms, HNSW above)
-AUTO_HNSW_ATOMS = 100_000
 DEFAULT_LOG_SUBDIR = "ltau_errors"
 
 
@@ -76,18 +74,25 @@ def find_error_log(run_dir: PathLike) -> Path:
     return found[0]
 
 
+#: checkpoint names tried in order for a run's default model: last.ckpt first, the model that
+#: ``LTAUCalculator.from_model("run/last.ckpt", ...)``, ``ltau relax`` and ``ltau md`` load in the README
+#: (and the final model, whose training error the default atol is); a run's best.ckpt is another
+#: model with another latent space, used only when it is the run's only checkpoint or passed explicitly
+DEFAULT_CHECKPOINTS = ("last.ckpt", "best.ckpt")
+
+
 def default_checkpoint(run_dir: PathLike) -> Path:
-    """``best.ckpt`` of a run directory, else ``last.ckpt``."""
+    """``last.ckpt`` of a run directory, else ``best.ckpt`` (see :data:`DEFAULT_CHECKPOINTS`)."""
     run_dir = Path(run_dir)
-    for name in ("best.ckpt", "last.ckpt"):
+    for name in DEFAULT_CHECKPOINTS:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise FileNotFoundError(f"neither best.ckpt nor last.ckpt found in {run_dir}; pass model= explicitly")
+    raise FileNotFoundError(f"neither last.ckpt nor best.ckpt found in {run_dir}; pass model= explicitly")
 
 
 def _default_model(log_dir: Path) -> Path:
     """Default descriptor model of a log: the last checkpoint of a checkpoint-ensemble log, else
-    ``best.ckpt`` / ``last.ckpt`` of the run directory the log records (else its parent)."""
+    ``last.ckpt`` / ``best.ckpt`` of the run directory the log records (else its parent)."""
     meta = ErrorLog(log_dir).metadata
     if meta.get("checkpoints"):
         return Path(meta["checkpoints"][-1])
@@ -117,7 +122,7 @@ def fit_estimator_from_runs(
     k: int = 10,
     index: str = "auto",
     atol: float | None = None,
-    window: EpochWindow | dict | tuple | None = None,
+    window: EpochWindow | dict | tuple | str | None = "last_half",
     model: PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 16,
@@ -135,13 +140,16 @@ def fit_estimator_from_runs(
             files raise ValueError.
         output: the ``.ltau`` file to write (None: do not save).
         k: neighbours averaged per test atom (paper default 10).
-        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"`` (flat below 1e5 training atoms,
-            HNSW above).
+        index: ``"flat"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"``
+            (:func:`ltau_ase.core.index.choose_index`: flat below 1e5 training atoms, HNSW below 1e6,
+            IVF-PQ with exact re-ranking above; the choice is recorded as ``metadata["index_choice"]``).
         atol: error threshold (eV/Å); None: the final models' training MAE.
-        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
+        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all; ``"last_half"``
+            (default): the last half, see ``LTAUEstimator``'s ``window``.
         model: checkpoint / package file giving the descriptors; default the first run's
-            ``best.ckpt`` (else ``last.ckpt``; for a checkpoint-ensemble log its last
-            checkpoint). Its SHA-256 is stored as ``model_sha256``.
+            ``last.ckpt`` (else ``best.ckpt``; for a checkpoint-ensemble log its last
+            checkpoint), the file the README's ``from_model`` / ``ltau relax`` load. Its SHA-256
+            is stored as ``model_sha256``; simulations must load this same file.
         record_species: record the training elements, so that structures with elements never seen
             in training are refused or flagged (``LTAUCalculator(unknown_species=...)``); False
             leaves such atoms to the latent-distance lookup alone.
@@ -151,6 +159,7 @@ def fit_estimator_from_runs(
     Raises:
         ValueError: logs of different atoms, frames missing, or descriptors not aligned with the logs.
     """
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
     from ltau_ase.nequip.descriptors import extract_descriptors, read_training_frames
 
     if isinstance(run_dirs, (str, os.PathLike)):
@@ -166,12 +175,15 @@ def fit_estimator_from_runs(
     model_path = Path(model) if model is not None else _default_model(log_dirs[0])
     if not model_path.is_file():
         raise FileNotFoundError(f"model file {model_path} does not exist")
+    index_choice = f"index={index} given"
     if index == "auto":
-        index = "flat" if log_ids.size < AUTO_HNSW_ATOMS else "hnsw"
+        index, index_choice = choose_index(log_ids.size)
 
     frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
+    # one read of the model file gives both the descriptors and the recorded hash
+    calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
     desc_ids, descriptors = extract_descriptors(
-        model_path, frames, device=device, batch_size=batch_size, progress=progress
+        calc, frames, device=device, batch_size=batch_size, progress=progress
     )
     # Descriptors come in frame order; the logs in sorted-id order. Put the descriptor rows in the
     # logs' order and then verify id equality row by row (a frame of a different size, say, fails).
@@ -190,11 +202,12 @@ def fit_estimator_from_runs(
 
     metadata = {
         "model_path": str(model_path.resolve()),
-        "model_sha256": sha256_file(model_path),
+        "model_sha256": calc.model_sha256,
         "k": int(k),
         "index": index,
+        "index_choice": index_choice,
         "atol": None if atol is None else float(atol),
-        "epoch_window": EpochWindow.coerce(window).to_dict(),
+        "epoch_window": window if isinstance(window, str) else EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],
         "error_logs": [str(d.resolve()) for d in log_dirs],
         "train_files": [str(f.resolve()) for f in train_files],

@@ -5,11 +5,23 @@
 - Dask runs the relaxations: by default an in-process ``LocalCluster(processes=False)`` (threads,
   one relaxation per worker at a time); ``scheduler="tcp://host:port"`` uses an existing cluster.
 - ``calculator_factory`` is a picklable, hashable callable returning an ASE calculator (e.g.
-  :class:`NequIPLTAUFactory`). Each worker thread builds its calculator once and reuses it for
+  ``ModelBackend.ltau_factory(...)`` of a model backend, such as
+  :class:`ltau_ase.nequip.backend.NequIPLTAUFactory`). Each worker thread builds its calculator once and reuses it for
   every system it relaxes (a per-process cache keyed by thread and factory).
 - The client writes one row per system to the ase.db as soon as the system finishes. Each row is
-  one SQLite transaction, and systems are identified by the unique key ``name``: re-running after a
-  crash or kill skips every name already in the database and duplicates nothing.
+  one SQLite transaction, and systems are identified by the key ``name``, unique in the database (a
+  unique index that SQLite enforces): re-running after a crash or kill skips every name already in
+  the database and duplicates nothing.
+- Concurrent runs on one database: before submitting, a run claims its pending systems in the table
+  ``ltau_claims`` of the same SQLite file (one transaction, ``BEGIN IMMEDIATE``). A system claimed by
+  another live process is left to it (counted as ``busy``); claims of a process that no longer runs
+  (killed) are taken over, so resuming still works. A claim ends when its row is written.
+- Names: ``atoms.info["name"]`` (extxyz, lists) or the row's ``name`` key (ase.db). A structure
+  without one is named from its content, :func:`content_name` (a hash of numbers, positions, cell
+  and pbc): the same structure gets the same name in every run and in any order, and a different
+  structure a different name. References are matched by name and must be named.
+- The in-process cluster listens on 127.0.0.1 only; it serves a dashboard only when ``dashboard``
+  gives an address.
 - Each row holds the final structure (energy and forces as calculator results), key-value pairs
   ``name``, ``group``, ``status`` (``"done"`` | ``"unconverged"`` | ``"failed"``), ``reason``,
   ``converged``, ``nsteps``, ``wall_time`` (s), ``fmax_final`` (eV/Å), ``uq_initial`` / ``uq_max`` /
@@ -22,12 +34,17 @@
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import socket
+import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -50,33 +67,6 @@ DEFAULT_GROUP = "all"
 
 
 # ---------------------------------------------------------------------------- factories
-@dataclass(frozen=True)
-class NequIPLTAUFactory:
-    """Picklable recipe for ``LTAUCalculator.from_nequip(model_path, estimator_path, ...)``.
-
-    Frozen (hashable by value), so a worker recognises the same recipe and builds it once.
-    """
-
-    model_path: str
-    estimator_path: str
-    device: str = "cpu"
-    threshold: float | None = None
-    allow_model_mismatch: bool = False
-    unknown_species: str = "raise"
-    #: nequip's type-name mapping (True: the model's type names are chemical symbols); None: nequip's default
-    chemical_species_to_atom_type_map: bool | None = None
-
-    def __call__(self):
-        from ltau_ase.simulate.calculator import LTAUCalculator
-
-        loader = {} if self.chemical_species_to_atom_type_map is None else {
-            "chemical_species_to_atom_type_map": self.chemical_species_to_atom_type_map}
-        return LTAUCalculator.from_nequip(self.model_path, self.estimator_path, device=self.device,
-                                          threshold=self.threshold,
-                                          allow_model_mismatch=self.allow_model_mismatch,
-                                          unknown_species=self.unknown_species, **loader)
-
-
 _CALCULATORS: dict[tuple[int, Hashable], Any] = {}
 _CALCULATORS_LOCK = threading.Lock()
 
@@ -91,7 +81,7 @@ def worker_calculator(factory: Callable[[], Any]) -> Any:
         hash(key)
     except TypeError:
         raise TypeError(f"calculator_factory must be hashable so workers can reuse what it builds (e.g. a frozen "
-                        f"dataclass like NequIPLTAUFactory); got {type(factory).__name__}") from None
+                        f"dataclass such as a backend's ltau_factory); got {type(factory).__name__}") from None
     with _CALCULATORS_LOCK:
         calc = _CALCULATORS.get(key)
     if calc is None:
@@ -218,30 +208,51 @@ def _select(select: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- inputs
-def read_structures(structures: str | PathLike | Sequence[Atoms]) -> list[tuple[str, Atoms]]:
+def content_name(atoms: Atoms) -> str:
+    """Name of an unnamed structure, derived from its content: ``"unnamed-"`` + 16 hex digits.
+
+    SHA-256 over the atomic numbers (int64), positions (float64, Å), cell (float64, Å) and pbc, in
+    that order (little-endian; -0.0 counted as 0.0). Identical inputs always give the same name, in
+    any order and any run; structures differing in any atom, coordinate bit, cell or pbc get
+    different names. Tags, constraints and info do not enter.
+    """
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(atoms.numbers, dtype="<i8").tobytes())
+    for array in (atoms.positions, atoms.cell.array):
+        h.update(np.ascontiguousarray(np.asarray(array, dtype="<f8") + 0.0).tobytes())
+    h.update(np.ascontiguousarray(atoms.pbc, dtype=bool).tobytes())
+    return "unnamed-" + h.hexdigest()[:16]
+
+
+def read_structures(structures: str | PathLike | Sequence[Atoms],
+                    require_names: bool = False) -> list[tuple[str, Atoms]]:
     """``(name, atoms)`` pairs from a list of Atoms, an extxyz file or an ase.db file.
 
     Names come from ``atoms.info["name"]`` (extxyz, lists) or the row's ``name`` key (ase.db);
-    structures without one get ``"structure_{i:06d}"`` by position (stable only while the input
-    order is). Duplicate names raise ``ValueError``.
+    structures without one are named by :func:`content_name` (unless ``require_names``, then
+    they raise). Duplicate names (including identical unnamed structures) raise ``ValueError``.
     """
     from ase.io import read
 
     if isinstance(structures, (str, PathLike)):
         path = os.fspath(structures)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"structures file {path} does not exist")
-        if path.endswith(".db"):
-            from ase.db import connect
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"structures file {path} does not exist or is not a file")
+        try:
+            if path.endswith(".db"):
+                from ase.db import connect
 
-            pairs = []
-            for i, row in enumerate(connect(path).select()):
-                atoms = row.toatoms()
-                atoms.info.update(row.key_value_pairs)
-                pairs.append((atoms.info.get("name"), atoms))
-        else:
-            images = read(path, index=":")
-            pairs = [(a.info.get("name"), a) for a in images]
+                pairs = []
+                for row in connect(path, type="db").select():
+                    atoms = row.toatoms()
+                    atoms.info.update(row.key_value_pairs)
+                    pairs.append((atoms.info.get("name"), atoms))
+            else:
+                images = read(path, index=":")
+                pairs = [(a.info.get("name"), a) for a in images]
+        except Exception as exc:  # ASE and sqlite raise many types for empty, garbled or foreign files
+            raise ValueError(f"cannot read structures from {path}: {type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())}") from None
     else:
         images = list(structures)
         bad = [i for i, a in enumerate(images) if not isinstance(a, Atoms)]
@@ -250,14 +261,36 @@ def read_structures(structures: str | PathLike | Sequence[Atoms]) -> list[tuple[
         pairs = [(a.info.get("name"), a) for a in images]
     if not pairs:
         raise ValueError("no structures to relax")
-    named = [(str(n) if n is not None else f"structure_{i:06d}", a) for i, (n, a) in enumerate(pairs)]
+    if require_names:
+        unnamed = [i for i, (n, _) in enumerate(pairs) if n is None or str(n) == ""]
+        if unnamed:
+            raise ValueError(f"structures {unnamed[:10]} have no name (info['name']); these structures are matched "
+                             "by name, so every one needs one")
+    named = [(str(n) if n is not None and str(n) != "" else content_name(a), a) for n, a in pairs]
+    for i, (n, a) in enumerate(named):
+        _check_storable(n, "name", i)
+        if "group" in a.info:
+            _check_storable(str(a.info["group"]), "group", i)
     seen: dict[str, int] = {}
     for i, (n, _) in enumerate(named):
         if n in seen:
             raise ValueError(f"duplicate structure name {n!r} (items {seen[n]} and {i}); names must be unique "
-                             "because they identify systems in the database")
+                             "because they identify systems in the database (unnamed structures are named by "
+                             "content, so these two are identical)")
         seen[n] = i
     return named
+
+
+def _check_storable(text: str, what: str, index: int) -> None:
+    """Names and groups are ase.db text values: refused up front if ase.db would refuse them at write
+    time (a text that reads as a number or boolean, such as ``"5"`` or ``"nan"``)."""
+    from ase.db.core import check
+
+    try:
+        check({what: text})
+    except ValueError:
+        raise ValueError(f"structure {index} has {what} {text!r}, which an ase.db cannot store as text (it reads as "
+                         f"a number or boolean); use a {what} with letters, e.g. 'sys_{text}'") from None
 
 
 def _reference_data(ref: Atoms, atoms: Atoms, name: str) -> dict[str, np.ndarray]:
@@ -274,12 +307,159 @@ def _reference_data(ref: Atoms, atoms: Atoms, name: str) -> dict[str, np.ndarray
             "reference_tags": ref.get_tags().copy(), "reference_fixed": fixed}
 
 
-# ---------------------------------------------------------------------------- the batch
+# ---------------------------------------------------------------------------- the store
+#: claims table in the results database: name (primary key) -> owning process
+CLAIMS_TABLE = "ltau_claims"
+#: unique index that makes SQLite refuse a second row with the same name
+NAME_INDEX = "ltau_unique_name"
+
+
 def existing_names(db: Any) -> dict[str, str]:
     """name -> status of every system already in the database."""
     return {row.get("name"): row.get("status") for row in db.select(include_data=False)}
 
 
+@contextmanager
+def _immediate_transaction(path: str) -> Iterator[sqlite3.Connection]:
+    """One SQLite transaction that takes the write lock at once (``BEGIN IMMEDIATE``), so that what it
+    reads cannot change before it writes."""
+    con = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def open_store(db_path: str | PathLike) -> Any:
+    """The results ase.db at ``db_path`` (created when absent), with the unique index on ``name`` and
+    the claims table.
+
+    Raises:
+        ValueError: the file is not a usable SQLite database (corrupt, foreign, unwritable), or it
+            already holds two rows with one name (written before the index existed).
+    """
+    from ase.db import connect
+
+    path = os.fspath(db_path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        # SQLite's own locking only: ASE's lock file would be left behind by a killed run and then
+        # block every later write forever
+        db = connect(path, type="db", use_lock_file=False)
+        with db:  # one connection; its transaction holds the write lock while the schema is made
+            con = db.connection
+            con.execute("BEGIN IMMEDIATE")
+            db.count()  # ASE creates its tables in a new file: here, under the lock (two runs raced before)
+            if not con.in_transaction:  # ASE commits its schema
+                con.execute("BEGIN IMMEDIATE")
+            con.execute(f"CREATE TABLE IF NOT EXISTS {CLAIMS_TABLE} (name TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+                        "host TEXT NOT NULL, pid INTEGER NOT NULL, started REAL, claimed REAL NOT NULL)")
+            duplicates = con.execute("SELECT value, COUNT(*) FROM text_key_values WHERE key = 'name' "
+                                     "GROUP BY value HAVING COUNT(*) > 1 LIMIT 5").fetchall()
+            if duplicates:
+                raise ValueError(f"{path} already holds several rows for the names "
+                                 f"{[name for name, _ in duplicates]}; remove the extra rows first")
+            con.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {NAME_INDEX} ON text_key_values(value) "
+                        "WHERE key = 'name'")
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"cannot use {path} as the results database (SQLite ase.db): "
+                         f"{type(exc).__name__}: {exc}") from None
+    return db
+
+
+@dataclass(frozen=True)
+class ClaimOwner:
+    """The process claiming systems: a unique token, its host, pid and start time (s since the epoch)."""
+
+    token: str
+    host: str
+    pid: int
+    started: float | None
+
+    @classmethod
+    def this_process(cls) -> "ClaimOwner":
+        pid = os.getpid()
+        return cls(token=f"{socket.gethostname()}:{pid}:{os.urandom(6).hex()}", host=socket.gethostname(),
+                   pid=pid, started=_process_start(pid))
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # psutil.NoSuchProcess / AccessDenied
+        return None
+
+
+def _owner_alive(host: str, pid: int, started: float | None) -> bool:
+    """Whether the claiming process still runs. On another host it cannot be told: assumed alive."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now_started = _process_start(pid)  # a recycled pid is another process
+    return started is None or now_started is None or abs(now_started - started) < 1e-3
+
+
+def claim_systems(db_path: str | PathLike, names: Sequence[str],
+                  owner: ClaimOwner) -> tuple[list[str], list[str], dict[str, str]]:
+    """Claim ``names`` for ``owner`` in one transaction.
+
+    Returns:
+        ``(claimed, already_written, busy)``: the names now claimed by ``owner``; those with a row
+        already; and name -> "pid P on HOST" for names claimed by another live process.
+    """
+    path = os.fspath(db_path)
+    claimed: list[str] = []
+    already: list[str] = []
+    busy: dict[str, str] = {}
+    with _immediate_transaction(path) as con:
+        written = {value for (value,) in con.execute("SELECT value FROM text_key_values WHERE key = 'name'")}
+        con.execute(f"DELETE FROM {CLAIMS_TABLE} WHERE name IN "
+                    "(SELECT value FROM text_key_values WHERE key = 'name')")  # claims whose row exists
+        claims = {row[0]: row[1:] for row in con.execute(f"SELECT name, owner, host, pid, started FROM {CLAIMS_TABLE}")}
+        alive: dict[tuple, bool] = {}
+        rows = []
+        now = time.time()
+        for name in names:
+            if name in written:
+                already.append(name)
+                continue
+            held = claims.get(name)
+            if held is not None and held[0] != owner.token:
+                process = tuple(held[1:])
+                if process not in alive:
+                    alive[process] = _owner_alive(*process)
+                if alive[process]:
+                    busy[name] = f"pid {held[2]} on {held[1]}"
+                    continue
+            rows.append((name, owner.token, owner.host, owner.pid, owner.started, now))
+            claimed.append(name)
+        con.executemany(f"INSERT OR REPLACE INTO {CLAIMS_TABLE} VALUES (?, ?, ?, ?, ?, ?)", rows)
+    return claimed, already, busy
+
+
+def release_claims(db_path: str | PathLike, owner: ClaimOwner) -> None:
+    """Drop every claim of ``owner`` (its run is over)."""
+    with _immediate_transaction(os.fspath(db_path)) as con:
+        con.execute(f"DELETE FROM {CLAIMS_TABLE} WHERE owner = ?", (owner.token,))
+
+
+# ---------------------------------------------------------------------------- the batch
 def relax_batch(
     structures: str | PathLike | Sequence[Atoms],
     db_path: str | PathLike,
@@ -296,6 +476,8 @@ def relax_batch(
     select: str | Sequence[int] = "free",
     max_force: float = 1.0e3,
     retry_failed: bool = False,
+    dashboard: str | None = None,
+    scheduler_timeout: float = 30.0,
 ) -> dict[str, int]:
     """Relax every structure not yet in ``db_path`` and write one row per system as it finishes.
 
@@ -303,66 +485,104 @@ def relax_batch(
         structures: list of Atoms, or an extxyz / ase.db path (see :func:`read_structures`).
         db_path: SQLite ase.db (created when absent). Names already in it are skipped.
         calculator_factory: picklable, hashable callable returning an ASE calculator that provides
-            ``key`` (e.g. :class:`NequIPLTAUFactory`).
+            ``key`` (e.g. ``backend_for(model).ltau_factory(model, estimator)``).
         optimizer: ``"BFGS"`` (default), ``"LBFGS"``, ``"FIRE"`` or ``"oc20"`` (LBFGS maxstep 0.04,
             memory 50, damping 1.0, alpha 70).
         fmax: convergence criterion, eV/Å. steps: max optimizer steps (300, as OC20).
-        scheduler: None for an in-process LocalCluster, or the address of a running Dask scheduler.
-        n_workers: workers of the LocalCluster (default 1; each holds its own calculator).
-        references: optional reference relaxed structures (same forms as ``structures``), matched by
-            name and stored in each row's data for ``ltau report``.
+        scheduler: None for an in-process cluster (threads, listening on 127.0.0.1 only), or the
+            address of a running Dask scheduler.
+        n_workers: workers of the in-process cluster (default 1; each holds its own calculator).
+        references: optional reference relaxed structures (same forms as ``structures``, named),
+            matched by name and stored in each row's data for ``ltau report``.
         progress: tqdm progress bar.
         key, atom_reduce, select: what the :class:`RelaxationUQObserver` records.
         max_force: forces above this (eV/Å) mark a relaxation as exploded (failed).
         retry_failed: delete rows with status "failed" first and relax those systems again.
+        dashboard: address for the in-process cluster's Dask dashboard (e.g. ``"127.0.0.1:8787"``);
+            None serves none.
+        scheduler_timeout: seconds to wait for ``scheduler`` to answer.
     Returns:
-        counts: ``{"done", "unconverged", "failed", "skipped", "total"}`` (this run's rows + skipped).
+        counts: ``{"done", "unconverged", "failed", "skipped", "busy", "total"}``: this run's rows,
+        systems already in the database, and systems left to another running process.
     """
-    from ase.db import connect
     from tqdm.auto import tqdm
 
     settings = RelaxSettings(optimizer=optimizer, fmax=float(fmax), steps=steps,
                              key=key, atom_reduce=atom_reduce,
                              select=tuple(select) if isinstance(select, list) else select,
                              max_force=float(max_force)).validate()
+    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer))
+                                  or n_workers < 1):
+        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
+    if not (isinstance(scheduler_timeout, (int, float)) and math.isfinite(scheduler_timeout) and scheduler_timeout > 0):
+        raise ValueError(f"scheduler_timeout must be a positive number of seconds, got {scheduler_timeout!r}")
     if not callable(calculator_factory):
         raise TypeError(f"calculator_factory must be callable() -> calculator, got {type(calculator_factory)}")
     try:
         hash(calculator_factory)
     except TypeError:
-        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass like NequIPLTAUFactory) so "
+        raise TypeError("calculator_factory must be hashable (e.g. a frozen dataclass such as a backend's ltau_factory) so "
                         "each worker builds its calculator once") from None
     items = read_structures(structures)
     refs: dict[str, dict] = {}
     if references is not None:
-        ref_items = dict(read_structures(references))
+        ref_items = dict(read_structures(references, require_names=True))
         for name, atoms in items:
             if name in ref_items:
                 refs[name] = _reference_data(ref_items[name], atoms, name)
 
-    db = connect(os.fspath(db_path), type="db")
-    done = existing_names(db)
+    db = open_store(db_path)
     if retry_failed:
         failed_ids = [row.id for row in db.select(status="failed", include_data=False)]
         if failed_ids:
             db.delete(failed_ids)
-            done = existing_names(db)
+    done = existing_names(db)
     pending = [(n, a) for n, a in items if n not in done]
     counts = {s: 0 for s in STATUSES}
     counts["skipped"] = len(items) - len(pending)
+    counts["busy"] = 0
     counts["total"] = len(items)
     if not pending:
         return counts
 
+    owner = ClaimOwner.this_process()
+    claimed, already, busy = claim_systems(db_path, [n for n, _ in pending], owner)
+    counts["skipped"] += len(already)
+    counts["busy"] = len(busy)
+    if busy:
+        holders = sorted(set(busy.values()))
+        warnings.warn(f"{len(busy)} system(s) are claimed by another running process ({', '.join(holders)}) and "
+                      "are left to it", stacklevel=2)
+    mine = set(claimed)
+    pending = [(n, a) for n, a in pending if n in mine]
+    try:
+        if pending:
+            _run_pending(pending, db, calculator_factory, settings, refs, counts, owner, scheduler, n_workers,
+                         dashboard, scheduler_timeout, progress, tqdm)
+    finally:
+        release_claims(db_path, owner)
+    return counts
+
+
+def _run_pending(pending, db, calculator_factory, settings, refs, counts, owner, scheduler, n_workers,
+                 dashboard, scheduler_timeout, progress, tqdm) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if scheduler is None:
+        # threads in this process; every server it opens listens on 127.0.0.1 only, and the scheduler
+        # serves dashboard pages only when asked to
         cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=None)
+                               dashboard_address=dashboard or "127.0.0.1:0",
+                               worker_dashboard_address="127.0.0.1:0",
+                               scheduler_kwargs={"dashboard": dashboard is not None})
         client = Client(cluster)
     else:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler, timeout=scheduler_timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler} within {scheduler_timeout:g} s: "
+                                  f"{' '.join(str(exc).split())}") from None
     try:
         futures = {client.submit(relax_one, name, atoms, calculator_factory, settings, pure=False): (name, atoms)
                    for name, atoms in pending}
@@ -375,8 +595,10 @@ def relax_batch(
                 result = {"name": name, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
                           "atoms": atoms.copy(), "converged": False, "nsteps": 0, "wall_time": float("nan"),
                           "summary": None, "trace": None, "per_atom": {}}
-            _write_row(db, result, atoms, settings, refs.get(name))
-            counts[result["status"]] += 1
+            if _write_row(db, result, atoms, settings, refs.get(name), owner):
+                counts[result["status"]] += 1
+            else:  # another process stored this name meanwhile: its row stands
+                counts["skipped"] += 1
             bar.update(1)
             bar.set_postfix({s: counts[s] for s in STATUSES})
             fut.release()
@@ -385,13 +607,12 @@ def relax_batch(
         client.close()
         if cluster is not None:
             cluster.close()
-    return counts
 
 
-def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, reference: dict | None) -> int:
+def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, reference: dict | None,
+               owner: ClaimOwner | None = None) -> int:
+    """Write one system's row and end its claim, in one transaction; 0 when the name has a row already."""
     name = result["name"]
-    if db.count(name=name):  # never duplicate, whatever happens
-        return 0
     kvp: dict[str, Any] = {"name": name, "status": result["status"], "reason": result["reason"] or "",
                            "converged": bool(result["converged"]), "nsteps": int(result["nsteps"]),
                            "optimizer": settings.optimizer, "uq_key": settings.key,
@@ -412,7 +633,15 @@ def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, r
         data["traceback"] = result["traceback"]
     if reference is not None:
         data.update(reference)
-    return db.write(result["atoms"], key_value_pairs=kvp, data=data)  # one SQLite transaction
+    try:
+        with db:  # one SQLite transaction: the row, and the end of its claim
+            row_id = db.write(result["atoms"], key_value_pairs=kvp, data=data)
+            if owner is not None:
+                db.connection.execute(f"DELETE FROM {CLAIMS_TABLE} WHERE name = ? AND owner = ?",
+                                      (name, owner.token))
+    except sqlite3.IntegrityError:  # the unique name index: never a second row for a name
+        return 0
+    return row_id
 
 
 # ---------------------------------------------------------------------------- reading back

@@ -21,7 +21,6 @@ trajectories, extxyz results or ase.db rows: use :func:`store_uq_in_atoms` to co
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from os import PathLike
 from typing import Any
@@ -45,6 +44,33 @@ _PREDICT_TO_RESULT = {
 _BOUND_RESULT = "force_error_bounds"
 
 
+def check_finite_geometry(atoms: Atoms) -> None:
+    """Refuse a structure no neighbour list can handle, before one is built.
+
+    Non-finite positions make neighbour-list codes loop forever (NaN) or return ordinary-looking
+    numbers (one NaN atom, an infinite cell vector); a zero or linearly dependent cell vector along a
+    periodic axis has no lattice to repeat. Checked: positions (N, 3) and cell (3, 3) finite (Å); the
+    cell vectors of the periodic axes non-zero and linearly independent.
+
+    Raises:
+        ValueError: what is wrong, with the first offending atom indices.
+    """
+    positions = np.asarray(atoms.positions)
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} atom(s) have non-finite positions (NaN or inf), e.g. atoms "
+                         f"{bad[:10].tolist()}; expected finite Cartesian positions in Å")
+    cell = np.asarray(atoms.cell.array, dtype=float)
+    if not np.isfinite(cell).all():
+        raise ValueError(f"the cell has non-finite entries {cell.tolist()}; expected finite cell vectors in Å")
+    periodic = cell[np.asarray(atoms.pbc, dtype=bool)]
+    if len(periodic):
+        singular = np.linalg.svd(periodic, compute_uv=False)
+        if singular.min() <= 1e-10 * max(singular.max(), 1.0):
+            raise ValueError(f"the cell vectors of the periodic axes (pbc={atoms.pbc.tolist()}) are zero or linearly "
+                             f"dependent: {periodic.tolist()}; expected a proper lattice along every periodic axis")
+
+
 class LTAUCalculator(Calculator):
     """Wrap ``calc`` and add LTAU uncertainties to its results.
 
@@ -58,8 +84,8 @@ class LTAUCalculator(Calculator):
         ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface).
     descriptors
         ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
-        base calculator must fill in the same call that computes energy and forces (the nequip
-        adapter does). A callable ``descriptors(atoms) -> (N, D)`` computes them instead.
+        base calculator must fill in the same call that computes energy and forces (the model
+        backends' calculators do). A callable ``descriptors(atoms) -> (N, D)`` computes them instead.
     threshold
         Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
     coverage
@@ -115,44 +141,57 @@ class LTAUCalculator(Calculator):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_nequip(
+    def from_model(
         cls,
         model_path: str | PathLike,
-        estimator_path: str | PathLike,
+        estimator: str | PathLike | Any,
         device: str = "cpu",
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
         unknown_species: str = "raise",
+        backend: str | None = None,
         coverage: float | None = None,
         **kwargs: Any,
     ) -> "LTAUCalculator":
-        """Build from a nequip model file (``.ckpt`` / ``.nequip.zip``) and an estimator file.
+        """Build from a model file and an estimator (file or fitted object).
 
-        The estimator records the sha256 of the model it was fitted for (``metadata["model_sha256"]``);
-        a different model file (or no recorded hash) raises ``ValueError`` unless
-        ``allow_model_mismatch=True``, which only warns. ``kwargs`` go to
-        ``LatentNequIPCalculator.from_model_file``.
+        The model backend that claims ``model_path`` (:func:`ltau_ase.simulate.backends.backend_for`,
+        or the one named by ``backend``) loads it as a calculator whose descriptors come from the
+        same forward pass. The estimator records the fingerprint (SHA-256) of the model it was fitted
+        for (``metadata["model_sha256"]``); a different model file (or no recorded hash) raises
+        ``ValueError`` unless ``allow_model_mismatch=True``, which only warns
+        (:func:`ltau_ase.core.fileformat.check_model_fingerprint`). ``kwargs`` go to the backend's
+        loader (for nequip: ``LatentNequIPCalculator.from_model_file``, e.g.
+        ``chemical_species_to_atom_type_map=True``).
         """
-        from ltau_ase.core.estimator import LTAUEstimator
-        from ltau_ase.core.fileformat import sha256_file
-        from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch lives only here
+        from ltau_ase.core.fileformat import check_model_fingerprint
+        from ltau_ase.simulate.backends import backend_for, get_backend
 
-        estimator = LTAUEstimator.load(estimator_path)
-        model_hash = sha256_file(model_path)
-        recorded = (getattr(estimator, "metadata", None) or {}).get("model_sha256")
-        if recorded != model_hash:
-            if recorded is None:
-                msg = (f"estimator {str(estimator_path)!r} records no model hash (metadata['model_sha256']), so it "
-                       f"cannot be checked against model {str(model_path)!r}")
-            else:
-                msg = (f"estimator {str(estimator_path)!r} was fitted for a model with sha256 {recorded}, but "
-                       f"{str(model_path)!r} has sha256 {model_hash}: its latent space differs, so the "
-                       "uncertainties would be meaningless")
-            if not allow_model_mismatch:
-                raise ValueError(msg + "; pass allow_model_mismatch=True to use them together anyway")
-            warnings.warn(msg + " (allowed by allow_model_mismatch=True)", stacklevel=2)
-        base = LatentNequIPCalculator.from_model_file(model_path, device=device, **kwargs)
+        plugin = get_backend(backend) if backend is not None else backend_for(model_path)
+        if isinstance(estimator, (str, PathLike)):
+            from ltau_ase.core.estimator import LTAUEstimator
+
+            estimator_label, estimator = str(estimator), LTAUEstimator.load(estimator)
+        else:
+            estimator_label = "the given estimator"
+        fingerprint = plugin.fingerprint(model_path)
+        # refuse a mismatched pair before paying for the model load
+        check_model_fingerprint(getattr(estimator, "metadata", None), fingerprint,
+                                model=model_path, estimator=estimator_label, allow_mismatch=allow_model_mismatch)
+        base = plugin.calculator(model_path, device=device, **kwargs)
+        # a backend that reads the file once reports the hash of the bytes it built the model from: if
+        # the file was replaced between the check and the load, the checked model is not the loaded one
+        loaded = getattr(base, "model_sha256", None)
+        if loaded is not None and loaded != fingerprint:
+            raise ValueError(f"model file {str(model_path)!r} changed while it was being loaded (sha256 {fingerprint} "
+                             f"when checked, {loaded} when read); load it again once it is no longer being written")
         return cls(base, estimator, threshold=threshold, unknown_species=unknown_species, coverage=coverage)
+
+    @classmethod
+    def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any,
+                    **kwargs: Any) -> "LTAUCalculator":
+        """Alias of :meth:`from_model` for nequip ``.ckpt`` / ``.nequip.zip`` files (same arguments)."""
+        return cls.from_model(model_path, estimator_path, **kwargs)
 
     # ------------------------------------------------------------------ ASE interface
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
@@ -162,6 +201,7 @@ class LTAUCalculator(Calculator):
             self.results = {}
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms  # the copy Calculator.calculate stored
+        check_finite_geometry(atoms)  # before the base calculator builds a neighbour list
         wanted = [p for p in properties if p in self._base_properties]
         if not wanted:
             # UQ only: still one base computation, the one that also yields the descriptors
@@ -185,7 +225,7 @@ class LTAUCalculator(Calculator):
         else:
             raise ValueError(
                 f"{type(self.calc).__name__} put no 'descriptors' in its results; use a calculator that "
-                "provides per-atom descriptors from the same forward pass (e.g. LatentNequIPCalculator) or "
+                "provides per-atom descriptors from the same forward pass (e.g. one loaded with LTAUCalculator.from_model) or "
                 "pass descriptors=callable(atoms) -> (N, D)")
         desc = np.asarray(desc)
         d = getattr(self.estimator, "n_features_in_", None)

@@ -26,7 +26,6 @@ threshold, so that the committee can be compared with LTAU on the same calibrati
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -109,25 +108,6 @@ class CommitteeCalculator(Calculator):
         return {"members": [type(c).__name__ for c in self.calculators]}
 
 
-@dataclass(frozen=True)
-class NequIPCommitteeFactory:
-    """Picklable, hashable recipe for a :class:`CommitteeCalculator` of nequip models.
-
-    For :func:`ltau_ase.simulate.batch.relax_batch` (each worker builds it once). ``model_paths``
-    are ``.ckpt`` / ``.nequip.zip`` files of the members, loaded with
-    ``LatentNequIPCalculator.from_model_file`` (nequip unpickles these files: use trusted models).
-    """
-
-    model_paths: tuple[str, ...]
-    device: str = "cpu"
-
-    def __call__(self) -> CommitteeCalculator:
-        from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch lives only there
-
-        return CommitteeCalculator(
-            [LatentNequIPCalculator.from_model_file(p, device=self.device) for p in self.model_paths])
-
-
 def committee_confidence(uncertainties: np.ndarray, threshold: float | np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Probability that an atom's force error norm is ≤ ``threshold`` under the committee's Gaussian.
 
@@ -197,5 +177,5 @@ def fit_committee_scale(
                                                       n_bins=n_bins),
                         bounds=(lo, hi), n_grid=int(n_grid), refine=False, current=1.0)
 
-__all__ = ["COMMITTEE_PROPERTIES", "CommitteeCalculator", "NequIPCommitteeFactory", "committee_confidence",
+__all__ = ["COMMITTEE_PROPERTIES", "CommitteeCalculator", "committee_confidence",
            "fit_committee_scale"]

@@ -15,6 +15,7 @@ computation: optimizers and MD drivers have already evaluated the structure when
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any
@@ -25,6 +26,7 @@ from ase.calculators.calculator import all_properties, compare_atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from ltau_ase.core.paths import check_writable_file
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
 
 Select = str | Sequence[int] | np.ndarray
@@ -292,6 +294,10 @@ class UncertaintyStop:
         self.atom_reduce = check_reduce(atom_reduce)
         self.patience = int(patience)
         self.on_trigger = on_trigger
+        if save_to is not None:  # now, not when the stop fires and its frame would be lost
+            check_writable_file(save_to, "save_to")
+            if not os.path.isdir(os.path.dirname(os.path.abspath(save_to))):
+                raise ValueError(f"save_to {save_to}: its directory does not exist; create it first")
         self.save_to = save_to
         self.adaptive = adaptive
         self.warmup = warmup

@@ -41,7 +41,7 @@ def make_data(seed=0, n=300, d=6, runs=(15, 20), n_query=40):
 @pytest.mark.parametrize("distribution", ["exact", "compact"])
 def test_fit_and_predict_match_brute_force(distribution):
     x, errs, q = make_data()
-    est = LTAUEstimator(k=7, distribution=distribution).fit(x, errs)
+    est = LTAUEstimator(k=7, distribution=distribution, window=None).fit(x, errs)  # every epoch, as Algorithm 1
     atol = np.mean([np.nanmean(r[-1].astype(np.float64)) for r in errs])
     assert est.atol_ == pytest.approx(atol, rel=1e-12)
     mu, sigma = ref_confidence(errs, atol)
@@ -72,7 +72,7 @@ def test_fit_and_predict_match_brute_force(distribution):
 def test_distance_weighting_and_rtol():
     x, errs, q = make_data(1)
     forces = np.abs(np.random.default_rng(5).normal(size=300)) * 3
-    est = LTAUEstimator(k=5, weights="distance", atol=0.2, rtol=0.1, distribution="exact").fit(
+    est = LTAUEstimator(k=5, weights="distance", atol=0.2, rtol=0.1, distribution="exact", window=None).fit(
         x, errs, reference_forces=forces
     )
     thr = 0.2 + 0.1 * forces
@@ -94,7 +94,7 @@ def test_error_input_forms_agree():
     stacked = LTAUEstimator(k=3).fit(x, np.stack(errs))  # (M, E, N)
     listed = LTAUEstimator(k=3).fit(x, errs)  # list of (E_m, N)
     np.testing.assert_array_equal(stacked.predict(q)["confidence"], listed.predict(q)["confidence"])
-    single = LTAUEstimator(k=3).fit(x, errs[0])  # (E, N): one run, σ_M = 0
+    single = LTAUEstimator(k=3, window=None).fit(x, errs[0])  # (E, N): one run, σ_M = 0
     assert np.all(single.variability_train_ == 0)
     np.testing.assert_allclose(single.confidence_train_, ref_confidence(errs[:1], single.atol_)[0], atol=1e-12)
 
@@ -298,3 +298,18 @@ def test_predict_does_not_warn_on_clean_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est.predict(x)
+
+
+def test_default_window_is_the_last_half_of_the_epochs(tmp_path):
+    # 9 epochs: the default keeps the last ceil(9/2) = 5; runs of different length use the shortest
+    x, errs, q = make_data(9, n=30, runs=(9, 12))
+    est = LTAUEstimator(k=3, distribution="exact").fit(x, errs)
+    last = [e[-5:] for e in errs]
+    np.testing.assert_allclose(est.confidence_train_, ref_confidence(last, est.atol_)[0], atol=1e-12)
+    assert est.fit_info_["window"] == {"skip": 0, "last": 5} and est.fit_info_["window_policy"] == "last_half"
+    every = LTAUEstimator(k=3, distribution="exact", window=None).fit(x, errs)
+    np.testing.assert_allclose(every.confidence_train_, ref_confidence(errs, every.atol_)[0], atol=1e-12)
+    est.save(tmp_path / "w.ltau")
+    assert LTAUEstimator.load(tmp_path / "w.ltau").window == "last_half"
+    with pytest.raises(ValueError, match="window must be"):
+        LTAUEstimator(window="first_half").fit(x, errs)

@@ -73,7 +73,7 @@ def test_search_params_survive_serialisation():
     h = NeighbourIndex.build(x, "hnsw", {"efSearch": 77, "M": 8})
     h2 = NeighbourIndex.from_bytes(h.to_bytes(), "hnsw", h.params)
     assert h2.index.hnsw.efSearch == 77 and h2.index.hnsw.nb_neighbors(1) == 8
-    v = NeighbourIndex.build(x, "ivfpq", {"nlist": 10, "nprobe": 3, "m": 4, "nbits": 4})
+    v = NeighbourIndex.build(x, "ivfpq", {"nlist": 10, "nprobe": 3, "m": 4, "nbits": 4, "refine": 0})
     raw = faiss.deserialize_index(v.to_bytes())
     raw.nprobe = 1  # whatever FAISS stores, our loader must apply the recorded nprobe
     v2 = NeighbourIndex.from_bytes(np.asarray(faiss.serialize_index(raw)), "ivfpq", v.params)
@@ -87,7 +87,7 @@ def test_search_params_survive_serialisation():
 
 def test_minus_one_ids_are_masked():
     x = clustered(400, 8, seed=3)
-    index = NeighbourIndex.build(x, "ivfpq", {"nlist": 20, "nprobe": 1, "m": 2, "nbits": 4})
+    index = NeighbourIndex.build(x, "ivfpq", {"nlist": 20, "nprobe": 1, "m": 2, "nbits": 4, "refine": 0})
     dist, ids, valid = index.search(x[:30], 100)  # one probed list holds far fewer than 100 atoms
     raw_d, raw_i = index.index.search(np.ascontiguousarray(x[:30], dtype=np.float32), 100)
     np.testing.assert_array_equal(valid, raw_i >= 0)
@@ -106,12 +106,12 @@ def test_parameter_validation():
         NeighbourIndex.build(x, "hnsw", {"nprobe": 3})
     with pytest.raises(ValueError, match="integer"):
         NeighbourIndex.build(x, "hnsw", {"efSearch": 2.5})
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match=r"must lie in \[2, 256\]"):
         NeighbourIndex.build(x, "hnsw", {"M": 0})
     with pytest.raises(ValueError, match="nlist"):
         NeighbourIndex.build(x, "ivfpq", {"nlist": 301})
     assert resolve_params("ivfpq", None, 10**6, 32) == {
-        "nlist": 4000, "m": 4, "nbits": 8, "nprobe": 16, "train_size": 256000, "seed": 0,
+        "nlist": 4000, "m": 8, "nbits": 8, "nprobe": 8, "train_size": 256000, "seed": 0, "refine": 4,
     }
     flat = NeighbourIndex.build(x, "flat")
     with pytest.raises(ValueError, match=r"k must lie in \[1, 300\]"):
@@ -128,3 +128,64 @@ def test_parameter_validation():
         as_float32(np.ones(3))
     with pytest.raises(ValueError, match="corrupt"):
         NeighbourIndex.from_bytes(np.frombuffer(b"garbage!" * 10, np.uint8), "flat", {})
+
+
+def test_ivfpq_exact_reranking_against_brute_force(clustered_data):
+    x, q, ref = clustered_data
+    params = {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 4}
+    plain = NeighbourIndex.build(x, "ivfpq", {**params, "refine": 0})
+    refined = NeighbourIndex.build(x, "ivfpq", {**params, "refine": 8})
+    assert plain.vectors is None and refined.vectors is not None
+    _, ids0, valid0 = plain.search(q, 10)
+    dist, ids, valid = refined.search(q, 10)
+    r0, r = recall(np.where(valid0, ids0, -1), ref), recall(np.where(valid, ids, -1), ref)
+    assert r >= 0.95 and r > r0
+    # Re-ranked distances are exact Euclidean distances of the returned ids, in increasing order.
+    exact = np.linalg.norm(q[:, None, :].astype(np.float64) - x[ids].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist[valid], exact[valid], rtol=1e-5)
+    assert np.all(np.diff(np.where(valid, dist, np.inf), axis=1) >= -1e-6)
+    # Refined ids are the brute-force top-k among the shortlist: never worse than the PQ order.
+    ref_d = np.sort(np.linalg.norm(q[:, None, :] - x[None], axis=2), axis=1)[:, :10]
+    assert np.all(dist[:, 0] >= ref_d[:, 0] - 1e-5)
+
+
+def test_choose_index_policy_and_auto_build():
+    from ltau_ase.core.index import AUTO_HNSW_ATOMS, AUTO_IVFPQ_ATOMS, choose_index
+
+    assert [choose_index(n)[0] for n in (1, AUTO_HNSW_ATOMS - 1, AUTO_HNSW_ATOMS, AUTO_IVFPQ_ATOMS - 1,
+                                         AUTO_IVFPQ_ATOMS, 10**7)] == ["flat", "flat", "hnsw", "hnsw", "ivfpq", "ivfpq"]
+    assert "10000000 >= 1000000" in choose_index(10**7)[1]
+    x = clustered(300, 8).astype(np.float32)
+    auto = NeighbourIndex.build(x, "auto")
+    assert auto.kind == "flat" and auto.reason.startswith("auto: flat")
+    with pytest.raises(ValueError, match="explicit index kind"):
+        NeighbourIndex.build(x, "auto", {"efSearch": 3})
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    est = LTAUEstimator(index="auto").fit(x, np.abs(np.random.default_rng(0).normal(size=(4, 300))))
+    assert est.index == "auto" and est.index_.kind == "flat" and "auto: flat" in est.index_.reason
+
+
+def test_stored_arrays_round_trip_and_strict_params():
+    x = clustered(600, 8, seed=4).astype(np.float32)
+    q = x[:25] + 0.01
+    for kind, params in (("flat", {}), ("hnsw", {"M": 8, "efSearch": 33}),
+                         ("ivfpq", {"nlist": 8, "m": 4, "nbits": 5, "nprobe": 3, "refine": 3})):
+        index = NeighbourIndex.build(x, kind, params)
+        arrays = index.to_arrays()
+        assert set(arrays) == NeighbourIndex.stored_arrays(kind, index.params)
+        again = NeighbourIndex.from_arrays(kind, index.params, arrays, 600, 8)
+        for a, b in zip(index.search(q, 4), again.search(q, 4)):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError):
+            NeighbourIndex.from_arrays(kind, index.params, arrays, 601, 8)  # N disagrees with the header
+        if kind != "flat":
+            wrong = {**index.params, next(iter(params)): index.params[next(iter(params))] + 1}
+            with pytest.raises(ValueError):
+                NeighbourIndex.from_arrays(kind, wrong, arrays, 600, 8)
+            missing = dict(index.params)
+            missing.pop(next(iter(params)))
+            with pytest.raises(ValueError, match="stored index parameters"):
+                NeighbourIndex.from_arrays(kind, missing, arrays, 600, 8)
+    with pytest.raises(ValueError, match="needs arrays"):
+        NeighbourIndex.from_arrays("flat", {}, {}, 600, 8)

@@ -124,7 +124,7 @@ def test_search_scale_finds_minimum_and_keeps_current_when_no_better():
 def test_pair_confidence_matches_brute_force():
     rng = np.random.default_rng(5)
     errs = np.abs(rng.normal(size=(3, 12, 30)))  # 3 runs, 12 epochs, 30 atoms
-    est = LTAUEstimator(k=3, distribution="exact").fit(rng.normal(size=(30, 2)), list(errs))
+    est = LTAUEstimator(k=3, distribution="exact", window=None).fit(rng.normal(size=(30, 2)), list(errs))
     atoms = rng.integers(30, size=50)
     t = rng.uniform(0, 2, size=50)
     brute = np.array([np.mean([(errs[m, :, a] <= tt).mean() for m in range(3)]) for a, tt in zip(atoms, t)])
@@ -229,7 +229,9 @@ def test_fit_scale_leaves_the_prior_and_old_files_load(tmp_path):
     header["learned"].pop("scale_")
     header["settings"]["scale"] = 2.0
     arrays.pop("train_distance_ref_")
-    header.pop("magic"), header.pop("format_version")
+    for key in ("magic", "format_version", "arrays"):  # added by write_container
+        header.pop(key, None)
+    arrays = {name: np.array(a) for name, a in arrays.items()}
     write_container(tmp_path / "old.ltau", header, arrays)
     old = LTAUEstimator.load(tmp_path / "old.ltau")
     assert old.effective_scale == 2.0 and not old.is_calibrated
@@ -258,3 +260,36 @@ def test_fit_calibration_bad_inputs():
     for bad in (0.0, 1.0, 1.2, -0.5):
         with pytest.raises(ValueError, match="open interval"):
             est.predict(xc[:3], coverage=bad)
+
+
+def test_edited_calibration_in_a_file_is_refused(tmp_path):
+    from ltau_ase.core.fileformat import read_container, write_container
+
+    est, (xc, ec, zc), _ = _shift_problem(seed=5, n_train=400, n_cal=400)
+    est.fit_calibration(xc, ec, atomic_numbers=zc)
+    est.save(tmp_path / "cal.ltau")
+
+    def rewrite(name, edit):
+        header, arrays = read_container(tmp_path / "cal.ltau")
+        for key in ("magic", "format_version", "arrays"):
+            header.pop(key, None)
+        arrays = {k: np.array(a) for k, a in arrays.items()}
+        edit(header, arrays)
+        write_container(tmp_path / name, header, arrays)
+        return tmp_path / name
+
+    def decreasing(header, arrays):
+        arrays["cal_g_values"] = arrays["cal_g_values"][::-1].copy()
+
+    def too_many_groups(header, arrays):
+        arrays["cal_conformal_groups"] = np.arange(1, 201, dtype=np.int64)
+        arrays["cal_conformal_group_counts"] = np.ones(200, dtype=np.int64)
+
+    def nan_factor(header, arrays):
+        arrays["cal_element_factors"] = np.full_like(arrays["cal_element_factors"], np.nan)
+        header["calibration"]["pooled_factor_"] = -1.0
+
+    for name, edit, match in (("a.ltau", decreasing, "non-decreasing"), ("b.ltau", too_many_groups, r"\[0, 118\]"),
+                              ("c.ltau", nan_factor, "factors")):
+        with pytest.raises(ValueError, match=match):
+            LTAUEstimator.load(rewrite(name, edit))

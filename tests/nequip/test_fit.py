@@ -29,9 +29,19 @@ def test_ltau_fit_cli_end_to_end(tiny_nequip_ensemble, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     est = LTAUEstimator.load(str(out))
     meta = est.metadata
-    # default model: the first run's best checkpoint, hashed independently here
-    best = ens.runs[0].run_dir / "best.ckpt"
-    assert meta["model_sha256"] == _sha256(best)
+    # default model: the first run's last checkpoint (the file README step 3 and `ltau relax` load),
+    # hashed independently here, although the run also wrote a different best.ckpt
+    last, best = ens.runs[0].run_dir / "last.ckpt", ens.runs[0].run_dir / "best.ckpt"
+    assert best.is_file() and _sha256(best) != _sha256(last)
+    assert meta["model_sha256"] == _sha256(last)
+    assert meta["model_path"] == str(last.resolve())
+    # the README's pairing works; the other checkpoint (another latent space) is refused by name
+    from ltau_ase.simulate.calculator import LTAUCalculator
+
+    calc = LTAUCalculator.from_model(last, out, chemical_species_to_atom_type_map=True)
+    assert calc.estimator.metadata["model_sha256"] == _sha256(last)
+    with pytest.raises(ValueError, match=r"fitted for a model with sha256 .*last\.ckpt"):
+        LTAUCalculator.from_nequip(best, out)
     assert meta["k"] == 5 and est.k == 5
     assert meta["index"] == "flat" and est.index == "flat"  # auto: far below 1e5 atoms
     assert meta["atol"] == 0.5 and est.atol_ == 0.5
@@ -52,9 +62,10 @@ def test_descriptor_rows_align_with_logged_atoms(tiny_nequip_ensemble):
 
     ens = tiny_nequip_ensemble
     est = fit_estimator_from_runs(
-        [r.run_dir for r in ens.runs], ens.train_files, None, k=1, atol=0.5, progress=False, distribution="exact"
+        [r.run_dir for r in ens.runs], ens.train_files, None, k=1, atol=0.5, progress=False, distribution="exact",
+        window=None,  # every logged epoch, as the brute-force truth below
     )
-    calc = LatentNequIPCalculator.from_model_file(ens.runs[0].run_dir / "best.ckpt")
+    calc = LatentNequIPCalculator.from_model_file(ens.runs[0].run_dir / "last.ckpt")  # the default model
     frames = ase.io.read(ens.train_files[0], index=":")
     logged = [a for a in frames if global_atom_ids([a.info["frame_id"]], [len(a)])[0] in set(est.atom_ids_)]
     assert len(logged) == len(frames) - ens.n_val

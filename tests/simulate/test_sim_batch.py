@@ -21,6 +21,7 @@ from ltau_ase.simulate.batch import (
     OC20_LBFGS,
     RelaxationFailure,
     _check_finite,
+    content_name,
     load_results,
     make_optimizer,
     read_structures,
@@ -141,9 +142,9 @@ def test_read_structures_from_ase_db(tmp_path):
     systems = batch_systems(n=2, bad=False)
     with connect(tmp_path / "in.db") as db:
         db.write(systems[0], name="first")
-        db.write(systems[1])  # no name: generated from its position
+        db.write(systems[1])  # no name: derived from its content
     pairs = read_structures(tmp_path / "in.db")
-    assert [n for n, _ in pairs] == ["first", "structure_000001"]
+    assert [n for n, _ in pairs] == ["first", content_name(systems[1])]
     np.testing.assert_array_equal(pairs[0][1].get_tags(), systems[0].get_tags())
     np.testing.assert_allclose(pairs[1][1].positions, systems[1].positions)
     assert pairs[0][1].constraints[0].get_indices().tolist() == systems[0].constraints[0].get_indices().tolist()

@@ -10,6 +10,7 @@ from ase.io import read, write
 from ase.optimize import BFGS
 
 from sim_standins import CountingDescriptors, CountingEMT, StandInEstimator, expected_uncertainty, make_slab
+from ltau_ase.simulate.backends import ModelBackend, backend_for, register_backend, unregister_backend
 from ltau_ase.simulate.calculator import LTAUCalculator, store_uq_in_atoms
 
 
@@ -22,20 +23,27 @@ def _wrapped(atoms, estimator=None, **kw):
 
 
 
-def fake_nequip_adapter(monkeypatch):
-    """Replace ltau_ase.nequip.calculator by a stand-in whose models are EMT: these tests are about
-    the hash check and estimator loading, not about loading nequip (torch)."""
-    import sys
-    import types
+class EMTModelBackend(ModelBackend):
+    """A registered test backend whose "model files" (*.emtmodel) load as EMT: these tests are about the
+    backend lookup, the hash check and estimator loading, not about loading any real model family."""
 
-    class FakeLatent:
-        @classmethod
-        def from_model_file(cls, path, device="cpu", **kw):
-            return EMT()
+    name = "test-emt"
+    suffixes = (".emtmodel",)
 
-    fake = types.ModuleType("ltau_ase.nequip.calculator")
-    fake.LatentNequIPCalculator = FakeLatent
-    monkeypatch.setitem(sys.modules, "ltau_ase.nequip.calculator", fake)
+    def __init__(self):
+        self.loaded = []
+
+    def calculator(self, path, device="cpu", **kwargs):
+        self.loaded.append((str(path), device, kwargs))
+        return EMT()
+
+
+@pytest.fixture
+def emt_backend():
+    backend = register_backend(EMTModelBackend())
+    yield backend
+    unregister_backend(backend.name)
+
 
 def test_results_contract_matches_base_and_independent_formula(slab):
     calc, base, desc = _wrapped(slab, threshold=0.3)
@@ -161,28 +169,51 @@ def test_store_uq_round_trips_through_extxyz_and_db(slab, tmp_path):
         store_uq_in_atoms(slab, {"energy": 1.0})
 
 
-def test_from_nequip_hash_mismatch(tmp_path, monkeypatch):
-    pytest.importorskip("ltau_ase.core.fileformat")
+def test_from_model_finds_the_backend_and_checks_the_hash(tmp_path, monkeypatch, emt_backend):
     est_mod = pytest.importorskip("ltau_ase.core.estimator")
 
     from ltau_ase.core.fileformat import sha256_file
 
-    fake_nequip_adapter(monkeypatch)
-
-    model = tmp_path / "model.ckpt"
+    model = tmp_path / "model.emtmodel"
     model.write_bytes(b"not really a model")
-    other = tmp_path / "other.ckpt"
+    other = tmp_path / "other.emtmodel"
     other.write_bytes(b"another model")
+    assert backend_for(model) is emt_backend
     est = StandInEstimator()
-    est.metadata = {"model_sha256": sha256_file(other)}
+    est.metadata = {"model_sha256": sha256_file(other), "model_path": str(other)}
     monkeypatch.setattr(est_mod.LTAUEstimator, "load", classmethod(lambda cls, path: est))
-    with pytest.raises(ValueError, match="sha256.*allow_model_mismatch=True"):
-        LTAUCalculator.from_nequip(model, "x.ltau")
+    with pytest.raises(ValueError, match=r"sha256.*other\.emtmodel.*allow_model_mismatch=True"):
+        LTAUCalculator.from_model(model, "x.ltau")
+    assert emt_backend.loaded == []  # refused before loading the model
     with pytest.warns(UserWarning, match="allowed by allow_model_mismatch"):
-        calc = LTAUCalculator.from_nequip(model, "x.ltau", allow_model_mismatch=True)
+        calc = LTAUCalculator.from_model(model, "x.ltau", allow_model_mismatch=True)
     assert isinstance(calc.calc, EMT)
     est.metadata = {"model_sha256": sha256_file(model)}
-    assert LTAUCalculator.from_nequip(model, "x.ltau", threshold=0.2).threshold == 0.2
+    calc = LTAUCalculator.from_model(model, "x.ltau", threshold=0.2, device="cuda", extra=1)
+    assert calc.threshold == 0.2 and emt_backend.loaded[-1] == (str(model), "cuda", {"extra": 1})
+    # from_nequip is an alias; a fitted estimator object works in place of a file
+    assert isinstance(LTAUCalculator.from_nequip(model, est).calc, EMT)
+    est.metadata = {}
+    with pytest.raises(ValueError, match="records no model hash"):
+        LTAUCalculator.from_model(model, est)
+    with pytest.raises(ValueError, match="no model backend claims .*unknown.xyz.*test-emt"):
+        LTAUCalculator.from_model(tmp_path / "unknown.xyz", est)
+
+
+def test_backend_registry_rules(emt_backend):
+    from ltau_ase.simulate.backends import get_backend, registered_backends
+
+    assert registered_backends()[0] is emt_backend and get_backend("test-emt") is emt_backend
+    with pytest.raises(ValueError, match="registered already"):
+        register_backend(EMTModelBackend())
+    with pytest.raises(TypeError, match="expected a ltau_ase.simulate.backends.ModelBackend"):
+        register_backend(object())
+    with pytest.raises(ValueError, match="no model backend named 'nope'"):
+        get_backend("nope")
+    # the built-in nequip backend claims its files without importing torch (checked in a subprocess
+    # by tests/test_package.py); ModelBackend's unimplemented hooks say so
+    with pytest.raises(NotImplementedError, match="no batch factory"):
+        ModelBackend().ltau_factory("m", "e")
 
 
 # ---------------------------------------------------------------------------- the real estimator
@@ -194,7 +225,7 @@ def _fitted_real_estimator(tmp_path=None):
     desc = np.concatenate([CountingDescriptors()(a) for a in train]).astype(np.float32)
     z = np.concatenate([a.numbers for a in train])
     errors = rng.gamma(2.0, 0.05, size=(15, desc.shape[0])) * (1 + desc[:, :1].T ** 2)
-    est = LTAUEstimator(k=4, index="flat", atol=0.1, distribution="exact").fit(desc, errors, atomic_numbers=z)
+    est = LTAUEstimator(k=4, index="flat", atol=0.1, distribution="exact", window=None).fit(desc, errors, atomic_numbers=z)
     return est, desc, errors
 
 
@@ -220,7 +251,7 @@ def test_real_estimator_results_equal_brute_force_knn():
                                (errors <= 0.05).mean(axis=0)[nn].mean(axis=1), atol=1e-6)
 
 
-def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, monkeypatch):
+def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, emt_backend):
 
     from ltau_ase.core.fileformat import sha256_file
 
@@ -234,14 +265,13 @@ def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, monkeypatc
     assert atoms.calc.results["unknown_species"].tolist() == (atoms.numbers == 7).tolist()
     assert atoms.calc.results["uncertainties"][-1] == 1.0
 
-    model = tmp_path / "model.ckpt"
+    model = tmp_path / "model.emtmodel"
     model.write_bytes(b"weights v1")
     est.metadata = {"model_sha256": sha256_file(model)}
     est.save(str(tmp_path / "est.ltau"))
 
-    fake_nequip_adapter(monkeypatch)
-    calc = LTAUCalculator.from_nequip(model, tmp_path / "est.ltau")
+    calc = LTAUCalculator.from_model(model, tmp_path / "est.ltau")
     assert calc.estimator.n_features_in_ == 2
     model.write_bytes(b"weights v2")
     with pytest.raises(ValueError, match="was fitted for a model with sha256"):
-        LTAUCalculator.from_nequip(model, tmp_path / "est.ltau")
+        LTAUCalculator.from_model(model, tmp_path / "est.ltau")

@@ -97,5 +97,31 @@ def test_md_with_ltau_calculator_runs_to_the_end(tmp_path, capsys):
     assert len(images) == 6
     for key in ("uncertainties", "confidences", "expected_force_errors", "latent_distances"):
         assert images[-1].arrays["ltau_" + key].shape == (len(images[-1]),)
-    with pytest.raises(ValueError, match="--threshold is required"):
+    with pytest.raises(ValueError, match="--stop-threshold is required"):
         _run(md, ["--factory", "sim_standins:STANDIN_FACTORY", "--structure", tmp_path / "start.extxyz"])
+
+
+def test_md_threshold_from_reference_runs(tmp_path, capsys):
+    # 19 in-domain reference runs whose max-atom uncertainty peaks at 0.05, 0.10, ..., 0.95 (patience 1)
+    slab = make_slab()
+    refs = []
+    for r in range(19):
+        frames = []
+        for step, peak in enumerate((0.01, 0.05 * (r + 1), 0.02)):
+            a = slab.copy()
+            a.arrays["ltau_uncertainties"] = np.full(len(a), peak)
+            a.info["md_step"] = step
+            frames.append(a)
+        write(tmp_path / f"ref{r}.extxyz", frames)
+        refs.append(tmp_path / f"ref{r}.extxyz")
+    write(tmp_path / "start.extxyz", slab)
+    base = ["--factory", "sim_standins:scripted_md_calculator", "--structure", tmp_path / "start.extxyz",
+            "--steps", "20", "--trajectory", tmp_path / "md.extxyz"]
+    assert _run(md, base + ["--false-alarm-rate", "0.1", "--reference-runs", *refs]) == 0
+    out = capsys.readouterr().out
+    # rank ceil(20 * 0.9) = 18 -> the 18th smallest peak, 0.90; the scripted run reaches 0.9, never above it
+    assert "stop threshold 0.9 from 19 reference runs" in out and "completed 20 steps without stopping" in out
+    with pytest.raises(ValueError, match="at least 39 in-domain reference runs"):
+        _run(md, base + ["--false-alarm-rate", "0.025", "--reference-runs", *refs])
+    with pytest.raises(ValueError, match="go together"):
+        _run(md, base + ["--reference-runs", *refs])
