@@ -57,14 +57,14 @@ class ShiftBenchConfig:
     coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
     relax_steps: int = 40
     committee_stride: int = 10
-    is2rs_limit: int | None = None
+    is2rs_limit: int | None = 40
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
     md_runs_reference: int = 20
     md_runs_in_domain: int = 20
-    md_steps_in_domain: int = 150
+    md_steps_in_domain: int = 100
     md_runs_hot: int = 20
-    md_steps_hot: int = 200
+    md_steps_hot: int = 100
     md_hot_temperatures: tuple[float, ...] = (1200.0,)
     md_emt_stride_in_domain: int = 5
     md_emt_stride_hot: int = 1
@@ -121,6 +121,30 @@ def stage_data(cfg: ShiftBenchConfig, out: Path, reuse: bool) -> dict[str, Any]:
             "seen_numbers": np.array(sorted(atomic_numbers[x] for x in seen))}
 
 
+def _demo_stages():
+    """The demo's stage module: ``ltau_ase.demo.stages`` since the demo became a package, ``ltau_ase.demo`` before.
+
+    Transitional (both layouts exist on the branches being merged); after the merge this is
+    ``import ltau_ase.demo.stages``.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module("ltau_ase.demo.stages")
+    except ModuleNotFoundError:
+        return importlib.import_module("ltau_ase.demo")
+
+
+class _Stage(dict):
+    """A stage result readable both as a dict and by attribute (the demo's stages use either, by version)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _as_stage(obj: Any) -> _Stage:
+    return _Stage(obj if isinstance(obj, dict) else vars(obj))
+
+
 def _demo_config(cfg: ShiftBenchConfig):
     from ltau_ase.demo import DemoConfig
 
@@ -131,19 +155,15 @@ def _demo_config(cfg: ShiftBenchConfig):
 
 def stage_train(cfg: ShiftBenchConfig, out: Path, data: dict, reuse: bool) -> dict[str, Any]:
     """The demo's ensemble training (members side by side, LTAUErrorLogger), reused when complete."""
-    from ltau_ase.demo import stage_train as demo_train
-
     runs = [(out / "models" / f"member{m + 1}").resolve() for m in range(cfg.members)]
     if reuse and all((r / "run" / "last.ckpt").is_file() for r in runs):
-        return {"run_dirs": [r / "run" for r in runs], "log_dirs": [r / "ltau_errors" for r in runs],
-                "models": [r / "run" / "last.ckpt" for r in runs], "train_times": [math.nan] * cfg.members}
-    return demo_train(_demo_config(cfg), out, data)
+        return _Stage(run_dirs=[r / "run" for r in runs], log_dirs=[r / "ltau_errors" for r in runs],
+                      models=[r / "run" / "last.ckpt" for r in runs], train_times=[math.nan] * cfg.members)
+    return _as_stage(_demo_stages().stage_train(_demo_config(cfg), out, _Stage(data)))
 
 
 def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict[str, Any]:
-    from ltau_ase.demo import stage_fit as demo_fit
-
-    return demo_fit(_demo_config(cfg), out, data, train)
+    return _as_stage(_demo_stages().stage_fit(_demo_config(cfg), out, _Stage(data), _Stage(train)))
 
 
 # ---------------------------------------------------------------------------- stage 4: S2EF evaluation
@@ -203,7 +223,7 @@ def _worker_init(model_paths: Sequence[str]) -> None:
     import faiss
     import torch
 
-    from ltau_ase.demo import _load_model
+    _load_model = _demo_stages()._load_model
     from ltau_ase.simulate.committee import CommitteeCalculator
 
     torch.set_num_threads(1)
@@ -214,11 +234,9 @@ def _worker_init(model_paths: Sequence[str]) -> None:
 
 
 def _evaluate_task(args: tuple) -> dict[str, Any]:
-    from ltau_ase.demo import evaluate_frames
-
     split, start, frames = args
     return {"split": split, "start": start,
-            "ev": evaluate_frames(frames, _WORKER["committee"], _WORKER["members"][0])}
+            "ev": _demo_stages().evaluate_frames(frames, _WORKER["committee"], _WORKER["members"][0])}
 
 
 def _relax_task(args: tuple) -> dict[str, Any]:
@@ -402,10 +420,10 @@ def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict
 # ---------------------------------------------------------------------------- stage: costs
 def stage_costs(cfg: ShiftBenchConfig, data: dict, train: dict, estimators: dict) -> dict[str, Any]:
     """Median seconds per force call, interleaved in one loop on the same structures; ratios per round."""
-    from ltau_ase.demo import _load_model
     from ltau_ase.simulate.calculator import LTAUCalculator
     from ltau_ase.simulate.committee import CommitteeCalculator
 
+    _load_model = _demo_stages()._load_model
     calcs = {"single": _load_model(train["models"][0])}
     for name, est in estimators.items():
         calcs[name] = LTAUCalculator(_load_model(train["models"][0]), est)
@@ -838,8 +856,8 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
 
         if len(ensemble["models"]) != cfg.members:
             cfg = replace(cfg, members=len(ensemble["models"]))
-        train = {"models": list(ensemble["models"]), "log_dirs": list(ensemble["log_dirs"]),
-                 "train_times": [math.nan] * cfg.members, "source": ensemble.get("source")}
+        train = _Stage(models=list(ensemble["models"]), log_dirs=list(ensemble["log_dirs"]),
+                       train_times=[math.nan] * cfg.members, source=ensemble.get("source"))
         frames = read(ensemble["train_file"], index=":", format="extxyz")
         fit = timed("estimator", stage_fit, cfg, out, {"splits": {"train": frames}}, train)
     evals = timed("s2ef evaluation", stage_evaluate, cfg, out, data, train, reuse)
