@@ -57,7 +57,7 @@ class ShiftBenchConfig:
     coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
     relax_steps: int = 40
     committee_stride: int = 10
-    is2rs_limit: int | None = 40
+    is2rs_limit: int | None = 30
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
     md_runs_reference: int = 20
