@@ -727,14 +727,15 @@ def summary_table(results: dict) -> str:
 
 
 def is2rs_table(results: dict) -> str:
-    lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) |"
-             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|"]
+    lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
+             "AUROC (FailureModel p) |" % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|"]
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
             if m:
                 lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
-                             f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} |")
+                             f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
+                             f"{_cell(m, 'auroc_failure_probability')} |")
     return "\n".join(lines)
 
 
