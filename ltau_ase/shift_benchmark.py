@@ -29,8 +29,8 @@ import numpy as np
 
 from ltau_ase.core.jsonable import to_jsonable
 from ltau_ase.datasets.shift import IS2RS_DOMAINS, ShiftSettings
-from ltau_ase.shift_metrics import (bootstrap_ci, coverage, normalised_conformal_bound, run_maxima_threshold,
-                                    species_aware, stop_outcomes, summarise_ci)
+from ltau_ase.shift_metrics import (bootstrap_ci, coverage, normalised_conformal_bound, species_aware,
+                                    stop_outcomes, summarise_ci)
 
 METHODS = ("ltau_paper", "ltau_distance", "distance", "committee")
 METHOD_LABELS = {"ltau_paper": "LTAU (paper)", "ltau_distance": "distance-aware LTAU",

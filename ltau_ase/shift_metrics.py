@@ -1,5 +1,6 @@
-"""Metrics of the shift benchmark (numpy/scipy only): bootstrap CIs over structures, split-conformal
-baselines, MD stop thresholds, detection delays and false alarms.
+"""Metrics of the shift benchmark (numpy/scipy only): bootstrap CIs over structures, the split-conformal
+baseline for methods without their own bounds, MD stop detection delays and false alarms (the stop
+threshold itself is :func:`ltau_ase.simulate.observers.stop_threshold`).
 
 Units: errors, bounds and force statistics in eV/Å; steps are MD steps (1 fs).
 """
@@ -10,8 +11,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "conformal_quantile", "normalised_conformal_bound", "coverage",
-           "run_maxima_threshold", "stop_step", "stop_outcomes", "species_aware"]
+__all__ = ["bootstrap_ci", "conformal_quantile", "normalised_conformal_bound", "coverage", "stop_step",
+           "stop_outcomes", "species_aware", "summarise_ci"]
 
 
 def bootstrap_ci(groups: np.ndarray, statistic: Callable[[np.ndarray], float], n_boot: int = 1000,
@@ -62,14 +63,14 @@ def bootstrap_ci(groups: np.ndarray, statistic: Callable[[np.ndarray], float], n
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
-    """Split-conformal quantile: the ceil((n + 1) q)-th smallest calibration score (inf if that exceeds n)."""
+    """Split-conformal quantile of unsorted ``scores``: :func:`ltau_ase.core.conformal.conformal_quantile`
+    (the ⌈(n + 1) q⌉-th smallest, inf if that rank exceeds n) after checking and sorting them."""
+    from ltau_ase.core.conformal import conformal_quantile as sorted_quantile
+
     s = np.sort(np.asarray(scores, dtype=np.float64))
     if s.ndim != 1 or s.size == 0 or not np.all(np.isfinite(s)):
         raise ValueError("scores must be a non-empty finite 1-d array")
-    if not (0 < coverage < 1):
-        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
-    rank = math.ceil((s.size + 1) * coverage)
-    return float(s[rank - 1]) if rank <= s.size else math.inf
+    return sorted_quantile(s, coverage)
 
 
 def normalised_conformal_bound(sigma_cal: np.ndarray, err_cal: np.ndarray, sigma_test: np.ndarray,
@@ -90,19 +91,6 @@ def coverage(bounds: np.ndarray, errors: np.ndarray) -> float:
     if b.shape != e.shape or b.ndim != 1 or b.size == 0:
         raise ValueError(f"bounds {b.shape} and errors {e.shape} must be equal non-empty 1-d shapes")
     return float(np.mean(e <= b))
-
-
-def run_maxima_threshold(traces: Sequence[np.ndarray], false_alarm_rate: float) -> float:
-    """Stop threshold from in-domain runs: the (1 − rate) quantile of every run's maximum statistic.
-
-    A run of the same length and distribution then exceeds it with probability ≈ rate.
-    """
-    if not traces:
-        raise ValueError("at least one in-domain run is needed for a threshold")
-    if not (0 < false_alarm_rate < 1):
-        raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
-    maxima = np.array([np.max(t) for t in traces], dtype=np.float64)
-    return float(np.quantile(maxima, 1 - false_alarm_rate))
 
 
 def stop_step(trace: np.ndarray, threshold: float, patience: int = 1) -> int | None:
