@@ -243,8 +243,14 @@ class Campaign:
         from ltau_ase.simulate.batch import read_structures
 
         known = set(self.settings.type_names)
-        for name in ("train", "val"):
-            frame_ids_of(_read_frames(inputs[name]))  # unique integer frame ids, or a clear error
+        for name in ("train", "val", "calibration"):
+            frames = _read_frames(inputs[name])
+            if name != "calibration":
+                frame_ids_of(frames)  # unique integer frame ids, or a clear error
+            extra = sorted({s for a in frames for s in a.get_chemical_symbols()} - known)
+            if extra:
+                raise ValueError(f"the {name} frames contain {extra}, which are not among type_names "
+                                 f"{list(self.settings.type_names)}; add them to type_names")
         self.seeds = read_structures(os.fspath(inputs["seeds"]))
         for seed_name, atoms in self.seeds:
             extra = sorted(set(atoms.get_chemical_symbols()) - known)
