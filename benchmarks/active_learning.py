@@ -61,6 +61,7 @@ class Experiment:
     epochs: int = 15
     threshold_quantile: float = 0.9
     jobs: int = 2
+    train_parallel: int = 1  # committee members trained side by side within one campaign
 
     @classmethod
     def preset(cls, quick: bool, **overrides: Any) -> "Experiment":
@@ -134,7 +135,7 @@ def campaign_settings(exp: Experiment, method: str, seed: int, type_names: Seque
                                 # LTAU uncertainties lie in [0, 1] and the max over atoms of a young
                                 # model saturates at 1: watch the mean; DP-GEN watches the max deviation
                                 atom_reduce="max" if method == "committee" else "mean"),
-        training=TrainingSettings(epochs=exp.epochs, parallel=1 if exp.jobs > 1 else 2),
+        training=TrainingSettings(epochs=exp.epochs, parallel=exp.train_parallel),
         threshold_quantile=exp.threshold_quantile, committee_size=exp.committee_size, seed=seed)
 
 
@@ -316,10 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model (default 15)")
     parser.add_argument("--md-steps", type=int, default=None, help="maximum MD steps per trajectory (default 100)")
     parser.add_argument("--jobs", type=int, default=None, help="campaigns run side by side (default 2)")
+    parser.add_argument("--train-parallel", type=int, default=None,
+                        help="committee members trained side by side within a campaign (default 1)")
     args = parser.parse_args(argv)
     exp = Experiment.preset(args.quick, seeds=args.seeds, iterations=args.iterations, budget=args.budget,
                             committee_size=args.committee_size, epochs=args.epochs, jobs=args.jobs,
-                            md_steps=args.md_steps)
+                            md_steps=args.md_steps, train_parallel=args.train_parallel)
     if exp.budget < 1:
         raise SystemExit("--budget must be >= 1")
     results = run_experiment(exp, args.output)

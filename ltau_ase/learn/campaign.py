@@ -47,6 +47,7 @@ FORMAT = "ltau-ase campaign"
 VERSION = 1
 #: settings that may change between runs of one campaign (not part of the fingerprint)
 RUNTIME_FIELDS = ("n_iterations",)
+RUNTIME_TRAINING_FIELDS = ("parallel", "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class TrainingSettings:
     r_max: float = 4.0
     batch_size: int = 5
     lr: float = 0.01
-    timeout_s: float = 1800.0
-    parallel: int = 2  # models trained side by side (committee members)
+    timeout_s: float = 1800.0  # per training run (not part of the campaign's fingerprint)
+    parallel: int = 2  # models trained side by side (committee members; not part of the fingerprint)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ class Campaign:
 
     def _fingerprint(self, hashes: Mapping[str, str]) -> str:
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in RUNTIME_FIELDS}
+        settings["training"] = {k: v for k, v in settings["training"].items() if k not in RUNTIME_TRAINING_FIELDS}
         text = json.dumps({"settings": settings, "inputs": dict(sorted(hashes.items())),
                            "reference": repr(self.reference)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
