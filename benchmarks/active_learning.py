@@ -221,18 +221,24 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
             return c["labels"], c[f"mae_{domain}"]
 
         vs_random, vs_committee, rel_committee = [], [], []
+        baseline_not_improved = {"random": 0, "committee": 0}
         for seed in seeds:
             lr, mr = curve("random", seed)
             ll, ml = curve("ltau", seed)
             lc, mc = curve("committee", seed)
-            need = labels_to_reach(ll, ml, mr[-1])
+            # a saving is only defined when the baseline improved on the shared initial model: otherwise
+            # "reaching its final MAE" is met at 0 labels and says nothing
+            need = labels_to_reach(ll, ml, mr[-1]) if mr[-1] < mr[0] else None
             vs_random.append(None if need is None or lr[-1] == 0 else 1.0 - need / lr[-1])
-            need_c = labels_to_reach(ll, ml, mc[-1])
+            need_c = labels_to_reach(ll, ml, mc[-1]) if mc[-1] < mc[0] else None
             vs_committee.append(None if need_c is None or lc[-1] == 0 else need_c / lc[-1])
+            baseline_not_improved["random"] += int(mr[-1] >= mr[0])
+            baseline_not_improved["committee"] += int(mc[-1] >= mc[0])
             rel_committee.append(ml[-1] / mc[-1])
         goals[domain] = {"label_saving_vs_random": _mean_std(vs_random),
                          "labels_ratio_vs_committee": _mean_std(vs_committee),
-                         "final_mae_ratio_ltau_over_committee": _mean_std(rel_committee)}
+                         "final_mae_ratio_ltau_over_committee": _mean_std(rel_committee),
+                         "seeds_where_baseline_did_not_improve": baseline_not_improved}
     cost = [curves["ltau"][s]["exploration_model_steps"] / curves["committee"][s]["exploration_model_steps"]
             for s in seeds if curves["committee"][s]["exploration_model_steps"]]
     wall = [curves["ltau"][s]["exploration_wall_s"] / curves["committee"][s]["exploration_wall_s"]
