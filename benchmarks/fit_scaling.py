@@ -129,8 +129,9 @@ def fit_stage(args: argparse.Namespace) -> dict:
                         chunk_size=args.chunk_size, progress=True)
     out["estimate_bytes"] = est.estimate_fit_memory(x.shape[0], x.shape[1], [log.n_epochs for log in logs])
     print("estimated fit memory (GB):", {k: round(v / 1e9, 3) for k, v in out["estimate_bytes"].items()}, flush=True)
+    sampler.stage("fit")
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
         est.fit(x, logs)
     except ValueError as exc:  # over the budget: refused before reading any error
         out["budget_refusal"] = str(exc)
@@ -139,9 +140,8 @@ def fit_stage(args: argparse.Namespace) -> dict:
         if not args.over_budget:
             raise
         est.set_params(max_memory=None)  # measure what it really takes
-    sampler.stage("fit")
-    t0 = time.perf_counter()
-    est.fit(x, logs)
+        t0 = time.perf_counter()
+        est.fit(x, logs)
     out["fit_s"] = time.perf_counter() - t0
     out["fit_stage_s"] = est.fit_info_["seconds"]
     out["index_params"] = est.index_.params

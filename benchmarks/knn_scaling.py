@@ -35,7 +35,7 @@ Estimator-file mode (issue 13 §4)::
 
     python benchmarks/knn_scaling.py --estimator-open 1e7 --queries 1000
 
-fits an N-atom estimator (index="auto", 2 synthetic runs of 10 epochs), saves it, and in fresh
+fits an N-atom estimator (``--index``, default auto; 2 synthetic runs of ``--epochs`` 10), saves it, and in fresh
 processes times ``LTAUEstimator.load`` (memory-mapped) and one batch of predictions, with the
 resident-set growth, then times a full streamed ``verify=True`` load.
 
@@ -57,6 +57,8 @@ import numpy as np
 from ltau_ase.core.index import NeighbourIndex
 
 EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 256)
+#: scale mode: (nprobe, refine) search settings also measured on the opened ivfpq index
+SCALE_SWEEP = ((4, 4), (4, 8), (8, 8), (16, 4), (2, 16))
 NPROBE_SWEEP = (1, 4, 16, 64)
 
 
@@ -216,26 +218,33 @@ def _open_and_query(workdir: str, n: int, d: int, k: int, params_json: str) -> d
     queries = np.load(work / "queries.npy")
     gc.collect()
     before = _rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vectors = np.load(work / "vectors.npy", mmap_mode="r")
     blob = np.load(work / "blob.npy", mmap_mode="r")
     index = NeighbourIndex.from_arrays("ivfpq", params, {"faiss_index": blob, "index_vectors": vectors}, n, d,
                                        check_values=False)
-    open_s = time.perf_counter() - t0
+    open_s, open_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     del blob
     gc.collect()
     opened = _rss()
     us, wall, ids, valid = timed_search(index, queries, k)
     after = _rss()
     np.save(work / "ids.npy", np.where(valid, ids, -1))
+    sweep = []
+    for nprobe, refine in SCALE_SWEEP:
+        index.params.update(nprobe=min(nprobe, index.params["nlist"]), refine=refine)
+        index.apply_search_params()
+        s_us, _, s_ids, s_valid = timed_search(index, queries, k)
+        np.save(work / f"ids_{nprobe}_{refine}.npy", np.where(s_valid, s_ids, -1))
+        sweep.append({"nprobe": nprobe, "refine": refine, "us_per_query": s_us})
     invlists = faiss.extract_index_ivf(index.index).invlists
     codes_bytes = sum(invlists.list_size(i) for i in range(invlists.nlist)) * (invlists.code_size + 8)
     table_bytes = index.index.precomputed_table.size() * 4
-    return {"open_s": open_s, "us_per_query": us, "wall_us_per_query": wall,
+    return {"open_s": open_s, "open_cpu_s": open_cpu_s, "us_per_query": us, "wall_us_per_query": wall,
             "anon_bytes_after_open": opened["anon"] - before["anon"],
             "anon_bytes_after_queries": after["anon"] - before["anon"],
             "file_bytes_after_open": opened["file"] - before["file"],
-            "touched_vector_bytes": after["file"] - opened["file"],
+            "touched_vector_bytes": after["file"] - opened["file"], "sweep": sweep,
             "codes_and_ids_bytes": int(codes_bytes), "precomputed_table_bytes": int(table_bytes),
             "centroid_bytes": int(index.params["nlist"] * d * 4)}
 
@@ -287,6 +296,9 @@ def run_scale(sizes: list[int], n_query: int, k: int, d: int, seed: int, hnsw_ma
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             sub = json.loads(proc.stdout.strip().splitlines()[-1])
             ids = np.load(Path(tmp) / "ids.npy")
+            for point in sub["sweep"]:
+                got = np.load(Path(tmp) / f"ids_{point['nprobe']}_{point['refine']}.npy")
+                point["recall"] = recall_at_k(got, got >= 0, truth)
         row.update({f"ivfpq_{key}": v for key, v in sub.items()})
         row["ivfpq_recall"] = recall_at_k(ids, ids >= 0, truth)
         row["ivfpq_index_memory_bytes"] = sub["anon_bytes_after_queries"]
@@ -313,9 +325,9 @@ def _open_estimator(path: str, n_query: int, k: int, seed: int) -> dict:
     rng = np.random.default_rng(seed + 1)
     gc.collect()
     before = _rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     est = LTAUEstimator.load(path)
-    open_s = time.perf_counter() - t0
+    open_s, open_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     opened = _rss()
     queries = latent_like(n_query, est.n_features_in_, rng)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -325,7 +337,7 @@ def _open_estimator(path: str, n_query: int, k: int, seed: int) -> dict:
     mapped = sorted(name for name, value in vars(est).items() if isinstance(value, np.memmap))
     if isinstance(est.index_.vectors, np.memmap):
         mapped.append("index_.vectors")
-    return {"open_s": open_s, "anon_bytes_after_open": opened["anon"] - before["anon"],
+    return {"open_s": open_s, "open_cpu_s": open_cpu_s, "anon_bytes_after_open": opened["anon"] - before["anon"],
             "file_bytes_after_open": opened["file"] - before["file"],
             "predict_s": predict_s, "predict_cpu_us_per_atom": predict_cpu_s / n_query * 1e6,
             "anon_bytes_after_predict": after["anon"] - before["anon"],
@@ -334,8 +346,9 @@ def _open_estimator(path: str, n_query: int, k: int, seed: int) -> dict:
             "confidence_range": [float(out["confidence"].min()), float(out["confidence"].max())]}
 
 
-def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir: Path, epochs: int = 10) -> dict:
-    """Fit an N-atom estimator (index="auto", synthetic error logs), save it, reopen it in a fresh process."""
+def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir: Path, epochs: int = 10,
+                       index: str = "auto") -> dict:
+    """Fit an N-atom estimator (synthetic error logs), save it, reopen it in a fresh process."""
     import subprocess
     import sys
     import tempfile
@@ -352,9 +365,9 @@ def run_estimator_open(n: int, d: int, k: int, n_query: int, seed: int, workdir:
         for i in range(epochs):
             e[i] = level * rng.gamma(4.0, 0.25, size=n).astype(np.float32)
         runs.append(e)
-    row = {"n_train": n, "dim": d, "epochs": epochs, "runs": 2}
+    row = {"n_train": n, "dim": d, "epochs": epochs, "runs": 2, "index": index}
     t0, c0 = time.perf_counter(), time.process_time()
-    est = LTAUEstimator(k=k, index="auto").fit(x, runs)
+    est = LTAUEstimator(k=k, index=index).fit(x, runs)
     row["fit_s"], row["fit_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     del x, runs
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -393,14 +406,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hnsw-seconds-1e6", type=float, default=None,
                         help="scale mode: recorded HNSW build time at 1e6 (s) when not rebuilt")
     parser.add_argument("--estimator-open", type=float, default=None, metavar="N",
-                        help="fit an N-atom estimator (index=auto), save it and time its memory-mapped reopening")
+                        help="fit an N-atom estimator, save it and time its memory-mapped reopening")
+    parser.add_argument("--index", default="auto", help="estimator-open mode: index kind (default auto)")
+    parser.add_argument("--epochs", type=int, default=10, help="estimator-open mode: synthetic epochs per run")
     args = parser.parse_args(argv)
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
     if args.estimator_open:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        report = run_estimator_open(int(args.estimator_open), args.dim, args.k, args.queries, args.seed, out.parent)
+        report = run_estimator_open(int(args.estimator_open), args.dim, args.k, args.queries, args.seed, out.parent,
+                                    epochs=args.epochs, index=args.index)
         out.write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
         return report

@@ -11,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ltau_ase.cli.report import build_table
 from ltau_ase.core.jsonable import to_jsonable
 from ltau_ase.datasets import read_split
-from ltau_ase.is2rs import uq_rmsd_analysis
+from ltau_ase.is2rs import records_table, uq_rmsd_analysis
 from ltau_ase.plots import plot_rmsd_vs_uq
 from ltau_ase.nequip.backend import NequIPLTAUFactory
 from ltau_ase.simulate.batch import load_results, relax_batch
@@ -48,14 +47,13 @@ for attempt in ("first run", "re-run"):
     print(f"{attempt}: {counts}")
 
 records = load_results(db)
-for r in records:
-    print(f"  {r['name']:45s} {r['group']:13s} {r['status']:11s} {r['nsteps']:3d} steps "
-          f"uq initial/max/final {r['uq_initial']:.3f}/{r['uq_max']:.3f}/{r['uq_final']:.3f}")
-relaxed = [r for r in records if r["status"] != "failed"]
-table, missing = build_table(relaxed, {r["name"]: r["reference"] for r in relaxed})
+for r in records:  # RelaxationRecord objects
+    print(f"  {r.name:45s} {r.group:13s} {r.status:11s} {r.nsteps:3d} steps "
+          f"uq initial/max/final {r.uq_initial:.3f}/{r.uq_max:.3f}/{r.uq_final:.3f}")
+table, missing = records_table(records)  # failed relaxations skipped; references stored in the database
 analysis = uq_rmsd_analysis(table, groups=["in_domain", "out_of_domain"], threshold=0.5)
 png = plot_rmsd_vs_uq(analysis["binned"], out / "rmsd_vs_uq.png", threshold=0.5)
-report = {"db": str(db), "failed": [r["name"] for r in records if r["status"] == "failed"],
+report = {"db": str(db), "failed": [r.name for r in records if r.status == "failed"],
           "missing_references": missing, "analysis": analysis, "systems": table}
 (out / "is2rs_metrics.json").write_text(json.dumps(to_jsonable(report), indent=2))
 for group, entry in analysis["groups"].items():

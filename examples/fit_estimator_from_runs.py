@@ -59,4 +59,4 @@ result = estimator.fit_scale(np.concatenate(descriptors), np.concatenate(errors)
 print(f"fit_scale on {len(errors)} calibration frames ({sum(map(len, errors))} atoms): s={result['scale']:.3f}, "
       f"miscalibration area {result['before']:.4f} -> {result['after']:.4f}")
 estimator.save(str(output))
-print(f"reloaded scale: {LTAUEstimator.load(output).scale:.3f}")
+print(f"reloaded fitted scale: {LTAUEstimator.load(output).scale_:.3f}")

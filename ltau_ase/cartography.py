@@ -194,9 +194,7 @@ def values_for_frames(frames: Sequence, atom_ids, *values) -> tuple[np.ndarray, 
     for k, arr in enumerate(arrays):
         if arr.shape[:1] != ids.shape:
             raise ValueError(f"value array {k} has {arr.shape[0] if arr.ndim else 0} entries but there are {ids.size} atom ids")
-    fids = frame_ids_of(frames)
-    if np.unique(fids).size != fids.size:
-        raise ValueError("frames contain duplicate info['frame_id'] values")
+    fids = frame_ids_of(frames)  # raises on missing or repeated ids
     wanted = global_atom_ids(fids, [len(a) for a in frames])
     order = np.argsort(ids, kind="stable")
     pos = np.searchsorted(ids, wanted, sorter=order)

@@ -9,6 +9,8 @@
 * :func:`uq_rmsd_analysis` relates per-system UQ statistics (initial, final, max and mean over a
   relaxation, as recorded by ``RelaxationUQObserver``) to the RMSD: Spearman ρ, AUROC for flagging
   RMSD above a threshold (default 0.5 Å, the ADwT ceiling) and RMSD binned by UQ, per group.
+* :class:`FailureModel` turns a relaxation's UQ trace into a calibrated probability that its RMSD
+  exceeds the threshold (a small logistic regression fitted on calibration relaxations).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ltau_ase.core.calibration import auroc, spearman
+from ltau_ase.core.checks import check_int
 
 __all__ = [
     "ADWT_THRESHOLDS",
@@ -31,6 +34,8 @@ __all__ = [
     "system_table",
     "bin_rmsd_by_uq",
     "uq_rmsd_analysis",
+    "FAILURE_FEATURES",
+    "FailureModel",
 ]
 
 #: β values of OC20's ADwT, in Å (490 values).
@@ -224,11 +229,55 @@ def system_table(
             group = groups[name]
         else:
             raise ValueError(f"system {name!r} has no group in the groups mapping")
-        rec: dict[str, Any] = {"name": name, "group": str(group)}
-        rec.update({f"uq_{s}": float(p.info[f"ltau_uq_{s}"]) for s in UQ_STATISTICS})
-        rec.update(system_distances(p, r, cell_tolerance=cell_tolerance))
-        records.append(rec)
+        uq = {s: p.info[f"ltau_uq_{s}"] for s in UQ_STATISTICS}
+        records.append(_system_row(name, group, uq, p, r, cell_tolerance))
     return records, missing
+
+
+def _system_row(name: str, group: str, uq: Mapping[str, float], pred, ref, cell_tolerance: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "group": str(group)}
+    row.update({f"uq_{s}": float(uq[s]) for s in UQ_STATISTICS})
+    row.update(system_distances(pred, ref, cell_tolerance=cell_tolerance))
+    return row
+
+
+def records_table(
+    records: Sequence[Any],
+    references: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    cell_tolerance: float = 1e-4,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The per-system IS2RS table of relaxation records (the one path from a database to the metrics).
+
+    Args:
+        records: :class:`ltau_ase.simulate.batch.RelaxationRecord` objects (``load_results(db)``;
+            anything with ``name``, ``group``, ``status``, ``nsteps``, ``uq_initial|_final|_max|_mean``,
+            ``atoms`` and ``reference`` attributes). Failed relaxations are skipped: count them from
+            the records' ``status``.
+        references: system name -> reference relaxed :class:`ase.Atoms`; None: each record's stored
+            ``reference``.
+        strict: a relaxed system without a reference raises ValueError instead of being listed.
+    Returns:
+        ``(table, missing)``: one row per relaxed system with a reference (``name``, ``group``,
+        ``uq_*``, ``rmsd`` (Å), ``d_mean`` (Å), ``n_free``, ``status``, ``nsteps``), in record order, and
+        the names without a reference (also warned about).
+    """
+    relaxed = [r for r in records if r.status != "failed"]
+    if references is None:
+        references = {r.name: r.reference for r in relaxed if r.reference is not None}
+    pred = {r.name: r for r in relaxed}
+    if strict:
+        missing = [n for n in pred if n not in references]
+        if missing:
+            raise ValueError(f"{len(missing)} system(s) have no reference structure: {missing[:10]}")
+    matched, missing = match_references(pred, references)
+    table = []
+    for name, (rec, ref) in matched.items():
+        row = _system_row(name, rec.group, {s: getattr(rec, f"uq_{s}") for s in UQ_STATISTICS}, rec.atoms, ref,
+                          cell_tolerance)
+        row.update(status=rec.status, nsteps=rec.nsteps)
+        table.append(row)
+    return table, missing
 
 
 def bin_rmsd_by_uq(uq, rmsd, n_bins: int = 5, strategy: str = "quantile") -> dict[str, np.ndarray]:
@@ -253,8 +302,7 @@ def bin_rmsd_by_uq(uq, rmsd, n_bins: int = 5, strategy: str = "quantile") -> dic
         raise ValueError("no systems to bin")
     if not (np.isfinite(u).all() and np.isfinite(r).all()):
         raise ValueError("uq and rmsd must be finite")
-    if int(n_bins) != n_bins or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    check_int(n_bins, "n_bins")
     if strategy == "quantile":
         edges = np.unique(np.quantile(u, np.linspace(0.0, 1.0, int(n_bins) + 1)))
     elif strategy == "uniform":
@@ -369,3 +417,129 @@ def uq_rmsd_analysis(
             out["binned"][s][g] = {k: v.tolist() for k, v in binned.items()}
         out["groups"][g] = entry
     return out
+
+
+# ---------------------------------------------------------------------------- failure probability
+#: Trace features of :class:`FailureModel` (row keys; ``nsteps`` enters as log(1 + nsteps)).
+FAILURE_FEATURES = ("uq_initial", "uq_max", "uq_mean", "uq_final", "nsteps")
+# Fitting a probability needs failures and successes to learn from: fewer than this many of either
+# class cannot separate a trend from chance.
+MIN_FAILURE_CLASS = 5
+
+
+class FailureModel:
+    """Calibrated probability that a relaxation's final RMSD exceeds a threshold, from its UQ trace.
+
+    A logistic regression (L2-penalised, fitted by maximum likelihood with ``scipy.optimize``) on the
+    standardised per-relaxation features ``features`` (default :data:`FAILURE_FEATURES`: initial, max,
+    mean and final structure UQ of ``RelaxationUQObserver`` and log(1 + steps); add e.g. a
+    latent-distance statistic if the rows carry it). Maximum-likelihood logistic fits are calibrated
+    on their training distribution (the mean predicted probability equals the observed failure rate);
+    fit it on calibration relaxations with reference structures, apply it to new ones.
+
+    Args:
+        rmsd_threshold: RMSD (Å) above which a relaxation counts as failed (0.5, OC20's ADwT ceiling).
+        l2: penalty on the standardised coefficients (not on the intercept).
+        features: row keys used as features.
+    """
+
+    def __init__(self, rmsd_threshold: float = 0.5, l2: float = 1.0,
+                 features: Sequence[str] = FAILURE_FEATURES) -> None:
+        if not (isinstance(rmsd_threshold, (int, float)) and np.isfinite(rmsd_threshold) and rmsd_threshold > 0):
+            raise ValueError(f"rmsd_threshold must be a positive RMSD in Å; got {rmsd_threshold!r}")
+        if not (isinstance(l2, (int, float)) and np.isfinite(l2) and l2 >= 0):
+            raise ValueError(f"l2 must be a finite number >= 0; got {l2!r}")
+        if not features or not all(isinstance(f, str) for f in features):
+            raise ValueError(f"features must be a non-empty sequence of row keys; got {features!r}")
+        self.rmsd_threshold = float(rmsd_threshold)
+        self.l2 = float(l2)
+        self.features = tuple(features)
+
+    def _matrix(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        if len(rows) == 0:
+            raise ValueError("no relaxation rows given")
+        x = np.empty((len(rows), len(self.features)), dtype=np.float64)
+        for i, row in enumerate(rows):
+            for j, key in enumerate(self.features):
+                if key not in row:
+                    raise ValueError(f"row {i} ({row.get('name', '?')!r}) lacks feature {key!r}; expected {self.features}")
+                x[i, j] = float(row[key])
+        if not np.all(np.isfinite(x)):
+            raise ValueError("the failure-model features must be finite")
+        if "nsteps" in self.features:
+            j = self.features.index("nsteps")
+            if np.any(x[:, j] < 0):
+                raise ValueError("nsteps must be >= 0")
+            x[:, j] = np.log1p(x[:, j])
+        return x
+
+    def fit(self, rows: Sequence[Mapping[str, Any]]) -> "FailureModel":
+        """Fit on relaxation rows with the features and ``rmsd`` (Å); returns self."""
+        from scipy.optimize import minimize
+
+        x = self._matrix(rows)
+        rmsd = np.array([float(r["rmsd"]) if "rmsd" in r else np.nan for r in rows])
+        if not np.all(np.isfinite(rmsd)):
+            raise ValueError("every row needs a finite 'rmsd' (Å) to fit the failure model")
+        y = (rmsd > self.rmsd_threshold).astype(np.float64)
+        n_fail, n_ok = int(y.sum()), int(y.size - y.sum())
+        if min(n_fail, n_ok) < MIN_FAILURE_CLASS:
+            raise ValueError(f"the failure model needs at least {MIN_FAILURE_CLASS} relaxations with RMSD above and "
+                             f"{MIN_FAILURE_CLASS} below {self.rmsd_threshold:g} Å; got {n_fail} above, {n_ok} below")
+        self.mean_ = x.mean(axis=0)
+        self.std_ = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+        xs = (x - self.mean_) / self.std_
+        design = np.hstack([np.ones((xs.shape[0], 1)), xs])
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            z = design @ w
+            # log(1 + e^z) - y z, stable for large |z|
+            nll = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * self.l2 * np.sum(w[1:] ** 2)
+            p = 0.5 * (1.0 + np.tanh(0.5 * z))
+            grad = design.T @ (p - y)
+            grad[1:] += self.l2 * w[1:]
+            return float(nll), grad
+
+        res = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B")
+        if not res.success:
+            raise RuntimeError(f"the failure-model fit did not converge: {res.message}")
+        self.coef_ = np.asarray(res.x, dtype=np.float64)
+        self.n_fit_, self.n_failed_fit_ = int(y.size), n_fail
+        return self
+
+    def predict_proba(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """(n,) probability that each relaxation's RMSD exceeds ``rmsd_threshold``."""
+        if not hasattr(self, "coef_"):
+            raise ValueError("this FailureModel is not fitted; call fit(rows) or FailureModel.from_dict(...)")
+        xs = (self._matrix(rows) - self.mean_) / self.std_
+        z = self.coef_[0] + xs @ self.coef_[1:]
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state (written by ``ltau report --fit-failure-model``)."""
+        if not hasattr(self, "coef_"):
+            raise ValueError("this FailureModel is not fitted")
+        return {"kind": "ltau-failure-model", "rmsd_threshold": self.rmsd_threshold, "l2": self.l2,
+                "features": list(self.features), "mean": self.mean_.tolist(), "std": self.std_.tolist(),
+                "coef": self.coef_.tolist(), "n_fit": self.n_fit_, "n_failed_fit": self.n_failed_fit_}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> "FailureModel":
+        """Rebuild from :meth:`to_dict`; raises ValueError for anything malformed."""
+        try:
+            if state.get("kind") != "ltau-failure-model":
+                raise ValueError("not an ltau failure model (kind != 'ltau-failure-model')")
+            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(state["features"]))
+            k = len(model.features)
+            mean = np.asarray(state["mean"], dtype=np.float64)
+            std = np.asarray(state["std"], dtype=np.float64)
+            coef = np.asarray(state["coef"], dtype=np.float64)
+            if mean.shape != (k,) or std.shape != (k,) or coef.shape != (k + 1,):
+                raise ValueError(f"expected {k} means/stds and {k + 1} coefficients")
+            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(coef)) and np.all(std > 0)):
+                raise ValueError("non-finite coefficients or non-positive scales")
+            model.mean_, model.std_, model.coef_ = mean, std, coef
+            model.n_fit_, model.n_failed_fit_ = int(state["n_fit"]), int(state["n_failed_fit"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed failure model: missing or wrong field ({exc!r})") from None
+        return model

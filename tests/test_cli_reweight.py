@@ -89,7 +89,7 @@ def test_reweight_from_estimator(dataset, tmp_path):
 
     logs = [ErrorLog(p) for p in dataset["logs"]]
     n = logs[0].n_atoms
-    est = LTAUEstimator(k=2, atol=0.5).fit(np.random.default_rng(1).normal(size=(n, 4)), logs)
+    est = LTAUEstimator(k=2, atol=0.5, window=None).fit(np.random.default_rng(1).normal(size=(n, 4)), logs)
     path = tmp_path / "est.ltau"
     est.save(str(path))
     out = tmp_path / "from_est.extxyz"

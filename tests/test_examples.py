@@ -94,4 +94,4 @@ def test_fit_estimator_from_runs(demo_dir, tmp_path):
     assert est.n_train_atoms_ == n_atoms
     scale, before, after = map(float, re.search(
         r"s=([\d.]+), miscalibration area ([\d.]+) -> ([\d.]+)", stdout).groups())
-    assert est.scale == pytest.approx(scale, abs=1e-3) and after <= before + 1e-3
+    assert est.scale_ == pytest.approx(scale, abs=1e-3) and after <= before + 1e-3

@@ -15,6 +15,7 @@ from ltau_ase.is2rs import (
     bin_rmsd_by_uq,
     free_atom_mask,
     match_references,
+    records_table,
     system_table,
     min_diff,
     system_distances,
@@ -260,3 +261,35 @@ def test_system_table_from_structures():
     del preds["a"].info["ltau_uq_max"]
     with pytest.raises(ValueError, match="lacks \\['ltau_uq_max'\\]"):
         system_table({"a": preds["a"]}, {"a": ref})
+
+
+def test_records_table_is_the_one_path_from_records_to_rows():
+    """records_table (what `ltau report` and the demo use) gives the rows system_table gives for the same
+    structures with the UQ in atoms.info, plus status/nsteps; failed records are skipped."""
+    from ltau_ase.simulate.batch import RelaxationRecord
+
+    ref = slab(np.array([[0.0, 0, 0], [5.0, 5, 5]]), tags=[0, 2])
+    recs, preds = [], {}
+    for i, (name, status) in enumerate([("a", "done"), ("b", "unconverged"), ("c", "failed"), ("d", "done")]):
+        p = ref.copy()
+        p.positions[1, 0] += 0.05 * (i + 1)  # the one free atom moves by this (Å)
+        uq = dict(initial=0.1 * i, final=0.2 * i, max=0.3 * i, mean=0.4 * i)
+        recs.append(RelaxationRecord(name=name, group="g", status=status, nsteps=i, atoms=p,
+                                     reference=None if name == "d" else ref, **{f"uq_{k}": v for k, v in uq.items()}))
+        p2 = p.copy()
+        p2.info.update({f"ltau_uq_{k}": v for k, v in uq.items()})
+        preds[name] = p2
+    assert recs[1]["nsteps"] == 1 and recs[1].uq["max"] == pytest.approx(0.3)
+    with pytest.warns(UserWarning, match="1 of 3 system"):
+        table, missing = records_table(recs)  # stored references; d has none
+    assert missing == ["d"] and [r["name"] for r in table] == ["a", "b"]
+    assert [r["rmsd"] for r in table] == pytest.approx([0.05, 0.10])
+    with pytest.warns(UserWarning):
+        expected, _ = system_table({k: preds[k] for k in ("a", "b", "d")}, {"a": ref, "b": ref}, groups="g")
+    for row, exp in zip(table, expected):
+        assert row == {**exp, "status": recs[[r.name for r in recs].index(row["name"])].status,
+                       "nsteps": recs[[r.name for r in recs].index(row["name"])].nsteps}
+    table, missing = records_table(recs, {"a": ref, "b": ref, "d": ref})  # explicit references
+    assert missing == [] and [r["name"] for r in table] == ["a", "b", "d"]
+    with pytest.raises(ValueError, match="1 system\\(s\\) have no reference"):
+        records_table(recs, strict=True)

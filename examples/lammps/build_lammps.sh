@@ -13,7 +13,8 @@
 # compute nequip/atom, fix halt, dump custom, fix nve and velocity are all core or added by the patch).
 set -euo pipefail
 
-BUILD_DIR=${1:-/work/build/lammps}
+SCRIPT_DIR=$(dirname "$(realpath "$0")")
+BUILD_DIR=$(realpath -m "${1:-/work/build/lammps}")
 PYTHON=${PYTHON:-/work/main/.venv/bin/python}
 JOBS=${JOBS:-2}
 AOT=${AOT:-ON}
@@ -40,6 +41,10 @@ echo "LAMMPS: $(git -C lammps log -1 --format='%h %cd' --date=short) $(grep -o '
 echo "pair_nequip_allegro: $(git -C pair_nequip_allegro log -1 --format='%h %cd' --date=short)"
 if ! grep -q "find_package(Torch REQUIRED)" lammps/cmake/CMakeLists.txt; then
   (cd pair_nequip_allegro && ./patch_lammps.sh ../lammps)
+  # serial build: LAMMPS' MPI STUBS before 10 Sep 2025 lack MPI_Comm_split_type, which the pair style
+  # calls only with more than one rank; force-include a serial stand-in into that one file
+  cp "$SCRIPT_DIR/mpi_stubs_compat.h" "$BUILD_DIR/mpi_stubs_compat.h"
+  echo "set_source_files_properties(\${LAMMPS_SOURCE_DIR}/pair_nequip_allegro.cpp PROPERTIES COMPILE_OPTIONS \"-include;$BUILD_DIR/mpi_stubs_compat.h\")" >> lammps/cmake/CMakeLists.txt
 fi
 
 TORCH_PREFIX=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "compile": "compile a nequip checkpoint with its estimator into one model that outputs LTAU per atom",
     "convert": "rewrite an estimator file in the current format (--verify: check every digest and value)",
     "learn": "active-learning campaign: explore, flag, select, label, retrain, refit (resumable)",
+    "calibrate": "choose k and fit distance-aware, per-element and conformal calibration on a labelled file",
 }
 
 #: exit status of every failure (as argparse uses for usage errors)

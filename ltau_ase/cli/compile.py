@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", choices=("exact", "compressed"), default="exact",
                         help="exact: all training latents (equals the estimator); compressed: k-means centroids")
     parser.add_argument("--centroids", type=int, default=None,
-                        help="number of centroids of the compressed reference (default N/16, at most 4096)")
+                        help="number of centroids of the compressed reference (default N/8, at most 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--trust-model", action="store_true",
                         help="skip the checkpoint's allow-list check (needed for .nequip.zip packages)")

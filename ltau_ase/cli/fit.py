@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="error threshold in eV/Å (default: the final models' training MAE)")
     parser.add_argument("--skip-epochs", type=non_negative_int, default=0, help="ignore the first S logged epochs")
     parser.add_argument("--last-epochs", type=positive_int, default=None, help="then keep only the last W epochs")
+    parser.add_argument("--all-epochs", action="store_true",
+                        help="use every logged epoch (default without --skip/--last-epochs: the last half)")
     add_model_options(parser, estimator=False,
                       model_help="checkpoint (.ckpt) giving the descriptors (default: first run's last.ckpt, "
                                  "else best.ckpt)")
@@ -61,7 +63,14 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"run directory {path} does not exist or is not a directory")
     if args.model is not None and not args.model.is_file():
         raise FileNotFoundError(f"--model {args.model} does not exist or is not a file")
-    window = EpochWindow(skip=args.skip_epochs, last=args.last_epochs)
+    if args.all_epochs and (args.skip_epochs or args.last_epochs is not None):
+        raise ValueError("--all-epochs excludes --skip-epochs and --last-epochs")
+    if args.all_epochs:
+        window = None
+    elif args.skip_epochs == 0 and args.last_epochs is None:
+        window = "last_half"  # in-domain calibration without a calibration set (LTAUEstimator's window)
+    else:
+        window = EpochWindow(skip=args.skip_epochs, last=args.last_epochs)
     est = fit_estimator_from_runs(
         args.run_dirs,
         args.train_file,

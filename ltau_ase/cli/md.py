@@ -2,7 +2,10 @@
 
 Every ``--interval`` steps (and at the stopping step) a frame goes to the extxyz ``--trajectory``
 with the energy, forces and per-atom UQ columns (``ltau_uncertainties``, ``ltau_confidences``,
-``ltau_expected_force_errors``, ``ltau_latent_distances``). The file is flushed after each frame.
+``ltau_expected_force_errors``, ``ltau_latent_distances``; ``ltau_force_error_bounds`` with
+``--coverage``). The file is flushed after each frame. The stop threshold is ``--stop-threshold``, or
+chosen from in-domain ``--reference-runs`` (earlier ``ltau md --interval 1`` trajectories run with a
+threshold they never reach) for a stated ``--false-alarm-rate``.
 Langevin runs with ``fixcm=False``; a ``FixCom`` constraint keeps the centre of mass in place
 unless the structure has ``FixAtoms`` (which already pins it).
 """
@@ -21,6 +24,7 @@ from ltau_ase.cli.options import (
     load_factory,
     non_negative_float,
     non_negative_int,
+    open_fraction,
     positive_float,
     positive_int,
 )
@@ -43,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="stop when the reduced UQ value (--key, --atom-reduce) exceeds this (required unless "
                            "--adaptive)")
     add_alias(stop, "--threshold", dest="stop_threshold", type=non_negative_float)  # before: the stop bound
+    stop.add_argument("--reference-runs", type=Path, nargs="+", default=None, metavar="EXTXYZ",
+                      help="in-domain runs written by `ltau md --interval 1` (e.g. with a huge --stop-threshold): the "
+                           "threshold is chosen from their per-step --key statistic for --false-alarm-rate")
+    stop.add_argument("--false-alarm-rate", type=open_fraction, default=None,
+                      help="with --reference-runs: tolerated share of in-domain runs that stop, in (0, 1)")
     stop.add_argument("--patience", type=positive_int, default=1, help="consecutive steps above the threshold (1)")
     stop.add_argument("--key", choices=("uncertainties", "expected_force_errors", "latent_distances"),
                       default="uncertainties", help="per-atom UQ watched (uncertainties)")
@@ -54,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--n-sigma", type=non_negative_float, default=3.0,
                       help="adaptive bound in standard deviations (3)")
     stop.add_argument("--save-to", type=Path, default=None, help="extxyz receiving the triggering frame")
+    parser.add_argument("--coverage", type=open_fraction, default=None,
+                        help="also write conformal force_error_bounds (eV/Å) at this coverage in (0, 1); needs an "
+                             "estimator from `ltau calibrate`")
     parser.add_argument("--trajectory", type=Path, default=Path("md.extxyz"), help="extxyz output (md.extxyz)")
     parser.add_argument("--interval", type=positive_int, default=1, help="write every N steps (1)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of velocities and Langevin noise (0)")
@@ -67,7 +79,7 @@ def _calculator(args: argparse.Namespace):
 
     return LTAUCalculator.from_model(args.model, args.estimator, device=args.device, threshold=args.error_threshold,
                                      allow_model_mismatch=args.allow_model_mismatch,
-                                     unknown_species=args.unknown_species)
+                                     unknown_species=args.unknown_species, coverage=args.coverage)
 
 
 def _read_structure(path: Path, index: int):
@@ -98,8 +110,17 @@ def run(args: argparse.Namespace) -> int:
     from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, check_finite_geometry, store_uq_in_atoms
     from ltau_ase.simulate.observers import UncertaintyStop
 
+    if (args.reference_runs is None) != (args.false_alarm_rate is None):
+        raise ValueError("--reference-runs and --false-alarm-rate go together")
+    if args.reference_runs is not None:
+        if args.stop_threshold is not None:
+            raise ValueError("give either --stop-threshold or --reference-runs/--false-alarm-rate, not both")
+        args.stop_threshold = reference_threshold(args.reference_runs, args.key, args.atom_reduce,
+                                                  args.false_alarm_rate, args.patience)
+        print(f"stop threshold {args.stop_threshold:.6g} from {len(args.reference_runs)} reference runs "
+              f"(false-alarm rate {args.false_alarm_rate:g}, patience {args.patience})")
     if args.stop_threshold is None and not args.adaptive:
-        raise ValueError("--stop-threshold is required unless --adaptive")
+        raise ValueError("--stop-threshold is required unless --adaptive or --reference-runs")
     check_output_file(args.trajectory, "--trajectory")
     if args.save_to is not None:
         check_output_file(args.save_to, "--save-to")
@@ -154,6 +175,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"completed {dyn.nsteps} steps without stopping; highest {args.key} value {peak:.6g}")
     print(f"{len(written)} frames written to {args.trajectory}")
     return 0
+
+
+def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, patience: int) -> float:
+    """:func:`ltau_ase.simulate.observers.stop_threshold` over the per-frame ``ltau_<key>`` columns of runs."""
+    import numpy as np
+    from ase.io import read
+
+    from ltau_ase.simulate.observers import reduce_values, stop_threshold
+
+    traces = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no reference run at {path}")
+        frames = read(path, index=":")
+        column = "ltau_" + key
+        missing = [i for i, a in enumerate(frames) if column not in a.arrays]
+        if missing:
+            raise ValueError(f"{path} frame {missing[0]} has no {column!r} column; reference runs must be written by "
+                             f"`ltau md` with the same --key")
+        steps = [a.info.get("md_step") for a in frames]
+        if None not in steps and len(steps) > 1 and np.any(np.diff(steps) != 1):
+            raise ValueError(f"{path} was not written at every step (--interval 1); patience counts steps")
+        traces.append([reduce_values(np.asarray(a.arrays[column]), atom_reduce) for a in frames])
+    return stop_threshold(traces, false_alarm_rate, patience)
 
 
 def _thermalize(atoms, temperature_K: float, rng) -> None:

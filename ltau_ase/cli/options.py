@@ -60,6 +60,11 @@ def probability(text: str) -> float:
     return _number(text, float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (coverages, false-alarm rates)."""
+    return _number(text, float, "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
+
+
 def atom_reduce(text: str) -> str | float:
     """``mean``, ``max`` or a quantile in [0, 1]: how per-atom UQ values become one number."""
     if text in ("mean", "max"):
@@ -163,10 +168,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, estimator: bool = True
                            help="force-error threshold of the confidences, eV/Å (default: the estimator's atol)")
         group.add_argument("--allow-model-mismatch", action="store_true",
                            help="use an estimator fitted for a different model file (warns)")
-        group.add_argument("--unknown-species", choices=("raise", "flag"), default="raise",
-                           help="elements the estimator never saw: fail (raise) or give their atoms uncertainty 1 "
-                                "(flag) (raise)")
+        group.add_argument("--unknown-species", choices=UNKNOWN_SPECIES_CHOICES, default=None,
+                           help="elements the estimator never saw: fail (raise), give their atoms uncertainty 1 "
+                                "(flag) or judge them by their latent neighbours alone (ignore) (default: the "
+                                "estimator's policy, raise unless it was fitted otherwise)")
     return group
+
+
+#: LTAUEstimator's unknown-species vocabulary (core.estimator.UNKNOWN_SPECIES_POLICIES; spelled out so that
+#: `ltau --help` does not import FAISS; tests/test_readme.py checks they agree)
+UNKNOWN_SPECIES_CHOICES = ("raise", "flag", "ignore")
 
 
 def check_model_options(args: argparse.Namespace) -> None:

@@ -33,26 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="equal-count or equal-width UQ bins (quantile)")
     parser.add_argument("--groups", default=None, help="comma-separated groups to report, in order (default: all)")
     parser.add_argument("--strict", action="store_true", help="a missing reference is an error")
+    parser.add_argument("--fit-failure-model", type=Path, default=None, metavar="JSON",
+                        help="fit P(RMSD > --rmsd-threshold | UQ trace) on these relaxations (calibration set) and "
+                             "write it here")
+    parser.add_argument("--failure-model", type=Path, default=None, metavar="JSON",
+                        help="add each system's failure probability p_fail from a model written by "
+                             "--fit-failure-model (its own RMSD threshold applies)")
 
 
-def build_table(records: list[dict], refs: dict[str, Any], strict: bool = False) -> tuple[list[dict], list[str]]:
-    """Per-system rows (name, group, uq_*, rmsd, d_mean, n_free, status, nsteps) and names lacking a reference."""
-    from ltau_ase.is2rs import system_table
+def build_table(records: list, refs: dict[str, Any] | None = None, strict: bool = False) -> tuple[list[dict], list[str]]:
+    """Per-system rows and names lacking a reference: :func:`ltau_ase.is2rs.records_table` (kept name)."""
+    from ltau_ase.is2rs import records_table
 
-    pred = {}
-    for r in records:
-        atoms = r["atoms"]
-        atoms.info.update({f"ltau_uq_{s}": r[f"uq_{s}"] for s in ("initial", "final", "max", "mean")})
-        pred[r["name"]] = atoms
-    if strict:
-        missing = [n for n in pred if n not in refs]
-        if missing:
-            raise ValueError(f"{len(missing)} system(s) have no reference structure: {missing[:10]}")
-    table, missing = system_table(pred, refs, groups={r["name"]: r["group"] for r in records})
-    by_name = {r["name"]: r for r in records}
-    for row in table:
-        row.update(status=by_name[row["name"]]["status"], nsteps=by_name[row["name"]]["nsteps"])
-    return table, missing
+    return records_table(records, refs, strict=strict)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,34 +58,36 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ltau_ase.core.jsonable import to_jsonable
-    from ltau_ase.is2rs import uq_rmsd_analysis
+    from ltau_ase.is2rs import records_table, uq_rmsd_analysis
     from ltau_ase.plots import plot_rmsd_vs_uq
     from ltau_ase.simulate.batch import load_results, read_structures
 
     records = load_results(args.db)
     if not records:
         raise ValueError(f"{args.db} holds no relaxations")
-    failed = [{"name": r["name"], "reason": r["reason"]} for r in records if r["status"] == "failed"]
-    relaxed = [r for r in records if r["status"] != "failed"]
+    failed = [{"name": r.name, "reason": r.reason} for r in records if r.status == "failed"]
+    relaxed = [r for r in records if r.status != "failed"]
     if not relaxed:
         raise ValueError(f"all {len(records)} relaxations in {args.db} failed; nothing to analyse")
+    refs = None  # the references stored in the database
     if args.references is not None:
         refs = dict(read_structures(str(args.references), require_names=True))
-    else:
-        refs = {r["name"]: r["reference"] for r in relaxed if r["reference"] is not None}
-        if not refs:
-            raise ValueError(f"{args.db} stores no reference structures; pass --references")
-    table, missing = build_table(relaxed, refs, strict=args.strict)
+    elif all(r.reference is None for r in relaxed):
+        raise ValueError(f"{args.db} stores no reference structures; pass --references")
+    table, missing = records_table(relaxed, refs, strict=args.strict)
     if not table:
         raise ValueError("no relaxed system has a reference structure; check the names in --references")
     groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
     analysis = uq_rmsd_analysis(table, groups=groups, threshold=args.rmsd_threshold, n_bins=args.bins,
                                 strategy=args.strategy)
+    failure = failure_probabilities(table, args)
     args.output.mkdir(parents=True, exist_ok=True)
     png = plot_rmsd_vs_uq(analysis["binned"], args.output / "rmsd_vs_uq.png", threshold=args.rmsd_threshold)
     metrics = {"db": str(args.db), "n_records": len(records), "n_scored": len(table),
-               "unconverged": [r["name"] for r in relaxed if r["status"] == "unconverged"],
+               "unconverged": [r.name for r in relaxed if r.status == "unconverged"],
                "failed": failed, "missing_references": missing, "analysis": analysis, "systems": table}
+    if failure:
+        metrics["failure_model"] = failure
     out = args.output / "metrics.json"
     out.write_text(json.dumps(to_jsonable(metrics), indent=2))
     print(f"scored {len(table)} of {len(records)} systems ({len(failed)} failed, {len(missing)} without "
@@ -101,4 +96,42 @@ def run(args: argparse.Namespace) -> int:
         rho = ", ".join(f"{s} {v['spearman']:.3f}" for s, v in entry["stats"].items())
         print(f"  {g}: n={entry['n_systems']} ADwT={entry['adwt']:.3f} mean RMSD={entry['mean_rmsd']:.3f} Å; "
               f"Spearman(UQ, RMSD): {rho}")
+    if failure:
+        print("  failure model: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in failure.items() if k != "path"))
     return 0
+
+
+def failure_probabilities(table: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """Fit and/or apply the IS2RS failure model (``ltau_ase.is2rs.FailureModel``); adds ``p_fail`` to rows."""
+    import json
+
+    import numpy as np
+
+    from ltau_ase.core.calibration import auroc
+    from ltau_ase.is2rs import FailureModel
+
+    if args.fit_failure_model is None and args.failure_model is None:
+        return {}
+    out: dict[str, Any] = {}
+    if args.fit_failure_model is not None:
+        model = FailureModel(rmsd_threshold=args.rmsd_threshold).fit(table)
+        args.fit_failure_model.parent.mkdir(parents=True, exist_ok=True)
+        args.fit_failure_model.write_text(json.dumps(model.to_dict(), indent=2))
+        out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_)
+    if args.failure_model is not None:
+        if not args.failure_model.is_file():
+            raise FileNotFoundError(f"no failure model at {args.failure_model}")
+        try:
+            state = json.loads(args.failure_model.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{args.failure_model} is not JSON: {exc}") from None
+        model = FailureModel.from_dict(state)
+    p = model.predict_proba(table)
+    failed = np.array([row["rmsd"] > model.rmsd_threshold for row in table])
+    for row, value in zip(table, p):
+        row["p_fail"] = float(value)
+    out.update(rmsd_threshold=model.rmsd_threshold, mean_p_fail=float(p.mean()), fraction_failed=float(failed.mean()),
+               brier=float(np.mean((p - failed) ** 2)),
+               auroc=auroc(p, failed) if 0 < failed.sum() < failed.size else float("nan"))
+    return out

@@ -73,11 +73,11 @@ def _confidence_from_logs(paths, atol, window):
 
 
 def run(args: argparse.Namespace) -> int:
-    import ase.io
     import numpy as np
 
     from ltau_ase.cartography import REGIONS, export_extxyz, loss_weights, regions, values_for_frames
     from ltau_ase.core.errorlog import EpochWindow
+    from ltau_ase.core.trainingset import read_training_frames
     from ltau_ase.plots import plot_cartography
 
     check_output_file(args.output, "--output")
@@ -94,11 +94,7 @@ def run(args: argparse.Namespace) -> int:
         atom_ids, mu, sigma, atol = _confidence_from_logs(args.error_logs, args.atol, window)
         source = f"{len(args.error_logs)} error log(s)"
 
-    frames = []
-    for path in args.train_file:
-        if not path.is_file():
-            raise FileNotFoundError(f"training file {path} does not exist")
-        frames.extend(ase.io.read(path, index=":", format="extxyz"))
+    frames = read_training_frames(args.train_file)
     mu_f, sigma_f = values_for_frames(frames, atom_ids, mu, sigma)
     lam = PAPER_LAMBDA[args.scheme] if args.lam is None else args.lam
     weights = loss_weights(mu_f, sigma_f, scheme=args.scheme, lam=lam)

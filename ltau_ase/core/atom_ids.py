@@ -58,7 +58,7 @@ def frame_ids_of(frames: Sequence[Any]) -> np.ndarray:
     for i, atoms in enumerate(frames):
         if FRAME_ID_KEY not in atoms.info:
             raise ValueError(f"frame {i} has no info['{FRAME_ID_KEY}']; training frames need unique integer frame "
-                             "ids (set atoms.info['frame_id'], see ltau_ase.nequip.training.assign_frame_ids)")
+                             "ids (set atoms.info['frame_id'], see ltau_ase.core.trainingset.assign_frame_ids)")
         value = atoms.info[FRAME_ID_KEY]
         if value is None or isinstance(value, bool) or not float(value).is_integer():
             raise ValueError(

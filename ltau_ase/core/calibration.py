@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from ltau_ase.core.checks import check_int
+
 __all__ = [
     "CalibrationCurve",
     "calibration_curve",
@@ -35,6 +37,7 @@ __all__ = [
     "pit_values",
     "pit_uniformity",
     "uq_metrics",
+    "search_scale",
 ]
 
 
@@ -170,8 +173,7 @@ def calibration_curve(
     err = _errors("errors", errors)
     _same_length(confidence=conf, errors=err)
     thr = _threshold(threshold, conf.shape[0])
-    if int(n_bins) != n_bins or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    check_int(n_bins, "n_bins")
     edges = _bin_edges(conf, int(n_bins), strategy)
     idx = _assign_bins(conf, edges)
     n_total = edges.size - 1
@@ -347,3 +349,58 @@ def uq_metrics(uncertainty, errors, threshold, n_bins: int = 10) -> dict[str, fl
         "n_exceeding": n_exc,
     }
     return out
+
+
+# --------------------------------------------------------------------------- scale search
+def search_scale(
+    miscalibration_of,
+    bounds: tuple[float, float] = (0.05, 100.0),
+    n_grid: int = 60,
+    refine: bool = True,
+    current: float = 1.0,
+) -> dict[str, float]:
+    """The one scale search behind every recalibration by a multiplicative factor (``LTAUEstimator.fit_scale``,
+    ``LTAUEstimator.fit_calibration``'s per-element factors, ``committee.fit_committee_scale``).
+
+    ``miscalibration_of(s)`` is evaluated on a log grid of ``n_grid`` points over ``bounds`` (plus
+    ``current``); with ``refine`` a bounded scalar minimisation in log s between the neighbours of the
+    best grid point follows. The current scale is kept when nothing found is strictly better.
+
+    Args:
+        miscalibration_of: callable s -> miscalibration (float >= 0) at scale s.
+        bounds: (low, high) search interval, 0 < low < high.
+        n_grid: grid points (>= 2).
+        refine: polish the best grid point with ``scipy.optimize.minimize_scalar``.
+        current: the scale in use before the search (its value is reported as ``before``).
+    Returns:
+        dict(scale=best s, before=miscalibration at ``current``, after=at the best s).
+    """
+    import math
+
+    from scipy.optimize import minimize_scalar
+
+    lo, hi = (float(b) for b in bounds)
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"bounds must satisfy 0 < low < high (finite); got {bounds}")
+    if int(n_grid) != n_grid or n_grid < 2:
+        raise ValueError(f"n_grid must be an integer >= 2; got {n_grid!r}")
+    current = float(current)
+    if not (math.isfinite(current) and current > 0):
+        raise ValueError(f"current scale must be a finite number > 0; got {current!r}")
+    before = float(miscalibration_of(current))
+    grid = np.geomspace(lo, hi, int(n_grid))
+    values = np.array([float(miscalibration_of(float(s))) for s in grid])
+    i = int(np.argmin(values))
+    best_s, best_v = float(grid[i]), float(values[i])
+    if refine:
+        res = minimize_scalar(
+            lambda ls: float(miscalibration_of(float(np.exp(ls)))),
+            bounds=(math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, grid.size - 1)])),
+            method="bounded",
+            options={"xatol": 1e-3},
+        )
+        if res.success and float(res.fun) < best_v:
+            best_s, best_v = float(np.exp(res.x)), float(res.fun)
+    if before <= best_v:  # the current scale is already at least as good: keep it
+        best_s, best_v = current, before
+    return {"scale": best_s, "before": before, "after": best_v}

@@ -209,6 +209,27 @@ class _Distributions:
 
     mean_confidence = confidence
 
+    def pair_confidence(self, atoms: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+        """µ_M(p_{atoms[j]}(thresholds[j])) for pairs (training atom, threshold), shape (n,).
+
+        Unlike :meth:`confidence` (one threshold per training atom), each pair has its own threshold:
+        the distance-aware estimator evaluates a neighbour's CDF at the query atom's own T / s(d).
+        Atoms may repeat. Evaluated in chunks to bound memory.
+        """
+        idx = np.asarray(atoms, dtype=np.int64).ravel()
+        t = np.asarray(thresholds, dtype=np.float64).ravel()
+        if t.shape != idx.shape:
+            raise ValueError(f"thresholds has {t.size} values for {idx.size} atoms; expected one per pair")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_atoms):
+            raise ValueError(f"atom indices must lie in [0, {self.n_atoms})")
+        if not np.all(t >= 0):  # also rejects NaN
+            raise ValueError("thresholds must be >= 0 (eV/Å)")
+        out = np.empty(idx.size, dtype=np.float64)
+        for start in range(0, idx.size, _EVAL_CHUNK):
+            sl = slice(start, start + _EVAL_CHUNK)
+            out[sl] = self._fractions(t[sl], idx[sl]).mean(axis=0)
+        return out
+
     def std(self, threshold: Any, atoms: np.ndarray | None = None) -> np.ndarray:
         """σ_M(p_i): population standard deviation over runs of the per-run fractions, (n,)."""
         return self.confidence_per_run(threshold, atoms).std(axis=0)

@@ -33,7 +33,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ltau_ase.core.checks import check_int
+
 FORMAT_NAME = "ltau-ase-errorlog"
+#: the log directory LTAUErrorLogger writes inside a training run directory by default
+DEFAULT_LOG_SUBDIR = "ltau_errors"
 FORMAT_VERSION = 1
 _META = "meta.json"
 _IDS = "atom_ids.npy"
@@ -54,12 +58,8 @@ class EpochWindow:
     last: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.skip, (int, np.integer)) or isinstance(self.skip, bool) or self.skip < 0:
-            raise ValueError(f"EpochWindow.skip must be a non-negative integer; got {self.skip!r}")
-        if self.last is not None and (
-            not isinstance(self.last, (int, np.integer)) or isinstance(self.last, bool) or self.last < 1
-        ):
-            raise ValueError(f"EpochWindow.last must be a positive integer or None; got {self.last!r}")
+        check_int(self.skip, "EpochWindow.skip", minimum=0)
+        check_int(self.last, "EpochWindow.last", allow_none=True)
 
     def select(self, n_epochs: int) -> slice:
         """Row slice of the selected epochs among ``n_epochs`` logged ones; raises if none is left."""
@@ -373,8 +373,7 @@ class ErrorLog:
 
         Memory: one block, E_window × chunk × 4 bytes (100 epochs × 65 536 atoms: 26 MB).
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+        check_int(chunk_size, "chunk_size")
         rows = self._rows(window)
         for start in range(0, self.n_atoms, int(chunk_size)):
             sl = slice(start, min(start + int(chunk_size), self.n_atoms))
@@ -481,3 +480,43 @@ def load_error_logs(
                 "expected every run of an ensemble to log the same training atoms"
             )
     return logs
+
+
+def _is_error_log(path: Path) -> bool:
+    meta = path / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def find_error_log(run_dir: str | os.PathLike) -> Path:
+    """The error-log directory of a run.
+
+    ``run_dir`` may be an error-log directory itself; otherwise ``run_dir/ltau_errors`` is used
+    when it exists, else the single error log found directly below ``run_dir``.
+
+    Raises:
+        FileNotFoundError: no log found.
+        ValueError: several logs found and none is ``ltau_errors`` (pass the log directory).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if _is_error_log(run_dir):
+        return run_dir
+    if _is_error_log(run_dir / DEFAULT_LOG_SUBDIR):
+        return run_dir / DEFAULT_LOG_SUBDIR
+    found = sorted(p for p in run_dir.iterdir() if p.is_dir() and _is_error_log(p))
+    if not found:
+        raise FileNotFoundError(
+            f"no LTAU error log in {run_dir}; expected a '{DEFAULT_LOG_SUBDIR}' directory written by "
+            "LTAUErrorLogger (or build one from per-epoch checkpoints with error_logs_from_checkpoints)"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{run_dir} holds several error logs {[p.name for p in found]}; pass the wanted log directory instead"
+        )
+    return found[0]

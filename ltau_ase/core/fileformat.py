@@ -25,8 +25,8 @@ array is read): unknown, missing or misshapen members are refused.
 
 Digests and laziness (``verify``):
 
-* arrays of at most ``eager_bytes`` (default 64 MiB) are read into memory and their SHA-256 is checked
-  at open (a flipped byte raises ``ValueError``);
+* arrays of at most ``eager_bytes`` (default 64 MiB) are read into (writable) memory and their SHA-256
+  is checked at open (a flipped byte raises ``ValueError``);
 * larger arrays are returned as read-only ``np.memmap`` views and are NOT digest-checked at open, so
   that opening a 10⁷-atom estimator (GBs of arrays) costs only the header; pass ``verify=True`` (or run
   ``ltau convert --verify FILE``) to stream every array's digest in 16 MiB blocks (constant memory);
@@ -347,8 +347,8 @@ def read_container(
         for name, e in entries.items():
             if e.nbytes <= eager_bytes:
                 fh.seek(e.start)
-                buf = fh.read(e.nbytes)
-                if len(buf) != e.nbytes:
+                buf = bytearray(e.nbytes)  # writable arrays, one copy
+                if fh.readinto(buf) != e.nbytes:
                     raise ValueError(f"{path} is truncated inside array {name!r}")
                 arr = np.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
                 if verify is not False:

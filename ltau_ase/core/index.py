@@ -48,6 +48,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ltau_ase.core.checks import check_int
+
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_CHOICES = INDEX_KINDS + ("auto",)
 #: index="auto": flat below this many training atoms, ...
@@ -150,8 +152,7 @@ def resolve_params(kind: str, params: dict[str, Any] | None, n: int, d: int, str
         raise ValueError(f"stored index parameters {sorted(params)} for {kind!r}; expected {sorted(_ALLOWED[kind])}")
     out = default_params(kind, n, d)
     for key, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"index_params[{key!r}] must be an integer; got {value!r}")
+        check_int(value, f"index_params[{key!r}]", minimum=None)
         lo, hi = PARAM_RANGES[key]
         if not lo <= int(value) <= hi:
             raise ValueError(f"index_params[{key!r}] must lie in [{lo}, {hi}]; got {value}")
@@ -183,15 +184,22 @@ def _deserialize(blob: np.ndarray, expected: type) -> "faiss.Index":
     IVF-PQ's precomputed tables (sized by the blob's nlist·m·2^nbits, not by its length) are skipped;
     the index searches without them.
     """
-    buf = np.ascontiguousarray(np.asarray(blob, dtype=np.uint8))
+    buf = np.asarray(blob, dtype=np.uint8).reshape(-1)
+    pos = 0
+
+    def read(size: int) -> bytes:
+        # Streamed in pieces from the (possibly memory-mapped) array: no second full copy of the blob.
+        nonlocal pos
+        piece = buf[pos : pos + size].tobytes()
+        pos += len(piece)
+        return piece
+
     with _FAISS_LIMIT_LOCK:  # the limits are process-wide
         old_bytes, old_loops = faiss.get_deserialization_vector_byte_limit(), faiss.get_deserialization_loop_limit()
         try:
             faiss.set_deserialization_vector_byte_limit(max(1, int(buf.size)))
             faiss.set_deserialization_loop_limit(max(1, int(buf.size)))
-            reader = faiss.VectorIOReader()
-            faiss.copy_array_to_vector(buf, reader.data)
-            index = faiss.read_index(reader, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+            index = faiss.read_index(faiss.PyCallbackIOReader(read, 1 << 20), faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
         except (RuntimeError, MemoryError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(f"the stored FAISS index is corrupt: {first}") from None
@@ -492,17 +500,17 @@ class NeighbourIndex:
         sizes = [invlists.list_size(lst) for lst in range(p["nlist"])]
         if sum(sizes) != n:
             raise ValueError(f"the stored IVF-PQ inverted lists hold {sum(sizes)} entries; expected N={n}")
-        all_ids = np.empty(n, dtype=np.int64)
-        pos = 0
+        # N entries in all (checked above), each in [0, N), together covering [0, N): every atom once.
+        seen = np.zeros(n, dtype=bool)
         for lst, size in enumerate(sizes):
             if size:
-                all_ids[pos : pos + size] = faiss.rev_swig_ptr(invlists.get_ids(lst), size).view(np.int64)
-                pos += size
-        if n and (all_ids.min() < 0 or all_ids.max() >= n):
-            raise ValueError(f"the stored IVF-PQ index holds atom ids outside [0, {n})")
-        if np.any(np.bincount(all_ids, minlength=n) != 1):
+                ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).view(np.int64)
+                if ids.min() < 0 or ids.max() >= n:
+                    raise ValueError(f"the stored IVF-PQ index holds atom ids outside [0, {n})")
+                seen[ids] = True
+        if not seen.all():
             raise ValueError("the stored IVF-PQ index does not hold every training atom exactly once")
-        del all_ids
+        del seen
         _drop_precomputed_table(index)  # (skipped while deserialising, and not rebuilt)
         return cls(kind, p, index, vectors, n, d)
 

@@ -46,7 +46,9 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import LBFGS
 
+from ltau_ase.core.checks import check_int
 from ltau_ase.core.fileformat import sha256_file
+from ltau_ase.core.trainingset import assign_frame_ids
 
 EMT_METALS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
 FACET_SITES = {"111": ("ontop", "bridge", "fcc", "hcp"), "100": ("ontop", "bridge", "hollow")}
@@ -390,8 +392,7 @@ def generate_catalysis_dataset(
         :class:`CatalysisDataset`; frame ids are assigned in the order ``S2EF_SPLITS`` then, per
         IS2RS split, initial then relaxed structures, starting at 0.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_int(seed, "seed", minimum=0)
     if isinstance(size, str):
         if size not in SIZES:
             raise ValueError(f"size {size!r} is unknown; expected one of {tuple(SIZES)} or a DatasetSize")
@@ -432,8 +433,7 @@ def generate_catalysis_dataset(
     finally:
         if bar is not None:
             bar.close()
-    for frame_id, frame in enumerate(data.all_frames()):
-        frame.info["frame_id"] = frame_id
+    assign_frame_ids(list(data.all_frames()), 0)
     return data
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from ltau_ase.simulate.backends import ModelBackend
 
-#: eager model files, which expose the latent features (loaded through nequip's own loader)
+#: eager model files, which expose the latent features (checkpoints built by ltau_ase.nequip.safe_load;
+#: .nequip.zip packages only with trusted=True)
 EAGER_SUFFIXES = (".ckpt", ".nequip.zip")
 #: nequip-compile outputs (AOTI, TorchScript), loaded by :mod:`ltau_ase.nequip.compiled` when they
 #: output the latent features (``ltau compile`` / ``nequip-compile --output-fields ... node_features``)
@@ -69,7 +70,8 @@ class NequIPLTAUFactory:
     device: str = "cpu"
     threshold: float | None = None
     allow_model_mismatch: bool = False
-    unknown_species: str = "raise"
+    #: unknown-element policy ("raise" | "flag" | "ignore"); None: the estimator's own
+    unknown_species: str | None = None
     #: nequip's type-name mapping (True: the model's type names are chemical symbols); None: nequip's default
     chemical_species_to_atom_type_map: bool | None = None
 
@@ -89,7 +91,8 @@ class NequIPCommitteeFactory:
 
     For :func:`ltau_ase.simulate.batch.relax_batch` (each worker builds it once). ``model_paths``
     are ``.ckpt`` / ``.nequip.zip`` files of the members, loaded with
-    ``LatentNequIPCalculator.from_model_file`` (nequip unpickles these files: use trusted models).
+    ``LatentNequIPCalculator.from_model_file`` (checkpoints are verified against an allow-list of exact
+    nequip classes; ``.nequip.zip`` packages carry code and are refused unless trusted).
     """
 
     model_paths: tuple[str, ...]

@@ -120,7 +120,8 @@ class LatentNequIPCalculator(NequIPCalculator):
         carry code and are refused unless ``trusted=True`` (then nequip's own loader reads the file).
 
         ``chemical_species_to_atom_type_map`` and the neighbour-list options are nequip's (as in
-        ``NequIPCalculator.from_compiled_model``); other keyword arguments go to the constructor (unit
+        ``NequIPCalculator.from_compiled_model``); None maps chemical symbols to the type names of the
+        same name without nequip's warning when every type name is a chemical symbol; other keyword arguments go to the constructor (unit
         factors). The SHA-256 of the bytes the model was built from is kept as :attr:`model_sha256`.
 
         Raises:
@@ -180,6 +181,10 @@ class LatentNequIPCalculator(NequIPCalculator):
             raise ValueError("transforms are built from the model's metadata; do not pass `transforms`")
         r_max = float(model.metadata[graph_model.R_MAX_KEY])
         type_names = model.metadata[graph_model.TYPE_NAMES_KEY].split(" ")
+        if chemical_species_to_atom_type_map is None and all(t in chemical_symbols[1:] for t in type_names):
+            # type names that are chemical symbols: nequip's default (identity) is the right map, so
+            # spare `ltau fit` / `ltau md` users its warning on every model load
+            chemical_species_to_atom_type_map = True
         species_map = handle_chemical_species_map(chemical_species_to_atom_type_map, type_names)
         transforms = basic_transforms(
             model.metadata, r_max, type_names, species_map,

@@ -72,6 +72,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from ltau_ase.core.atom_ids import ATOMS_PER_FRAME_BITS, global_atom_ids
 from ltau_ase.core.errorlog import (
+    DEFAULT_LOG_SUBDIR,
     ErrorLogWriter,
     check_rank_epochs,
     check_rank_universes,
@@ -167,7 +168,7 @@ class LTAUErrorLogger(lightning.Callback):
 
     def __init__(
         self,
-        log_dir: str | os.PathLike = "ltau_errors",
+        log_dir: str | os.PathLike = DEFAULT_LOG_SUBDIR,
         mode: str = "free",
         components: bool = False,
         energy: bool = False,

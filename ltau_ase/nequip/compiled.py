@@ -153,7 +153,7 @@ def compile_model(
             ``allow_model_mismatch``; its descriptor dimension must equal the model's.
         mode, device: as nequip-compile's ``--mode`` / ``--device`` (the file runs on that device only).
         reference: ``"exact"`` (all training latents) or ``"compressed"`` (k-means centroids).
-        n_centroids: centroids of the compressed reference (default N / 16, at most 4096).
+        n_centroids: centroids of the compressed reference (default N / 8, at most 4096).
         overwrite: replace an existing ``output_path``.
         example: an ``ase.Atoms`` used to trace shapes (default :func:`default_example`).
         load_kwargs: for ``LatentNequIPCalculator.from_model_file`` (e.g.
@@ -232,7 +232,10 @@ def compile_model(
             save_torchscript_model(graph_model, metadata, str(tmp), dev)
         else:
             _export_aoti(graph_model, data, outputs, metadata, str(tmp), dev)
-        os.replace(tmp, out)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)  # fails if OUTPUT appeared meanwhile: never replace a file not meant to be
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out

@@ -21,35 +21,14 @@ from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
 from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids
+from ltau_ase.core.checks import check_int
+from ltau_ase.core.trainingset import read_training_frames  # noqa: F401  (its old home)
 from ltau_ase.nequip.calculator import LATENT_FIELD, LatentNequIPCalculator, latent_dim
 
 ModelLike = Union[str, Path, NequIPCalculator]
 
 # positions go through the model's dtype (float32 or float64); Å
 _POSITION_ATOL = 1e-4
-
-
-def read_training_frames(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> list[Atoms]:
-    """Read all frames of one or more training files (any ASE format, e.g. extxyz), in file order.
-
-    Every frame must carry an integer ``atoms.info["frame_id"]``, unique across all files.
-
-    Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: a frame lacks a frame id, or ids repeat.
-    """
-    from ase.io import read
-
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    frames: list[Atoms] = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training file {path} does not exist")
-        frames.extend(read(path, index=":"))
-    frame_ids_of(frames)  # validates
-    return frames
 
 
 def _as_calculator(model_or_path: ModelLike, device: Union[str, torch.device]) -> NequIPCalculator:
@@ -114,8 +93,7 @@ def extract_descriptors(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     frames = list(frames)
     frame_ids = frame_ids_of(frames)
     n_atoms = np.asarray([len(a) for a in frames], dtype=np.int64)

@@ -9,69 +9,35 @@ the same atom ids, fits an :class:`~ltau_ase.core.estimator.LTAUEstimator` and s
 per-epoch checkpoints on the training set and writes an error log, so finished runs trained
 without :class:`~ltau_ase.nequip.callback.LTAUErrorLogger` can adopt LTAU.
 
-Model files are loaded through nequip's own loader (eager mode, via
-:meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`). nequip unpickles
-checkpoints: load only files you trust.
+Model files are loaded by :meth:`ltau_ase.nequip.calculator.LatentNequIPCalculator.from_model_file`:
+a checkpoint is read once, unpickled with ``weights_only=True`` and built from an allow-list of exact
+nequip classes (:mod:`ltau_ase.nequip.safe_load`), so no code named by the file runs.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from ase import Atoms
 
-from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids, split_atom_ids
-from ltau_ase.core.errorlog import FORMAT_NAME, EpochWindow, ErrorLog, ErrorLogWriter, load_error_logs
+from ltau_ase.core.atom_ids import frame_ids_of, global_atom_ids
+from ltau_ase.core.checks import check_int
+from ltau_ase.core.errorlog import (  # noqa: F401  (find_error_log, DEFAULT_LOG_SUBDIR: re-exported, old home)
+    DEFAULT_LOG_SUBDIR,
+    EpochWindow,
+    ErrorLog,
+    ErrorLogWriter,
+    find_error_log,
+    load_error_logs,
+)
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
 from ltau_ase.core.index import choose_index
+from ltau_ase.core.trainingset import as_paths, frames_for_atom_ids, read_training_frames
 
 PathLike = str | os.PathLike
-DEFAULT_LOG_SUBDIR = "ltau_errors"
-
-
-def _is_error_log(path: Path) -> bool:
-    meta = path / "meta.json"
-    if not meta.is_file():
-        return False
-    try:
-        import json
-
-        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def find_error_log(run_dir: PathLike) -> Path:
-    """The error-log directory of a run.
-
-    ``run_dir`` may be an error-log directory itself; otherwise ``run_dir/ltau_errors`` is used
-    when it exists, else the single error log found directly below ``run_dir``.
-
-    Raises:
-        FileNotFoundError: no log found.
-        ValueError: several logs found and none is ``ltau_errors`` (pass the log directory).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if _is_error_log(run_dir):
-        return run_dir
-    if _is_error_log(run_dir / DEFAULT_LOG_SUBDIR):
-        return run_dir / DEFAULT_LOG_SUBDIR
-    found = sorted(p for p in run_dir.iterdir() if p.is_dir() and _is_error_log(p))
-    if not found:
-        raise FileNotFoundError(
-            f"no LTAU error log in {run_dir}; expected a '{DEFAULT_LOG_SUBDIR}' directory written by "
-            "LTAUErrorLogger (or build one with error_logs_from_checkpoints)"
-        )
-    if len(found) > 1:
-        raise ValueError(
-            f"{run_dir} holds several error logs {[p.name for p in found]}; pass the wanted log directory instead"
-        )
-    return found[0]
 
 
 #: checkpoint names tried in order for a run's default model: last.ckpt first, the model that
@@ -101,20 +67,6 @@ def _default_model(log_dir: Path) -> Path:
     return default_checkpoint(run_dir)
 
 
-def _frames_for_ids(frames: Sequence[Atoms], log_ids: np.ndarray, train_files: Sequence[PathLike]) -> list[Atoms]:
-    """The training frames holding the logged atoms, in file order; raises if some are missing."""
-    frame_ids = frame_ids_of(frames)
-    wanted = np.unique(split_atom_ids(log_ids)[0])
-    missing = np.setdiff1d(wanted, frame_ids)
-    if missing.size:
-        raise ValueError(
-            f"{missing.size} frames of the error logs are not in the training files {[str(f) for f in train_files]} "
-            f"(frame ids e.g. {missing[:5].tolist()}); expected the files the runs were trained on"
-        )
-    keep = np.isin(frame_ids, wanted)
-    return [a for a, k in zip(frames, keep) if k]
-
-
 def fit_estimator_from_runs(
     run_dirs: PathLike | Sequence[PathLike],
     train_files: PathLike | Sequence[PathLike],
@@ -122,7 +74,7 @@ def fit_estimator_from_runs(
     k: int = 10,
     index: str = "auto",
     atol: float | None = None,
-    window: EpochWindow | dict | tuple | None = None,
+    window: EpochWindow | dict | tuple | str | None = "last_half",
     model: PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 16,
@@ -144,7 +96,8 @@ def fit_estimator_from_runs(
             (:func:`ltau_ase.core.index.choose_index`: flat below 1e5 training atoms, HNSW below 1e6,
             IVF-PQ with exact re-ranking above; the choice is recorded as ``metadata["index_choice"]``).
         atol: error threshold (eV/Å); None: the final models' training MAE.
-        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all.
+        window: epochs used (``EpochWindow(skip, last)``, dict or tuple); None: all; ``"last_half"``
+            (default): the last half, see ``LTAUEstimator``'s ``window``.
         model: checkpoint / package file giving the descriptors; default the first run's
             ``last.ckpt`` (else ``best.ckpt``; for a checkpoint-ensemble log its last
             checkpoint), the file the README's ``from_model`` / ``ltau relax`` load. Its SHA-256
@@ -159,13 +112,9 @@ def fit_estimator_from_runs(
         ValueError: logs of different atoms, frames missing, or descriptors not aligned with the logs.
     """
     from ltau_ase.nequip.calculator import LatentNequIPCalculator
-    from ltau_ase.nequip.descriptors import extract_descriptors, read_training_frames
+    from ltau_ase.nequip.descriptors import extract_descriptors
 
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    if isinstance(train_files, (str, os.PathLike)):
-        train_files = [train_files]
-    run_dirs, train_files = [Path(r) for r in run_dirs], [Path(f) for f in train_files]
+    run_dirs, train_files = as_paths(run_dirs), as_paths(train_files)
     if not run_dirs:
         raise ValueError("no run directories given; expected at least one nequip run")
     log_dirs = [find_error_log(r) for r in run_dirs]
@@ -178,7 +127,7 @@ def fit_estimator_from_runs(
     if index == "auto":
         index, index_choice = choose_index(log_ids.size)
 
-    frames = _frames_for_ids(read_training_frames(train_files), log_ids, train_files)
+    frames = frames_for_atom_ids(read_training_frames(train_files), log_ids, train_files)
     # one read of the model file gives both the descriptors and the recorded hash
     calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
     params = dict(estimator_params)
@@ -186,10 +135,9 @@ def fit_estimator_from_runs(
     if params.get("max_memory") is not None:
         # Say so before the long descriptor pass: D from one frame, epochs and atoms from the logs.
         _, probe = extract_descriptors(calc, frames[:1], device=device, batch_size=1, progress=False)
-        win = EpochWindow.coerce(window)
-        LTAUEstimator(k=k, index=index, atol=atol, window=window, **params).check_fit_memory(
-            log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs]
-        )
+        budget = LTAUEstimator(k=k, index=index, atol=atol, window=window, **params)
+        win = budget.resolve_window(logs) or EpochWindow()  # "last_half" becomes the epochs it keeps
+        budget.check_fit_memory(log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs])
     desc_ids, descriptors = extract_descriptors(
         calc, frames, device=device, batch_size=batch_size, progress=progress
     )
@@ -215,7 +163,7 @@ def fit_estimator_from_runs(
         "index": index,
         "index_choice": index_choice,
         "atol": None if atol is None else float(atol),
-        "epoch_window": EpochWindow.coerce(window).to_dict(),
+        "epoch_window": window if isinstance(window, str) else EpochWindow.coerce(window).to_dict(),
         "run_dirs": [str(r.resolve()) for r in run_dirs],
         "error_logs": [str(d.resolve()) for d in log_dirs],
         "train_files": [str(f.resolve()) for f in train_files],
@@ -241,7 +189,7 @@ def error_logs_from_checkpoints(
     batch_size: int = 16,
     components: bool = False,
     progress: bool = True,
-    trusted_targets: tuple[str, ...] = (),
+    trusted_targets: Sequence[Callable[..., Any]] = (),
 ) -> Path:
     """Checkpoint-ensemble mode: an error log from saved per-epoch checkpoints.
 
@@ -254,8 +202,9 @@ def error_logs_from_checkpoints(
         train_files: training data (extxyz with ``info["frame_id"]`` and reference forces).
         log_dir: output error-log directory (must not hold a log already).
         components: also store absolute per-component errors (N, 3).
-        trusted_targets: extra ``_target_`` prefixes allowed in the checkpoints' configs (e.g. a
-            project's own Lightning callbacks); see :func:`ltau_ase.nequip.safe_load.verify_checkpoint`.
+        trusted_targets: extra model-builder objects (not names) the checkpoints' model configuration
+            may name, e.g. a plugin's builder; see :mod:`ltau_ase.nequip.safe_load`. Callbacks and the
+            other training sections are never acted on when loading, so they need no trust.
     Returns:
         ``log_dir``.
     """
@@ -264,7 +213,6 @@ def error_logs_from_checkpoints(
     from tqdm.auto import tqdm
 
     from ltau_ase.nequip.calculator import LatentNequIPCalculator
-    from ltau_ase.nequip.descriptors import read_training_frames
 
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:
@@ -272,11 +220,8 @@ def error_logs_from_checkpoints(
     for c in checkpoints:
         if not c.is_file():
             raise FileNotFoundError(f"checkpoint {c} does not exist")
-    if isinstance(train_files, (str, os.PathLike)):
-        train_files = [train_files]
-    train_files = [Path(f) for f in train_files]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    train_files = as_paths(train_files)
+    check_int(batch_size, "batch_size")
     frames = read_training_frames(train_files)
     n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
     atom_ids = global_atom_ids(frame_ids_of(frames), n_atoms)

@@ -150,7 +150,8 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
         return (diff * diff).sum(-1).sqrt()
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        x = data[LATENT_FIELD].to(torch.float32)
+        # the UQ needs no gradients (forces were taken before this module runs)
+        x = data[LATENT_FIELD].detach().to(torch.float32)
         r = self.reference.shape[0]
         if self.compressed:
             # nearest centroids, ranked by exact distance; their counts fill k member slots
@@ -226,13 +227,14 @@ class InModelLTAUCalculator(LatentNequIPCalculator):
 
 
 def _training_latents(estimator: Any) -> np.ndarray:
-    """(N, D) float32 training latents stored in the estimator's FAISS index (flat or HNSW: lossless)."""
-    if estimator.index_.kind == "ivfpq":
+    """(N, D) float32 training latents kept by the estimator's index (flat, HNSW, IVF-PQ with re-ranking)."""
+    x = estimator.index_.training_vectors()
+    if x is None:
         raise ValueError(
-            "the estimator's ivfpq index stores only product-quantised codes, not the training latents; "
-            "refit it with index='flat' or 'hnsw' to compile LTAU into the model"
+            f"the estimator's {estimator.index_.kind} index stores only compressed codes, not the training latents; "
+            "refit it with index='flat' or 'hnsw' (or ivfpq with refine > 0) to compile LTAU into the model"
         )
-    return np.ascontiguousarray(estimator.index_.index.reconstruct_n(0, estimator.n_train_atoms_), dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def reference_from_estimator(
@@ -243,7 +245,7 @@ def reference_from_estimator(
     Confidences are the training atoms' probabilities at the estimator's fitted threshold / scale
     (``estimator.train_confidence(None)``, exactly what ``predict()`` averages) and mean errors are
     scale × the logged means. ``mode="compressed"`` clusters the N latents into ``n_centroids``
-    (default N / 16, at most 4096, at least 4·k) k-means centroids (FAISS, 20 iterations, ``seed``) and pools the
+    (default N / 8, at most 4096, at least 4·k) k-means centroids (FAISS, 20 iterations, ``seed``) and pools the
     members' statistics (means and counts).
 
     Returns:
@@ -264,7 +266,7 @@ def reference_from_estimator(
 
     n = x.shape[0]
     k = out["k"]
-    c = int(n_centroids) if n_centroids is not None else min(n, max(4 * k, min(n // 16, MAX_DEFAULT_CENTROIDS)))
+    c = int(n_centroids) if n_centroids is not None else min(n, max(4 * k, min(n // 8, MAX_DEFAULT_CENTROIDS)))
     if not 1 <= c <= n:
         raise ValueError(f"n_centroids must lie in [1, {n}]; got {c}")
     if estimator.weights != "uniform":

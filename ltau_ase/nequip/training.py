@@ -12,6 +12,7 @@ therefore use ``NequIPDataModule`` with one ``torch.utils.data.ConcatDataset`` o
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -25,8 +26,16 @@ from ase import Atoms
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import chemical_symbols
 
-from ltau_ase.core.atom_ids import FRAME_ID_KEY, frame_ids_of
+from ltau_ase.core.atom_ids import FRAME_ID_KEY
+from ltau_ase.core.checks import check_int
+from ltau_ase.core.trainingset import (  # noqa: F401  (assign_frame_ids, write_training_file: their old home)
+    as_paths,
+    assign_frame_ids,
+    read_training_frames,
+    write_training_file,
+)
 
 ERROR_LOGGER_TARGET = "ltau_ase.nequip.callback.LTAUErrorLogger"
 # a tiny model for tests and quick demos: ~1 s per epoch on 1k atoms on 2 CPU cores
@@ -69,35 +78,34 @@ def emt_slab_frames(
     return frames
 
 
-def assign_frame_ids(frames: Sequence[Atoms], first_frame_id: int = 0) -> list[Atoms]:
-    """Set ``atoms.info["frame_id"] = first_frame_id + i`` on each frame (in place) and return them."""
-    for i, atoms in enumerate(frames):
-        atoms.info[FRAME_ID_KEY] = int(first_frame_id + i)
-    return list(frames)
+#: the packaged nequip config template (package data): a plain nequip 0.19 config with the error logger
+CONFIG_TEMPLATE = "nequip_ltau.yaml"
 
 
-def write_training_file(path: str | os.PathLike, frames: Sequence[Atoms]) -> Path:
-    """Write frames (each with an integer ``info["frame_id"]``, unique) to an extxyz file.
+def config_template_path() -> Path:
+    """Path of the packaged template ``ltau_ase/nequip/templates/nequip_ltau.yaml`` (read it as a nequip config)."""
+    from importlib.resources import files
 
-    Energies and forces are taken from each frame's calculator. Raises ValueError when a frame
-    has no ``frame_id`` or ids repeat.
-    """
+    return Path(str(files("ltau_ase.nequip").joinpath("templates", CONFIG_TEMPLATE)))
+
+
+def load_config_template() -> dict:
+    """The template as a dict (a fresh copy each call)."""
+    with open(config_template_path(), encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _ase_dataset(prototype: dict, file_path: str | os.PathLike, include_keys: list[str]) -> dict:
+    ds = copy.deepcopy(prototype)
+    ds["file_path"] = str(Path(file_path).resolve())
+    ds["include_keys"] = list(include_keys)
+    return ds
+
+
+def _count_frames(files: Sequence[Path]) -> int:
     import ase.io
 
-    frame_ids_of(frames)  # every frame needs a unique integer frame_id (see assign_frame_ids)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(path, list(frames), format="extxyz")
-    return path
-
-
-def _ase_dataset(file_path: str | os.PathLike, transforms: list, include_keys: list[str]) -> dict:
-    return {
-        "_target_": "nequip.data.dataset.ASEDataset",
-        "file_path": str(Path(file_path).resolve()),
-        "transforms": transforms,
-        "include_keys": list(include_keys),
-    }
+    return sum(sum(1 for _ in ase.io.iread(str(f), format="extxyz")) for f in files)
 
 
 def write_nequip_config(
@@ -125,18 +133,25 @@ def write_nequip_config(
     save_every_epoch: bool = False,
     model_dtype: str = "float32",
     accelerator: str = "cpu",
+    error_logger: bool | dict = False,
 ) -> Path:
-    """Write an ordinary nequip 0.19 training config (YAML) and return its path.
+    """Write an ordinary nequip 0.19 training config (YAML): the packaged template with these values.
+
+    The template (:func:`config_template_path`, ``ltau_ase/nequip/templates/nequip_ltau.yaml``) is a
+    plain nequip config whose top-level knobs (``seed``, ``data_seed``, ``type_names``, ``r_max``,
+    ``num_layers``, ``num_features``, ``l_max``, ``batch_size``, ``lr``, ``max_epochs``,
+    ``model_dtype``, ``accelerator``) the sections refer to as ``${...}``; this function sets them and
+    the dataset list, and returns the written path.
 
     Args:
         path: YAML file to write.
-        train_files: one or more extxyz files (concatenated into the single training dataset).
+        train_files: one or more extxyz files (concatenated into the single training dataset); every
+            frame needs ``atoms.info["frame_id"]``.
         type_names: chemical symbols, used as nequip type names (identity species→type map).
         val_file: validation extxyz file. If None, ``n_val`` frames are split off the
-            concatenated training files at random (nequip's ``split_dataset`` with ``seed``).
+            concatenated training files at random (nequip's ``split_dataset`` with ``data_seed``).
         callbacks: extra Lightning callback configs (dicts with ``_target_``) appended to
-            ``trainer.callbacks``, e.g. ``{"_target_": "ltau_ase.nequip.callback.LTAUErrorLogger",
-            "log_dir": ...}``.
+            ``trainer.callbacks``.
         seed: model seed (also the data seed unless ``data_seed`` is given).
         data_seed: seed of the data module (train/val split, shuffling); keep it fixed across the
             M runs of an ensemble so they share the same training atoms.
@@ -145,144 +160,138 @@ def write_nequip_config(
         accelerator: Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"``); one device.
         save_every_epoch: also keep one checkpoint per epoch in ``<run dir>/epochs/epochNNNN.ckpt``
             (for :func:`ltau_ase.nequip.fit.error_logs_from_checkpoints`).
-    Outputs of the run (in the Hydra run dir): ``best.ckpt`` (lowest validation loss) and
-    ``last.ckpt`` (final epoch).
+        error_logger: keep the template's ``LTAUErrorLogger`` (free mode, ``<run dir>/ltau_errors``);
+            a dict updates its arguments (e.g. ``{"mode": "exact"}``); False drops it (pass your own
+            in ``callbacks``).
+    Outputs of the run (in the Hydra run dir): ``best.ckpt`` (lowest validation loss),
+    ``last.ckpt`` (final epoch) and, with the logger, ``ltau_errors/``.
     """
-    if isinstance(train_files, (str, os.PathLike)):
-        train_files = [train_files]
-    train_files = [Path(f) for f in train_files]
+    train_files = as_paths(train_files)
     if not train_files:
         raise ValueError("train_files is empty; expected at least one extxyz file")
     for f in train_files + ([Path(val_file)] if val_file is not None else []):
         if not f.is_file():
             raise FileNotFoundError(f"training data file {f} does not exist")
+    config = load_config_template()
     type_names = list(type_names)
-    transforms = [
-        {
-            "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-            "model_type_names": type_names,
-            "chemical_species_to_atom_type_map": {t: t for t in type_names},
-        },
-        {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": float(r_max)},
-    ]
+    config.update(seed=int(seed), data_seed=int(seed if data_seed is None else data_seed), type_names=type_names,
+                  r_max=float(r_max), num_layers=int(num_layers), num_features=int(num_features),
+                  radial_mlp_width=max(8, int(num_features)), l_max=int(l_max), batch_size=int(batch_size),
+                  lr=float(lr), max_epochs=int(max_epochs), model_dtype=model_dtype, accelerator=accelerator)
+    prototype = config.pop("_dataset")
     include_keys = list(include_keys)
-    train_ds = {
-        "_target_": "torch.utils.data.ConcatDataset",
-        "datasets": [_ase_dataset(f, transforms, include_keys) for f in train_files],
-    }
-    dataloader = {"_target_": "torch.utils.data.DataLoader", "batch_size": int(batch_size)}
-    data: dict[str, Any] = {
-        "_target_": "nequip.data.datamodule.NequIPDataModule",
-        "seed": int(seed if data_seed is None else data_seed),
-        "train_dataloader": dict(dataloader, shuffle=bool(shuffle)),
-        "val_dataloader": dataloader,
-        "stats_manager": {"_target_": "nequip.data.CommonDataStatisticsManager", "type_names": type_names},
-    }
+    data = config["data"]
+    split = data.pop("split_dataset")
+    train_ds = split["dataset"]
+    train_ds["datasets"] = [_ase_dataset(prototype, f, include_keys) for f in train_files]
+    data["train_dataloader"]["shuffle"] = bool(shuffle)
     if val_file is not None:
         data["train_dataset"] = train_ds
-        data["val_dataset"] = _ase_dataset(val_file, transforms, include_keys)
+        data["val_dataset"] = _ase_dataset(prototype, val_file, include_keys)
     else:
         if n_val is None or n_val < 1:
             raise ValueError("without val_file, give n_val >= 1 frames to split off the training files")
-        import ase.io
-
-        n_total = sum(sum(1 for _ in ase.io.iread(str(f), format="extxyz")) for f in train_files)
+        n_total = _count_frames(train_files)
         if n_val >= n_total:
             raise ValueError(f"n_val={n_val} leaves no training frames out of {n_total}")
         data["split_dataset"] = {"dataset": train_ds, "train": n_total - int(n_val), "val": int(n_val)}
+    # keep the data module's keys in nequip's usual order: datasets first
+    config["data"] = {k: data[k] for k in ("_target_", "seed", "train_dataset", "val_dataset", "split_dataset",
+                                           "train_dataloader", "val_dataloader", "stats_manager") if k in data}
 
-    run_dir = "${hydra:runtime.output_dir}"
-    trainer_callbacks: list[dict] = [
-        {
-            "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "monitor": "val0_epoch/weighted_sum",
-            "dirpath": run_dir,
-            "filename": "best",
-            "save_top_k": 1,
-            "save_last": False,
-        },
-        # unmonitored, so last.ckpt always holds the final epoch (a monitored checkpoint's
-        # save_last only refreshes last.ckpt when the monitored value improves)
-        {
-            "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "dirpath": run_dir,
-            "filename": "latest",
-            "save_top_k": 1,
-            "save_last": True,
-        },
-    ]
+    trainer_callbacks = config["trainer"]["callbacks"]
+    logger = next(c for c in trainer_callbacks if c["_target_"] == ERROR_LOGGER_TARGET)
+    trainer_callbacks.remove(logger)
     if save_every_epoch:
-        trainer_callbacks.append(
-            {
-                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "dirpath": run_dir + "/epochs",
-                "filename": "epoch{epoch:04d}",
-                "auto_insert_metric_name": False,
-                "every_n_epochs": 1,
-                "save_top_k": -1,
-                # unused without a monitor; makes Lightning's callback state key differ from "latest"
-                "mode": "max",
-            }
-        )
-    trainer_callbacks.extend(dict(c) for c in callbacks)
+        trainer_callbacks.append({
+            "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "dirpath": "${hydra:runtime.output_dir}/epochs",
+            "filename": "epoch{epoch:04d}",
+            "auto_insert_metric_name": False,
+            "every_n_epochs": 1,
+            "save_top_k": -1,
+            # unused without a monitor; makes Lightning's callback state key differ from "latest"
+            "mode": "max",
+        })
+    if error_logger:
+        trainer_callbacks.append({**logger, **(error_logger if isinstance(error_logger, dict) else {})})
+    trainer_callbacks.extend(copy.deepcopy(dict(c)) for c in callbacks)
 
-    module: dict[str, Any] = {
-        "_target_": training_module,
-        "loss": loss
-        or {
-            "_target_": "nequip.train.EnergyForceLoss",
-            "per_atom_energy": True,
-            "coeffs": {"total_energy": 1.0, "forces": 1.0},
-        },
-        "val_metrics": {
-            "_target_": "nequip.train.EnergyForceMetrics",
-            "coeffs": {"total_energy_mae": 1.0, "forces_mae": 1.0},
-        },
-        "optimizer": {"_target_": "torch.optim.Adam", "lr": float(lr)},
-        "model": {
-            "_target_": "nequip.model.NequIPGNNModel",
-            "seed": int(seed),
-            "model_dtype": model_dtype,
-            "type_names": type_names,
-            "r_max": float(r_max),
-            "l_max": int(l_max),
-            "parity": True,
-            "num_layers": int(num_layers),
-            "num_features": int(num_features),
-            "radial_mlp_depth": 1,
-            "radial_mlp_width": max(8, int(num_features)),
-            "avg_num_neighbors": "${training_data_stats:num_neighbors_mean}",
-            "per_type_energy_shifts": "${training_data_stats:per_atom_energy_mean}",
-            "per_type_energy_scales": "${training_data_stats:forces_rms}",
-        },
-    }
+    module = config["training_module"]
+    module["_target_"] = training_module
+    if loss is not None:
+        module["loss"] = copy.deepcopy(loss)
     if training_module.endswith("EMALightningModule"):
         module["ema_decay"] = float(ema_decay)
-
-    config = {
-        "run": ["train"],
-        "seed": int(seed),
-        "data": data,
-        "trainer": {
-            "_target_": "lightning.Trainer",
-            "accelerator": accelerator,
-            "devices": 1,
-            "max_epochs": int(max_epochs),
-            "check_val_every_n_epoch": 1,
-            "log_every_n_steps": 1000,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "callbacks": trainer_callbacks,
-        },
-        "training_module": module,
-    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     return path
+
+
+def write_ensemble_configs(
+    directory: str | os.PathLike,
+    train_files: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    type_names: Sequence[str] | None = None,
+    n_members: int = 3,
+    val_file: str | os.PathLike | None = None,
+    n_val: int | None = None,
+    data_seed: int = 0,
+    first_seed: int = 1,
+    **config: Any,
+) -> list[Path]:
+    """The nequip configs of an LTAU ensemble: ``member1.yaml`` ... ``memberM.yaml`` in ``directory``.
+
+    The members differ only in the model ``seed`` (``first_seed``, ``first_seed + 1``, ...); they share
+    ``data_seed`` and therefore one train/validation split, so their error logs hold the same
+    training atoms (``ltau fit`` refuses runs that do not). The training files are checked first:
+    every frame needs a unique integer ``atoms.info["frame_id"]`` and the type names (default: the
+    chemical symbols found in the files, by atomic number) must cover their elements. Other keywords go to :func:`write_nequip_config` (``max_epochs``, ``r_max``,
+    ...); the error logger is on (free mode, ``<run dir>/ltau_errors``) unless ``error_logger=False``.
+    Returns the config paths; train each with ``nequip-train -cp <directory> -cn memberI.yaml
+    hydra.run.dir=runs/seedI``.
+    """
+    n_members = check_int(n_members, "n_members")
+    train_files = as_paths(train_files)
+    frames = read_training_frames(train_files + ([Path(val_file)] if val_file is not None else []))
+    numbers = sorted({int(z) for a in frames for z in a.numbers})
+    elements = [chemical_symbols[z] for z in numbers]
+    if type_names is None:
+        type_names = elements
+    missing = sorted(set(elements) - set(type_names))
+    if missing:
+        raise ValueError(f"the training data hold elements {missing} that type_names {list(type_names)} lacks")
+    config.setdefault("error_logger", True)
+    directory = Path(directory)
+    paths = [write_nequip_config(directory / f"member{i + 1}.yaml", train_files, type_names=type_names,
+                                 val_file=val_file, n_val=n_val, seed=first_seed + i, data_seed=data_seed, **config)
+             for i in range(n_members)]
+    check_shared_split(paths)
+    return paths
+
+
+def check_shared_split(config_paths: Sequence[str | os.PathLike]) -> None:
+    """Raise ValueError unless the nequip configs share their data section (files, split, data seed).
+
+    The check ``ltau fit`` would otherwise make only after every member has trained: the members of
+    an ensemble must log the same training atoms.
+    """
+    datas = []
+    for p in config_paths:
+        with open(p, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh)
+        data = dict(cfg.get("data") or {})
+        if isinstance(data.get("seed"), str) and data["seed"].strip() == "${data_seed}":
+            data["seed"] = cfg.get("data_seed")
+        datas.append((Path(p), data))
+    ref_path, ref = datas[0]
+    for path, data in datas[1:]:
+        if data != ref:
+            keys = sorted(k for k in set(ref) | set(data) if ref.get(k) != data.get(k))
+            raise ValueError(f"{path} and {ref_path} differ in data.{keys}: the members of an ensemble must share "
+                             "their training files, train/validation split and data seed (vary only the model seed)")
 
 
 def train_nequip(

@@ -45,7 +45,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -55,6 +55,7 @@ from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from ltau_ase.core.checks import check_int
 from ltau_ase.simulate.calculator import PER_ATOM_UQ
 from ltau_ase.simulate.observers import RelaxationUQObserver, check_reduce
 
@@ -538,6 +539,22 @@ def check_batch_args(calculator_factory: Any, n_workers: Any = None, scheduler_t
                         "each worker builds its calculator once") from None
 
 
+def local_cluster(n_workers: int = 1, dashboard: str | None = None) -> Any:
+    """The in-process Dask cluster of :func:`relax_batch`: ``n_workers`` threads of this process.
+
+    Every server it opens (scheduler and worker HTTP endpoints) listens on 127.0.0.1 only; the
+    scheduler serves its dashboard pages only when ``dashboard`` gives an address (e.g.
+    ``"127.0.0.1:8787"``), otherwise just ``/health`` and metrics on a random local port.
+    """
+    from distributed import LocalCluster
+
+    # a LocalCluster asked for no or negative workers waits forever for them: refuse instead
+    n_workers = check_int(n_workers, "n_workers", minimum=1)
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                        dashboard_address=dashboard or "127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+                        scheduler_kwargs={"dashboard": dashboard is not None})
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None, dashboard: str | None = None,
                 scheduler_timeout: float = 30.0) -> Iterator[Any]:
@@ -548,16 +565,11 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None, dash
     at ``dashboard``. Else the running scheduler at that address (ConnectionError when it does not
     answer within ``scheduler_timeout`` s), left running.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cluster = None
     if scheduler is None:
-        # threads in this process; every server it opens listens on 127.0.0.1 only, and the scheduler
-        # serves dashboard pages only when asked to
-        cluster = LocalCluster(n_workers=int(n_workers or 1), threads_per_worker=1, processes=False,
-                               dashboard_address=dashboard or "127.0.0.1:0",
-                               worker_dashboard_address="127.0.0.1:0",
-                               scheduler_kwargs={"dashboard": dashboard is not None})
+        cluster = local_cluster(1 if n_workers is None else n_workers, dashboard)
         client = Client(cluster)
     else:
         try:
@@ -713,13 +725,55 @@ def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, r
 
 
 # ---------------------------------------------------------------------------- reading back
-def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Records of a relaxation database, in insertion order.
+@dataclass
+class RelaxationRecord:
+    """One relaxation as stored in the database by :func:`relax_batch` (what :func:`load_results` returns).
 
-    Each record: ``name``, ``group``, ``status``, ``reason``, ``converged``, ``nsteps``, ``wall_time``,
-    ``uq_initial``, ``uq_max``, ``uq_mean``, ``uq_final`` (NaN when absent), ``trace`` (array or None),
-    ``atoms`` (final structure), ``reference`` (Atoms or None), ``per_atom`` (dict of final UQ arrays).
-    ``statuses`` filters rows (e.g. ``("done", "unconverged")``).
+    Attributes:
+        name, group: the system's unique name and its group (e.g. in/out of domain).
+        status: ``"done"`` | ``"unconverged"`` | ``"failed"``; ``reason`` says why it failed.
+        converged, nsteps, wall_time: optimizer outcome, steps taken, seconds.
+        uq_initial, uq_max, uq_mean, uq_final: the RelaxationUQObserver statistics (NaN when absent).
+        trace: (nsteps + 1,) per-step UQ or None.
+        atoms: final structure (energy and forces as calculator results).
+        reference: reference relaxed structure stored with ``references=`` (or None).
+        per_atom: final per-atom UQ arrays (``ltau_uncertainties`` ...), each (N,).
+
+    ``record["name"]`` etc. also work (the dict records of earlier versions).
+    """
+
+    name: str
+    group: str = DEFAULT_GROUP
+    status: str = "done"
+    reason: str = ""
+    converged: bool = False
+    nsteps: int | None = None
+    wall_time: float = float("nan")
+    uq_initial: float = float("nan")
+    uq_max: float = float("nan")
+    uq_mean: float = float("nan")
+    uq_final: float = float("nan")
+    trace: np.ndarray | None = None
+    atoms: Atoms | None = None
+    reference: Atoms | None = None
+    per_atom: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def uq(self) -> dict[str, float]:
+        """``{"initial", "max", "mean", "final"}`` UQ statistics of the relaxation."""
+        return {"initial": self.uq_initial, "max": self.uq_max, "mean": self.uq_mean, "final": self.uq_final}
+
+
+def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[RelaxationRecord]:
+    """The :class:`RelaxationRecord` of every row of a relaxation database, in insertion order.
+
+    ``statuses`` filters rows (e.g. ``("done", "unconverged")``). For the IS2RS table of these records
+    use :func:`ltau_ase.is2rs.records_table`.
     """
     from ase.db import connect
 
@@ -742,13 +796,11 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
             fixed = np.asarray(data["reference_fixed"], dtype=bool)
             if fixed.any():
                 ref.set_constraint(FixAtoms(mask=fixed))
-        rec = {"name": row.get("name"), "group": row.get("group", DEFAULT_GROUP), "status": status,
-               "reason": row.get("reason", ""), "converged": bool(row.get("converged", False)),
-               "nsteps": row.get("nsteps"), "wall_time": row.get("wall_time", float("nan")),
-               "trace": np.asarray(data["trace"]) if "trace" in data else None,
-               "atoms": row.toatoms(), "reference": ref,
-               "per_atom": {k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")}}
-        for stat in ("initial", "max", "mean", "final"):
-            rec[f"uq_{stat}"] = row.get(f"uq_{stat}", float("nan"))
-        records.append(rec)
+        records.append(RelaxationRecord(
+            name=row.get("name"), group=row.get("group", DEFAULT_GROUP), status=status,
+            reason=row.get("reason", ""), converged=bool(row.get("converged", False)), nsteps=row.get("nsteps"),
+            wall_time=row.get("wall_time", float("nan")),
+            trace=np.asarray(data["trace"]) if "trace" in data else None, atoms=row.toatoms(), reference=ref,
+            per_atom={k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")},
+            **{f"uq_{stat}": row.get(f"uq_{stat}", float("nan")) for stat in ("initial", "max", "mean", "final")}))
     return records

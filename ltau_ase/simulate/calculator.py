@@ -9,6 +9,9 @@ per atom, shape (N,)
     ``expected_force_errors``   expected |F error| of the atom, eV/Å
     ``latent_distances``        mean Euclidean distance to the k nearest training descriptors, in the
                                 model's latent units (no physical unit)
+    ``force_error_bounds``      only with ``coverage=q`` and a calibrated estimator
+                                (``LTAUEstimator.fit_calibration``): split-conformal bound (eV/Å) with
+                                P(|F error| <= bound) >= q on data like the calibration set
 per structure (float)
     ``max_uncertainty``, ``mean_uncertainty``  over all atoms
 
@@ -26,10 +29,11 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances")
+from ltau_ase.core.estimator import unknown_species_policy
+
+PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds")
 PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
-_UNKNOWN_SPECIES_MODES = ("raise", "flag")
 
 # per-atom fields of a model that computes LTAU in its forward pass -> estimator.predict key
 MODEL_UQ_FIELDS = {
@@ -46,6 +50,7 @@ _PREDICT_TO_RESULT = {
     "expected_error": "expected_force_errors",
     "distance": "latent_distances",
 }
+_BOUND_RESULT = "force_error_bounds"
 
 
 def check_finite_geometry(atoms: Atoms) -> None:
@@ -85,25 +90,32 @@ class LTAUCalculator(Calculator):
         so the base calculator's own cache works and it computes each structure exactly once.
     estimator
         A fitted :class:`ltau_ase.core.estimator.LTAUEstimator` (or an object with the same
-        ``predict`` / ``n_features_in_`` / ``check_species`` / ``species_`` interface), or ``None``
-        when the base calculator's model computes LTAU itself (a model compiled with ``ltau compile``):
-        then ``calc.results`` must hold the per-atom fields ``ltau_uncertainty``, ``ltau_confidence``,
-        ``ltau_expected_force_error``, ``ltau_latent_distance`` of the same forward pass, the
-        threshold is the one compiled in (``threshold`` must be None) and the training species come
-        from ``calc.ltau_readout["species"]``.
+        ``predict(descriptors, threshold=, atomic_numbers=, unknown_species=)`` / ``n_features_in_``
+        interface), or ``None`` when the base calculator's model computes LTAU itself (a model
+        compiled with ``ltau compile``): then ``calc.results`` must hold the per-atom fields
+        ``ltau_uncertainty``, ``ltau_confidence``, ``ltau_expected_force_error``,
+        ``ltau_latent_distance`` of the same forward pass, the threshold is the one compiled in
+        (``threshold`` must be None) and the training species come from
+        ``calc.ltau_readout["species"]``.
     descriptors
         ``None``: take the (N, D) per-atom descriptors from ``calc.results["descriptors"]``, which the
         base calculator must fill in the same call that computes energy and forces (the model
         backends' calculators do). A callable ``descriptors(atoms) -> (N, D)`` computes them instead.
     threshold
         Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
+    coverage
+        q in (0, 1): also return ``force_error_bounds`` (eV/Å), the estimator's split-conformal
+        per-atom bounds at coverage q (needs an estimator calibrated with ``fit_calibration``).
     unknown_species
-        What to do with atoms of an element the estimator never saw in training:
-        ``"raise"`` (default) raises ``ValueError`` naming the elements, because the model's force on
-        such an atom is an extrapolation the error distributions say nothing about;
-        ``"flag"`` marks those atoms as maximally uncertain (uncertainty 1, confidence 0, expected
-        error NaN; latent distance still computed) and lists them in ``results["unknown_species"]``
-        (bool (N,)), so a simulation can continue and an :class:`UncertaintyStop` can fire on them.
+        Atoms of an element the estimator never saw in training (see
+        :class:`~ltau_ase.core.estimator.LTAUEstimator`, which owns this policy): ``None`` (default)
+        keeps the estimator's own policy (``"raise"`` unless it was fitted otherwise); ``"raise"``
+        raises ``ValueError`` naming the elements, because the model's force on such an atom is an
+        extrapolation the error distributions say nothing about; ``"flag"`` marks those atoms as
+        maximally uncertain (uncertainty 1, confidence 0, expected error NaN; latent distance still
+        computed), so a simulation can continue and an :class:`UncertaintyStop` can fire on them;
+        ``"ignore"`` judges them by their latent neighbours alone. ``results["unknown_species"]``
+        (bool (N,)) lists the flagged atoms.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
     """
@@ -114,11 +126,19 @@ class LTAUCalculator(Calculator):
         estimator: Any,
         descriptors: Callable[[Atoms], np.ndarray] | None = None,
         threshold: float | None = None,
-        unknown_species: str = "raise",
+        unknown_species: str | None = None,
+        coverage: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if unknown_species not in _UNKNOWN_SPECIES_MODES:
-            raise ValueError(f"unknown_species must be one of {_UNKNOWN_SPECIES_MODES}, got {unknown_species!r}")
+        if unknown_species is not None:
+            unknown_species_policy(unknown_species)  # the estimator's vocabulary; raises ValueError
+        if coverage is not None:
+            from ltau_ase.core.conformal import check_coverage
+
+            coverage = check_coverage(coverage)
+            if not getattr(estimator, "is_calibrated", False):
+                raise ValueError("coverage needs an estimator calibrated with fit_calibration (or `ltau calibrate`); "
+                                 "this one has no conformal calibration")
         if descriptors is not None and not callable(descriptors):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
@@ -135,9 +155,11 @@ class LTAUCalculator(Calculator):
         self.descriptors = descriptors
         self.threshold = threshold
         self.unknown_species = unknown_species
+        self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        self.implemented_properties = base + list(UQ_PROPERTIES)
+        uq = [p for p in UQ_PROPERTIES if p != _BOUND_RESULT or coverage is not None]
+        self.implemented_properties = base + uq
         self._base_properties = base
 
     # ------------------------------------------------------------------ construction
@@ -149,8 +171,9 @@ class LTAUCalculator(Calculator):
         device: str = "cpu",
         threshold: float | None = None,
         allow_model_mismatch: bool = False,
-        unknown_species: str = "raise",
+        unknown_species: str | None = None,
         backend: str | None = None,
+        coverage: float | None = None,
         **kwargs: Any,
     ) -> "LTAUCalculator":
         """Build from a model file and an estimator (file or fitted object).
@@ -195,7 +218,7 @@ class LTAUCalculator(Calculator):
         if loaded is not None and loaded != fingerprint:
             raise ValueError(f"model file {str(model_path)!r} changed while it was being loaded (sha256 {fingerprint} "
                              f"when checked, {loaded} when read); load it again once it is no longer being written")
-        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species)
+        return cls(base, estimator, threshold=threshold, unknown_species=unknown_species, coverage=coverage)
 
     @classmethod
     def from_nequip(cls, model_path: str | PathLike, estimator_path: str | PathLike | Any = None,
@@ -229,7 +252,7 @@ class LTAUCalculator(Calculator):
     def _uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
         if self.estimator is None:
-            return self._finish_uq(atoms, *self._model_uq(atoms, base_results))
+            return self._finish_uq(atoms, self._model_uq(atoms, base_results))
         if self.descriptors is not None:
             desc = self.descriptors(atoms)
             source = "descriptors(atoms)"
@@ -246,56 +269,51 @@ class LTAUCalculator(Calculator):
         if desc.ndim != 2 or desc.shape[0] != n or (d is not None and desc.shape[1] != d):
             raise ValueError(f"{source} has shape {desc.shape}, expected ({n}, {d}) for {n} atoms and an "
                              f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
-        unknown = np.zeros(n, dtype=bool)
-        if self.unknown_species == "raise":
-            # raises itself when the estimator is set to; otherwise returns the unseen elements
-            unseen = self.estimator.check_species(atoms.numbers)
-            if unseen is not None and len(unseen):
-                raise ValueError(f"structure contains elements Z={sorted(np.asarray(unseen).tolist())} never seen "
-                                 "in the estimator's training set; use unknown_species='flag' to mark them as "
-                                 "maximally uncertain instead")
-        else:
-            species = getattr(self.estimator, "species_", None)
-            if species is not None:
-                unknown = ~np.isin(atoms.numbers, np.asarray(species))
-        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold)
-        return self._finish_uq(atoms, pred, unknown)
+        # the estimator owns the unknown-element policy (raise / flag / ignore); this only maps results
+        extra = {} if self.coverage is None else {"coverage": self.coverage}
+        pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold,
+                                      atomic_numbers=np.asarray(atoms.numbers),
+                                      unknown_species=self.unknown_species, **extra)
+        return self._finish_uq(atoms, pred)
 
-    def _model_uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
-        """(the LTAU fields the base model computed in its forward pass as ``estimator.predict`` keys,
-        (N,) bool mask of atoms of elements the estimator never saw)."""
+    def _model_uq(self, atoms: Atoms, base_results: Mapping[str, Any]) -> dict[str, Any]:
+        """The LTAU fields the base model computed in its forward pass as ``estimator.predict`` keys, with
+        the unknown-species policy (the estimator's vocabulary; None: ``"raise"``) applied."""
         missing = [f for f in MODEL_UQ_FIELDS if f not in base_results]
         if missing:
             raise ValueError(f"{type(self.calc).__name__} returned no {missing}; expected a model compiled with "
                              "`ltau compile`, which outputs them")
+        pred = {key: np.array(base_results[field], dtype=np.float64) for field, key in MODEL_UQ_FIELDS.items()}
+        policy = unknown_species_policy(self.unknown_species or "raise")
         species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
         unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
-        if unseen and self.unknown_species == "raise":
+        if unseen and policy == "raise":
             raise ValueError(f"structure contains elements Z={unseen} never seen in the estimator's training set; "
                              "use unknown_species='flag' to mark them as maximally uncertain instead")
-        pred = {key: base_results[field] for field, key in MODEL_UQ_FIELDS.items()}
-        return pred, np.isin(atoms.numbers, unseen)
+        unknown = np.isin(atoms.numbers, unseen) if policy == "flag" else np.zeros(len(atoms), dtype=bool)
+        if unknown.any():  # the same marking LTAUEstimator.predict applies
+            pred["uncertainty"][unknown], pred["confidence"][unknown] = 1.0, 0.0
+            pred["expected_error"][unknown] = np.nan
+        pred["unknown_species"] = unknown
+        return pred
 
-    def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any], unknown: np.ndarray) -> dict[str, Any]:
+    def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
         out: dict[str, Any] = {}
-        for src, dst in _PREDICT_TO_RESULT.items():
+        mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}))
+        for src, dst in mapping.items():
             values = np.array(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
             out[dst] = values
-        if unknown.any():
-            out["uncertainties"][unknown] = 1.0
-            out["confidences"][unknown] = 0.0
-            out["expected_force_errors"][unknown] = np.nan
-        out["unknown_species"] = unknown
+        out["unknown_species"] = np.array(pred.get("unknown_species", np.zeros(n, dtype=bool)), dtype=bool)
         out["max_uncertainty"] = float(out["uncertainties"].max()) if n else float("nan")
         out["mean_uncertainty"] = float(out["uncertainties"].mean()) if n else float("nan")
         return out
 
     def todict(self) -> dict[str, Any]:
         return {"calc": type(self.calc).__name__, "threshold": self.threshold,
-                "unknown_species": self.unknown_species}
+                "unknown_species": self.unknown_species, "coverage": self.coverage}
 
 
 def store_uq_in_atoms(atoms: Atoms, results: Mapping[str, Any] | None = None) -> Atoms:

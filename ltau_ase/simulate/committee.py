@@ -153,8 +153,9 @@ def fit_committee_scale(
     The committee counterpart of ``LTAUEstimator.fit_scale``: the confidence of atom i is
     :func:`committee_confidence` ``(u_i, threshold, scale)`` and the observed outcome
     ``errors_i <= threshold``; the count-weighted miscalibration area
-    (:func:`ltau_ase.core.calibration.miscalibration_area`) is minimised over a log grid of
-    ``n_grid`` scales in ``bounds``.
+    (:func:`ltau_ase.core.calibration.miscalibration_area`) is minimised by the shared
+    :func:`ltau_ase.core.calibration.search_scale` over a log grid of ``n_grid`` scales in ``bounds``
+    (scale 1 kept unless a grid scale is strictly better).
 
     Args:
         uncertainties: (n,) committee uncertainties u_i (eV/Å).
@@ -163,7 +164,7 @@ def fit_committee_scale(
     Returns:
         dict(scale=best scale, before=miscalibration at scale 1, after=at the best scale).
     """
-    from ltau_ase.core.calibration import miscalibration_area
+    from ltau_ase.core.calibration import miscalibration_area, search_scale
 
     err = np.asarray(errors, dtype=np.float64)
     u = np.asarray(uncertainties, dtype=np.float64)
@@ -172,12 +173,9 @@ def fit_committee_scale(
     lo, hi = (float(b) for b in bounds)
     if not (0 < lo <= 1 <= hi and np.isfinite(hi)):
         raise ValueError(f"bounds must satisfy 0 < low <= 1 <= high; got {bounds}")
-    grid = np.unique(np.append(np.geomspace(lo, hi, int(n_grid)), 1.0))
-    values = np.array([miscalibration_area(committee_confidence(u, threshold, scale=s), err, threshold,
-                                           n_bins=n_bins) for s in grid])
-    best = int(np.argmin(values))
-    return {"scale": float(grid[best]), "before": float(values[grid == 1.0][0]), "after": float(values[best])}
-
+    return search_scale(lambda s: miscalibration_area(committee_confidence(u, threshold, scale=s), err, threshold,
+                                                      n_bins=n_bins),
+                        bounds=(lo, hi), n_grid=int(n_grid), refine=False, current=1.0)
 
 __all__ = ["COMMITTEE_PROPERTIES", "CommitteeCalculator", "committee_confidence",
            "fit_committee_scale"]

@@ -8,7 +8,9 @@ computation: optimizers and MD drivers have already evaluated the structure when
 - :class:`RelaxationUQObserver` records a per-step structure value (the reduced per-atom UQ) during a
   relaxation, including the initial structure, and summarises it (paper Fig. 4: initial, max, mean,
   final).
-- :class:`UncertaintyStop` stops MD or an optimizer cleanly when the value stays above a threshold.
+- :class:`UncertaintyStop` stops MD or an optimizer cleanly when the value stays above a threshold;
+  :func:`stop_threshold` / :meth:`UncertaintyStop.from_false_alarm_rate` choose that threshold from
+  in-domain runs for a stated false-alarm rate.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ase.calculators.calculator import all_properties, compare_atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from ltau_ase.core.checks import check_int, check_number
 from ltau_ase.core.paths import check_writable_file
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
 
@@ -182,6 +185,57 @@ class RelaxationUQObserver:
 
 
 # ---------------------------------------------------------------------------- stop
+def patience_peak(values: Sequence[float] | np.ndarray, patience: int = 1) -> float:
+    """The largest threshold a run's trace would exceed for ``patience`` consecutive steps.
+
+    A stop with threshold t and patience p fires on a trace iff some p consecutive values are all
+    > t, i.e. iff t < max over windows of the window minimum; that max-min is returned (-inf for a
+    trace shorter than p; NaN values count as +inf, since a NaN UQ always counts as exceeding).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"a trace must be 1-d (steps,); got shape {v.shape}")
+    if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+    v = np.where(np.isnan(v), np.inf, v)
+    if v.size < patience:
+        return -math.inf
+    windows = np.lib.stride_tricks.sliding_window_view(v, int(patience))
+    return float(windows.min(axis=1).max())
+
+
+def stop_threshold(traces: Sequence[Sequence[float] | np.ndarray], false_alarm_rate: float,
+                   patience: int = 1) -> float:
+    """Stop threshold with a stated per-run false-alarm rate, from in-domain reference runs.
+
+    ``traces`` are the per-step structure values (the statistic the stop will watch: same key,
+    ``atom_reduce`` and selection) of R in-domain runs as long as the runs to be monitored. Each run's
+    :func:`patience_peak` is the lowest threshold that would not stop it; the threshold is the
+    ⌈(R+1)(1−α)⌉-th smallest peak (a conformal quantile, :mod:`ltau_ase.core.conformal`), so a new
+    in-domain run exchangeable with the references fires with probability ≤ α. Longer runs than the
+    references have more chances to fire.
+
+    Args:
+        traces: R per-step traces (each (steps,)).
+        false_alarm_rate: α in (0, 1), the tolerated share of in-domain runs that stop.
+        patience: the stop's ``patience``.
+    Raises:
+        ValueError: fewer than ⌈(1−α)/α⌉ runs (no finite threshold has the guarantee), or bad input.
+    """
+    from ltau_ase.core.conformal import check_coverage, conformal_quantile
+
+    alpha = check_coverage(false_alarm_rate)
+    peaks = np.sort([patience_peak(t, patience) for t in traces])
+    if peaks.size == 0:
+        raise ValueError("stop_threshold needs at least one in-domain reference trace")
+    value = conformal_quantile(peaks, 1.0 - alpha)
+    if not math.isfinite(value):
+        need = int(math.ceil((1.0 - alpha) / alpha - 1e-9))  # rank ⌈(R+1)(1−α)⌉ <= R
+        raise ValueError(f"a false-alarm rate of {alpha:g} needs at least {need} in-domain reference runs "
+                         f"(got {peaks.size}); give more runs or a larger rate")
+    return value
+
+
 class UncertaintyStop:
     """Stop an ASE optimizer or MD run when the uncertainty stays too high.
 
@@ -207,6 +261,13 @@ class UncertaintyStop:
     values of an excursion do not raise their own bar). ``threshold``, if not None, then acts as an
     absolute ceiling that applies from the first step.
 
+    A threshold with a stated false-alarm rate comes from in-domain runs:
+    :meth:`from_false_alarm_rate` (see :func:`stop_threshold`). ``threshold=math.inf`` only records
+    ``values`` (the traces those reference runs need). With a calibrated estimator
+    (``LTAUEstimator.fit_calibration``) ``uncertainties`` and ``expected_force_errors`` are the
+    distance-aware ones; to watch the latent distance too, attach a second stop with
+    ``key="latent_distances"`` and split the false-alarm budget between the two (union bound).
+
     Note: an optimizer writing to a non-empty trajectory skips step-0 observers, so the initial
     structure is then first checked after step 1.
     """
@@ -218,14 +279,12 @@ class UncertaintyStop:
                  n_sigma: float = 3.0, select: Select = "all") -> None:
         if threshold is None and not adaptive:
             raise ValueError("threshold is required unless adaptive=True")
-        if threshold is not None and not math.isfinite(float(threshold)):
-            raise ValueError(f"threshold must be a finite number, got {threshold}")
-        if not isinstance(patience, (int, np.integer)) or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-        if adaptive and (not isinstance(warmup, (int, np.integer)) or warmup < 2):
-            raise ValueError(f"warmup must be an integer >= 2 in adaptive mode, got {warmup!r}")
-        if adaptive and not (math.isfinite(n_sigma) and n_sigma >= 0):
-            raise ValueError(f"n_sigma must be a finite number >= 0, got {n_sigma}")
+        if not (isinstance(threshold, (int, float, np.floating)) and threshold == math.inf):  # +inf: record only
+            check_number(threshold, "threshold", allow_none=True)
+        check_int(patience, "patience")
+        if adaptive:
+            check_int(warmup, "warmup (adaptive mode)", minimum=2)
+            check_number(n_sigma, "n_sigma", minimum=0)
         if on_trigger is not None and not callable(on_trigger):
             raise TypeError(f"on_trigger must be callable(atoms, info), got {type(on_trigger)}")
         self.dyn = dyn
@@ -259,6 +318,21 @@ class UncertaintyStop:
         self._n = 0  # Welford running stats of non-exceeding values (adaptive mode)
         self._mean = 0.0
         self._m2 = 0.0
+
+    @classmethod
+    def from_false_alarm_rate(cls, dyn: Any, reference_traces: Sequence[Sequence[float] | np.ndarray],
+                              false_alarm_rate: float, patience: int = 1, **kwargs: Any) -> "UncertaintyStop":
+        """A stop whose threshold is :func:`stop_threshold` ``(reference_traces, false_alarm_rate, patience)``.
+
+        ``reference_traces`` must be the same statistic (``key``, ``atom_reduce``, ``select`` in
+        ``kwargs``) recorded on in-domain runs, e.g. ``stop.values`` of stops built with
+        ``threshold=math.inf``. Sets ``false_alarm_rate`` and ``n_reference_runs`` on the stop.
+        """
+        threshold = stop_threshold(reference_traces, false_alarm_rate, patience)
+        stop = cls(dyn, threshold=threshold, patience=patience, **kwargs)
+        stop.false_alarm_rate = float(false_alarm_rate)
+        stop.n_reference_runs = len(reference_traces)
+        return stop
 
     def current_bound(self) -> float:
         """The threshold the next value is compared with (inf while an adaptive warm-up lasts)."""

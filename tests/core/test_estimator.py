@@ -41,7 +41,7 @@ def make_data(seed=0, n=300, d=6, runs=(15, 20), n_query=40):
 @pytest.mark.parametrize("distribution", ["exact", "compact"])
 def test_fit_and_predict_match_brute_force(distribution):
     x, errs, q = make_data()
-    est = LTAUEstimator(k=7, distribution=distribution).fit(x, errs)
+    est = LTAUEstimator(k=7, distribution=distribution, window=None).fit(x, errs)  # every epoch, as Algorithm 1
     atol = np.mean([np.nanmean(r[-1].astype(np.float64)) for r in errs])
     assert est.atol_ == pytest.approx(atol, rel=1e-12)
     mu, sigma = ref_confidence(errs, atol)
@@ -72,7 +72,7 @@ def test_fit_and_predict_match_brute_force(distribution):
 def test_distance_weighting_and_rtol():
     x, errs, q = make_data(1)
     forces = np.abs(np.random.default_rng(5).normal(size=300)) * 3
-    est = LTAUEstimator(k=5, weights="distance", atol=0.2, rtol=0.1, distribution="exact").fit(
+    est = LTAUEstimator(k=5, weights="distance", atol=0.2, rtol=0.1, distribution="exact", window=None).fit(
         x, errs, reference_forces=forces
     )
     thr = 0.2 + 0.1 * forces
@@ -94,7 +94,7 @@ def test_error_input_forms_agree():
     stacked = LTAUEstimator(k=3).fit(x, np.stack(errs))  # (M, E, N)
     listed = LTAUEstimator(k=3).fit(x, errs)  # list of (E_m, N)
     np.testing.assert_array_equal(stacked.predict(q)["confidence"], listed.predict(q)["confidence"])
-    single = LTAUEstimator(k=3).fit(x, errs[0])  # (E, N): one run, σ_M = 0
+    single = LTAUEstimator(k=3, window=None).fit(x, errs[0])  # (E, N): one run, σ_M = 0
     assert np.all(single.variability_train_ == 0)
     np.testing.assert_allclose(single.confidence_train_, ref_confidence(errs[:1], single.atol_)[0], atol=1e-12)
 
@@ -198,6 +198,26 @@ def test_check_species():
     with pytest.warns(UserWarning, match="Pt"):
         assert est.check_species([78]).tolist() == [78]
     assert LTAUEstimator(k=2).fit(x, errs).check_species([78]).size == 0  # species not recorded
+    # predict applies the same policy given atomic numbers: flag = maximally uncertain, ignore = plain
+    q = x[:3]
+    plain = est.predict(q)
+    z_q = np.array([1, 78, 8])
+    with pytest.raises(ValueError, match=r"Pt \(Z=78\).*unknown_species='flag'"):
+        est.predict(q, atomic_numbers=z_q, unknown_species="raise")
+    flagged = est.predict(q, atomic_numbers=z_q, unknown_species="flag")
+    assert flagged["unknown_species"].tolist() == [False, True, False]
+    assert flagged["uncertainty"][1] == 1.0 and flagged["confidence"][1] == 0.0
+    assert np.isnan(flagged["expected_error"][1]) and flagged["distance"][1] == plain["distance"][1]
+    np.testing.assert_array_equal(flagged["uncertainty"][[0, 2]], plain["uncertainty"][[0, 2]])
+    ignored = est.predict(q, atomic_numbers=z_q, unknown_species="ignore")
+    np.testing.assert_array_equal(ignored["uncertainty"], plain["uncertainty"])
+    assert not ignored["unknown_species"].any()
+    with pytest.warns(UserWarning, match="Pt"):  # the estimator's own policy: "warn", an alias of "flag"
+        np.testing.assert_array_equal(est.predict(q, atomic_numbers=z_q)["uncertainty"], flagged["uncertainty"])
+    with pytest.raises(ValueError, match="unknown_species must be one of"):
+        LTAUEstimator(unknown_species="drop").fit(x, errs)
+    with pytest.raises(ValueError, match="one per atom"):
+        est.predict(q, atomic_numbers=np.array([1, 8]), unknown_species="ignore")
     with pytest.raises(ValueError, match="atomic_numbers"):
         LTAUEstimator(k=2).fit(x, errs, atomic_numbers=np.zeros(30, int))
 
@@ -215,7 +235,9 @@ def test_fit_scale_recovers_error_ratio():
     true = 3.0 * np.abs(rng.normal(size=lab_t.size)) * sigma[lab_t]  # test errors 3x the training ones
     est = LTAUEstimator(k=5, distribution="exact").fit(x, errs)
     res = est.fit_scale(x_t, true)
-    assert 2.5 < res["scale"] < 3.6 and est.scale == res["scale"]
+    # the fitted s is learned state; the user's scale parameter stays the prior (issue 10)
+    assert 2.5 < res["scale"] < 3.6 and est.scale_ == res["scale"] and est.scale == 1.0
+    assert est.effective_scale == res["scale"]
     assert res["after"] < 0.3 * res["before"] and res["after"] < 0.05
     # The returned numbers are the miscalibration of predict() at the chosen scale.
     from ltau_ase.core.calibration import miscalibration_area
@@ -296,3 +318,18 @@ def test_predict_does_not_warn_on_clean_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est.predict(x)
+
+
+def test_default_window_is_the_last_half_of_the_epochs(tmp_path):
+    # 9 epochs: the default keeps the last ceil(9/2) = 5; runs of different length use the shortest
+    x, errs, q = make_data(9, n=30, runs=(9, 12))
+    est = LTAUEstimator(k=3, distribution="exact").fit(x, errs)
+    last = [e[-5:] for e in errs]
+    np.testing.assert_allclose(est.confidence_train_, ref_confidence(last, est.atol_)[0], atol=1e-12)
+    assert est.fit_info_["window"] == {"skip": 0, "last": 5} and est.fit_info_["window_policy"] == "last_half"
+    every = LTAUEstimator(k=3, distribution="exact", window=None).fit(x, errs)
+    np.testing.assert_allclose(every.confidence_train_, ref_confidence(errs, every.atol_)[0], atol=1e-12)
+    est.save(tmp_path / "w.ltau")
+    assert LTAUEstimator.load(tmp_path / "w.ltau").window == "last_half"
+    with pytest.raises(ValueError, match="window must be"):
+        LTAUEstimator(window="first_half").fit(x, errs)

@@ -164,6 +164,12 @@ def test_unknown_parameter_and_refit_after_change():
     est, q = small_estimator(n=60)
     with pytest.raises(ValueError, match="unknown parameter"):
         est.set_params(kk=3)
+    for name, bad in (("window", "last ten"), ("window", {"skip": 1, "first": 2}), ("bins", ("cubic", 5)),
+                      ("bins", 0), ("bins", [0.3, 0.1]), ("weights", "gaussian"), ("atol", -1.0), ("rtol", np.nan),
+                      ("distribution", "normal"), ("unknown_species", "panic"), ("chunk_size", 0), ("index_params", "fast")):
+        with pytest.raises(ValueError):
+            est.set_params(**{name: bad})
+    est.predict(q)  # every refused call left the estimator usable
     est.set_params(atol=0.05)
     rng = np.random.default_rng(0)
     x = est.index_.training_vectors()

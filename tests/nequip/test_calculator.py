@@ -212,3 +212,16 @@ def test_unknown_elements_raise(latent_calc, training_set, tiny_nequip_run, atom
     gold.calc = LTAUCalculator(latent_calc, est)
     with pytest.raises(ValueError, match=r"elements \['Au'\]"):
         gold.get_forces()
+
+
+def test_symbol_type_names_load_without_nequip_species_warning(tiny_nequip_run, atoms, latent_calc):
+    """The tiny model's type names are chemical symbols: loading it without a species map (as `ltau fit` and
+    `ltau md` do) maps them by identity, silently, and gives the same forces as the explicit identity map."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nequip's "chemical_species_to_atom_type_map" warning would raise
+        calc = LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint)
+    a, b = atoms.copy(), atoms.copy()
+    a.calc, b.calc = calc, latent_calc
+    np.testing.assert_array_equal(a.get_forces(), b.get_forces())

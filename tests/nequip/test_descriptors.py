@@ -121,9 +121,13 @@ def test_calculator_refuses_unknown_elements_and_model_files_without_latents(lat
     with pytest.raises(ValueError, match=r"elements \['Au'\].*not know"):
         atoms.get_forces()
 
-    aoti = tmp_path / "model.nequip.pt2"
+    compiled = tmp_path / "model.nequip.pt2"
+    compiled.write_bytes(b"")
+    with pytest.raises(ValueError, match="compiled model.*trusted=True"):  # native code: never run untrusted
+        LatentNequIPCalculator.from_model_file(compiled)
+    aoti = tmp_path / "model.pt2"
     aoti.write_bytes(b"")
-    with pytest.raises(ValueError, match="AOTI.*latent"):
+    with pytest.raises(ValueError, match=r"compiled model: loading it runs the native code.*trusted=True"):
         LatentNequIPCalculator.from_model_file(aoti)
     with pytest.raises(ValueError, match=r"expected a nequip checkpoint \(\.ckpt\)"):
         LatentNequIPCalculator.from_model_file(tmp_path / "model.pth")

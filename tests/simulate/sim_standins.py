@@ -26,20 +26,27 @@ class StandInEstimator:
         self.metadata = {}
         self.n_predict = 0
         self.thresholds = []
+        self.policies = []
 
-    def predict(self, descriptors, threshold=None):
+    def predict(self, descriptors, threshold=None, atomic_numbers=None, unknown_species=None):
         d = np.asarray(descriptors, dtype=np.float64)
         assert d.ndim == 2 and d.shape[1] == 2
         self.n_predict += 1
         self.thresholds.append(threshold)
+        self.policies.append(unknown_species)
         u = expected_uncertainty(d)
-        return {"uncertainty": u, "confidence": 1.0 - u, "expected_error": 0.1 * np.abs(d[:, 1]),
-                "distance": np.hypot(d[:, 0], d[:, 1])}
-
-    def check_species(self, atomic_numbers):
-        unknown = sorted(set(np.asarray(atomic_numbers).tolist()) - set(self.species_.tolist()))
-        if unknown:
-            raise ValueError(f"elements {unknown} never seen in training")
+        out = {"uncertainty": u, "confidence": 1.0 - u, "expected_error": 0.1 * np.abs(d[:, 1]),
+               "distance": np.hypot(d[:, 0], d[:, 1])}
+        if atomic_numbers is not None:
+            unknown = ~np.isin(atomic_numbers, self.species_)
+            if unknown.any() and (unknown_species or "raise") == "raise":
+                raise ValueError(f"elements {sorted(set(np.asarray(atomic_numbers)[unknown].tolist()))} never seen "
+                                 "in training")
+            if unknown_species != "flag":
+                unknown[:] = False
+            out["uncertainty"][unknown], out["confidence"][unknown], out["expected_error"][unknown] = 1, 0, np.nan
+            out["unknown_species"] = unknown
+        return out
 
 
 def expected_uncertainty(d):

@@ -249,3 +249,19 @@ def test_in_process_cluster_listens_on_localhost_only(tmp_path):
     LISTENING.clear()
     relax_batch(batch_systems(n=1, bad=False), tmp_path / "r.db", ListeningSockets(), progress=False, steps=1)
     assert LISTENING and LISTENING <= {"127.0.0.1", "::1"}, LISTENING
+
+
+@pytest.mark.parametrize("dashboard, status", [(None, 404), ("127.0.0.1:0", 200)])
+def test_dashboard_pages_only_when_asked(dashboard, status):
+    import urllib.error
+    import urllib.request
+
+    from ltau_ase.simulate.batch import local_cluster
+
+    with local_cluster(1, dashboard) as cluster:
+        port = next(iter(cluster.scheduler.http_server._sockets.values())).getsockname()[1]
+        try:
+            got = urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10).status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+    assert got == status

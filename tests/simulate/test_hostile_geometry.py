@@ -119,6 +119,12 @@ def test_relax_batch_refuses_bad_worker_counts(tmp_path):
         with pytest.raises(ValueError, match="n_workers"):
             relax_batch(batch_systems(n=1, bad=False), tmp_path / "r.db", StandInFactory(), n_workers=n)
     assert not (tmp_path / "r.db").exists()  # refused before the database was touched
+    from ltau_ase.simulate.batch import dask_client
+
+    for n in (-1, 0, 2.5):  # every caller of the shared cluster (relax, predict, learn) is covered
+        with pytest.raises(ValueError, match="n_workers"):
+            with dask_client(None, n):
+                pass
 
 
 def test_md_refuses_a_nan_structure_before_running(tmp_path, capsys):
@@ -165,6 +171,8 @@ BAD_NUMBERS = [
     ("md", "--interval", ["0"]),
     ("md", "--seed", ["-1"]),
     ("md", "--atom-reduce", ["2"]),
+    ("md", "--false-alarm-rate", ["0", "1", "-0.1", "nan"]),
+    ("md", "--coverage", ["0", "1.5"]),
     ("fit", "--k", ["-1", "0"]),
     ("fit", "--atol", ["0", "-1"]),
     ("fit", "--skip-epochs", ["-1"]),

@@ -146,8 +146,9 @@ def test_unknown_species_raise_and_flag():
     assert np.all(np.isnan(r["expected_force_errors"][o]))
     assert np.all(np.isfinite(r["expected_force_errors"][~o])) and np.all(r["uncertainties"][~o] < 1)
     assert r["max_uncertainty"] == 1.0
+    assert calc.estimator.policies[-1] == "flag"  # the calculator passes the policy on, the estimator applies it
     with pytest.raises(ValueError, match="unknown_species must be one of"):
-        LTAUCalculator(EMT(), StandInEstimator(), unknown_species="ignore")
+        LTAUCalculator(EMT(), StandInEstimator(), unknown_species="drop")
 
 
 def test_store_uq_round_trips_through_extxyz_and_db(slab, tmp_path):
@@ -225,7 +226,7 @@ def _fitted_real_estimator(tmp_path=None):
     desc = np.concatenate([CountingDescriptors()(a) for a in train]).astype(np.float32)
     z = np.concatenate([a.numbers for a in train])
     errors = rng.gamma(2.0, 0.05, size=(15, desc.shape[0])) * (1 + desc[:, :1].T ** 2)
-    est = LTAUEstimator(k=4, index="flat", atol=0.1, distribution="exact").fit(desc, errors, atomic_numbers=z)
+    est = LTAUEstimator(k=4, index="flat", atol=0.1, distribution="exact", window=None).fit(desc, errors, atomic_numbers=z)
     return est, desc, errors
 
 
@@ -264,6 +265,19 @@ def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, emt_backen
     atoms.get_forces()
     assert atoms.calc.results["unknown_species"].tolist() == (atoms.numbers == 7).tolist()
     assert atoms.calc.results["uncertainties"][-1] == 1.0
+    flagged = atoms.calc.results
+    # one vocabulary: the estimator's own policy applies when the calculator sets none ...
+    est.set_params(unknown_species="flag")
+    atoms.calc = LTAUCalculator(EMT(), est, descriptors=CountingDescriptors())
+    atoms.get_forces()
+    np.testing.assert_array_equal(atoms.calc.results["uncertainties"], flagged["uncertainties"])
+    # ... "ignore" judges the N atom by its neighbours alone (the plain predict), and "warn" is "flag"
+    atoms.calc = LTAUCalculator(EMT(), est, descriptors=CountingDescriptors(), unknown_species="ignore")
+    atoms.get_forces()
+    plain = est.predict(CountingDescriptors()(atoms).astype(np.float32))
+    np.testing.assert_allclose(atoms.calc.results["uncertainties"], plain["uncertainty"])
+    assert not atoms.calc.results["unknown_species"].any() and plain["uncertainty"][-1] < 1.0
+    est.set_params(unknown_species="raise")
 
     model = tmp_path / "model.emtmodel"
     model.write_bytes(b"weights v1")

@@ -48,6 +48,21 @@ def test_relax_then_report(tmp_path, capsys):
         assert row["rmsd"] == pytest.approx(np.sqrt(np.mean(d**2)), rel=1e-6)
         assert row["d_mean"] == pytest.approx(d.mean(), rel=1e-6)
         assert row["uq_final"] == pytest.approx(relaxed[row["name"]]["uq_final"])
+    # failure probabilities from a model fitted elsewhere (synthetic calibration relaxations)
+    from ltau_ase.is2rs import FailureModel
+
+    rng = np.random.default_rng(0)
+    calib = [{"uq_initial": u, "uq_max": u, "uq_mean": u, "uq_final": u, "nsteps": 10, "rmsd": r}
+             for u, r in zip(rng.uniform(0, 1, 40), np.r_[np.full(20, 0.1), np.full(20, 0.9)])]
+    model = FailureModel(rmsd_threshold=0.5).fit(calib)
+    (tmp_path / "fail.json").write_text(json.dumps(model.to_dict()))
+    with pytest.warns(UserWarning, match="1 of 8 system"):
+        assert _run(report, ["--db", db, "--output", out, "--failure-model", tmp_path / "fail.json"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    np.testing.assert_allclose([row["p_fail"] for row in metrics["systems"]], model.predict_proba(metrics["systems"]))
+    assert metrics["failure_model"]["mean_p_fail"] == pytest.approx(np.mean([r["p_fail"] for r in metrics["systems"]]))
+    with pytest.raises(ValueError, match="at least 5 relaxations"), pytest.warns(UserWarning):
+        _run(report, ["--db", db, "--output", out, "--fit-failure-model", tmp_path / "f2.json"])
     with pytest.raises(ValueError, match="no reference structure"):
         _run(report, ["--db", db, "--output", out, "--strict"])
     with pytest.raises(ValueError, match="either --factory or --model"):
@@ -84,3 +99,29 @@ def test_md_with_ltau_calculator_runs_to_the_end(tmp_path, capsys):
         assert images[-1].arrays["ltau_" + key].shape == (len(images[-1]),)
     with pytest.raises(ValueError, match="--stop-threshold is required"):
         _run(md, ["--factory", "sim_standins:STANDIN_FACTORY", "--structure", tmp_path / "start.extxyz"])
+
+
+def test_md_threshold_from_reference_runs(tmp_path, capsys):
+    # 19 in-domain reference runs whose max-atom uncertainty peaks at 0.05, 0.10, ..., 0.95 (patience 1)
+    slab = make_slab()
+    refs = []
+    for r in range(19):
+        frames = []
+        for step, peak in enumerate((0.01, 0.05 * (r + 1), 0.02)):
+            a = slab.copy()
+            a.arrays["ltau_uncertainties"] = np.full(len(a), peak)
+            a.info["md_step"] = step
+            frames.append(a)
+        write(tmp_path / f"ref{r}.extxyz", frames)
+        refs.append(tmp_path / f"ref{r}.extxyz")
+    write(tmp_path / "start.extxyz", slab)
+    base = ["--factory", "sim_standins:scripted_md_calculator", "--structure", tmp_path / "start.extxyz",
+            "--steps", "20", "--trajectory", tmp_path / "md.extxyz"]
+    assert _run(md, base + ["--false-alarm-rate", "0.1", "--reference-runs", *refs]) == 0
+    out = capsys.readouterr().out
+    # rank ceil(20 * 0.9) = 18 -> the 18th smallest peak, 0.90; the scripted run reaches 0.9, never above it
+    assert "stop threshold 0.9 from 19 reference runs" in out and "completed 20 steps without stopping" in out
+    with pytest.raises(ValueError, match="at least 39 in-domain reference runs"):
+        _run(md, base + ["--false-alarm-rate", "0.025", "--reference-runs", *refs])
+    with pytest.raises(ValueError, match="go together"):
+        _run(md, base + ["--reference-runs", *refs])

@@ -1,0 +1,75 @@
+"""Stop threshold for a stated false-alarm rate (issue 11 item 5)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase.md.verlet import VelocityVerlet
+
+from sim_standins import ScriptedUQCalculator, make_slab
+from ltau_ase.simulate.observers import UncertaintyStop, patience_peak, stop_threshold
+
+
+def test_patience_peak_hand_computed():
+    trace = [0.1, 0.5, 0.4, 0.9, 0.2, 0.6, 0.7]
+    assert patience_peak(trace, 1) == 0.9
+    assert patience_peak(trace, 2) == 0.6  # windows' minima 0.1 .4 .4 .2 .2 .6 -> max 0.6
+    assert patience_peak(trace, 3) == 0.4
+    assert patience_peak(trace[:2], 3) == -math.inf
+    assert patience_peak([0.1, float("nan"), float("nan")], 2) == math.inf  # NaN always exceeds
+    with pytest.raises(ValueError, match="patience"):
+        patience_peak(trace, 0)
+
+
+def test_stop_threshold_is_the_conformal_quantile_of_run_peaks():
+    peaks = np.arange(1.0, 20.0)  # 19 runs with peaks 1..19
+    traces = [[0.0, p, 0.0] for p in peaks]
+    # alpha = 0.1: rank ceil(20 * 0.9) = 18 -> the 18th smallest peak
+    assert stop_threshold(traces, 0.1) == 18.0
+    with pytest.raises(ValueError, match="at least 39 in-domain reference runs"):
+        stop_threshold(traces, 0.025)
+    with pytest.raises(ValueError, match="open interval"):
+        stop_threshold(traces, 1.5)
+
+
+def test_false_alarm_rate_holds_on_exchangeable_runs():
+    # runs of 200 AR(1) steps; a threshold from 99 reference runs at alpha=0.1 stops ~<=10 % of new runs
+    rng = np.random.default_rng(0)
+
+    from scipy.signal import lfilter
+
+    def runs(n):  # x_t = 0.8 x_{t-1} + e_t
+        return list(lfilter([1.0], [1.0, -0.8], rng.normal(size=(n, 200)), axis=1))
+
+    rates = []
+    for _ in range(20):
+        thr = stop_threshold(runs(99), 0.1, patience=3)
+        new = np.array(runs(400))
+        # brute force: a run stops iff some 3 consecutive values all exceed the threshold
+        above = new > thr
+        rates.append(np.mean((above[:, :-2] & above[:, 1:-1] & above[:, 2:]).any(axis=1)))
+    # guarantee: E[rate] in [0.09, 0.1] (<= alpha, >= alpha - 1/(R+1)); sd of the mean over 20 trials ~0.007
+    assert 0.09 - 0.025 <= np.mean(rates) <= 0.1 + 0.025
+
+
+def test_from_false_alarm_rate_builds_a_working_stop():
+    atoms = make_slab()
+    # max uncertainty per step: 0.2, 0.3, then 0.9 from the 4th computed structure on
+    atoms.calc = ScriptedUQCalculator([0.2, 0.3, 0.25, 0.9, 0.95, 0.9, 0.9])
+    dyn = VelocityVerlet(atoms, timestep=0.5)
+    reference = [[0.1, 0.3, 0.2], [0.2, 0.5, 0.4], [0.3, 0.4, 0.1], [0.6, 0.2, 0.2]]
+    stop = UncertaintyStop.from_false_alarm_rate(dyn, reference, 0.2, patience=2)
+    # patience-2 peaks 0.2, 0.4, 0.3, 0.2; rank ceil(5 * 0.8) = 4 -> 0.4
+    assert stop.threshold == 0.4 and stop.patience == 2 and stop.false_alarm_rate == 0.2
+    dyn.attach(stop)
+    dyn.run(10)
+    assert stop.triggered and stop.step == 4  # values > 0.4 at steps 3 and 4
+    # threshold=inf records the statistic without ever stopping (how reference traces are collected)
+    atoms = make_slab()
+    atoms.calc = ScriptedUQCalculator([0.2, 5.0, 9.0])
+    dyn = VelocityVerlet(atoms, timestep=0.5)
+    recorder = UncertaintyStop(dyn, threshold=math.inf)
+    dyn.attach(recorder)
+    dyn.run(4)
+    assert not recorder.triggered and recorder.values == [0.2, 5.0, 9.0, 9.0, 9.0]

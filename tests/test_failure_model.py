@@ -1,0 +1,73 @@
+"""IS2RS failure probability from a relaxation's UQ trace (issue 11 item 6)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from ltau_ase.core.calibration import auroc
+from ltau_ase.is2rs import FAILURE_FEATURES, FailureModel
+
+
+def _rows(n, seed):
+    rng = np.random.default_rng(seed)
+    uq_max = rng.uniform(0, 1, n)
+    logit = -3.0 + 6.0 * uq_max
+    failed = rng.uniform(size=n) < 1 / (1 + np.exp(-logit))
+    rmsd = np.where(failed, 0.5 + rng.uniform(0.01, 1, n), rng.uniform(0, 0.5, n))
+    return [{"name": f"s{i}", "uq_initial": 0.5 * uq_max[i] + 0.1 * rng.uniform(), "uq_max": uq_max[i],
+             "uq_mean": 0.7 * uq_max[i], "uq_final": rng.uniform(), "nsteps": int(rng.integers(5, 200)),
+             "rmsd": rmsd[i]} for i in range(n)]
+
+
+def test_logistic_fit_matches_brute_force_likelihood():
+    rows = _rows(300, 0)
+    model = FailureModel(features=("uq_max",), l2=0.0).fit(rows)
+    x = np.array([r["uq_max"] for r in rows])
+    y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
+
+    def nll(w):  # unstandardised maximum likelihood, derivative-free reference
+        z = w[0] + w[1] * x
+        return np.sum(np.logaddexp(0, z) - y * z)
+
+    ref = minimize(nll, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+    p_ref = 1 / (1 + np.exp(-(ref.x[0] + ref.x[1] * x)))
+    np.testing.assert_allclose(model.predict_proba(rows), p_ref, atol=1e-4)
+    # maximum likelihood with an intercept is calibrated in the large: mean p = observed failure rate
+    assert model.predict_proba(rows).mean() == pytest.approx(y.mean(), abs=1e-5)
+
+
+def test_failure_model_ranks_new_relaxations_and_round_trips():
+    model = FailureModel().fit(_rows(200, 1))
+    assert model.features == FAILURE_FEATURES
+    test = _rows(400, 2)
+    p = model.predict_proba(test)
+    failed = np.array([r["rmsd"] > 0.5 for r in test])
+    assert auroc(p, failed) > 0.8
+    # binned reliability on new data: each third of predicted probability within 0.12 of its observed rate
+    order = np.argsort(p)
+    for part in np.array_split(order, 3):
+        assert abs(p[part].mean() - failed[part].mean()) < 0.12
+    back = FailureModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_array_equal(back.predict_proba(test), p)
+
+
+def test_failure_model_bad_inputs():
+    rows = _rows(40, 3)
+    few = [dict(r, rmsd=0.1) for r in rows]
+    few[0]["rmsd"] = 2.0
+    with pytest.raises(ValueError, match="at least 5 relaxations with RMSD above"):
+        FailureModel().fit(few)
+    with pytest.raises(ValueError, match="lacks feature 'uq_max'"):
+        FailureModel().fit([{k: v for k, v in r.items() if k != "uq_max"} for r in rows])
+    with pytest.raises(ValueError, match="not fitted"):
+        FailureModel().predict_proba(rows)
+    with pytest.raises(ValueError, match="rmsd_threshold"):
+        FailureModel(rmsd_threshold=0)
+    state = FailureModel().fit(_rows(100, 4)).to_dict()
+    with pytest.raises(ValueError, match="coefficients"):
+        FailureModel.from_dict(dict(state, coef=[1.0]))
+    with pytest.raises(ValueError, match="kind"):
+        FailureModel.from_dict(dict(state, kind="pickle"))
