@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples")
     parser.add_argument("--no-reuse", action="store_true", help="recompute every stage")
     args = parser.parse_args(argv)
-    from ltau_ase.shift_benchmark import ShiftBenchConfig, run_shift_benchmark
+    from ltau_ase.demo.shift import ShiftBenchConfig, run_shift_benchmark
 
     try:
         cfg = ShiftBenchConfig.preset(args.quick, seed=args.seed, epochs=args.epochs, workers=args.workers,

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("ltau_ase.is2rs", "analysis"),
     ("ltau_ase.cartography", "analysis"),
     ("ltau_ase.plots", "analysis"),
+    ("ltau_ase.shift_metrics", "analysis"),
     ("ltau_ase.simulate", "simulate"),
     ("ltau_ase.datasets", "datasets"),
     ("ltau_ase.nequip", "nequip (backend)"),

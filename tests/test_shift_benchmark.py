@@ -165,7 +165,7 @@ def test_md_split_frames_are_labelled_at_their_temperature(tiny_settings):
 def test_quick_run_on_the_demo_ensemble(quick_demo_dir, tmp_path):
     pytest.importorskip("nequip")
     from ltau_ase.datasets.shift import ShiftSettings
-    from ltau_ase.shift_benchmark import ShiftBenchConfig, ensemble_from_demo, run_shift_benchmark
+    from ltau_ase.demo.shift import ShiftBenchConfig, ensemble_from_demo, run_shift_benchmark
 
     # fit_calibration needs >= 200 calibration atoms: 7 + 1 systems x 2 frames x 14 atoms = 224
     settings = ShiftSettings(n_train=1, n_val=1, n_calibration=7, n_calibration_mild=1, n_test=1, n_is2rs=1,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ltau_ase.cli.options import non_negative_int, open_fraction, positive_float
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimator", type=Path, required=True, help="fitted LTAU estimator (.ltau)")
@@ -28,11 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Its SHA-256 must match the estimator's")
     parser.add_argument("--k-grid", default="1,2,5,10,20,50",
                         help="candidate k values, comma-separated; 'keep' keeps the estimator's k (1,2,5,10,20,50)")
-    parser.add_argument("--error-threshold", "--threshold", dest="threshold", type=float, default=None,
+    parser.add_argument("--error-threshold", "--threshold", dest="threshold", type=positive_float, default=None,
                         help="force-error threshold of the confidences, eV/Å (default: the estimator's atol)")
-    parser.add_argument("--coverage", type=float, default=0.9, metavar="Q",
+    parser.add_argument("--coverage", type=open_fraction, default=0.9, metavar="Q",
                         help="coverage in (0, 1) of the conformal bounds summarised at the end (0.9)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration set's random halving (0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the calibration set's random halving (0)")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu)")
 
 

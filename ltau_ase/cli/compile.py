@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ltau_ase.cli.options import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, metavar="MODEL", help="nequip checkpoint (.ckpt) the estimator was fitted for")
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device the compiled model runs on (default cpu)")
     parser.add_argument("--reference", choices=("exact", "compressed"), default="exact",
                         help="exact: all training latents (equals the estimator); compressed: k-means centroids")
-    parser.add_argument("--centroids", type=int, default=None,
+    parser.add_argument("--centroids", type=positive_int, default=None,
                         help="number of centroids of the compressed reference (default N/8, at most 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--trust-model", action="store_true",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ltau_ase.cli.options import at_least_two, non_negative_int, open_fraction, positive_int
+
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -31,25 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference ASE calculator class or factory (default ase.calculators.emt:EMT)")
     parser.add_argument("--selection", choices=("ltau", "random", "committee"), default="ltau",
                         help="how frames are chosen (default ltau: uncertainty + latent diversity)")
-    parser.add_argument("--iterations", type=int, default=3, help="label-and-retrain iterations (3)")
-    parser.add_argument("--budget", type=int, default=8, help="labels per iteration (8)")
+    parser.add_argument("--iterations", type=positive_int, default=3, help="label-and-retrain iterations (3)")
+    parser.add_argument("--budget", type=positive_int, default=8, help="labels per iteration (8)")
     parser.add_argument("--explore", default="md", choices=("md", "relax", "md,relax"), help="exploration kind(s)")
     parser.add_argument("--temperatures", type=_floats, default=(300.0, 900.0), help="MD temperatures, K (300,900)")
-    parser.add_argument("--md-steps", type=int, default=200, help="maximum MD steps per trajectory (200)")
-    parser.add_argument("--relax-steps", type=int, default=100, help="maximum relaxation steps (100)")
-    parser.add_argument("--replicas", type=int, default=1, help="trajectories per seed and temperature (1)")
-    parser.add_argument("--stride", type=int, default=10, help="snapshot every N steps (10)")
+    parser.add_argument("--md-steps", type=positive_int, default=200, help="maximum MD steps per trajectory (200)")
+    parser.add_argument("--relax-steps", type=positive_int, default=100, help="maximum relaxation steps (100)")
+    parser.add_argument("--replicas", type=positive_int, default=1, help="trajectories per seed and temperature (1)")
+    parser.add_argument("--stride", type=positive_int, default=10, help="snapshot every N steps (10)")
     parser.add_argument("--adaptive", action="store_true",
                         help="adaptive stop bound (running mean + n_sigma std), calibrated threshold as ceiling")
-    parser.add_argument("--quantile", type=float, default=0.95,
+    parser.add_argument("--quantile", type=open_fraction, default=0.95,
                         help="threshold = this quantile of the calibration frames' stop statistic (0.95)")
-    parser.add_argument("--committee-size", type=int, default=4, help="models of --selection committee (4)")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs per iteration (20)")
+    parser.add_argument("--committee-size", type=at_least_two, default=4, help="models of --selection committee (4)")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs per iteration (20)")
     parser.add_argument("--warm-start", action="store_true", help="train each iteration from the previous checkpoint")
-    parser.add_argument("--seed", type=int, default=0, help="seed of models, MD and random choices (0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of models, MD and random choices (0)")
     parser.add_argument("--scheduler", default=None,
                         help="address of a running Dask scheduler (default: an in-process LocalCluster)")
-    parser.add_argument("--workers", type=int, default=1, help="LocalCluster workers (1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="LocalCluster workers (1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -45,6 +45,7 @@ from ltau_ase.core.jsonable import to_jsonable
 from ltau_ase.demo.analysis import is2rs_analysis, paper_figures, per_atom_comparison
 from ltau_ase.demo.config import DOMAINS, REQUIRED_METRICS, DemoConfig, _Timer, cpu_count, missing_or_nonfinite
 from ltau_ase.demo.report import comparison_table, write_report
+from ltau_ase.demo.shift import demo_shift_headline
 from ltau_ase.demo.stages import (
     CalibrationStage,
     DataStage,
@@ -84,7 +85,7 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
     t_start = time.perf_counter()
-    stages = tqdm(total=9, desc="demo", unit="stage", position=0)
+    stages = tqdm(total=10, desc="demo", unit="stage", position=0)
 
     def step(name, fn, *args):
         stages.set_postfix_str(name)
@@ -103,6 +104,8 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
     is2rs = {meth: is2rs_analysis(r["records"]) for meth, r in relax.items()}
     md = step("6 MD", stage_md, cfg, out, data, train, cal, evals)
     costs = step("7 costs", stage_costs, cfg, data, train, cal)
+    # the shift benchmark's per-atom scoring on this run's ensemble (benchmarks/shift.py trains its own)
+    shift = step("9 shift", demo_shift_headline, out, cfg.quick, cfg.seed)
     figs = step("8 figures", paper_figures, out, cfg, fit, cal, evals, is2rs)
     stages.close()
 
@@ -141,6 +144,7 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
             "cost": costs,
         },
         "md": md,
+        "shift": shift["headline"],
         "training": {"seconds": train.train_times, "epochs": cfg.epochs},
         "data": {
             "seed": cfg.seed,
@@ -166,7 +170,7 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
     metrics = to_jsonable(metrics)
     metrics["run"]["nonfinite"] = missing_or_nonfinite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_report(out, cfg, metrics, figs)
+    write_report(out, cfg, metrics, figs, shift_table=shift["markdown"])
     return metrics
 
 

@@ -40,7 +40,7 @@ def comparison_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def write_report(out: Path, cfg: DemoConfig, metrics: dict, figs: dict[str, str]) -> Path:
+def write_report(out: Path, cfg: DemoConfig, metrics: dict, figs: dict[str, str], shift_table: str | None = None) -> Path:
     m = metrics
     e = m["ensemble"]
     cal = m["calibration"]
@@ -157,6 +157,10 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict, figs: dict[str, str]
         *[f"| {k} | {v:.0f} |" for k, v in m["run"]["stages_s"].items()],
         "",
     ]
+    if shift_table:
+        lines += ["## Uncertainty under shift (the ensemble above, scored by `ltau_ase.demo.shift`)", "",
+                  shift_table, "", "Full tables and figures: `shift/summary.md`; the trained-at-one-temperature "
+                  "benchmark is `benchmarks/shift.py`.", ""]
     if m["run"]["nonfinite"]:
         lines += ["**Warning:** these required metrics are missing or not finite: "
                   + ", ".join(m["run"]["nonfinite"]), ""]

@@ -163,5 +163,5 @@ def test_cli_bad_budget_exits_2(tmp_path, inputs):
            "--seeds", str(inputs["seeds"]), "--type-names", "Cu,Pt,O,H", "--budget", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("ltau learn: error: budget must be a positive")
+    assert proc.stderr.strip().splitlines()[-1].startswith("ltau learn: error: argument --budget: expected a positive integer")
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -122,17 +122,10 @@ def stage_data(cfg: ShiftBenchConfig, out: Path, reuse: bool) -> dict[str, Any]:
 
 
 def _demo_stages():
-    """The demo's stage module: ``ltau_ase.demo.stages`` since the demo became a package, ``ltau_ase.demo`` before.
+    """The demo's stage module (imported on use: the demo imports this module)."""
+    import ltau_ase.demo.stages
 
-    Transitional (both layouts exist on the branches being merged); after the merge this is
-    ``import ltau_ase.demo.stages``.
-    """
-    import importlib
-
-    try:
-        return importlib.import_module("ltau_ase.demo.stages")
-    except ModuleNotFoundError:
-        return importlib.import_module("ltau_ase.demo")
+    return ltau_ase.demo.stages
 
 
 class _Stage(dict):
