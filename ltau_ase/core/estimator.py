@@ -241,8 +241,12 @@ class LTAUEstimator:
         check_int(self.chunk_size, "chunk_size")
         if self.max_memory is not None and (not _finite_number(self.max_memory) or self.max_memory <= 0):
             raise ValueError(f"max_memory must be None or a number of bytes > 0; got {self.max_memory!r}")
+        if isinstance(self.window, str) and self.window != LAST_HALF:
+            raise ValueError(f"window must be {LAST_HALF!r}, None (all epochs), an EpochWindow, a dict or a "
+                             f"(skip, last) tuple; got {self.window!r}")
         try:
-            EpochWindow.coerce(self.window)
+            if self.window != LAST_HALF:
+                EpochWindow.coerce(self.window)
             if self.bins is not None:
                 make_edges(self.bins, 1e-3, 1.0)  # validates the bins setting only
         except (TypeError, IndexError) as exc:
@@ -1246,7 +1250,11 @@ def _estimator_schema(header: dict[str, Any], declared: dict[str, tuple[str, tup
     if "faiss_index" in names:
         blob = declared.get("faiss_index", ("|u1", (0,)))[1]
         size = blob[0] if len(blob) == 1 else -1
-        bound = _blob_bound(kind, params, n, d)
+        stored = dict(params)
+        if header.get("format_version") == LEGACY_NPZ_VERSION and kind == "ivfpq":
+            stored.setdefault("refine", 0)  # format 1 kept no vectors
+        # Parameters in range first: the bound grows with 2**nbits, M and nlist.
+        bound = _blob_bound(kind, resolve_params(kind, stored, n, d, strict=True), n, d)
         if not 0 < size <= bound:
             raise ValueError(f"the FAISS index blob declares {size} bytes; at most {bound} are plausible for N={n}, D={d}")
         schema["faiss_index"] = ("|u1", (size,))
