@@ -61,6 +61,7 @@ class Experiment:
     epochs: int = 15
     threshold_quantile: float = 0.9
     jobs: int = 2
+    train_parallel: int = 1  # committee members trained side by side within one campaign
 
     @classmethod
     def preset(cls, quick: bool, **overrides: Any) -> "Experiment":
@@ -134,7 +135,7 @@ def campaign_settings(exp: Experiment, method: str, seed: int, type_names: Seque
                                 # LTAU uncertainties lie in [0, 1] and the max over atoms of a young
                                 # model saturates at 1: watch the mean; DP-GEN watches the max deviation
                                 atom_reduce="max" if method == "committee" else "mean"),
-        training=TrainingSettings(epochs=exp.epochs, parallel=1 if exp.jobs > 1 else 2),
+        training=TrainingSettings(epochs=exp.epochs, parallel=exp.train_parallel),
         threshold_quantile=exp.threshold_quantile, committee_size=exp.committee_size, seed=seed)
 
 
@@ -220,18 +221,24 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
             return c["labels"], c[f"mae_{domain}"]
 
         vs_random, vs_committee, rel_committee = [], [], []
+        baseline_not_improved = {"random": 0, "committee": 0}
         for seed in seeds:
             lr, mr = curve("random", seed)
             ll, ml = curve("ltau", seed)
             lc, mc = curve("committee", seed)
-            need = labels_to_reach(ll, ml, mr[-1])
+            # a saving is only defined when the baseline improved on the shared initial model: otherwise
+            # "reaching its final MAE" is met at 0 labels and says nothing
+            need = labels_to_reach(ll, ml, mr[-1]) if mr[-1] < mr[0] else None
             vs_random.append(None if need is None or lr[-1] == 0 else 1.0 - need / lr[-1])
-            need_c = labels_to_reach(ll, ml, mc[-1])
+            need_c = labels_to_reach(ll, ml, mc[-1]) if mc[-1] < mc[0] else None
             vs_committee.append(None if need_c is None or lc[-1] == 0 else need_c / lc[-1])
+            baseline_not_improved["random"] += int(mr[-1] >= mr[0])
+            baseline_not_improved["committee"] += int(mc[-1] >= mc[0])
             rel_committee.append(ml[-1] / mc[-1])
         goals[domain] = {"label_saving_vs_random": _mean_std(vs_random),
                          "labels_ratio_vs_committee": _mean_std(vs_committee),
-                         "final_mae_ratio_ltau_over_committee": _mean_std(rel_committee)}
+                         "final_mae_ratio_ltau_over_committee": _mean_std(rel_committee),
+                         "seeds_where_baseline_did_not_improve": baseline_not_improved}
     cost = [curves["ltau"][s]["exploration_model_steps"] / curves["committee"][s]["exploration_model_steps"]
             for s in seeds if curves["committee"][s]["exploration_model_steps"]]
     wall = [curves["ltau"][s]["exploration_wall_s"] / curves["committee"][s]["exploration_wall_s"]
@@ -316,10 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model (default 15)")
     parser.add_argument("--md-steps", type=int, default=None, help="maximum MD steps per trajectory (default 100)")
     parser.add_argument("--jobs", type=int, default=None, help="campaigns run side by side (default 2)")
+    parser.add_argument("--train-parallel", type=int, default=None,
+                        help="committee members trained side by side within a campaign (default 1)")
     args = parser.parse_args(argv)
     exp = Experiment.preset(args.quick, seeds=args.seeds, iterations=args.iterations, budget=args.budget,
                             committee_size=args.committee_size, epochs=args.epochs, jobs=args.jobs,
-                            md_steps=args.md_steps)
+                            md_steps=args.md_steps, train_parallel=args.train_parallel)
     if exp.budget < 1:
         raise SystemExit("--budget must be >= 1")
     results = run_experiment(exp, args.output)

@@ -24,6 +24,7 @@ from ltau_ase.cli.options import (
     load_factory,
     non_negative_float,
     non_negative_int,
+    open_fraction,
     positive_float,
     positive_int,
 )
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--reference-runs", type=Path, nargs="+", default=None, metavar="EXTXYZ",
                       help="in-domain runs written by `ltau md --interval 1` (e.g. with a huge --stop-threshold): the "
                            "threshold is chosen from their per-step --key statistic for --false-alarm-rate")
-    stop.add_argument("--false-alarm-rate", type=float, default=None,
+    stop.add_argument("--false-alarm-rate", type=open_fraction, default=None,
                       help="with --reference-runs: tolerated share of in-domain runs that stop, in (0, 1)")
     stop.add_argument("--patience", type=positive_int, default=1, help="consecutive steps above the threshold (1)")
     stop.add_argument("--key", choices=("uncertainties", "expected_force_errors", "latent_distances"),
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--n-sigma", type=non_negative_float, default=3.0,
                       help="adaptive bound in standard deviations (3)")
     stop.add_argument("--save-to", type=Path, default=None, help="extxyz receiving the triggering frame")
-    parser.add_argument("--coverage", type=float, default=None,
+    parser.add_argument("--coverage", type=open_fraction, default=None,
                         help="also write conformal force_error_bounds (eV/Å) at this coverage in (0, 1); needs an "
                              "estimator from `ltau calibrate`")
     parser.add_argument("--trajectory", type=Path, default=Path("md.extxyz"), help="extxyz output (md.extxyz)")

@@ -60,6 +60,11 @@ def probability(text: str) -> float:
     return _number(text, float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (coverages, false-alarm rates)."""
+    return _number(text, float, "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
+
+
 def atom_reduce(text: str) -> str | float:
     """``mean``, ``max`` or a quantile in [0, 1]: how per-atom UQ values become one number."""
     if text in ("mean", "max"):

@@ -245,7 +245,7 @@ class LTAUEstimator:
             raise ValueError(f"window must be {LAST_HALF!r}, None (all epochs), an EpochWindow, a dict or a "
                              f"(skip, last) tuple; got {self.window!r}")
         try:
-            if self.window != LAST_HALF:
+            if not (isinstance(self.window, str) and self.window == LAST_HALF):  # resolved at fit
                 EpochWindow.coerce(self.window)
             if self.bins is not None:
                 make_edges(self.bins, 1e-3, 1.0)  # validates the bins setting only
@@ -335,7 +335,7 @@ class LTAUEstimator:
         self._check_params()
         x = as_float32(descriptors, "descriptors")
         n, d = x.shape
-        window = self._resolved_window(errors)
+        window = self.resolve_window(errors)
         runs = as_runs(errors, window)
         if runs[0].n_atoms != n:
             raise ValueError(
@@ -418,8 +418,12 @@ class LTAUEstimator:
         self._warned_short = False
         return self
 
-    def _resolved_window(self, errors: Any) -> EpochWindow | None:
-        """The EpochWindow for ``errors``: ``"last_half"`` becomes the last ⌈E/2⌉ epochs of the shortest run."""
+    def resolve_window(self, errors: Any) -> EpochWindow | None:
+        """The EpochWindow this estimator's ``window`` selects from ``errors`` (None: all epochs).
+
+        ``"last_half"`` becomes the last ⌈E/2⌉ epochs of the shortest of the runs in ``errors`` (any
+        form :meth:`fit` accepts, ErrorLogs included).
+        """
         if isinstance(self.window, str) and self.window != LAST_HALF:
             raise ValueError(f"window must be {LAST_HALF!r}, None (all epochs), an EpochWindow, a dict or a "
                              f"(skip, last) tuple; got {self.window!r}")
@@ -1219,6 +1223,8 @@ def _blob_bound(kind: str, params: dict[str, Any], n: int, d: int) -> int:
         # vectors, levels, offsets and on average at most 4·M neighbour slots per node
         return _BLOB_OVERHEAD + n * (4 * d + 4 + 8 + 16 * m)
     nlist, m, nbits = int(params.get("nlist", 1)), int(params.get("m", 1)), int(params.get("nbits", 8))
+    # a hostile nbits (validated to [1, 16] later) must not make 2**nbits itself the hang
+    nbits = min(max(nbits, 0), 64)
     code = -(-m * nbits // 8)
     return _BLOB_OVERHEAD + n * (code + 8) + nlist * (4 * d + 24 + 8 + 4 + 16 * 32) + 4 * d * (2**nbits)
 

@@ -47,6 +47,7 @@ FORMAT = "ltau-ase campaign"
 VERSION = 1
 #: settings that may change between runs of one campaign (not part of the fingerprint)
 RUNTIME_FIELDS = ("n_iterations",)
+RUNTIME_TRAINING_FIELDS = ("parallel", "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class TrainingSettings:
     r_max: float = 4.0
     batch_size: int = 5
     lr: float = 0.01
-    timeout_s: float = 1800.0
-    parallel: int = 2  # models trained side by side (committee members)
+    timeout_s: float = 1800.0  # per training run (not part of the campaign's fingerprint)
+    parallel: int = 2  # models trained side by side (committee members; not part of the fingerprint)
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,14 @@ class Campaign:
         from ltau_ase.simulate.batch import read_structures
 
         known = set(self.settings.type_names)
-        for name in ("train", "val"):
-            frame_ids_of(_read_frames(inputs[name]))  # unique integer frame ids, or a clear error
+        for name in ("train", "val", "calibration"):
+            frames = _read_frames(inputs[name])
+            if name != "calibration":
+                frame_ids_of(frames)  # unique integer frame ids, or a clear error
+            extra = sorted({s for a in frames for s in a.get_chemical_symbols()} - known)
+            if extra:
+                raise ValueError(f"the {name} frames contain {extra}, which are not among type_names "
+                                 f"{list(self.settings.type_names)}; add them to type_names")
         self.seeds = read_structures(os.fspath(inputs["seeds"]))
         for seed_name, atoms in self.seeds:
             extra = sorted(set(atoms.get_chemical_symbols()) - known)
@@ -255,6 +262,7 @@ class Campaign:
 
     def _fingerprint(self, hashes: Mapping[str, str]) -> str:
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in RUNTIME_FIELDS}
+        settings["training"] = {k: v for k, v in settings["training"].items() if k not in RUNTIME_TRAINING_FIELDS}
         text = json.dumps({"settings": settings, "inputs": dict(sorted(hashes.items())),
                            "reference": repr(self.reference)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()

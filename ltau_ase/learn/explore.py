@@ -122,8 +122,11 @@ def _snapshot(atoms: Atoms, statistic: float, bound: float, step: int, stop: boo
     frame.info.update(statistic=float(statistic), bound=float(bound), step=int(step), stop=bool(stop),
                       flagged=bool(statistic > bound or math.isnan(statistic)))
     frame.arrays["uncertainties_snapshot"] = np.asarray(results["uncertainties"], dtype=np.float64).copy()
-    if "descriptors" in results:
-        frame.info["_descriptors"] = np.asarray(results["descriptors"], dtype=np.float32).copy()
+    descriptors = results.get("descriptors")
+    if descriptors is None and callable(getattr(atoms.calc, "descriptors", None)):
+        descriptors = atoms.calc.descriptors(atoms)  # an LTAUCalculator given a descriptor callable
+    if descriptors is not None:
+        frame.info["_descriptors"] = np.asarray(descriptors, dtype=np.float32).copy()
     return frame
 
 
@@ -168,7 +171,11 @@ def explore_one(task: ExploreTask, atoms: Atoms, factory: Callable[[], Any], set
             stop()
             step = stop.steps[-1]
             if stop.triggered or step % settings.stride == 0:
-                snapshots.append(_snapshot(work, stop.values[-1], stop.bounds[-1], step, stop.triggered))
+                snap = _snapshot(work, stop.values[-1], stop.bounds[-1], step, stop.triggered)
+                if snapshots and snapshots[-1].info["step"] == step:
+                    snapshots[-1] = snap  # ASE may call observers twice for one step (step 0 of a stopped run)
+                else:
+                    snapshots.append(snap)
 
         dyn.attach(observe, interval=1)
         if task.kind == "md":  # ASE calls observers at step 0 too: the seed is recorded
@@ -279,7 +286,7 @@ def load_snapshots(db_path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """
     from ase.db import connect
 
-    snaps, tasks = [], {}
+    snaps, tasks, index = [], {}, {}
     for row in connect(os.fspath(db_path)).select(sort="id"):
         t = row.get("task")
         if t not in tasks:
@@ -290,9 +297,12 @@ def load_snapshots(db_path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         if row.get("status") != "done":
             continue
         data = row.data
+        if row.get("name") in index:  # databases written before snapshots were unique per step: keep the later
+            snaps[index[row.get("name")]] = None
+        index[row.get("name")] = len(snaps)
         snaps.append({"name": row.get("name"), "task": t, "step": int(row.get("step")),
                       "statistic": float(row.get("statistic")), "bound": float(row.get("bound", math.inf)),
                       "flagged": bool(row.get("flagged")), "stop": bool(row.get("stop")), "atoms": row.toatoms(),
                       "uncertainties": np.asarray(data["uncertainties"], dtype=np.float64),
                       "descriptors": np.asarray(data["descriptors"]) if "descriptors" in data else None})
-    return snaps, list(tasks.values())
+    return [x for x in snaps if x is not None], list(tasks.values())

@@ -47,8 +47,9 @@ def structure_feature(descriptors: np.ndarray, uncertainties: np.ndarray, atom_t
 
 
 def farthest_point_sampling(features: np.ndarray, k: int, first: int = 0) -> np.ndarray:
-    """Greedy farthest-point sampling: ``first``, then repeatedly the point farthest (Euclidean) from
-    all points chosen so far (ties: lowest index).
+    """Greedy farthest-point sampling: ``first``, then repeatedly the not yet chosen point farthest
+    (Euclidean) from all points chosen so far (ties: lowest index). Every index appears at most once,
+    also when points coincide.
 
     Args:
         features: (n, D) points.
@@ -68,10 +69,12 @@ def farthest_point_sampling(features: np.ndarray, k: int, first: int = 0) -> np.
         raise ValueError(f"first must index one of the {n} points, got {first}")
     chosen = [int(first)]
     dist = np.linalg.norm(features - features[first], axis=1)
+    dist[first] = -np.inf  # never chosen twice, even when other points coincide with it (distance 0)
     for _ in range(k - 1):
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(features - features[nxt], axis=1))
+        dist[chosen] = -np.inf
     return np.asarray(chosen, dtype=np.int64)
 
 

@@ -19,7 +19,9 @@ def _fitted(n=3000, d=8, epochs=(20, 30), **params):
 @pytest.mark.parametrize("distribution", ["compact", "exact"])
 def test_estimate_covers_the_arrays_a_fit_keeps(distribution):
     x, errors, est = _fitted(distribution=distribution, index="flat", k=5)
-    part = est.estimate_fit_memory(x.shape[0], x.shape[1], [e.shape[0] for e in errors])
+    epochs = est.fit_info_["n_epochs"]  # the selected epochs per run (default window: the last half)
+    assert epochs == [10, 10]  # ceil(half) of the shortest run (20 epochs), for both runs
+    part = est.estimate_fit_memory(x.shape[0], x.shape[1], epochs)
     dist = est.distributions_
     if distribution == "compact":
         kept = dist.counts.nbytes + dist.n_logged.nbytes + dist.fitted_counts.nbytes + dist.max_error.nbytes

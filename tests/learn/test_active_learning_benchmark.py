@@ -56,3 +56,15 @@ def test_analyse_goals(al):
     cost = g["exploration_cost_ratio_ltau_over_committee"]
     assert cost["model_steps"]["mean"] == pytest.approx(100 / 600) and cost["target"] == pytest.approx(1 / 3)
     assert res["curves"]["ltau"]["0"]["mae_in_domain"] == [1.0, 0.6, 0.5]
+
+
+def test_no_saving_when_the_baseline_did_not_improve(al):
+    exp = al.Experiment(seeds=1, committee_size=3)
+    runs = {"random": {0: _run([0, 5, 10], [1.0, 1.2, 1.1], [2.0, 2.1, 2.2], 100)},
+            "ltau": {0: _run([0, 5, 10], [1.0, 0.9, 0.8], [2.0, 1.0, 0.9], 50)},
+            "committee": {0: _run([0, 5, 10], [1.0, 0.7, 0.55], [2.0, 2.5, 2.4], 300)}}
+    g = al.analyse(runs, exp)["goals"]
+    # random ended above the initial MAE: reaching its final MAE at 0 labels is no saving
+    assert g["in_domain"]["label_saving_vs_random"]["values"] == [None]
+    assert g["in_domain"]["seeds_where_baseline_did_not_improve"] == {"random": 1, "committee": 0}
+    assert g["out_of_domain"]["labels_ratio_vs_committee"]["values"] == [None]

@@ -21,6 +21,8 @@ def brute_force_fps(x: np.ndarray, k: int, first: int) -> list[int]:
     while len(chosen) < k:
         best, best_d = None, -1.0
         for j in range(len(x)):  # lowest index wins ties: strict >
+            if j in chosen:
+                continue
             d = min(float(np.sqrt(((x[j] - x[c]) ** 2).sum())) for c in chosen)
             if d > best_d:
                 best, best_d = j, d
@@ -34,6 +36,20 @@ def test_fps_matches_brute_force():
         x = rng.normal(size=(15, 3))
         k, first = int(rng.integers(1, 16)), int(rng.integers(15))
         assert farthest_point_sampling(x, k, first).tolist() == brute_force_fps(x, k, first)
+
+
+def test_fps_never_repeats_coinciding_points():
+    # the same seed structure explored at two temperatures gives identical step-0 features
+    x = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    picked = farthest_point_sampling(x, 4, 0)
+    assert picked.tolist() == [0, 3, 1, 2] and len(set(picked.tolist())) == 4
+    rng = np.random.default_rng(2)
+    for trial in range(10):
+        y = rng.integers(0, 2, size=(8, 2)).astype(float)  # many coinciding points
+        k = int(rng.integers(1, 9))
+        assert farthest_point_sampling(y, k, 0).tolist() == brute_force_fps(y, k, 0)
+    stat = np.array([0.9, 0.9, 0.5])
+    assert sorted(select_ltau(stat, np.ones(3, bool), x[:3], budget=3).tolist()) == [0, 1, 2]
 
 
 def test_fps_hand_case_and_bounds():

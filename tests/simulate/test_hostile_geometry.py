@@ -171,6 +171,8 @@ BAD_NUMBERS = [
     ("md", "--interval", ["0"]),
     ("md", "--seed", ["-1"]),
     ("md", "--atom-reduce", ["2"]),
+    ("md", "--false-alarm-rate", ["0", "1", "-0.1", "nan"]),
+    ("md", "--coverage", ["0", "1.5"]),
     ("fit", "--k", ["-1", "0"]),
     ("fit", "--atol", ["0", "-1"]),
     ("fit", "--skip-epochs", ["-1"]),

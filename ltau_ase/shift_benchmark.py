@@ -1,0 +1,960 @@
+"""Uncertainty under distribution shift: the engine behind ``benchmarks/shift.py`` (issue 11, item 7).
+
+Train M NequIP members at one temperature on the EMT catalysis domain (:mod:`ltau_ase.datasets.shift`),
+then score, side by side and in one run, four per-atom uncertainties on every shift domain:
+
+* ``ltau_paper``: :class:`~ltau_ase.core.estimator.LTAUEstimator` as in the paper (member 1 + kNN over
+  the training atoms' error distributions); uncalibrated (s = 1) and with s fitted on the calibration set;
+* ``ltau_distance``: the distance-aware LTAU (``fit_calibration`` on the calibration set), when the
+  installed estimator has it;
+* ``distance``: the mean latent distance to the k neighbours alone (``predict()["distance"]``);
+* ``committee``: the force spread of the same M members (their mean is the committee's prediction).
+
+Stages write raw results to ``--output`` (``data/``, ``models/``, ``raw/*.npz``) and are reused when
+present (``reuse=True``), so a long run can be re-scored after the estimator changes. Everything
+measured goes to ``results.json``; ``summary.md`` holds the tables, PNGs the figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ltau_ase.core.jsonable import to_jsonable
+from ltau_ase.datasets.shift import IS2RS_DOMAINS, ShiftSettings
+from ltau_ase.shift_metrics import (bootstrap_ci, coverage, normalised_conformal_bound, species_aware,
+                                    stop_outcomes, summarise_ci)
+
+METHODS = ("ltau_paper", "ltau_distance", "distance", "committee")
+METHOD_LABELS = {"ltau_paper": "LTAU (paper)", "ltau_distance": "distance-aware LTAU",
+                 "ltau_distance_expected_error": "distance-aware expected error (eV/Å)",
+                 "distance": "latent distance", "committee": "committee"}
+
+
+@dataclass(frozen=True)
+class ShiftBenchConfig:
+    """Every setting of one benchmark run (all saved in results.json)."""
+
+    quick: bool = False
+    seed: int = 0
+    members: int = 4
+    epochs: int = 12
+    num_layers: int = 2
+    num_features: int = 16
+    l_max: int = 1
+    r_max: float = 4.5
+    batch_size: int = 16
+    lr: float = 0.01
+    train_timeout: float = 1800.0
+    k: int = 20
+    coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
+    relax_steps: int = 40
+    committee_stride: int = 10
+    is2rs_limit: int | None = 30
+    relax_fmax: float = 0.05
+    failure_rmsd: float = 0.5
+    md_runs_reference: int = 20
+    md_runs_in_domain: int = 20
+    md_steps_in_domain: int = 100
+    md_runs_hot: int = 20
+    md_steps_hot: int = 100
+    md_hot_temperatures: tuple[float, ...] = (1200.0,)
+    md_emt_stride_in_domain: int = 5
+    md_emt_stride_hot: int = 1
+    md_error_bound: float = 1.0
+    md_after_breakdown: int = 30
+    md_false_alarm_rate: float = 0.05
+    md_patience: int = 1
+    md_on_time_steps: int = 10
+    md_slab: tuple[int, int, int] = (2, 2, 3)
+    bootstrap: int = 1000
+    timing_repeats: int = 30
+    workers: int = 2
+    settings: ShiftSettings = field(default_factory=ShiftSettings)
+
+    @classmethod
+    def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
+        if quick:
+            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=3, md_runs_reference=9,
+                      md_false_alarm_rate=0.1,
+                      md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
+                      timing_repeats=5, workers=1,
+                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=6, n_calibration_mild=3, n_test=2,
+                                             n_is2rs=4, n_is2rs_calibration=4, md_frames=2, relax_frames=2,
+                                             slab_sizes=((2, 2, 3),)))
+        else:
+            cfg = cls(seed=seed)
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        if cfg.members < 2:
+            raise ValueError(f"the committee needs at least 2 members, got {cfg.members}")
+        if cfg.epochs < 2:
+            raise ValueError(f"at least 2 epochs are needed for an error trajectory, got {cfg.epochs}")
+        return cfg
+
+
+# ---------------------------------------------------------------------------- stages 1-3
+def stage_data(cfg: ShiftBenchConfig, out: Path, reuse: bool) -> dict[str, Any]:
+    from ase.data import atomic_numbers
+
+    from ltau_ase.datasets import read_split
+    from ltau_ase.datasets.shift import species_of, write_shift_dataset
+
+    data_dir = out / "data"
+    manifest_path = data_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if not (reuse and manifest and manifest["settings"] == json.loads(json.dumps(asdict(cfg.settings)))
+            and manifest["seed"] == cfg.seed):
+        manifest = write_shift_dataset(data_dir, cfg.settings, seed=cfg.seed, progress=True, reuse_files=reuse,
+                                       workers=cfg.workers)
+    splits = {name: read_split(data_dir, name) for name in list(manifest["s2ef"]) + list(manifest["is2rs"])}
+    s = cfg.settings
+    type_names = species_of(s, ["in_domain", "adsorbate", "element"])
+    seen = species_of(s, ["in_domain"])
+    return {"dir": data_dir, "manifest": manifest, "splits": splits, "type_names": type_names,
+            "seen_numbers": np.array(sorted(atomic_numbers[x] for x in seen))}
+
+
+def _demo_stages():
+    """The demo's stage module: ``ltau_ase.demo.stages`` since the demo became a package, ``ltau_ase.demo`` before.
+
+    Transitional (both layouts exist on the branches being merged); after the merge this is
+    ``import ltau_ase.demo.stages``.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module("ltau_ase.demo.stages")
+    except ModuleNotFoundError:
+        return importlib.import_module("ltau_ase.demo")
+
+
+class _Stage(dict):
+    """A stage result readable both as a dict and by attribute (the demo's stages use either, by version)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _as_stage(obj: Any) -> _Stage:
+    return _Stage(obj if isinstance(obj, dict) else vars(obj))
+
+
+def _demo_config(cfg: ShiftBenchConfig):
+    from ltau_ase.demo import DemoConfig
+
+    return DemoConfig(seed=cfg.seed, members=cfg.members, epochs=cfg.epochs, num_layers=cfg.num_layers,
+                      num_features=cfg.num_features, l_max=cfg.l_max, r_max=cfg.r_max, batch_size=cfg.batch_size,
+                      lr=cfg.lr, k_grid=(cfg.k,), train_timeout=cfg.train_timeout)
+
+
+def stage_train(cfg: ShiftBenchConfig, out: Path, data: dict, reuse: bool) -> dict[str, Any]:
+    """The demo's ensemble training (members side by side, LTAUErrorLogger), reused when complete."""
+    runs = [(out / "models" / f"member{m + 1}").resolve() for m in range(cfg.members)]
+    if reuse and all((r / "run" / "last.ckpt").is_file() for r in runs):
+        return _Stage(run_dirs=[r / "run" for r in runs], log_dirs=[r / "ltau_errors" for r in runs],
+                      models=[r / "run" / "last.ckpt" for r in runs], train_times=[math.nan] * cfg.members)
+    return _as_stage(_demo_stages().stage_train(_demo_config(cfg), out, _Stage(data)))
+
+
+def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict[str, Any]:
+    return _as_stage(_demo_stages().stage_fit(_demo_config(cfg), out, _Stage(data), _Stage(train)))
+
+
+# ---------------------------------------------------------------------------- stage 4: S2EF evaluation
+def _cache_key(train: dict, *parts: Any) -> str:
+    """What a cached raw result depends on: member checkpoints (sha256) and the given parts."""
+    from ltau_ase.core.fileformat import sha256_file
+
+    return json.dumps([[sha256_file(p) for p in train["models"]], *parts], default=str)
+
+
+def _cached(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return "cache_key" in z.files and str(z["cache_key"]) == key
+    key_file = path.with_suffix(".key")
+    return key_file.is_file() and key_file.read_text() == key
+
+
+def stage_evaluate(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, dict]:
+    """Per-atom errors, committee spreads and member-1 descriptors of every S2EF split (cached in raw/).
+
+    Frames are evaluated with :func:`ltau_ase.demo.evaluate_frames` in ``workers`` processes (chunks of
+    frames, concatenated back in frame order).
+    """
+    raw = out / "raw"
+    raw.mkdir(exist_ok=True)
+    names = [s for s in data["manifest"]["s2ef"] if s not in ("train", "val")]
+    keys = {s: _cache_key(train, data["manifest"]["s2ef"][s]["sha256"]) for s in names}
+    todo = [s for s in names if not (reuse and _cached(raw / f"s2ef_{s}.npz", keys[s]))]
+    chunk = 10
+    tasks = [(split, i, data["splits"][split][i:i + chunk]) for split in todo
+             for i in range(0, len(data["splits"][split]), chunk)]
+    if tasks:
+        parts = _pool_map(cfg, train, _evaluate_task, tasks, "evaluating S2EF frames")
+        for split in todo:
+            mine = sorted((p for p in parts if p["split"] == split), key=lambda p: p["start"])
+            frames = data["splits"][split]
+            ev = {k: np.concatenate([p["ev"][k] for p in mine]) for k in mine[0]["ev"]}
+            ev["frame"] = np.concatenate([p["ev"]["frame"] + p["start"] for p in mine])
+            ev["numbers"] = np.concatenate([f.numbers for f in frames])
+            ev["system"] = np.array([frames[i].info["system"] for i in ev["frame"]])
+            np.savez(raw / f"s2ef_{split}.npz", cache_key=np.array(keys[split]), **ev)
+    evals: dict[str, dict] = {}
+    for split in names:
+        with np.load(raw / f"s2ef_{split}.npz") as z:
+            evals[split] = {k: z[k] for k in z.files if k != "cache_key"}
+    return evals
+
+
+# ---------------------------------------------------------------------------- workers (IS2RS, MD)
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(model_paths: Sequence[str]) -> None:
+    import faiss
+    import torch
+
+    _load_model = _demo_stages()._load_model
+    from ltau_ase.simulate.committee import CommitteeCalculator
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    members = [_load_model(p) for p in model_paths]
+    _WORKER.update(members=members, committee=CommitteeCalculator(members[:]),
+                   single=_load_model(model_paths[0]))
+
+
+def _evaluate_task(args: tuple) -> dict[str, Any]:
+    split, start, frames = args
+    return {"split": split, "start": start,
+            "ev": _demo_stages().evaluate_frames(frames, _WORKER["committee"], _WORKER["members"][0])}
+
+
+def _relax_task(args: tuple) -> dict[str, Any]:
+    """ML relaxation (member 1) of one IS2RS system.
+
+    Records member 1's descriptors at every step and, every ``stride`` steps and at the last step, the
+    committee's per-atom force spread at the same structure (members 2..M evaluated there), so every
+    method predicts the failure of the same relaxation from the same frames.
+    """
+    from ltau_ase.is2rs import system_distances
+    from ltau_ase.simulate.batch import make_optimizer
+
+    index, initial, reference, steps, fmax, stride = args
+    single, others = _WORKER["single"], _WORKER["members"][1:]
+    atoms = initial.copy()
+    atoms.calc = single
+    opt = make_optimizer(atoms, "oc20")
+    desc: list[np.ndarray] = []
+    spread: dict[int, np.ndarray] = {}
+    status = "done"
+
+    def committee_spread() -> np.ndarray:
+        f = np.stack([np.asarray(single.results["forces"])]
+                     + [np.asarray(m.get_property("forces", atoms)) for m in others])
+        return np.sqrt(f.var(axis=0).sum(axis=1)).astype(np.float32)
+
+    try:
+        for step, _ in enumerate(opt.irun(fmax=fmax, steps=steps)):
+            f = np.asarray(single.results["forces"])
+            if not np.all(np.isfinite(f)) or np.linalg.norm(f, axis=1).max() > 1e3:
+                status = "exploded"
+                break
+            desc.append(np.array(single.results["descriptors"], dtype=np.float32))
+            if step % stride == 0:
+                spread[step] = committee_spread()
+        if desc and (len(desc) - 1) not in spread and status == "done":
+            spread[len(desc) - 1] = committee_spread()
+    except Exception as exc:  # recorded: the system counts as failed (RMSD = inf)
+        status = f"error: {type(exc).__name__}: {exc}"
+    rmsd = system_distances(atoms, reference)["rmsd"] if status == "done" else math.inf
+    steps_kept = sorted(spread)
+    return {"index": index, "rmsd": rmsd, "status": status, "nsteps": int(opt.nsteps),
+            "free": initial.get_tags() > 0, "steps": np.array(steps_kept, dtype=int),
+            "descriptors": np.stack([desc[i] for i in steps_kept]) if steps_kept else None,
+            "committee": np.stack([spread[i] for i in steps_kept]) if steps_kept else None}
+
+
+def _md_task(args: tuple) -> dict[str, Any]:
+    """Langevin MD with member 1; per step: its descriptors and the true max-atom EMT force error (eV/Å).
+
+    The EMT error is evaluated every ``emt_stride`` steps (NaN in between). Ends ``after`` steps past
+    the first evaluated step whose error exceeds ``error_bound`` (or is not finite).
+    """
+    from ase import units
+    from ase.calculators.emt import EMT
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import thermalize_momenta
+
+    key, atoms, temperature, steps, seed, error_bound, after, emt_stride = args
+    single = _WORKER["single"]
+    emt = EMT()
+    atoms = atoms.copy()
+    atoms.calc = single
+    rng = np.random.default_rng(seed)
+    thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
+    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=temperature, friction=0.02 / units.fs,
+                   fixcm=False, rng=rng)
+    desc, err = [], []
+    broken_at = None
+    ref = atoms.copy()
+    ref.calc = emt
+    try:
+        for step, _ in enumerate(dyn.irun(steps)):
+            f1 = np.asarray(single.results["forces"])
+            desc.append(np.array(single.results["descriptors"], dtype=np.float32))
+            if step % emt_stride:
+                err.append(math.nan)  # not evaluated at this step
+                continue
+            ref.positions = atoms.positions
+            e = np.linalg.norm(f1 - ref.get_forces(apply_constraint=False), axis=1).max()
+            e = e if np.isfinite(e) else math.inf
+            err.append(e)
+            if e > error_bound and broken_at is None:
+                broken_at = step
+            if broken_at is not None and (step - broken_at >= after or not np.isfinite(e)):
+                break
+    except Exception:  # the model or EMT blew up on a broken structure: the run ends broken
+        err = err[:len(desc)]
+        if len(err) < len(desc):
+            err.append(math.inf)
+    return {"key": key, "descriptors": np.stack(desc), "true_max_error": np.array(err)}
+
+
+def _pool_map(cfg: ShiftBenchConfig, train: dict, fn, tasks: list, desc: str) -> list:
+    from tqdm.auto import tqdm
+
+    paths = [str(p) for p in train["models"]]
+    if cfg.workers <= 1:
+        _worker_init(paths)
+        return [fn(t) for t in tqdm(tasks, desc=desc, unit="task")]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(paths,)) as pool:
+        return list(tqdm(pool.map(fn, tasks), total=len(tasks), desc=desc, unit="task"))
+
+
+def stage_is2rs(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, list]:
+    import pickle
+
+    results = {}
+    for split in ["is2rs_calibration"] + [f"is2rs_{d}" for d in IS2RS_DOMAINS]:
+        path = out / "raw" / f"{split}.pkl"
+        key = _cache_key(train, data["manifest"]["is2rs"][split]["initial"]["sha256"], cfg.is2rs_limit,
+                         cfg.relax_steps, cfg.relax_fmax, cfg.committee_stride)
+        if not (reuse and _cached(path, key)):
+            initial, relaxed = data["splits"][split]
+            n = len(initial) if cfg.is2rs_limit is None else min(cfg.is2rs_limit, len(initial))
+            tasks = [(i, initial[i], relaxed[i], cfg.relax_steps, cfg.relax_fmax, cfg.committee_stride)
+                     for i in range(n)]
+            res = _pool_map(cfg, train, _relax_task, tasks, f"relaxing {split}")
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(res))  # our own file, written just now
+            tmp.replace(path)
+            path.with_suffix(".key").write_text(key)
+        results[split] = pickle.loads(path.read_bytes())
+    return results
+
+
+def md_start_structures(cfg: ShiftBenchConfig, n: int, stream: int) -> list:
+    """Relaxed in-domain systems (facet_in, slab ``md_slab``) where MD runs start."""
+    from ltau_ase.datasets.catalysis import CatalysisSettings, SystemSpec, relax_with_emt, slab_with_adsorbate
+    from ltau_ase.datasets.shift import domain_systems
+
+    s = cfg.settings
+    specs = domain_systems(s, "in_domain", n, cfg.seed, stream)
+    cat = CatalysisSettings(slab_sizes=(cfg.md_slab,))
+    out = []
+    for i, spec in enumerate(specs):
+        spec = SystemSpec(spec.metal, spec.facet, spec.adsorbate, spec.site, cfg.md_slab, spec.domain)
+        atoms = slab_with_adsorbate(spec, np.random.default_rng([cfg.seed, stream, i]), cat)
+        relaxed, _, _ = relax_with_emt(atoms, cat.trajectory_fmax, cat.trajectory_steps)
+        relaxed.info["system"] = f"md-{stream}-{i}-{spec.metal}{spec.facet}-{spec.adsorbate}-{spec.site}"
+        out.append(relaxed)
+    return out
+
+
+def md_plan(cfg: ShiftBenchConfig) -> dict[str, tuple[float, int, int, int]]:
+    """Run groups: name -> (temperature K, runs, steps, stream)."""
+    t0 = cfg.settings.train_temperature
+    plan = {"reference": (t0, cfg.md_runs_reference, cfg.md_steps_in_domain, 101),
+            f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
+    for j, t in enumerate(cfg.md_hot_temperatures):
+        plan[f"T{t:g}"] = (t, cfg.md_runs_hot, cfg.md_steps_hot, 103 + j)
+    return plan
+
+
+def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict[str, list]:
+    import pickle
+
+    results = {}
+    for group, (temp, runs, steps, stream) in md_plan(cfg).items():
+        path = out / "raw" / f"md_{group}.pkl"
+        key = _cache_key(train, temp, runs, steps, stream, cfg.seed, cfg.md_slab, cfg.md_error_bound,
+                         cfg.md_after_breakdown, cfg.md_emt_stride_hot, cfg.md_emt_stride_in_domain)
+        if not (reuse and _cached(path, key)):
+            starts = md_start_structures(cfg, runs, stream)
+            stride = cfg.md_emt_stride_hot if temp > cfg.settings.train_temperature else cfg.md_emt_stride_in_domain
+            tasks = [(i, a, temp, steps, [cfg.seed, stream, i, 7], cfg.md_error_bound, cfg.md_after_breakdown,
+                      stride) for i, a in enumerate(starts)]
+            res = _pool_map(cfg, train, _md_task, tasks, f"MD {group}")
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(res))
+            tmp.replace(path)
+            path.with_suffix(".key").write_text(key)
+        results[group] = pickle.loads(path.read_bytes())
+    return results
+
+
+# ---------------------------------------------------------------------------- stage: costs
+def stage_costs(cfg: ShiftBenchConfig, data: dict, train: dict, estimators: dict) -> dict[str, Any]:
+    """Median seconds per force call, interleaved in one loop on the same structures; ratios per round."""
+    from ltau_ase.simulate.calculator import LTAUCalculator
+    from ltau_ase.simulate.committee import CommitteeCalculator
+
+    _load_model = _demo_stages()._load_model
+    calcs = {"single": _load_model(train["models"][0])}
+    for name, est in estimators.items():
+        calcs[name] = LTAUCalculator(_load_model(train["models"][0]), est)
+    calcs["committee"] = CommitteeCalculator([_load_model(p) for p in train["models"]])
+    base = md_start_structures(cfg, 1, 199)[0]
+    rng = np.random.default_rng([cfg.seed, 11])
+    names = list(calcs)
+    t = {n: [] for n in names}
+    for r in range(cfg.timing_repeats + 1):
+        atoms = base.copy()
+        atoms.positions += rng.normal(0.0, 0.02, size=atoms.positions.shape)
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            calcs[n].get_property("forces", atoms)
+            t[n].append(time.perf_counter() - t0)
+    arr = {n: np.array(v[1:]) for n, v in t.items()}
+    return {"n_atoms": len(base), "repeats": cfg.timing_repeats,
+            "median_s": {n: float(np.median(v)) for n, v in arr.items()},
+            "over_single": {n: float(np.median(arr[n] / arr["single"])) for n in names if n != "single"}}
+
+
+# ---------------------------------------------------------------------------- scoring
+class Scorer:
+    """Per-atom UQ of every method from member-1 descriptors (and the committee's spreads)."""
+
+    def __init__(self, cfg: ShiftBenchConfig, paper, paper_scaled, aware, seen_numbers: np.ndarray):
+        self.cfg, self.paper, self.paper_scaled, self.aware = cfg, paper, paper_scaled, aware
+        self.seen = seen_numbers
+
+    def predict(self, desc: np.ndarray, numbers: np.ndarray | None = None,
+                bounds: bool = False) -> dict[str, dict[str, np.ndarray]]:
+        """Per method: ``uncertainty`` (n,); with ``bounds`` also confidences, σ and conformal bounds."""
+        out = {}
+        p = self.paper.predict(desc)
+        out["ltau_paper"] = {"uncertainty": p["uncertainty"], "confidence": p["confidence"]}
+        if bounds:
+            ps = self.paper_scaled.predict(desc)
+            out["ltau_paper"].update(confidence_cal=ps["confidence"], sigma=ps["expected_error"])
+        out["distance"] = {"uncertainty": p["distance"]}
+        if self.aware is not None:
+            a = self.aware.predict(desc, atomic_numbers=numbers)
+            out["ltau_distance"] = {"uncertainty": a["uncertainty"], "confidence_cal": a["confidence"],
+                                    "sigma": a["expected_error"]}
+            out["ltau_distance_expected_error"] = {"uncertainty": a["expected_error"]}
+            if bounds:
+                for q in self.cfg.coverages:
+                    out["ltau_distance"][f"bound_{q:g}"] = self.aware.predict(
+                        desc, coverage=q, atomic_numbers=numbers)["error_bound"]
+        return out
+
+
+def _calibrated_methods(cfg, fit, evals, seen):
+    """Paper LTAU (s = 1 and s fitted), distance-aware LTAU (if available) on calibration ∪ milder shift."""
+    import copy
+
+    from ltau_ase.simulate.committee import fit_committee_scale
+
+    est = fit["estimators"][cfg.k]
+    cal = {k: np.concatenate([evals["calibration"][k], evals["calibration_mild"][k]])
+           for k in ("descriptors", "err_single", "err_committee", "u_committee", "numbers", "system")}
+    structure = np.unique(cal["system"], return_inverse=True)[1]
+    scaled = copy.deepcopy(est)
+    scale = scaled.fit_scale(cal["descriptors"], cal["err_single"])
+    aware = None
+    aware_note = "LTAUEstimator has no fit_calibration (shift-method API not merged): distance-aware LTAU not scored"
+    if hasattr(est, "fit_calibration"):
+        aware = copy.deepcopy(est).fit_calibration(cal["descriptors"], cal["err_single"],
+                                                   atomic_numbers=cal["numbers"], seed=cfg.seed, frame_ids=structure)
+        aware_note = ("fit_calibration (atomic numbers, whole systems per half) on the in-domain calibration "
+                      "split plus the milder-shift (600 K) split")
+    comm_scale = fit_committee_scale(cal["u_committee"], cal["err_committee"], est.atol_)["scale"]
+    return est, scaled, aware, cal, {"paper_scale": scale, "committee_scale": comm_scale, "aware": aware_note}
+
+
+def score_s2ef(cfg: ShiftBenchConfig, scorer: Scorer, evals: dict, cal: dict, atol: float, comm_scale: float,
+               seen: np.ndarray) -> dict[str, Any]:
+    from ltau_ase.core.calibration import auroc, miscalibration_area, spearman
+    from ltau_ase.simulate.committee import committee_confidence
+
+    mae = {"single": float(evals["test_in_domain"]["err_single"].mean()),
+           "committee": float(evals["test_in_domain"]["err_committee"].mean())}
+    cal_pred = scorer.predict(cal["descriptors"], cal["numbers"], bounds=True)
+    domains = [s[len("test_"):] for s in evals if s.startswith("test_")]
+    rows: dict[str, Any] = {}
+    for domain in domains + ["element_species_aware"]:
+        ev = evals["test_" + domain.replace("_species_aware", "")]
+        pred = scorer.predict(ev["descriptors"], ev["numbers"], bounds=True)
+        unseen = ~np.isin(ev["numbers"], seen)
+        groups = ev["system"]
+        res: dict[str, Any] = {"n_atoms": int(ev["err_single"].size), "n_systems": int(np.unique(groups).size),
+                               "mean_error": {"single": float(ev["err_single"].mean()),
+                                              "committee": float(ev["err_committee"].mean())}}
+        for method in METHODS:
+            if method == "committee":
+                u, err, thr = ev["u_committee"], ev["err_committee"], mae["committee"]
+            elif method in pred:
+                u, err, thr = pred[method]["uncertainty"], ev["err_single"], mae["single"]
+            else:
+                continue
+            if domain == "element_species_aware" and method != "committee":
+                u = species_aware(u, unseen)
+            m: dict[str, Any] = {"mean_uncertainty": float(np.mean(u))}
+            boot = lambda fn: bootstrap_ci(groups, fn, cfg.bootstrap, seed=cfg.seed)  # noqa: E731
+            m["spearman"] = boot(lambda i: spearman(u[i], err[i]))
+            m["auroc"] = boot(lambda i: auroc(u[i], err[i] > thr))
+            if method == "committee":
+                conf, conf_cal = committee_confidence(u, atol), committee_confidence(u, atol, scale=comm_scale)
+                sig_cal, sig = cal["u_committee"], u
+                err_cal = cal["err_committee"]
+            elif method in ("ltau_paper", "ltau_distance"):
+                conf = pred[method].get("confidence")
+                conf_cal = pred[method]["confidence_cal"]
+                if domain == "element_species_aware":
+                    conf_cal = np.where(unseen, 0.0, conf_cal)
+                    conf = None if conf is None else np.where(unseen, 0.0, conf)
+                sig_cal, sig, err_cal = cal_pred[method]["sigma"], pred[method]["sigma"], cal["err_single"]
+            else:
+                conf = conf_cal = None
+            if conf is not None:
+                m["miscalibration_uncalibrated"] = boot(lambda i: miscalibration_area(conf[i], err[i], atol))
+            if conf_cal is not None:
+                m["miscalibration_calibrated"] = boot(lambda i: miscalibration_area(conf_cal[i], err[i], atol))
+            if conf_cal is not None:
+                cov = {}
+                for q in cfg.coverages:
+                    if method == "ltau_distance":
+                        b = pred[method][f"bound_{q:g}"]
+                        how = "predict(coverage=q)['error_bound']"
+                    else:
+                        b = normalised_conformal_bound(sig_cal, err_cal, sig, q)
+                        how = "normalised split conformal on the calibration set (benchmark baseline)"
+                    cov[f"{q:g}"] = boot(lambda i, b=b: coverage(b[i], err[i]))
+                    cov[f"{q:g}"]["mean_bound"] = float(np.mean(b[np.isfinite(b)])) if np.isfinite(b).any() else math.inf
+                m["coverage"] = cov
+                m["coverage_method"] = how
+            res[method] = m
+        rows[domain] = res
+    return {"auroc_threshold": mae, "domains": rows}
+
+
+def _trace_stats(per_step: np.ndarray) -> dict[str, float]:
+    return {"initial": float(per_step[0]), "max": float(per_step.max()), "mean": float(per_step.mean()),
+            "final": float(per_step[-1])}
+
+
+def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) -> dict[str, Any]:
+    """Failure AUROC (final RMSD > failure_rmsd) of each method's mean free-atom UQ over the recorded steps.
+
+    Every method is scored on the same relaxation (member 1) at the same steps (every
+    ``committee_stride`` steps and the last); a relaxation that exploded counts as failed.
+    """
+    from ltau_ase.core.calibration import auroc
+
+    out: dict[str, Any] = {"failure_rmsd": cfg.failure_rmsd, "relaxed_with": "member 1 (the LTAU model)",
+                           "domains": {}, "table": {}}
+    for split, records in is2rs.items():
+        initial = data["splits"][split][0]
+        rows = []
+        for rec in records:
+            atoms = initial[rec["index"]]
+            row: dict[str, Any] = {"system": atoms.info["system"], "rmsd": rec["rmsd"], "status": rec["status"],
+                                   "nsteps": rec["nsteps"]}
+            if rec["descriptors"] is not None:
+                free = rec["free"]
+                per_step: dict[str, list] = {}
+                for step_desc in rec["descriptors"]:
+                    for method, p in scorer.predict(step_desc, atoms.numbers).items():
+                        per_step.setdefault(method, []).append(float(np.mean(p["uncertainty"][free])))
+                per_step["committee"] = list(rec["committee"][:, free].mean(axis=1))
+                for method, vals in per_step.items():
+                    row[method] = _trace_stats(np.array(vals))
+            rows.append(row)
+        out["table"][split] = rows
+        fail_all = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
+        res: dict[str, Any] = {"n_systems": len(rows), "n_failed": int(fail_all.sum()),
+                               "n_exploded": int(sum(r["status"] != "done" for r in rows)),
+                               "failure_rate": float(fail_all.mean()) if rows else math.nan,
+                               "median_rmsd": float(np.median([r["rmsd"] for r in rows])) if rows else math.nan}
+        for method in METHOD_LABELS:
+            have = [r for r in rows if method in r]
+            if not have:
+                continue
+            fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in have])
+            ids = np.arange(len(have))
+            m: dict[str, Any] = {"n_scored": len(have)}
+            for stat in ("max", "initial"):
+                score = np.array([r[method][stat] for r in have])
+                m[f"auroc_{stat}"] = bootstrap_ci(ids, lambda i, score=score: auroc(score[i], fail[i]), cfg.bootstrap,
+                                                  seed=cfg.seed)
+            res[method] = m
+        out["domains"][split[len("is2rs_"):]] = res
+    _failure_models(cfg, out)
+    return out
+
+
+def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
+    """Per method: :class:`ltau_ase.is2rs.FailureModel` fitted on the calibration relaxations, its AUROC per domain."""
+    from ltau_ase.core.calibration import auroc
+
+    try:
+        from ltau_ase.is2rs import FailureModel
+    except ImportError:
+        out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
+        return
+
+    def rows_of(split: str, method: str) -> list[dict]:
+        return [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
+                for r in out["table"][split] if method in r and math.isfinite(r["rmsd"])]
+
+    info: dict[str, Any] = {}
+    for method in METHOD_LABELS:
+        fit_rows = rows_of("is2rs_calibration", method)
+        if not fit_rows:
+            continue
+        try:
+            model = FailureModel(rmsd_threshold=cfg.failure_rmsd).fit(fit_rows)
+        except ValueError as exc:
+            info[method] = f"not fitted: {exc}"
+            continue
+        info[method] = model.to_dict()
+        for split in out["table"]:
+            if split == "is2rs_calibration":
+                continue
+            # exploded relaxations (RMSD inf) are failures the model must flag too: give them their trace
+            rows = [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
+                    for r in out["table"][split] if method in r]
+            if not rows:
+                continue
+            p = model.predict_proba(rows)
+            fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
+            d = out["domains"][split[len("is2rs_"):]][method]
+            d["auroc_failure_probability"] = bootstrap_ci(np.arange(len(rows)), lambda i: auroc(p[i], fail[i]),
+                                                          cfg.bootstrap, seed=cfg.seed)
+            d["mean_failure_probability"] = float(p.mean())
+            d["observed_failure_rate"] = float(fail.mean())
+    out["failure_model"] = info
+
+
+def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
+    """Stop outcomes per temperature from per-step max-atom statistics.
+
+    Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
+    of the per-run peaks for the stated false-alarm rate) over the separate in-domain ``reference``
+    runs; the monitored groups (in-domain and hot) are judged with it.
+    """
+    from ltau_ase.simulate.observers import stop_threshold
+
+    def stats(run) -> dict[str, np.ndarray]:
+        pred_steps = [scorer.predict(d) for d in run["descriptors"]]
+        return {m: np.array([p[m]["uncertainty"].max() for p in pred_steps]) for m in pred_steps[0]}
+
+    traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
+    methods = list(traces["reference"][0])
+    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
+                           "patience": cfg.md_patience, "n_reference_runs": len(md["reference"]),
+                           "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over the reference runs",
+                           "thresholds": {m: stop_threshold([t[m] for t in traces["reference"]],
+                                                            cfg.md_false_alarm_rate, cfg.md_patience)
+                                          for m in methods},
+                           "groups": {}}
+    for group, runs in md.items():
+        if group == "reference":
+            continue
+        g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
+                             "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+        for m in methods:
+            g[m] = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                                 res["thresholds"][m], cfg.md_error_bound, cfg.md_patience, cfg.md_on_time_steps)
+        res["groups"][group] = g
+    res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md["reference"]]
+    return res
+
+
+# ---------------------------------------------------------------------------- report
+def _num(x: Any, digits: int = 3) -> str:
+    """A number for a table; None (NaN in JSON) and non-finite values as n/a."""
+    return "n/a" if x is None or not math.isfinite(float(x)) else f"{float(x):.{digits}g}"
+
+
+def _cell(m: dict | None, key: str) -> str:
+    if m is None or key not in m:
+        return "–"
+    return summarise_ci(m[key])
+
+
+def summary_table(results: dict) -> str:
+    """Markdown: per domain, each method's Spearman / AUROC / miscalibration / 90 % coverage (95 % CIs)."""
+    s = results["s2ef"]["domains"]
+    lines = ["| domain | method | Spearman ρ | AUROC | miscal. (no cal.) | miscal. (cal.) | coverage 80/90/95 % |",
+             "|---|---|---|---|---|---|---|"]
+    for domain, row in s.items():
+        for method in METHODS:
+            m = row.get(method)
+            if m is None:
+                continue
+            cov = " / ".join(f"{m['coverage'][f'{q:g}']['value']:.3f}" for q in results["config"]["coverages"]) \
+                if "coverage" in m else "–"
+            lines.append(f"| {domain} | {METHOD_LABELS[method]} | {_cell(m, 'spearman')} | {_cell(m, 'auroc')} | "
+                         f"{_cell(m, 'miscalibration_uncalibrated')} | {_cell(m, 'miscalibration_calibrated')} | {cov} |")
+    return "\n".join(lines)
+
+
+def is2rs_table(results: dict) -> str:
+    lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
+             "AUROC (FailureModel p) |" % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|"]
+    for domain, row in results["is2rs"]["domains"].items():
+        for method in METHOD_LABELS:
+            m = row.get(method)
+            if m:
+                lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
+                             f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
+                             f"{_cell(m, 'auroc_failure_probability')} |")
+    return "\n".join(lines)
+
+
+def md_table(results: dict) -> str:
+    md = results["md"]
+    lines = ["| MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | stopped ≤ %d steps "
+             "after breakdown | median delay | missed |" % (md["error_bound"], results["config"]["md_on_time_steps"]),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for group, g in md["groups"].items():
+        for method in METHOD_LABELS:
+            o = g.get(method)
+            if o:
+                lines.append(f"| {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
+                             f"{_num(md['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
+                             f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
+    return "\n".join(lines)
+
+
+def figures(out: Path, results: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    s = results["s2ef"]["domains"]
+    domains = list(s)
+    for key, label in (("spearman", "Spearman ρ (UQ vs |ΔF|)"), ("auroc", "AUROC (|ΔF| > in-domain MAE)")):
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        width = 0.8 / len(METHODS)
+        for j, method in enumerate(METHODS):
+            vals = [s[d][method][key] if method in s[d] else None for d in domains]
+            x = np.arange(len(domains)) + j * width
+            v = np.array([np.nan if c is None else c["value"] for c in vals])
+            lo = np.array([np.nan if c is None else c["value"] - c["low"] for c in vals])
+            hi = np.array([np.nan if c is None else c["high"] - c["value"] for c in vals])
+            ax.bar(x, v, width, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], label=METHOD_LABELS[method], capsize=2)
+        ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
+        ax.set_xticklabels(domains, rotation=20, fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"shift_{key}.png"
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        figs[key] = name
+    return figs
+
+
+def write_summary(out: Path, results: dict) -> Path:
+    c = results["cost"]
+    lines = [
+        "# Uncertainty under distribution shift (benchmarks/shift.py)", "",
+        f"Run {results['run']['date']} on {results['run']['machine']}; mode "
+        f"{'quick' if results['config']['quick'] else 'full'}, seed {results['config']['seed']}, "
+        f"total {results['run']['total_s']:.0f} s. 95 % bootstrap CIs resample systems "
+        f"({results['config']['bootstrap']} resamples).", "",
+        f"Distance-aware LTAU: {results['calibration']['aware']}.", "",
+        "## Per-atom ranking and calibration", "", summary_table(results), "",
+        f"![Spearman]({results['figures']['spearman']}) ![AUROC]({results['figures']['auroc']})", "",
+        "## IS2RS failure prediction", "", is2rs_table(results), "",
+        "## MD stop", "", md_table(results), "",
+        "## Cost per force call (× one model)", "",
+        " ".join(f"{METHOD_LABELS.get(k, k)}: {_num(v)}×;" for k, v in c["over_single"].items())
+        + f" ({c['n_atoms']} atoms, median of {c['repeats']} interleaved rounds; single model "
+        f"{c['median_s']['single'] * 1e3:.1f} ms).", "",
+    ]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------- main
+def ensemble_from_demo(demo_output: str | Path) -> dict[str, Any]:
+    """The trained ensemble of a ``make demo`` output directory (its training file, checkpoints, error logs)."""
+    root = Path(demo_output)
+    members = sorted((root / "models").glob("member*"), key=lambda p: int(p.name[len("member"):]))
+    models = [m / "run" / "last.ckpt" for m in members]
+    logs = [m / "ltau_errors" for m in members]
+    missing = [str(p) for p in models + logs + [root / "data" / "train.extxyz"] if not p.exists()]
+    if len(members) < 2 or missing:
+        raise FileNotFoundError(f"{root} is not a complete demo output (needs data/train.extxyz and >= 2 "
+                                f"models/member*/run/last.ckpt with ltau_errors); missing: {missing or 'members'}")
+    return {"train_file": root / "data" / "train.extxyz", "models": models, "log_dirs": logs,
+            "source": str(root)}
+
+
+def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool = True,
+                        ensemble: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; write results.json, summary.md and PNGs to ``output``.
+
+    ``ensemble`` (e.g. :func:`ensemble_from_demo`) scores an already trained ensemble instead of
+    training one at ``settings.train_temperature``: its ``train_file`` (the frames the error logs
+    cover), ``models`` (member checkpoints, member 1 first) and ``log_dirs``.
+    """
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "raw").mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        r = fn(*args)
+        stages[name] = time.perf_counter() - t0
+        return r
+
+    data = timed("data", stage_data, cfg, out, reuse)
+    if ensemble is None:
+        train = timed("training", stage_train, cfg, out, data, reuse)
+        fit = timed("estimator", stage_fit, cfg, out, data, train)
+    else:
+        from ase.io import read
+
+        if len(ensemble["models"]) != cfg.members:
+            cfg = replace(cfg, members=len(ensemble["models"]))
+        train = _Stage(models=list(ensemble["models"]), log_dirs=list(ensemble["log_dirs"]),
+                       train_times=[math.nan] * cfg.members, source=ensemble.get("source"))
+        frames = read(ensemble["train_file"], index=":", format="extxyz")
+        fit = timed("estimator", stage_fit, cfg, out, {"splits": {"train": frames}}, train)
+    evals = timed("s2ef evaluation", stage_evaluate, cfg, out, data, train, reuse)
+    is2rs = timed("is2rs relaxations", stage_is2rs, cfg, out, data, train, reuse)
+    md = timed("md runs", stage_md, cfg, out, train, reuse)
+    est, scaled, aware, cal, calib = _calibrated_methods(cfg, fit, evals, data["seen_numbers"])
+    scorer = Scorer(cfg, est, scaled, aware, data["seen_numbers"])
+    s2ef = timed("scoring s2ef", score_s2ef, cfg, scorer, evals, cal, est.atol_, calib["committee_scale"],
+                 data["seen_numbers"])
+    is2rs_res = timed("scoring is2rs", score_is2rs, cfg, scorer, is2rs, data)
+    md_res = timed("scoring md", score_md, cfg, scorer, md)
+    estimators = {"ltau_paper": est} | ({"ltau_distance": aware} if aware is not None else {})
+    cost = timed("costs", stage_costs, cfg, data, train, estimators)
+    results: dict[str, Any] = {
+        "config": asdict(cfg), "atol": est.atol_, "calibration": calib,
+        "data": {s: {"n_frames": v["n_frames"], "n_atoms": v["n_atoms"]} for s, v in data["manifest"]["s2ef"].items()}
+        | {s: {"n_systems": v["initial"]["n_frames"], "rejected_placements": v["rejected_placements"]}
+           for s, v in data["manifest"]["is2rs"].items()},
+        "type_names": data["type_names"], "training_seconds": train["train_times"],
+        "ensemble_source": train.get("source", "trained here"),
+        "s2ef": s2ef, "is2rs": is2rs_res, "md": md_res, "cost": cost,
+    }
+    results = to_jsonable(results)
+    results["figures"] = figures(out, results)
+    results["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, Python "
+                                 f"{platform.python_version()}",
+                      "stages_s": stages, "total_s": time.perf_counter() - t_start}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_summary(out, results)
+    return results
+
+
+
+
+
+# ---------------------------------------------------------------------------- demo hook
+def demo_config(quick: bool, seed: int = 0) -> ShiftBenchConfig:
+    """Reduced sizes for ``make demo`` (scores the demo's own ensemble; see :func:`demo_shift_headline`)."""
+    if quick:
+        settings = ShiftSettings(n_train=1, n_val=1, n_calibration=6, n_calibration_mild=2, n_test=2, n_is2rs=3,
+                                 n_is2rs_calibration=3, md_frames=2, relax_frames=1, md_equilibration=0,
+                                 md_stride=3, slab_sizes=((2, 2, 3),))
+        return ShiftBenchConfig(quick=True, seed=seed, k=5, relax_steps=10, committee_stride=5, md_runs_reference=1,
+                                md_runs_in_domain=1, md_steps_in_domain=20, md_runs_hot=1, md_steps_hot=20,
+                                md_false_alarm_rate=0.5, bootstrap=50, timing_repeats=5, workers=1, settings=settings)
+    settings = ShiftSettings(n_train=1, n_val=1, n_calibration=10, n_calibration_mild=5, n_test=6, n_is2rs=12,
+                             n_is2rs_calibration=12, md_frames=4)
+    return ShiftBenchConfig(seed=seed, k=20, relax_steps=40, md_runs_reference=9, md_runs_in_domain=5,
+                            md_steps_in_domain=200, md_runs_hot=5, md_steps_hot=150, md_false_alarm_rate=0.1,
+                            bootstrap=200, timing_repeats=15, workers=1, settings=settings)
+
+
+def headline(results: dict) -> dict[str, Any]:
+    """The numbers the issue's goals name, flattened (point values; CIs stay in results.json)."""
+    s = results["s2ef"]["domains"]
+    h: dict[str, Any] = {}
+    for domain, row in s.items():
+        for method in METHODS:
+            m = row.get(method)
+            if not m:
+                continue
+            for key in ("spearman", "auroc", "miscalibration_uncalibrated", "miscalibration_calibrated"):
+                if key in m:
+                    h[f"{domain}.{method}.{key}"] = m[key]["value"]
+            for q, c in m.get("coverage", {}).items():
+                h[f"{domain}.{method}.coverage_{q}"] = c["value"]
+    for domain, row in results["is2rs"]["domains"].items():
+        for method in METHOD_LABELS:
+            if method in row:
+                h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
+                if "auroc_failure_probability" in row[method]:
+                    h[f"is2rs.{domain}.{method}.auroc_failure_probability"] = \
+                        row[method]["auroc_failure_probability"]["value"]
+    for group, g in results["md"]["groups"].items():
+        for method in METHOD_LABELS:
+            if method in g:
+                h[f"md.{group}.{method}.false_alarms"] = g[method]["n_false_alarms"]
+                h[f"md.{group}.{method}.on_time_rate"] = g[method]["on_time_rate"]
+    for method, ratio in results["cost"]["over_single"].items():
+        h[f"cost.{method}_over_single"] = ratio
+    return h
+
+
+def demo_shift_headline(demo_output: str | Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Score the demo's trained ensemble under shift; for ``ltau_ase.demo`` (one call after training).
+
+    Writes the benchmark's output to ``<demo_output>/shift/`` and returns ``{"headline": {...},
+    "summary": path of summary.md, "markdown": the per-atom table}``. The demo's members were trained
+    on relaxation, rattled and 300–900 K MD frames, so its 1200 K domain is the only temperature shift
+    beyond its training range; ``benchmarks/shift.py`` trains at one temperature instead.
+    """
+    out = Path(demo_output) / "shift"
+    results = run_shift_benchmark(out, demo_config(quick, seed), ensemble=ensemble_from_demo(demo_output))
+    return {"headline": headline(results), "summary": str(out / "summary.md"), "markdown": summary_table(results)}
+
+
+__all__ = ["METHODS", "ShiftBenchConfig", "demo_config", "demo_shift_headline", "ensemble_from_demo", "headline",
+           "is2rs_table", "md_table", "run_shift_benchmark", "summary_table"]

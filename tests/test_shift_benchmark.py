@@ -1,0 +1,195 @@
+"""The shift benchmark (issue 11 item 7): its metrics against hand-computed and brute-force references,
+its data splits, and one tiny end-to-end run on the quick demo's trained ensemble."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ltau_ase.shift_metrics import (bootstrap_ci, conformal_quantile, coverage, normalised_conformal_bound,
+                                    species_aware, stop_outcomes, stop_step)
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_bootstrap_resamples_whole_groups():
+    groups = np.repeat(["a", "b", "c", "d"], [1, 2, 3, 4])
+    seen = []
+
+    def stat(idx):
+        seen.append(np.sort(idx))
+        return float(len(idx))
+
+    ci = bootstrap_ci(groups, stat, n_boot=50, seed=3)
+    assert ci["value"] == 10 and ci["n_groups"] == 4 and ci["n_boot"] == 50
+    sizes = {"a": 1, "b": 2, "c": 3, "d": 4}
+    for idx in seen[1:]:
+        labels, counts = np.unique(groups[idx], return_counts=True)
+        # every group drawn appears with all its items, a whole number of times
+        for label, count in zip(labels, counts):
+            assert count % sizes[label] == 0
+
+
+def test_bootstrap_ci_of_a_mean_matches_brute_force():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=40)
+    groups = np.repeat(np.arange(20), 2)
+    ci = bootstrap_ci(groups, lambda i: values[i].mean(), n_boot=400, seed=1)
+    # brute force with the same draws: resample group labels, mean of the pairs
+    r = np.random.default_rng(1)
+    pair_means = values.reshape(20, 2).mean(axis=1)
+    draws = [pair_means[r.integers(0, 20, size=20)].mean() for _ in range(400)]
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    assert ci["value"] == pytest.approx(values.mean())
+    assert ci["low"] == pytest.approx(lo) and ci["high"] == pytest.approx(hi)
+
+
+def test_bootstrap_undefined_resamples_are_counted():
+    pos = np.array([True, False, False])
+    groups = np.array([0, 1, 2])
+
+    def one_class_fails(idx):
+        if pos[idx].all() or not pos[idx].any():
+            raise ValueError("one class")
+        return 1.0
+
+    ci = bootstrap_ci(groups, one_class_fails, n_boot=200, seed=0)
+    # P(no positive drawn) = (2/3)^3, P(only positives) = (1/3)^3
+    assert 0.2 < ci["n_undefined"] / 200 < 0.45
+
+
+def test_conformal_quantile_hand_computed():
+    scores = np.arange(1.0, 11.0)  # 1..10
+    assert conformal_quantile(scores, 0.8) == 9.0  # ceil(11 * 0.8) = 9th smallest
+    assert conformal_quantile(scores, 0.5) == 6.0  # ceil(5.5) = 6
+    assert math.isinf(conformal_quantile(scores, 0.95))  # ceil(10.45) = 11 > 10
+    with pytest.raises(ValueError, match="coverage"):
+        conformal_quantile(scores, 1.0)
+
+
+def test_normalised_conformal_covers_exchangeable_data():
+    rng = np.random.default_rng(4)
+    sigma = rng.uniform(0.1, 2.0, size=8000)
+    err = sigma * np.abs(rng.normal(size=8000))
+    for q in (0.8, 0.9, 0.95):
+        bound = normalised_conformal_bound(sigma[:4000], err[:4000], sigma[4000:], q)
+        assert q - 0.02 <= coverage(bound, err[4000:]) <= q + 0.02
+
+
+def test_stop_step_and_outcomes_hand_made():
+    assert stop_step(np.array([0, 2, 0, 2, 2, 2]), 1.0, patience=2) == 4
+    assert stop_step(np.array([0, 2, 0]), 1.0, patience=2) is None
+    stats = [np.array([0, 0, 0, 5, 5, 5, 5]),   # breaks at 2, stops at 3: delay 1
+             np.array([5, 0, 0, 0, 0, 0, 0]),   # never breaks, stops at 0: false alarm
+             np.array([0, 0, 0, 0, 0, 0, 0]),   # breaks at 1, never stopped: missed
+             np.array([0, 5, 0, 0, 0, 0, 0])]   # breaks at 4, stopped at 1: early (on time, also a false alarm)
+    errs = [np.array([0, 0, 2, 2, 2, 2, 2]), np.zeros(7), np.array([0, 3, 3, 3, 3, 3, 3]),
+            np.array([0, 0, 0, 0, 3, np.nan, 3])]
+    o = stop_outcomes(stats, errs, threshold=1.0, error_bound=1.0, on_time=10)
+    assert o["stop"] == [3, 0, None, 1]
+    assert o["breakdown"] == [2, None, 1, 4]
+    assert o["delay"] == [1, None, None, -3]
+    assert o["n_false_alarms"] == 2 and o["n_broken"] == 3 and o["n_missed"] == 1 and o["n_on_time"] == 2
+    # one threshold per run
+    o2 = stop_outcomes(stats[:2], errs[:2], threshold=[1.0, 10.0], error_bound=1.0)
+    assert o2["stop"] == [3, None]
+
+
+def test_species_aware_ranks_unseen_atoms_first_and_keeps_order():
+    u = np.array([0.9, 0.1, 0.5, 0.3])
+    unseen = np.array([False, True, False, True])
+    out = species_aware(u, unseen)
+    assert out[1] > out[0] and out[3] > out[0]
+    assert out[3] > out[1]  # order among unseen atoms kept
+    assert np.array_equal(out[~unseen], u[~unseen])
+
+
+# ---------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def tiny_settings():
+    from ltau_ase.datasets.shift import ShiftSettings
+
+    return ShiftSettings(n_train=1, n_val=1, n_calibration=1, n_calibration_mild=1, n_test=1, n_is2rs=1,
+                         n_is2rs_calibration=1, md_frames=1, relax_frames=2, md_stride=2, md_equilibration=0,
+                         slab_sizes=((2, 2, 3),))
+
+
+def test_shift_domains_hold_what_they_claim(tiny_settings):
+    from ltau_ase.datasets.shift import domain_systems
+
+    s = tiny_settings
+    for domain, (metals, ads, facet) in {
+        "in_domain": (s.metals_in, s.adsorbates_in, s.facet_in),
+        "T1200": (s.metals_in, s.adsorbates_in, s.facet_in),
+        "adsorbate": (s.metals_in, s.adsorbates_out, s.facet_in),
+        "facet": (s.metals_in, s.adsorbates_in, s.facet_out),
+        "element": (s.metals_out, s.adsorbates_in, s.facet_in),
+    }.items():
+        for spec in domain_systems(s, domain, 12, seed=0, stream=5):
+            assert spec.metal in metals and spec.adsorbate in ads and spec.facet == facet
+    assert s.domain_spec("T1200")[3] == 1200.0 and s.domain_spec("in_domain")[3] == 300.0
+    with pytest.raises(ValueError, match="unknown shift domain"):
+        s.domain_spec("T42x")
+
+
+def test_settings_validation(tiny_settings):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="both seen and held out"):
+        replace(tiny_settings, metals_out=("Cu",)).validate()
+    with pytest.raises(ValueError, match="n_test must be >= 1"):
+        replace(tiny_settings, n_test=0).validate()
+    with pytest.raises(ValueError, match="not an fcc metal"):
+        replace(tiny_settings, metals_out=("Fe",)).validate()
+
+
+def test_md_split_frames_are_labelled_at_their_temperature(tiny_settings):
+    from ltau_ase.datasets.shift import generate_split
+
+    frames = generate_split(tiny_settings, "test_T1200", seed=0)
+    assert len(frames) == 1
+    f = frames[0]
+    assert f.info["temperature_K"] == 1200.0 and f.info["shift_domain"] == "T1200"
+    assert f.info["config_type"] == "md" and f.info["facet"] == "111"
+    # the stored forces are EMT's, unconstrained
+    from ase.calculators.emt import EMT
+
+    ref = f.copy()
+    ref.calc = EMT()
+    np.testing.assert_allclose(f.get_forces(apply_constraint=False), ref.get_forces(apply_constraint=False),
+                               atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- end to end (quick demo's ensemble)
+def test_quick_run_on_the_demo_ensemble(quick_demo_dir, tmp_path):
+    pytest.importorskip("nequip")
+    from ltau_ase.datasets.shift import ShiftSettings
+    from ltau_ase.shift_benchmark import ShiftBenchConfig, ensemble_from_demo, run_shift_benchmark
+
+    # fit_calibration needs >= 200 calibration atoms: 7 + 1 systems x 2 frames x 14 atoms = 224
+    settings = ShiftSettings(n_train=1, n_val=1, n_calibration=7, n_calibration_mild=1, n_test=1, n_is2rs=1,
+                             n_is2rs_calibration=1, md_frames=2, relax_frames=1, md_stride=3, md_equilibration=0,
+                             slab_sizes=((2, 2, 3),))
+    cfg = ShiftBenchConfig(quick=True, k=5, relax_steps=5, committee_stride=2, md_runs_reference=1,
+                           md_runs_in_domain=1, md_steps_in_domain=6, md_runs_hot=1, md_steps_hot=6,
+                           md_false_alarm_rate=0.5, bootstrap=10, timing_repeats=2, workers=1, settings=settings)
+    out = tmp_path / "shift"
+    results = run_shift_benchmark(out, cfg, ensemble=ensemble_from_demo(quick_demo_dir))
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"]["settings"]["n_test"] == 1
+    domains = on_disk["s2ef"]["domains"]
+    assert set(domains) == {"in_domain", "T600", "T1200", "adsorbate", "facet", "element",
+                            "element_species_aware"}
+    for row in domains.values():
+        for method in ("ltau_paper", "distance", "committee"):
+            assert -1 <= row[method]["spearman"]["value"] <= 1
+        assert row["committee"]["coverage"]["0.9"]["value"] is not None
+    # the committee has the demo's members; cost ratios are positive
+    assert results["config"]["members"] == len(ensemble_from_demo(quick_demo_dir)["models"])
+    assert all(v > 0 for v in on_disk["cost"]["over_single"].values())
+    assert set(on_disk["is2rs"]["domains"]) == {"calibration", "in_domain", "adsorbate", "facet", "element"}
+    assert on_disk["md"]["groups"]["T1200"]["n_runs"] == 1
+    text = (out / "summary.md").read_text()
+    for name in on_disk["figures"].values():
+        assert (out / name).is_file() and name in text
