@@ -1256,7 +1256,11 @@ def _estimator_schema(header: dict[str, Any], declared: dict[str, tuple[str, tup
     if "faiss_index" in names:
         blob = declared.get("faiss_index", ("|u1", (0,)))[1]
         size = blob[0] if len(blob) == 1 else -1
-        bound = _blob_bound(kind, params, n, d)
+        stored = dict(params)
+        if header.get("format_version") == LEGACY_NPZ_VERSION and kind == "ivfpq":
+            stored.setdefault("refine", 0)  # format 1 kept no vectors
+        # Parameters in range first: the bound grows with 2**nbits, M and nlist.
+        bound = _blob_bound(kind, resolve_params(kind, stored, n, d, strict=True), n, d)
         if not 0 < size <= bound:
             raise ValueError(f"the FAISS index blob declares {size} bytes; at most {bound} are plausible for N={n}, D={d}")
         schema["faiss_index"] = ("|u1", (size,))
