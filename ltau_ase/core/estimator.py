@@ -335,7 +335,7 @@ class LTAUEstimator:
         self._check_params()
         x = as_float32(descriptors, "descriptors")
         n, d = x.shape
-        window = self._resolved_window(errors)
+        window = self.resolve_window(errors)
         runs = as_runs(errors, window)
         if runs[0].n_atoms != n:
             raise ValueError(
@@ -418,7 +418,7 @@ class LTAUEstimator:
         self._warned_short = False
         return self
 
-    def _resolved_window(self, errors: Any) -> EpochWindow | None:
+    def resolve_window(self, errors: Any) -> EpochWindow | None:
         """The EpochWindow for ``errors``: ``"last_half"`` becomes the last ⌈E/2⌉ epochs of the shortest run."""
         if isinstance(self.window, str) and self.window != LAST_HALF:
             raise ValueError(f"window must be {LAST_HALF!r}, None (all epochs), an EpochWindow, a dict or a "

@@ -135,10 +135,9 @@ def fit_estimator_from_runs(
     if params.get("max_memory") is not None:
         # Say so before the long descriptor pass: D from one frame, epochs and atoms from the logs.
         _, probe = extract_descriptors(calc, frames[:1], device=device, batch_size=1, progress=False)
-        win = EpochWindow.coerce(window)
-        LTAUEstimator(k=k, index=index, atol=atol, window=window, **params).check_fit_memory(
-            log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs]
-        )
+        probe_est = LTAUEstimator(k=k, index=index, atol=atol, window=window, **params)
+        win = probe_est.resolve_window(logs)  # "last_half" -> the epochs the fit will keep
+        probe_est.check_fit_memory(log_ids.size, probe.shape[1], [log.n_selected_epochs(win) for log in logs])
     desc_ids, descriptors = extract_descriptors(
         calc, frames, device=device, batch_size=batch_size, progress=progress
     )
