@@ -586,6 +586,28 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None, dash
             forget_calculators_of_finished_threads()
 
 
+def pending_systems(db_path: str | PathLike, items: Sequence[tuple[str, Atoms]], statuses: Iterable[str],
+                    retry_failed: bool = False) -> tuple[Any, list[tuple[str, Atoms]], dict[str, int]]:
+    """Open the store and find the systems of ``items`` that still need work (shared by relax and predict).
+
+    ``retry_failed`` first deletes the rows of status "failed". Returns the open database, the
+    ``(name, atoms)`` pairs without a row, and counts ``{status: 0 for statuses, "skipped": rows already
+    there, "busy": 0, "total": len(items)}`` for the caller to fill.
+    """
+    db = open_store(db_path)
+    if retry_failed:
+        failed_ids = [row.id for row in db.select(status="failed", include_data=False)]
+        if failed_ids:
+            db.delete(failed_ids)
+    done = existing_names(db)
+    pending = [(n, a) for n, a in items if n not in done]
+    counts = {s: 0 for s in statuses}
+    counts["skipped"] = len(items) - len(pending)
+    counts["busy"] = 0
+    counts["total"] = len(items)
+    return db, pending, counts
+
+
 # ---------------------------------------------------------------------------- the batch
 def relax_batch(
     structures: str | PathLike | Sequence[Atoms],
@@ -647,17 +669,7 @@ def relax_batch(
             if name in ref_items:
                 refs[name] = _reference_data(ref_items[name], atoms, name)
 
-    db = open_store(db_path)
-    if retry_failed:
-        failed_ids = [row.id for row in db.select(status="failed", include_data=False)]
-        if failed_ids:
-            db.delete(failed_ids)
-    done = existing_names(db)
-    pending = [(n, a) for n, a in items if n not in done]
-    counts = {s: 0 for s in STATUSES}
-    counts["skipped"] = len(items) - len(pending)
-    counts["busy"] = 0
-    counts["total"] = len(items)
+    db, pending, counts = pending_systems(db_path, items, STATUSES, retry_failed)
     if not pending:
         return counts
 

@@ -49,8 +49,7 @@ from ltau_ase.simulate.batch import (
     check_batch_args,
     claim_pending,
     dask_client,
-    existing_names,
-    open_store,
+    pending_systems,
     read_structures,
     release_claims,
     store_rows,
@@ -151,17 +150,7 @@ def predict_batch(
     if not (isinstance(max_force, (int, float)) and max_force > 0):
         raise ValueError(f"max_force must be a positive force in eV/Å; got {max_force!r}")
     items = read_structures(structures)
-    db = open_store(db_path)
-    if retry_failed:
-        failed_ids = [row.id for row in db.select(status="failed", include_data=False)]
-        if failed_ids:
-            db.delete(failed_ids)
-    done = existing_names(db)
-    pending = [(n, a) for n, a in items if n not in done]
-    counts = {s: 0 for s in PREDICT_STATUSES}
-    counts["skipped"] = len(items) - len(pending)
-    counts["busy"] = 0
-    counts["total"] = len(items)
+    db, pending, counts = pending_systems(db_path, items, PREDICT_STATUSES, retry_failed)
     if not pending:
         return counts
     owner, pending = claim_pending(db_path, pending, counts)
