@@ -208,6 +208,42 @@ def _unpickle_weights_only(data: bytes, source: str) -> dict[str, Any]:
 #: deepest nesting a model configuration may have (nequip's are a few levels deep)
 _MAX_CONFIG_DEPTH = 32
 
+#: Bounds on the size settings of a model configuration, checked before the model is built: building
+#: allocates what the file declares (num_features 10^9 would allocate before the weights are compared),
+#: so each size is capped far above any real model (paper-size NequIP: l_max 2, 4 layers, 32-256
+#: features). Keys are matched by name fragment; values may be ints or lists of ints (per layer).
+_SIZE_LIMITS: tuple[tuple[str, int], ...] = (
+    ("l_max", 16),
+    ("num_layers", 128),
+    ("depth", 128),
+    ("features", 8192),
+    ("width", 8192),
+    ("neurons", 8192),
+    ("channels", 8192),
+    ("bessels", 1024),
+    ("basis", 1024),
+    ("type_names", 256),
+)
+
+
+def _check_size_setting(key: str, value: Any, where: str, source: str) -> None:
+    """Refuse a size-like setting above its bound (see :data:`_SIZE_LIMITS`)."""
+    limit = next((cap for fragment, cap in _SIZE_LIMITS if fragment in key), None)
+    if limit is None:
+        return
+    if key == "type_names":
+        count = len(value) if isinstance(value, (list, tuple, dict)) else 0
+        if count > limit:
+            raise ValueError(f"{source}: {where} lists {count} types; at most {limit} are plausible")
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue  # not a size (e.g. a float setting whose name shares a fragment); the builder checks it
+        if not 0 <= v <= limit:
+            raise ValueError(f"{source}: {where} = {v} is outside [0, {limit}], the size a model configuration "
+                             "may declare; the file is corrupt or hostile")
+
 
 def _verified_config(node: Any, table: Mapping[str, Callable[..., Any]], where: str, source: str,
                      depth: int = 0) -> Any:
@@ -227,6 +263,7 @@ def _verified_config(node: Any, table: Mapping[str, Callable[..., Any]], where: 
             if key == "_target_":
                 out[key] = _allowed_object(value, table, here, source)
             else:
+                _check_size_setting(key, value, here, source)
                 out[key] = _verified_config(value, table, here, source, depth + 1)
         return out
     if isinstance(node, (list, tuple)):

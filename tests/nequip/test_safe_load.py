@@ -277,6 +277,21 @@ def test_fifo_or_device_is_refused_without_blocking(tmp_path):
 
 
 # ----------------------------------------------------------------------------- corrupt weights, other files
+@pytest.mark.parametrize("key, value", [("num_features", 10**9), ("num_layers", 10**6), ("l_max", 400),
+                                        ("radial_mlp_width", [8, 10**8]), ("num_features", -1),
+                                        ("type_names", [f"X{i}" for i in range(10**4)])])
+def test_huge_declared_sizes_are_refused_before_building(clean_checkpoint, tmp_path, key, value):
+    import resource
+
+    cfg = _good_model(clean_checkpoint)
+    cfg[key] = value
+    path = _write(_with_model(clean_checkpoint, cfg), tmp_path / "huge.ckpt")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="at most|outside"):
+        load_checkpoint_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: nothing was built
+
+
 def test_weights_not_matching_or_not_finite_are_refused(clean_checkpoint, tmp_path):
     ckpt = copy.deepcopy(clean_checkpoint)
     key = next(k for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.ndim == 2)
