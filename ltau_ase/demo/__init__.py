@@ -105,8 +105,8 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
     md = step("6 MD", stage_md, cfg, out, data, train, cal, evals)
     costs = step("7 costs", stage_costs, cfg, data, train, cal)
     # the shift benchmark's per-atom scoring on this run's ensemble (benchmarks/shift.py trains its own)
-    shift = step("9 shift", demo_shift_headline, out, cfg.quick, cfg.seed)
-    figs = step("8 figures", paper_figures, out, cfg, fit, cal, evals, is2rs)
+    shift = step("8 shift", demo_shift_headline, out, cfg.quick, cfg.seed)
+    figs = step("9 figures", paper_figures, out, cfg, fit, cal, evals, is2rs)
     stages.close()
 
     from ltau_ase.core.calibration import miscalibration_area
