@@ -781,11 +781,11 @@ class RelaxationRecord:
         return {"initial": self.uq_initial, "max": self.uq_max, "mean": self.uq_mean, "final": self.uq_final}
 
 
-def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[RelaxationRecord]:
-    """The :class:`RelaxationRecord` of every row of a relaxation database, in insertion order.
+def stored_rows(db_path: str | PathLike, statuses: Iterable[str] | None, known: Sequence[str]) -> Iterator[Any]:
+    """The rows of an existing store in insertion order, only those whose status is in ``statuses`` (None: all).
 
-    ``statuses`` filters rows (e.g. ``("done", "unconverged")``). For the IS2RS table of these records
-    use :func:`ltau_ase.is2rs.records_table`.
+    Checks first (FileNotFoundError for a missing database, ValueError for a status outside ``known``),
+    then returns an iterator over the rows; shared by the relaxation and prediction readers.
     """
     from ase.db import connect
 
@@ -793,13 +793,20 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
     if not os.path.exists(path):
         raise FileNotFoundError(f"database {path} does not exist")
     wanted = None if statuses is None else set(statuses)
-    if wanted is not None and not wanted <= set(STATUSES):
-        raise ValueError(f"statuses must be among {STATUSES}, got {sorted(wanted)}")
+    if wanted is not None and not wanted <= set(known):
+        raise ValueError(f"statuses must be among {tuple(known)}; got {sorted(wanted)}")
+    return (row for row in connect(path).select(sort="id") if wanted is None or row.get("status") in wanted)
+
+
+def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None) -> list[RelaxationRecord]:
+    """The :class:`RelaxationRecord` of every row of a relaxation database, in insertion order.
+
+    ``statuses`` filters rows (e.g. ``("done", "unconverged")``). For the IS2RS table of these records
+    use :func:`ltau_ase.is2rs.records_table`.
+    """
     records = []
-    for row in connect(path).select(sort="id"):
+    for row in stored_rows(db_path, statuses, STATUSES):
         status = row.get("status")
-        if wanted is not None and status not in wanted:
-            continue
         data = row.data
         ref = None
         if "reference_positions" in data:

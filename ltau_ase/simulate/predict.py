@@ -32,7 +32,6 @@ the reason; the batch goes on.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from os import PathLike
@@ -53,6 +52,7 @@ from ltau_ase.simulate.batch import (
     read_structures,
     release_claims,
     store_rows,
+    stored_rows,
     worker_calculator,
 )
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
@@ -217,18 +217,8 @@ def load_predictions(db_path: str | PathLike, statuses: Sequence[str] | None = (
     ``arrays["ltau_uncertainties"]`` ... as :func:`store_uq_in_atoms` writes them.
     ``statuses`` filters rows (None: all).
     """
-    from ase.db import connect
-
-    path = os.fspath(db_path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"database {path} does not exist")
-    wanted = None if statuses is None else set(statuses)
-    if wanted is not None and not wanted <= set(PREDICT_STATUSES):
-        raise ValueError(f"statuses must be among {PREDICT_STATUSES}; got {sorted(wanted)}")
     out = []
-    for row in connect(path).select(sort="id"):
-        if wanted is not None and row.get("status") not in wanted:
-            continue
+    for row in stored_rows(db_path, statuses, PREDICT_STATUSES):
         atoms = row.toatoms()
         atoms.info.update({"name": row.get("name"), "status": row.get("status"), "reason": row.get("reason", "")})
         for key in PER_STRUCTURE_UQ:
