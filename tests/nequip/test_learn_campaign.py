@@ -168,13 +168,17 @@ def test_bad_inputs_are_refused(tmp_path, inputs, tiny_nequip_run):
         _campaign(tmp_path / "other", inputs, tiny_nequip_run.run_dir, CalculatorFactory())
 
 
-def test_cli_bad_budget_exits_2(tmp_path, inputs):
+@pytest.mark.parametrize("option, value, message", [
+    ("--budget", "0", "argument --budget: expected a positive integer"),
+    ("--max-reference-force", "-5", "argument --max-reference-force: expected a finite number > 0"),
+])
+def test_cli_bad_numbers_exit_2(tmp_path, inputs, option, value, message):
     cmd = [sys.executable, "-m", "ltau_ase.cli", "learn", "--workdir", str(tmp_path / "w"), "--train",
            str(inputs["train"]), "--val", str(inputs["val"]), "--calibration", str(inputs["calibration"]),
-           "--seeds", str(inputs["seeds"]), "--type-names", "Cu,Pt,O,H", "--budget", "0"]
+           "--seeds", str(inputs["seeds"]), "--type-names", "Cu,Pt,O,H", option, value]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("ltau learn: error: argument --budget: expected a positive integer")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"ltau learn: error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
