@@ -100,10 +100,18 @@ def as_float32(x: Any, name: str = "descriptors", dim: int | None = None) -> np.
         raise ValueError(f"{name} have {arr.shape[1]} features; expected {dim}, the dimension used at fit")
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported below
         out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.all(np.isfinite(out)):
-        bad = np.unique(np.nonzero(~np.isfinite(out))[0])
+    bad = _nonfinite_rows(out)
+    if bad.size:
         raise ValueError(f"{name} contain NaN or inf (or overflow float32) in {bad.size} rows, e.g. {bad[:5].tolist()}")
     return out
+
+
+def _nonfinite_rows(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Sorted row numbers of a 2-d array holding NaN or inf, checked in blocks of rows: a whole-array
+    mask would be a temporary of N·D bytes (320 MB at 10⁷ × 32), held while a fit's other arrays are."""
+    bad = [start + np.nonzero(~np.isfinite(x[start : start + block]).all(axis=1))[0]
+           for start in range(0, x.shape[0], block)]
+    return np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
 
 
 def choose_index(n_atoms: int) -> tuple[str, str]:
@@ -259,10 +267,19 @@ class NeighbourIndex:
         self.apply_search_params()
 
     @classmethod
-    def build(cls, descriptors: Any, kind: str = "flat", params: dict[str, Any] | None = None) -> "NeighbourIndex":
-        """Build over (N, D) descriptors; ``kind="auto"`` applies :func:`choose_index`."""
+    def build(cls, descriptors: Any, kind: str = "flat", params: dict[str, Any] | None = None,
+              copy: bool = True) -> "NeighbourIndex":
+        """Build over (N, D) descriptors; ``kind="auto"`` applies :func:`choose_index`.
+
+        ``copy=True`` (the default) gives the index its own float32 vectors, so that it does not change
+        when the caller's array does. ``copy=False`` keeps C-contiguous float32 ``descriptors`` (an
+        ndarray or a read-only memory map) as the index's ``vectors`` itself (flat; ivfpq with
+        refine > 0): no second N·D·4 bytes; the caller must then not modify the array (other dtypes or
+        layouts are converted, i.e. copied, either way). :meth:`LTAUEstimator.fit
+        <ltau_ase.core.estimator.LTAUEstimator.fit>` builds this way.
+        """
         x = as_float32(descriptors)
-        if np.may_share_memory(x, descriptors):
+        if copy and np.may_share_memory(x, descriptors):
             x = x.copy()  # the index must not change when the caller's array does
         n, d = x.shape
         reason = None
@@ -351,7 +368,8 @@ class NeighbourIndex:
                 f"cannot change the {self.kind} index to {kind} {p} after fit: it keeps only compressed codes, "
                 "not the training descriptors; call fit(...) again"
             )
-        rebuilt = NeighbourIndex.build(np.asarray(x), kind, p)
+        # the vectors are this index's own (or a read-only map of the estimator file): shared, not copied
+        rebuilt = NeighbourIndex.build(x, kind, p, copy=False)
         rebuilt.reason = reason
         return rebuilt
 

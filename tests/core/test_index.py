@@ -149,6 +149,39 @@ def test_ivfpq_exact_reranking_against_brute_force(clustered_data):
     assert np.all(dist[:, 0] >= ref_d[:, 0] - 1e-5)
 
 
+def test_fit_reranks_against_the_callers_descriptors_without_a_copy(clustered_data, tmp_path):
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    x, q, ref = clustered_data
+    x = x.copy()  # this test's own array (the fixture's is shared)
+    params = {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 4, "refine": 8}
+    errors = np.abs(np.random.default_rng(0).normal(size=(6, x.shape[0])))
+    est = LTAUEstimator(index="ivfpq", index_params=params, k=10).fit(x, errors)
+    # one copy of the vectors: re-ranking reads the fitted array; the FAISS object holds m-byte codes only
+    assert np.shares_memory(est.index_.vectors, x) and est.index_.vectors.shape == x.shape
+    assert est.index_.index.code_size == 6  # 8 sub-quantizers x 6 bits, no float32 storage in FAISS
+    own = NeighbourIndex.build(x, "ivfpq", params)  # default copy=True: the same index on its own copy
+    assert not np.shares_memory(own.vectors, x)
+    dist, ids, valid = est.index_.search(q, 10)
+    for a, b in zip((dist, ids, valid), own.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    # against brute-force numpy: exact distances of the returned ids, and the true neighbours found
+    exact = np.linalg.norm(q[:, None, :].astype(np.float64) - x[ids].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist[valid], exact[valid], rtol=1e-5)
+    assert valid.all() and recall(ids, ref) >= 0.95
+    # save / load: the loaded index re-ranks against the file's memory-mapped vectors, same neighbours
+    est.save(str(tmp_path / "e.ltau"))
+    loaded = LTAUEstimator.load(str(tmp_path / "e.ltau"), eager_bytes=0)  # map every array, as for a large file
+    assert isinstance(loaded.index_.vectors, np.memmap) and not loaded.index_.vectors.flags.writeable
+    for a, b in zip(loaded.index_.search(q, 10), (dist, ids, valid)):
+        np.testing.assert_array_equal(a, b)
+    # a rebuild (set_params) reuses those vectors instead of copying them into RAM
+    mapped = loaded.index_.vectors
+    loaded.set_params(index="flat", index_params=None)
+    assert loaded.index_.kind == "flat" and np.shares_memory(loaded.index_.vectors, mapped)
+    np.testing.assert_array_equal(loaded.index_.search(q, 10)[1], brute_knn(x, q, 10)[1])
+
+
 def test_choose_index_policy_and_auto_build():
     from ltau_ase.core.index import AUTO_HNSW_ATOMS, AUTO_IVFPQ_ATOMS, choose_index
 
