@@ -56,11 +56,20 @@ INDEX_CHOICES = INDEX_KINDS + ("auto",)
 AUTO_HNSW_ATOMS = 100_000
 #: ... HNSW below this many, IVF-PQ with exact re-ranking from here on
 AUTO_IVFPQ_ATOMS = 1_000_000
-#: IVF coarse quantizer: exact below/at this many lists, HNSW above
+#: IVF coarse quantizer: exact below/at this many lists, HNSW above (scanning all centroids would
+#: dominate a query above a few thousand lists)
 HNSW_QUANTIZER_NLIST = 4096
-#: default nlist cap: assigning N vectors to nlist centroids costs N·nlist·D flops at build, and
-#: scanning the centroids dominates a query above a few thousand lists
-MAX_DEFAULT_NLIST = 4096
+#: default lists: 4·√N up to HNSW_QUANTIZER_NLIST (exact quantizer); from there on, once N exceeds
+#: HNSW_QUANTIZER_NLIST lists of this many atoms, N / this many lists (HNSW quantizer): a probe then
+#: scans a fixed-size list, so the query cost stops growing with N (10⁷ atoms: 16 393 lists;
+#: measured there: 4096 lists, nprobe 8 took 195-204 µs per query, 16 384 lists 83-107 µs)
+LARGE_LIST_ATOMS = 610
+#: default nlist cap (k-means training costs train_size·nlist·D flops per iteration)
+MAX_DEFAULT_NLIST = 65536
+#: training points per list (FAISS warns below 39): exact quantizer / HNSW quantizer (where k-means
+#: over many lists dominates the build)
+TRAIN_PER_LIST = 64
+TRAIN_PER_LIST_LARGE = 40
 #: search-time parameters whose change needs no rebuild
 SEARCH_PARAMS = {"hnsw": {"efSearch"}, "ivfpq": {"nprobe", "refine"}, "flat": set()}
 #: sane ranges (inclusive) for every index parameter; files and users outside them are refused
@@ -124,6 +133,26 @@ def choose_index(n_atoms: int) -> tuple[str, str]:
     return "ivfpq", f"auto: ivfpq index with exact re-ranking for {n} >= {AUTO_IVFPQ_ATOMS} training atoms"
 
 
+def describe_index(kind: str, params: dict[str, int]) -> str:
+    """One line naming the index and its settings, e.g. for ``index="auto"``'s report."""
+    if kind == "flat":
+        return "flat (exact search)"
+    if kind == "hnsw":
+        return f"hnsw M={params['M']}, efConstruction={params['efConstruction']}, efSearch={params['efSearch']}"
+    quantizer = "HNSW" if params["nlist"] > HNSW_QUANTIZER_NLIST else "exact"
+    shortlist = (f"a shortlist of {params['refine']}·k re-ranked exactly" if params["refine"] > 0
+                 else "PQ distances, no re-ranking")
+    return (f"ivfpq nlist={params['nlist']} ({quantizer} coarse quantizer), m={params['m']}, nbits={params['nbits']}, "
+            f"nprobe={params['nprobe']}, {shortlist}")
+
+
+def quantizer_ef_search(nprobe: int) -> int:
+    """efSearch of an HNSW coarse quantizer that must return the nprobe nearest lists: 2·nprobe, at
+    least 16 (measured at 10⁷ atoms, 16 384 lists, nprobe 8: efSearch 16 / 32 / 64 gave recall@10
+    0.979 / 0.981 / 0.981 at 10 / 16 / 26 µs of quantizer time per query)."""
+    return max(16, 2 * int(nprobe))
+
+
 def default_params(kind: str, n: int, d: int) -> dict[str, int]:
     """Defaults for ``kind`` given N training atoms of dimension D (see module docstring)."""
     if kind == "flat":
@@ -131,14 +160,17 @@ def default_params(kind: str, n: int, d: int) -> dict[str, int]:
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 40, "efSearch": 16}
     if kind == "ivfpq":
-        nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39, MAX_DEFAULT_NLIST))
+        nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))
+        if nlist > HNSW_QUANTIZER_NLIST:
+            nlist = min(max(HNSW_QUANTIZER_NLIST, n // LARGE_LIST_ATOMS), MAX_DEFAULT_NLIST)
+        per_list = TRAIN_PER_LIST if nlist <= HNSW_QUANTIZER_NLIST else TRAIN_PER_LIST_LARGE
         if d % 4 == 0:
             m = d // 4
         else:
             m = max(x for x in range(1, max(1, d // 4) + 1) if d % x == 0)
         nbits = max(1, min(8, int(math.log2(max(2, n // 39)))))
         return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 8),
-                "train_size": min(n, max(64 * nlist, 256 * 2**nbits)), "seed": 0, "refine": 4}
+                "train_size": min(n, max(per_list * nlist, 256 * 2**nbits)), "seed": 0, "refine": 4}
     raise ValueError(f"unknown index kind {kind!r}; expected one of {INDEX_KINDS}")
 
 
@@ -288,6 +320,8 @@ class NeighbourIndex:
                 raise ValueError("index_params need an explicit index kind (flat, hnsw or ivfpq), not 'auto'")
             kind, reason = choose_index(n)
         p = resolve_params(kind, params, n, d)
+        if reason is not None:
+            reason = f"{reason}: {describe_index(kind, p)}"
         if kind == "flat":
             return cls(kind, p, None, x, n, d, reason)
         if kind == "hnsw":
@@ -324,7 +358,7 @@ class NeighbourIndex:
                 raise RuntimeError("FAISS did not accept nprobe")
             quantizer = faiss.downcast_index(self.index.quantizer)
             if isinstance(quantizer, faiss.IndexHNSWFlat):
-                quantizer.hnsw.efSearch = max(64, 2 * self.params["nprobe"])
+                quantizer.hnsw.efSearch = quantizer_ef_search(self.params["nprobe"])
 
     @property
     def ntotal(self) -> int:
@@ -359,7 +393,7 @@ class NeighbourIndex:
             changed = {key for key in p if p[key] != self.params.get(key)}
             if changed <= SEARCH_PARAMS[kind] and not ("refine" in changed and self.vectors is None):
                 self.params = p
-                self.reason = reason
+                self.reason = None if reason is None else f"{reason}: {describe_index(kind, p)}"
                 self.apply_search_params()
                 return self
         x = self.training_vectors()
@@ -370,7 +404,7 @@ class NeighbourIndex:
             )
         # the vectors are this index's own (or a read-only map of the estimator file): shared, not copied
         rebuilt = NeighbourIndex.build(x, kind, p, copy=False)
-        rebuilt.reason = reason
+        rebuilt.reason = None if reason is None else f"{reason}: {describe_index(kind, p)}"
         return rebuilt
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -408,21 +442,25 @@ class NeighbourIndex:
         return dist, np.where(valid, ids, 0).astype(np.int64), valid
 
     def _refined_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """PQ shortlist of refine·k candidates, re-ranked by exact squared distances to the full vectors."""
+        """PQ shortlist of refine·k candidates, re-ranked by exact squared distances to the full vectors.
+
+        The distances are computed in place on the stored vectors (FAISS ``fvec_L2sqr_by_idx``: no
+        gathered copy of the candidate rows; 10x faster than a numpy gather at 40 candidates).
+        """
         short = min(self._n, self.params["refine"] * k)
+        vectors = self.vectors
+        if not vectors.flags.c_contiguous or vectors.dtype != np.float32:  # (checked at build / load)
+            raise RuntimeError("ivfpq re-ranking needs C-contiguous float32 vectors")
         d2_out = np.empty((q.shape[0], k), dtype=np.float32)
         ids_out = np.empty((q.shape[0], k), dtype=np.int64)
         for start in range(0, q.shape[0], _QUERY_CHUNK):
-            qc = q[start : start + _QUERY_CHUNK]
+            qc = np.ascontiguousarray(q[start : start + _QUERY_CHUNK])
             _, cand = self.index.search(qc, short)
             ok = cand >= 0
-            rows = np.where(ok, cand, 0)
-            flat_rows = rows.ravel()
-            order = np.argsort(flat_rows, kind="stable")  # sorted reads: page-friendly on a memory map
-            gathered = np.empty((flat_rows.size, self._d), dtype=np.float32)
-            gathered[order] = self.vectors[flat_rows[order]]
-            diff = gathered.reshape(qc.shape[0], short, self._d) - qc[:, None, :]
-            d2 = np.einsum("nkd,nkd->nk", diff, diff)
+            rows = np.ascontiguousarray(np.where(ok, cand, 0))  # -1 (no candidate) must not be read
+            d2 = np.empty(rows.shape, dtype=np.float32)
+            faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d2), faiss.swig_ptr(qc), faiss.swig_ptr(vectors),
+                                    faiss.swig_ptr(rows), self._d, qc.shape[0], short)
             d2[~ok] = np.inf
             top = np.argsort(d2, axis=1, kind="stable")[:, :k]
             sel_d2 = np.take_along_axis(d2, top, axis=1)

@@ -199,6 +199,51 @@ def test_choose_index_policy_and_auto_build():
     assert est.index == "auto" and est.index_.kind == "flat" and "auto: flat" in est.index_.reason
 
 
+def test_auto_policy_large_sizes_and_its_report(monkeypatch):
+    import ltau_ase.core.index as index_module
+    from ltau_ase.core.estimator import LTAUEstimator
+    from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, LARGE_LIST_ATOMS, default_params
+
+    # up to ~2.5e6 atoms: 4·sqrt(N) lists (at most 4096, exact quantizer); above: lists of ~610 atoms
+    assert default_params("ivfpq", 10**6, 32)["nlist"] == 4000
+    assert default_params("ivfpq", 2 * 10**6, 32)["nlist"] == HNSW_QUANTIZER_NLIST
+    big = default_params("ivfpq", 10**7, 32)
+    assert big["nlist"] == 10**7 // LARGE_LIST_ATOMS == 16393 and big["train_size"] == 40 * 16393
+    assert (big["m"], big["nbits"], big["nprobe"], big["refine"]) == (8, 8, 8, 4)
+    # the policy's thresholds scaled down so that "auto" picks ivfpq on a small set, and says so
+    monkeypatch.setattr(index_module, "AUTO_HNSW_ATOMS", 500)
+    monkeypatch.setattr(index_module, "AUTO_IVFPQ_ATOMS", 2000)
+    x = clustered(3000, 8, seed=2).astype(np.float32)
+    auto = NeighbourIndex.build(x, "auto")
+    assert auto.kind == "ivfpq" and auto.params == default_params("ivfpq", 3000, 8)
+    assert auto.params["nlist"] == 3000 // 39  # 4·sqrt(3000) = 219 lists would hold < 39 atoms each
+    assert auto.reason == ("auto: ivfpq index with exact re-ranking for 3000 >= 2000 training atoms: ivfpq nlist=76 "
+                           "(exact coarse quantizer), m=2, nbits=6, nprobe=8, a shortlist of 4·k re-ranked exactly")
+    est = LTAUEstimator(index="auto", k=5).fit(x, np.abs(np.random.default_rng(0).normal(size=(4, 3000))))
+    assert est.index_.reason == auto.reason and np.shares_memory(est.index_.vectors, x)
+
+
+def test_hnsw_coarse_quantizer_above_4096_lists_against_brute_force():
+    from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, quantizer_ef_search
+
+    x = clustered(12_000, 8, seed=3).astype(np.float32)
+    q = x[:40] + 0.02
+    params = {"nlist": HNSW_QUANTIZER_NLIST + 100, "m": 4, "nbits": 4, "nprobe": 24, "train_size": 12_000, "refine": 8}
+    index = NeighbourIndex.build(x, "ivfpq", params, copy=False)
+    quantizer = faiss.downcast_index(index.index.quantizer)
+    assert type(quantizer) is faiss.IndexHNSWFlat and quantizer.ntotal == params["nlist"]
+    assert quantizer.hnsw.efSearch == quantizer_ef_search(24) == 48
+    assert np.shares_memory(index.vectors, x)
+    dist, ids, valid = index.search(q, 5)
+    ref_d, ref_ids = brute_knn(x, q, 5)
+    assert valid.all() and recall(ids, ref_ids) >= 0.9
+    exact = np.linalg.norm(q[:, None, :].astype(np.float64) - x[ids].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist, exact, rtol=1e-5)
+    again = NeighbourIndex.from_arrays("ivfpq", index.params, index.to_arrays(), 12_000, 8)
+    for a, b in zip(again.search(q, 5), (dist, ids, valid)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_stored_arrays_round_trip_and_strict_params():
     x = clustered(600, 8, seed=4).astype(np.float32)
     q = x[:25] + 0.01
