@@ -5,27 +5,33 @@ Index kinds:
 * ``"flat"``: exact brute-force search (``faiss.knn``) over the (N, D) float32 vectors, which may be a
   read-only memory map of the estimator file; memory 4·D bytes per atom.
 * ``"hnsw"``: ``IndexHNSWFlat``; params ``M`` (32), ``efConstruction`` (40), ``efSearch`` (16).
-* ``"ivfpq"``: ``IndexIVFPQ`` with exact re-ranking; params ``nlist`` (≈ 4·√N, at most 4096, at
-  least 39 training points per list), ``m`` (sub-quantizers: D/4 when 4 divides D, i.e. one code byte per 4 dimensions,
-  else the largest divisor of D ≤ D/4), ``nbits`` (8, fewer for tiny N), ``nprobe`` (min(nlist, 8)),
-  ``train_size`` (points used to train, default min(N, max(64·nlist, 256·2^nbits))), ``seed`` (0) and
+* ``"ivfpq"``: ``IndexIVFPQ`` with exact re-ranking; params ``nlist`` (≈ 4·√N up to 4096 lists, at
+  least 39 training points per list; above ~2.5·10⁶ atoms N/610 lists, at most 65536, so that a probe
+  scans a list of fixed size and the query cost stops growing with N), ``m`` (sub-quantizers: D/4
+  when 4 divides D, i.e. one code byte per 4 dimensions, else the largest divisor of D ≤ D/4),
+  ``nbits`` (8, fewer for tiny N), ``nprobe`` (min(nlist, 8)), ``train_size`` (points used to train,
+  default min(N, max(64·nlist, 256·2^nbits)), 40·nlist above 4096 lists), ``seed`` (0) and
   ``refine`` (4): the PQ search returns a shortlist of refine·k candidates, which are re-ranked by
-  their exact distances to the full float32 vectors (kept beside the index: in memory after a fit,
-  memory-mapped from the estimator file after a load, so only the touched rows become resident).
-  ``refine=0`` returns the PQ approximations without re-ranking and keeps no vectors. The coarse
-  quantizer is exact (``IndexFlatL2``) for nlist ≤ 4096 (always, with the default nlist) and an HNSW
-  graph over the centroids for a larger user-given nlist, where a brute-force scan of the centroids
-  would dominate the query time. FAISS's precomputed residual tables are not kept (nlist·m·2^nbits·4
+  their exact distances to the full float32 vectors, computed in place (FAISS
+  ``fvec_L2sqr_by_idx``) on the very array the index was given: the fit's descriptors after
+  :meth:`NeighbourIndex.build` with ``copy=False`` (what ``LTAUEstimator.fit`` does: no second copy),
+  the memory-mapped vectors of the estimator file after a load (only the touched rows become
+  resident). ``refine=0`` returns the PQ approximations without re-ranking and keeps no vectors. The
+  coarse quantizer is exact (``IndexFlatL2``) up to 4096 lists and an HNSW graph over the centroids
+  (M 32, efSearch :func:`quantizer_ef_search`) above, where a brute-force scan of the centroids would
+  dominate the query time. FAISS's precomputed residual tables are not kept (nlist·m·2^nbits·4
   bytes, no measured speed gain). Resident memory ≈ (m·nbits/8 + 8) bytes per atom plus the
   centroids, plus the touched (evictable, page-cache) pages of the vector map.
   Measured (``benchmarks/knn_scaling.py``): see the README's kNN table.
 
-Why re-ranking against memory-mapped vectors rather than FAISS's ``IndexRefineFlat``: the latter keeps
-a second, full float32 copy of every vector in RAM (4·D bytes per atom on top of the codes), i.e. more
-resident memory than the flat index itself, which defeats the purpose of a compressed index.
+Why re-ranking against the given (or memory-mapped) vectors rather than FAISS's ``IndexRefineFlat``:
+the latter keeps a second, full float32 copy of every vector in RAM (4·D bytes per atom on top of
+the codes), i.e. more resident memory than the flat index itself, which defeats the purpose of a
+compressed index.
 
 ``index="auto"`` (:func:`choose_index`) picks flat below 10⁵ atoms, HNSW below 10⁶ and IVF-PQ with
-re-ranking from 10⁶ on (HNSW took 374 s to build at 10⁶ on the 2-core reference machine).
+re-ranking (default settings above) from 10⁶ on (HNSW took 374 s to build at 10⁶ on the 2-core
+reference machine); the built index's ``reason`` names the choice and its settings.
 
 Descriptors are converted to C-contiguous float32 here. :meth:`NeighbourIndex.search` returns
 *Euclidean* distances (the square root of squared L2) and a validity mask: approximate indexes may
