@@ -161,6 +161,25 @@ def _same_threshold(a: np.ndarray | float, b: np.ndarray | float) -> bool:
     return bool(np.array_equal(a, b))
 
 
+def _logged_dtype(n_bins: int, count_dtype: Any) -> type:
+    """The smallest dtype holding a sum of n_bins counts of ``count_dtype`` without overflow."""
+    dt = np.dtype(count_dtype)
+    cap = n_bins * (int(np.iinfo(dt).max) if np.issubdtype(dt, np.integer) else 2**62)
+    return np.uint16 if cap <= np.iinfo(np.uint16).max else np.uint32 if cap <= np.iinfo(np.uint32).max else np.int64
+
+
+def _logged_counts(counts: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """(M, N) logged epochs per run and atom, the sum of (M, N, K+1) counts over the bins.
+
+    Summed in atom blocks into the smallest dtype that cannot overflow (uint16 for uint8 counts up to
+    257 bins): an int64 result would be 8·M·N bytes (160 MB at 10⁷ atoms, M = 2) beside the counts.
+    """
+    out = np.empty(counts.shape[:2], dtype=_logged_dtype(counts.shape[2], counts.dtype))
+    for start in range(0, counts.shape[1], block):
+        out[:, start : start + block] = counts[:, start : start + block].sum(axis=2, dtype=np.int64)
+    return out
+
+
 def _report_unlogged(n_logged: np.ndarray, atom_ids: np.ndarray | None) -> None:
     bad_runs, bad_atoms = np.nonzero(n_logged == 0)
     if bad_runs.size:
@@ -332,10 +351,13 @@ def estimate_memory(
     per_run = n_runs * n_atoms * 8  # one (M, N) int64/float64 array
     blocks = 8 * e_max * min(chunk_size, n_atoms) * 4  # the streamed block and its temporaries
     if kind == "compact":
-        count_bytes = np.dtype(_count_dtype(e_max)).itemsize
-        kept = n_runs * n_atoms * (n_bin_edges(bins) + 1) * count_bytes + 3 * per_run + n_atoms * 8
+        n_bins = n_bin_edges(bins) + 1
+        count_dtype = _count_dtype(e_max)
+        logged_bytes = np.dtype(_logged_dtype(n_bins, count_dtype)).itemsize
+        # counts, n_logged, fitted_counts (int64), max_error and mean_error (float64)
+        kept = n_runs * n_atoms * (n_bins * np.dtype(count_dtype).itemsize + logged_bytes + 8) + 2 * n_atoms * 8
         # from_runs holds n_logged, fitted_counts and sums next to the counts (+ max_error);
-        # the constructor recomputes n_logged while from_runs' copy is alive.
+        # the constructor recomputes n_logged (in atom blocks) while from_runs' copy is alive.
         return {"distributions": kept, "streaming": 2 * per_run + blocks}
     if kind == "exact":
         kept = sum(n_epochs) * n_atoms * 4 + 2 * per_run + n_atoms * 8
@@ -415,7 +437,7 @@ class CompactDistributions(_Distributions):
             raise ValueError(f"counts have {self.counts.shape[2]} bins; expected {self.edges.size + 1} for {self.edges.size} edges")
         self.max_error = np.asarray(max_error, dtype=np.float64)
         self.mean_error_ = np.asarray(mean_error, dtype=np.float64)
-        self.n_logged = self.counts.sum(axis=2, dtype=np.int64)
+        self.n_logged = _logged_counts(self.counts)
         _report_unlogged(self.n_logged, None)
         self.fitted_threshold = _check_threshold(fitted_threshold, self.n_atoms)
         self.fitted_counts = np.asarray(fitted_counts, dtype=np.int64)

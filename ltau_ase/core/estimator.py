@@ -1014,7 +1014,7 @@ class LTAUEstimator:
         arrays.update({name: getattr(self, name) for name in _LEARNED_ARRAYS})
         if self.atom_ids_ is not None:
             arrays["atom_ids_"] = self.atom_ids_
-        arrays.update(self.index_.to_arrays())
+        arrays.update(self.index_.to_arrays(streamed=True))  # the FAISS blob goes to the file, not to RAM
         arrays.update({f"dist_{k}": v for k, v in dist_arrays.items()})
         write_container(path, header, arrays)
 
