@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ltau_ase.core.errorlog import EpochWindow, ErrorLog
+from ltau_ase.core.fileformat import streamed_as
 
 DEFAULT_N_EDGES = 64
 #: most bin edges a ``bins`` setting may ask for: the histograms hold M·N·(K+1) counts, and a
@@ -312,7 +313,8 @@ class ExactDistributions(_Distributions):
             out[sl] = vals[pos, np.arange(vals.shape[1])]
         return out
 
-    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def to_arrays(self, streamed: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(info, arrays) for the estimator file (``streamed``: as in CompactDistributions; all arrays here are stored as held)."""
         arrays = {f"sorted_errors_{m}": s for m, s in enumerate(self.sorted_errors)}
         arrays["fitted_threshold"] = np.asarray(self.fitted_threshold, dtype=np.float64)
         return {"kind": self.kind, "n_runs": self.n_runs, "n_atoms": self.n_atoms}, arrays
@@ -354,8 +356,9 @@ def estimate_memory(
         n_bins = n_bin_edges(bins) + 1
         count_dtype = _count_dtype(e_max)
         logged_bytes = np.dtype(_logged_dtype(n_bins, count_dtype)).itemsize
-        # counts, n_logged, fitted_counts (int64), max_error and mean_error (float64)
-        kept = n_runs * n_atoms * (n_bins * np.dtype(count_dtype).itemsize + logged_bytes + 8) + 2 * n_atoms * 8
+        # counts, n_logged, fitted_counts (the counts' dtype), max_error and mean_error (float64)
+        count_bytes = np.dtype(count_dtype).itemsize
+        kept = n_runs * n_atoms * ((n_bins + 1) * count_bytes + logged_bytes) + 2 * n_atoms * 8
         # from_runs holds n_logged, fitted_counts and sums next to the counts (+ max_error);
         # the constructor recomputes n_logged (in atom blocks) while from_runs' copy is alive.
         return {"distributions": kept, "streaming": 2 * per_run + blocks}
@@ -440,7 +443,9 @@ class CompactDistributions(_Distributions):
         self.n_logged = _logged_counts(self.counts)
         _report_unlogged(self.n_logged, None)
         self.fitted_threshold = _check_threshold(fitted_threshold, self.n_atoms)
-        self.fitted_counts = np.asarray(fitted_counts, dtype=np.int64)
+        fitted = np.asarray(fitted_counts)
+        # integer counts keep their dtype (from_runs: that of the counts, 1 byte for <= 255 epochs)
+        self.fitted_counts = fitted if np.issubdtype(fitted.dtype, np.integer) else fitted.astype(np.int64)
 
     @classmethod
     def from_runs(
@@ -464,7 +469,8 @@ class CompactDistributions(_Distributions):
         thr = _check_threshold(threshold, n_atoms)
         n_runs = len(runs)
         n_logged = np.zeros((n_runs, n_atoms), dtype=np.int64)
-        fitted_counts = np.zeros((n_runs, n_atoms), dtype=np.int64)
+        # at most the run's epochs each: held in the counts' dtype (8x smaller than int64 at <= 255 epochs)
+        fitted_counts = np.zeros((n_runs, n_atoms), dtype=_count_dtype(max(r.n_epochs for r in runs)))
         sums = np.zeros((n_runs, n_atoms), dtype=np.float64)
         max_error = np.full(n_atoms, -np.inf)
         min_pos, max_all = np.inf, 0.0
@@ -531,14 +537,20 @@ class CompactDistributions(_Distributions):
             out[sl] = np.minimum(ext_hi[j], self.max_error[sl])
         return out
 
-    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def to_arrays(self, streamed: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(info, arrays) for the estimator file; ``fitted_counts`` is stored as int64: converted
+        here, or with ``streamed=True`` handed over as a
+        :func:`~ltau_ase.core.fileformat.streamed_as` that converts block by block while writing."""
+        fitted: Any = self.fitted_counts
+        if fitted.dtype != np.int64:
+            fitted = streamed_as(fitted, np.int64) if streamed else fitted.astype(np.int64)
         arrays = {
             "edges": self.edges,
             "counts": self.counts,
             "max_error": self.max_error,
             "mean_error": self.mean_error_,
             "fitted_threshold": np.asarray(self.fitted_threshold, dtype=np.float64),
-            "fitted_counts": self.fitted_counts,
+            "fitted_counts": fitted,
         }
         return {"kind": self.kind, "n_runs": self.n_runs, "n_atoms": self.n_atoms}, arrays
 

@@ -1002,7 +1002,7 @@ class LTAUEstimator:
         """
         self._check_fitted()
         header = {"settings": _settings_snapshot(self), "metadata": dict(self.metadata or {}), "learned": self._learned_header()}
-        dist_info, dist_arrays = self.distributions_.to_arrays()
+        dist_info, dist_arrays = self.distributions_.to_arrays(streamed=True)
         header["distributions"] = dist_info
         # the small calibration arrays first: the N-sized ones follow, the largest last
         arrays: dict[str, np.ndarray] = {}

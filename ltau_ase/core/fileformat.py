@@ -151,7 +151,7 @@ def _digest(arr: np.ndarray) -> str:
 
 
 class StreamedBytes:
-    """A (B,) uint8 array given to :func:`write_container` as a producer instead of memory.
+    """An array (default: (B,) uint8) given to :func:`write_container` as a producer instead of memory.
 
     ``produce(write)`` must call ``write(chunk: bytes)`` with the array's bytes in order, the same
     bytes each time: it runs once here (size and digest) and once more while the file is written, where
@@ -159,10 +159,9 @@ class StreamedBytes:
     serialised form would otherwise be held in RAM twice during a save (170 MB each at 10⁷ atoms).
     """
 
-    dtype = np.dtype(np.uint8)
-
-    def __init__(self, produce: Any) -> None:
+    def __init__(self, produce: Any, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> None:
         self._produce = produce
+        self.dtype = np.dtype(dtype)
         h, size = hashlib.sha256(), 0
 
         def measure(chunk: bytes) -> int:
@@ -173,7 +172,13 @@ class StreamedBytes:
 
         produce(measure)
         self.nbytes, self.sha256 = size, h.hexdigest()
-        self.shape = (size,)
+        if shape is None:
+            if size % self.dtype.itemsize:
+                raise ValueError(f"a streamed array gave {size} bytes, not a whole number of {self.dtype} items")
+            shape = (size // self.dtype.itemsize,)
+        self.shape = tuple(int(v) for v in shape)
+        if int(np.prod(self.shape)) * self.dtype.itemsize != size:
+            raise ValueError(f"a streamed array gave {size} bytes; expected {self.dtype} {self.shape}")
 
     def write_to(self, fh: Any) -> None:
         h, size = hashlib.sha256(), 0
@@ -188,6 +193,19 @@ class StreamedBytes:
         self._produce(write)
         if size != self.nbytes or h.hexdigest() != self.sha256:
             raise ValueError("a streamed array gave different bytes on its second pass; nothing was saved")
+
+
+def streamed_as(arr: np.ndarray, dtype: Any, block: int = 1 << 16) -> StreamedBytes:
+    """``arr`` written as ``dtype`` (little-endian) in row blocks: a widening conversion at save time
+    without a converted copy of the whole array in memory."""
+    out = np.dtype(dtype).newbyteorder("<")
+    flat = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr).reshape(-1)
+
+    def produce(write: Any) -> None:
+        for start in range(0, flat.size, block):
+            write(flat[start : start + block].astype(out).tobytes())
+
+    return StreamedBytes(produce, out, arr.shape)
 
 
 def _align(n: int) -> int:
