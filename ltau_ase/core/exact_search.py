@@ -14,8 +14,9 @@ can be excluded *with a proof* instead of being looked at:
   k-th neighbour distance is at most u = min_c ‖q − c‖ + ρ_k(c), known before any search; every
   cluster with lb_c ≤ u is visited, in one FAISS call. No cluster that can hold one of
   the k nearest neighbours is skipped, so the result is exact (same distances as brute force, up to
-  float32 round-off, which a relative margin on the bound absorbs). Far from the training set
-  (lb_c < u for most c) the search degrades gracefully to a full scan.
+  float32 round-off, which a relative margin on the bound absorbs). Far from the training set,
+  or on unclustered data, the bounds exclude little; when they leave more than
+  :data:`FULL_SCAN_SHARE` of the atoms to visit, the batch is scanned by brute force instead.
 
 The inverted lists are FAISS ``IndexIVFFlat`` lists (a second float32 copy of the vectors, 4·D bytes
 per atom), so the fast path is used only up to :data:`PRUNED_MAX_BYTES`; above that (and below
@@ -33,6 +34,10 @@ import numpy as np
 PRUNED_MIN_ATOMS = 4096
 #: the inverted lists copy the vectors; above this many bytes of vectors the flat index just scans
 PRUNED_MAX_BYTES = 256 << 20
+#: scan everything instead when the bounds leave more than this share of the atoms to visit: the
+#: per-query list scans cost ~2x a brute-force scan per atom (measured: 12.5 k x 16 Gaussian vectors,
+#: where no cluster can be excluded, 3.8 ms pruned vs 2.0 ms scanned for 29 queries)
+FULL_SCAN_SHARE = 0.4
 #: relative and absolute slack on the pruning bound: float32 distances carry ~1e-7 relative error
 _RELATIVE_MARGIN = 1e-4
 _ABSOLUTE_MARGIN = 1e-6
@@ -48,8 +53,8 @@ class PrunedExactSearch:
     """Exact kNN over fixed (N, D) float32 vectors, pruned by cluster lower bounds.
 
     Args:
-        vectors: (N, D) float32, C-contiguous training descriptors (not modified, not kept: the
-            inverted lists hold their own copy).
+        vectors: (N, D) float32, C-contiguous training descriptors (not modified; referenced for the
+            full scan, and copied into the inverted lists).
         n_clusters: C; None = :func:`default_clusters`.
         seed: k-means seed (the result of :meth:`search` does not depend on it, only the speed).
     """
@@ -69,6 +74,8 @@ class PrunedExactSearch:
         self._ivf = faiss.IndexIVFFlat(quantizer, d, c)
         self._ivf.add(x)  # every vector goes to its nearest centroid's list, under its row number
         self._centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+        self._vectors = x  # the caller's array when it already was C-contiguous float32 (no copy)
+        self._list_sizes = np.array([self._ivf.invlists.list_size(i) for i in range(c)], dtype=np.int64)
         self._centroids64 = self._centroids.astype(np.float64)
         self._centroid_norms = (self._centroids64 ** 2).sum(axis=1)
         self.radii, self._member_distances = self._list_geometry(x)
@@ -120,6 +127,8 @@ class PrunedExactSearch:
         upper = (np.sqrt(np.maximum(d2c, 0.0)) + self._kth_member_distance(k)[None, :]).min(axis=1)
         upper = upper * (1 + _RELATIVE_MARGIN) + _ABSOLUTE_MARGIN
         must = lower <= upper[:, None]
+        if int((must @ self._list_sizes).sum()) > FULL_SCAN_SHARE * n * self.n_atoms:
+            return faiss.knn(q, self._vectors, k)  # far from the data (or unclustered data): nothing to prune
         width = int(must.sum(axis=1).max())
         lists = np.full((n, width), -1, dtype=np.int64)
         r, col = np.nonzero(must)

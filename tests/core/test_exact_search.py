@@ -75,6 +75,29 @@ def test_flat_index_uses_it_above_the_size_threshold_and_agrees_with_a_scan():
     assert small._pruned is None
 
 
+def test_batches_the_bounds_cannot_prune_are_scanned_and_pruned_ones_are_not(monkeypatch):
+    def watch(search):
+        probed = []
+        real_probe = search._probe
+        monkeypatch.setattr(search, "_probe", lambda q, k, lists: probed.append(lists.shape) or real_probe(q, k, lists))
+        return probed
+
+    x = clustered(6000, 8, seed=6)
+    search = PrunedExactSearch(x)
+    probed = watch(search)
+    rng = np.random.default_rng(7)
+    near = x[rng.choice(len(x), 20)] + 0.001
+    check_exact(x, near, 5, *search.search(near, 5))
+    assert probed, "an in-domain batch of clustered data must be pruned"
+    # unclustered data: every cluster overlaps every query's ball, nothing to exclude
+    gauss = rng.normal(size=(5000, 16)).astype(np.float32)
+    unclustered = PrunedExactSearch(gauss)
+    probed = watch(unclustered)
+    q = rng.normal(size=(10, 16)).astype(np.float32)
+    check_exact(gauss, q, 3, *unclustered.search(q, 3))
+    assert not probed, "a batch the bounds cannot prune must be scanned by brute force"
+
+
 def test_default_clusters_bounds():
     assert default_clusters(4096) == 128
     assert default_clusters(10_000) == 200
