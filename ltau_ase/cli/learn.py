@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ltau_ase.cli.options import at_least_two, non_negative_int, open_fraction, positive_int
+from ltau_ase.cli.options import at_least_two, non_negative_int, open_fraction, positive_float, positive_int
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threshold = this quantile of the calibration frames' stop statistic (0.95)")
     parser.add_argument("--committee-size", type=at_least_two, default=4, help="models of --selection committee (4)")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs per iteration (20)")
+    parser.add_argument("--max-reference-force", type=positive_float, default=None, metavar="EV_PER_A",
+                        help="reference trust cap, eV/Å: a labelled frame whose reference max-atom force exceeds it "
+                             "is recorded as rejected in labels.db and never trained on (default: no cap)")
     parser.add_argument("--warm-start", action="store_true", help="train each iteration from the previous checkpoint")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of models, MD and random choices (0)")
     parser.add_argument("--scheduler", default=None,
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                                 md_steps=args.md_steps, relax_steps=args.relax_steps, replicas=args.replicas,
                                 stride=args.stride, adaptive=args.adaptive),
         training=TrainingSettings(epochs=args.epochs), threshold_quantile=args.quantile,
-        committee_size=args.committee_size, warm_start=args.warm_start, seed=args.seed)
+        committee_size=args.committee_size, warm_start=args.warm_start, seed=args.seed,
+        max_reference_force=args.max_reference_force)
     campaign = Campaign(args.workdir, settings, train=args.train, val=args.val, calibration=args.calibration,
                         seeds=args.seeds, reference=CalculatorFactory(args.reference), test_sets=tests,
                         scheduler=args.scheduler, n_workers=args.workers, progress=not args.no_progress)

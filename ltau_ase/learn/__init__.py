@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ltau_ase.learn.campaign import Campaign, CampaignSettings, TrainingSettings
 from ltau_ase.learn.explore import ExploreSettings, explore, load_snapshots
-from ltau_ase.learn.label import CalculatorFactory, label_frames, load_labels
+from ltau_ase.learn.label import CalculatorFactory, Labels, label_frames, load_labels
 from ltau_ase.learn.selection import (
     SELECTION_METHODS,
     farthest_point_sampling,
@@ -23,7 +23,7 @@ from ltau_ase.learn.selection import (
 )
 
 __all__ = [
-    "CalculatorFactory", "Campaign", "CampaignSettings", "ExploreSettings", "SELECTION_METHODS",
+    "CalculatorFactory", "Campaign", "CampaignSettings", "ExploreSettings", "Labels", "SELECTION_METHODS",
     "TrainingSettings", "explore", "farthest_point_sampling", "label_frames", "load_labels", "load_snapshots",
     "select_committee", "select_ltau", "select_random", "structure_feature",
 ]

@@ -87,6 +87,9 @@ class CampaignSettings:
         fit_scale: also fit the estimator's scale s on the calibration split.
         k: neighbours of the estimator.
         seed: seeds models, MD and random choices.
+        max_reference_force: reference trust cap (eV/Å; None = none): a selected frame whose reference
+            max-atom force exceeds it is stored in ``labels.db`` as ``rejected`` (reference values
+            kept, counted as a label spent) and never enters the training set.
     """
 
     type_names: tuple[str, ...]
@@ -104,6 +107,7 @@ class CampaignSettings:
     fit_scale: bool = True
     k: int = 10
     seed: int = 0
+    max_reference_force: float | None = None
 
     def validate(self) -> "CampaignSettings":
         if self.selection not in SELECTION_METHODS:
@@ -124,6 +128,9 @@ class CampaignSettings:
         if self.training.epochs < 2:
             raise ValueError(f"training needs at least 2 epochs for an error trajectory, got {self.training.epochs}")
         self.explore.validate()
+        from ltau_ase.learn.label import check_max_reference_force
+
+        check_max_reference_force(self.max_reference_force)
         return self
 
     @property
@@ -207,17 +214,27 @@ class Campaign:
         n_workers: LocalCluster workers.
         initial_run: optional finished nequip run directory (with its ``ltau_errors`` log, trained on
             ``train`` with these type names) used as iteration 0's model instead of training one;
-            it is copied into the campaign.
+            it is copied into the campaign. A committee campaign may give a sequence of up to
+            ``committee_size`` run directories (members 1, 2, ...; members not given are trained);
+            only an LTAU or random campaign needs the error log.
     """
 
     def __init__(self, workdir: str | os.PathLike, settings: CampaignSettings, train: str | os.PathLike,
                  val: str | os.PathLike, calibration: str | os.PathLike, seeds: str | os.PathLike,
                  reference: Callable[[], Any], test_sets: Mapping[str, str | os.PathLike] | None = None,
                  scheduler: str | None = None, n_workers: int | None = None, progress: bool = True,
-                 initial_run: str | os.PathLike | None = None) -> None:
+                 initial_run: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> None:
         self.workdir = Path(workdir)
-        self.initial_run = None if initial_run is None else Path(initial_run)
         self.settings = settings.validate()
+        if initial_run is None:
+            self.initial_runs: list[Path] = []
+        elif isinstance(initial_run, (str, os.PathLike)):
+            self.initial_runs = [Path(initial_run)]
+        else:
+            self.initial_runs = [Path(r) for r in initial_run]
+            if not 1 <= len(self.initial_runs) <= self.settings.n_models:
+                raise ValueError(f"initial_run gives {len(self.initial_runs)} runs; this campaign has "
+                                 f"{self.settings.n_models} model(s) (committee_size for a committee)")
         self.reference = reference
         self.scheduler = scheduler
         self.n_workers = n_workers
@@ -231,11 +248,13 @@ class Campaign:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{name} file {path} does not exist")
         self.test_names = list(test_sets or {})
-        if self.initial_run is not None:
+        if self.initial_runs:
             from ltau_ase.nequip.fit import default_checkpoint, find_error_log
 
-            find_error_log(self.initial_run)  # a clear error when the run has no LTAU error log
-            inputs["initial_model"] = default_checkpoint(self.initial_run)
+            if self.settings.selection != "committee":
+                find_error_log(self.initial_runs[0])  # a clear error when the run has no LTAU error log
+            for m, run in enumerate(self.initial_runs):  # member 1 keeps the key of campaigns with one run
+                inputs["initial_model" if m == 0 else f"initial_model_{m + 1}"] = default_checkpoint(run)
         self._check_inputs(inputs)
         self._open(inputs)
 
@@ -263,6 +282,8 @@ class Campaign:
     def _fingerprint(self, hashes: Mapping[str, str]) -> str:
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in RUNTIME_FIELDS}
         settings["training"] = {k: v for k, v in settings["training"].items() if k not in RUNTIME_TRAINING_FIELDS}
+        if settings.get("max_reference_force") is None:  # campaigns started before the cap existed still resume
+            settings.pop("max_reference_force", None)
         text = json.dumps({"settings": settings, "inputs": dict(sorted(hashes.items())),
                            "reference": repr(self.reference)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -363,42 +384,44 @@ class Campaign:
         """Train the iteration's model(s) with the LTAU error logger (skips finished members)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        import yaml
-
         from ltau_ase.nequip.training import ERROR_LOGGER_TARGET, train_nequip, write_nequip_config
+        from ltau_ase.nequip.warm_start import configure_warm_start
 
         s, t = self.settings, self.settings.training
         files = self.train_files(i)
 
-        def one(m: int) -> None:
+        def prepare(m: int) -> Path | None:
+            """The member's nequip config, or None when it needs no training (runs serially: building
+            a model to verify a warm-start checkpoint uses nequip's global state)."""
             member = self.member_dir(i, m)
             if (member / "done.json").exists():
-                return
+                return None
             if member.exists():
                 shutil.rmtree(member)  # an interrupted run: its log dir would refuse to be reused
-            if i == 0 and m == 0 and self.initial_run is not None:
-                shutil.copytree(self.initial_run, member / "run")
-                _write_json(member / "done.json", {"seconds": 0.0, "copied_from": str(self.initial_run.resolve())})
-                return
+            if i == 0 and m < len(self.initial_runs):
+                shutil.copytree(self.initial_runs[m], member / "run")
+                _write_json(member / "done.json", {"seconds": 0.0, "copied_from": str(self.initial_runs[m].resolve())})
+                return None
             run_dir = (member / "run").resolve()
             config = write_nequip_config(
                 member / "config.yaml", files, type_names=list(s.type_names), val_file=self.inputs["val"],
                 callbacks=[{"_target_": ERROR_LOGGER_TARGET, "log_dir": str(run_dir / "ltau_errors"), "mode": "free"}],
                 seed=s.seed * 1000 + m + 1, data_seed=s.seed, max_epochs=t.epochs, num_layers=t.num_layers,
                 num_features=t.num_features, l_max=t.l_max, r_max=t.r_max, batch_size=t.batch_size, lr=t.lr)
-            if s.warm_start and i > 0:
-                # nequip's own loader continues from the previous iteration's weights
-                cfg = yaml.safe_load(config.read_text())
-                cfg["training_module"]["model"] = {"_target_": "nequip.model.ModelFromCheckpoint",
-                                                   "checkpoint_path": str(self.model_path(i - 1, m).resolve())}
-                config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            if s.warm_start and i > 0:  # the previous model (section and weights): a self-contained checkpoint
+                configure_warm_start(config, self.model_path(i - 1, m))
+            return config
+
+        def run(m: int, config: Path) -> None:
+            member = self.member_dir(i, m)
             t0 = time.perf_counter()
-            train_nequip(config, run_dir, timeout=t.timeout_s, threads=1)
+            train_nequip(config, (member / "run").resolve(), timeout=t.timeout_s, threads=1)
             _write_json(member / "done.json", {"seconds": time.perf_counter() - t0, "train_files": files})
 
-        n = s.n_models
-        with ThreadPoolExecutor(max_workers=max(1, min(n, t.parallel))) as pool:
-            list(pool.map(one, range(n)))
+        configs = {m: prepare(m) for m in range(s.n_models)}
+        pending = [(m, c) for m, c in configs.items() if c is not None]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(pending), t.parallel))) as pool:
+            list(pool.map(lambda mc: run(*mc), pending))
 
     def fit_estimator(self, i: int) -> Path:
         from ltau_ase.nequip.fit import fit_estimator_from_runs
@@ -516,7 +539,8 @@ class Campaign:
             return json.loads(path.read_text())["stats"]
         s = self.settings
         cal = json.loads((self.iter_dir(i - 1) / "calibration.json").read_text())
-        snaps, _ = load_snapshots(self.iter_dir(i) / "explore.db")
+        all_snaps, _ = load_snapshots(self.iter_dir(i) / "explore.db")
+        snaps, n_duplicates = self._distinct_candidates(i, all_snaps)
         rng = np.random.default_rng([s.seed, i, 77])
         stat = np.array([x["statistic"] for x in snaps])
         if not snaps:
@@ -532,11 +556,37 @@ class Campaign:
             picked = select_committee(stat, s.budget, cal["lo"], cal["hi"], rng, fill=s.fill_budget)
         flagged_all = np.array([x["flagged"] for x in snaps], dtype=bool)
         in_window = (stat > cal["lo"]) & (stat <= cal["hi"]) if s.selection == "committee" else flagged_all
-        stats = {"n_candidates": len(snaps), "n_selected": int(picked.size),
+        stats = {"n_candidates": len(snaps), "n_duplicates_removed": n_duplicates, "n_selected": int(picked.size),
                  "n_selected_flagged": int(in_window[picked].sum()) if snaps else 0,
                  "selected_statistic": stat[picked].tolist()}
         _write_json(path, {"names": [snaps[j]["name"] for j in picked], "stats": stats})
         return stats
+
+    def _distinct_candidates(self, i: int, snaps: list[dict]) -> tuple[list[dict], int]:
+        """The snapshots of iteration i that are new structures, and how many were not.
+
+        Every MD trajectory records its start (the seed structure) at step 0, so the same structure
+        comes once per temperature and replica and again in every iteration; labelling it twice
+        would spend a reference calculation on nothing. A snapshot identical (numbers, positions,
+        cell, pbc: :func:`~ltau_ase.simulate.batch.content_name`) to an earlier snapshot or to a
+        frame in an earlier iteration's ``labels.db`` is not a candidate.
+        """
+        from ase.db import connect
+
+        from ltau_ase.simulate.batch import content_name
+
+        seen = set()
+        for j in range(1, i):
+            db = self.iter_dir(j) / "labels.db"
+            if db.exists():
+                seen.update(content_name(row.toatoms()) for row in connect(str(db)).select())
+        out = []
+        for x in snaps:
+            key = content_name(x["atoms"])
+            if key not in seen:
+                seen.add(key)
+                out.append(x)
+        return out, len(snaps) - len(out)
 
     def label(self, i: int) -> dict:
         """Label the selected frames into labels.db; write the labelled ones, with new frame ids, to
@@ -548,8 +598,9 @@ class Campaign:
         names = json.loads((d / "selected.json").read_text())["names"]
         by_name = {x["name"]: x["atoms"] for x in load_snapshots(d / "explore.db")[0]}
         label_frames([(n, by_name[n]) for n in names], d / "labels.db", self.reference,
-                     scheduler=self.scheduler, n_workers=self.n_workers, progress=self.progress)
-        done, failed = load_labels(d / "labels.db")
+                     scheduler=self.scheduler, n_workers=self.n_workers, progress=self.progress,
+                     max_reference_force=self.settings.max_reference_force)
+        done, failed, rejected = load_labels(d / "labels.db")
         if not (d / "new_frames.extxyz").exists() and any(n in done for n in names):
             frames = []
             for n in names:
@@ -562,27 +613,31 @@ class Campaign:
             assign_new_frame_ids(frames, taken)
             _write_frames(d / "new_frames.extxyz", frames)
         return {"n_labelled": sum(n in done for n in names), "n_failed": sum(n in failed for n in names),
-                "failures": {n: failed[n] for n in names if n in failed}}
+                "n_rejected": sum(n in rejected for n in names),
+                "failures": {n: failed[n] for n in names if n in failed},
+                "rejections": {n: rejected[n].info["reason"] for n in names if n in rejected}}
 
     def _labels_used(self, j: int) -> int:
-        """Reference calculations spent in iteration j (failed ones cost a calculation too)."""
-        done, failed = _load_labels(self.iter_dir(j) / "labels.db")
-        return len(done) + len(failed)
+        """Reference calculations spent in iteration j (failed and rejected ones cost a calculation too)."""
+        done, failed, rejected = _load_labels(self.iter_dir(j) / "labels.db")
+        return len(done) + len(failed) + len(rejected)
 
     def selected_uq_vs_error(self, i: int) -> dict:
         """Stop statistic at selection vs the true force error of the model that explored, per labelled frame."""
         from ltau_ase.learn.explore import load_snapshots
 
         d = self.iter_dir(i)
-        done, _ = _load_labels(d / "labels.db")
+        labels = _load_labels(d / "labels.db")
         snaps = {x["name"]: x for x in load_snapshots(d / "explore.db")[0]}
         rows = []
-        for name, frame in done.items():
+        for name, frame in {**labels.done, **labels.rejected}.items():
             x = snaps[name]
             err = np.linalg.norm(x["atoms"].get_forces(apply_constraint=False)
                                  - frame.get_forces(apply_constraint=False), axis=1)
             rows.append({"name": name, "statistic": x["statistic"], "max_error": float(err.max()),
-                         "mean_error": float(err.mean())})
+                         "mean_error": float(err.mean()), "rejected": name in labels.rejected,
+                         "reference_max_force": float(np.linalg.norm(frame.get_forces(apply_constraint=False),
+                                                                     axis=1).max())})
         out: dict[str, Any] = {"frames": rows}
         if len(rows) >= 3:
             from scipy.stats import spearmanr

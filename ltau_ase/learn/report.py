@@ -65,8 +65,8 @@ def write_campaign_report(workdir: Path, settings: Any, history: Sequence[dict])
              "| iteration | labels used | train frames | "
              + " | ".join(f"MAE {n} (eV/Å)" for n in test_names)
              + " | threshold | trajectories | stopped | mean stop step | flagged | selected | failed labels | "
-               "ρ(stat, true max error) |",
-             "|" + "---|" * (11 + len(test_names))]
+               "rejected labels | ρ(stat, true max error) |",
+             "|" + "---|" * (12 + len(test_names))]
     for h in history:
         ex = h.get("exploration", {})
         sel = h.get("selection_stats", {})
@@ -77,11 +77,16 @@ def write_campaign_report(workdir: Path, settings: Any, history: Sequence[dict])
             + " | ".join(_f(h["evaluation"].get(n, {}).get("force_mae")) for n in test_names)
             + f" | {_f(h['calibration'].get('threshold'))} | {_f(ex.get('n_tasks'))} | {_f(ex.get('n_triggered'))} | "
               f"{_f(ex.get('mean_stop_step'))} | {_f(ex.get('n_flagged'))} | {_f(sel.get('n_selected'))} | "
-              f"{_f(lab.get('n_failed'))} | {_f(uq.get('spearman_statistic_vs_max_error'))} |")
+              f"{_f(lab.get('n_failed'))} | {_f(lab.get('n_rejected'))} | "
+              f"{_f(uq.get('spearman_statistic_vs_max_error'))} |")
     failures = {n: r for h in history for n, r in h.get("labelling", {}).get("failures", {}).items()}
     if failures:
         lines += ["", "Failed reference calculations (not in the training set):", ""]
         lines += [f"- `{n}`: {r}" for n, r in failures.items()]
+    rejections = {n: r for h in history for n, r in h.get("labelling", {}).get("rejections", {}).items()}
+    if rejections:
+        lines += ["", "Rejected labels (over the reference trust cap; kept in labels.db, not trained on):", ""]
+        lines += [f"- `{n}`: {r}" for n, r in rejections.items()]
     lines += ["", "![campaign](report.png)", ""]
     path = workdir / "report.md"
     path.write_text("\n".join(lines))
