@@ -35,6 +35,7 @@ from ltau_ase.shift_metrics import (bootstrap_ci, coverage, normalised_conformal
 METHODS = ("ltau_paper", "ltau_distance", "distance", "committee")
 METHOD_LABELS = {"ltau_paper": "LTAU (paper)", "ltau_distance": "distance-aware LTAU",
                  "ltau_distance_expected_error": "distance-aware expected error (eV/Å)",
+                 "ltau_distance_ratio": "distance ratio r (calibrated)",
                  "distance": "latent distance", "committee": "committee"}
 
 
@@ -57,14 +58,14 @@ class ShiftBenchConfig:
     coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
     relax_steps: int = 40
     committee_stride: int = 10
-    is2rs_limit: int | None = 30
+    is2rs_limit: int | None = None
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
     md_runs_reference: int = 20
     md_runs_in_domain: int = 20
-    md_steps_in_domain: int = 100
+    md_steps_in_domain: int = 2000
     md_runs_hot: int = 20
-    md_steps_hot: int = 100
+    md_steps_hot: int = 2000
     md_hot_temperatures: tuple[float, ...] = (1200.0,)
     md_emt_stride_in_domain: int = 5
     md_emt_stride_hot: int = 1
@@ -74,15 +75,23 @@ class ShiftBenchConfig:
     md_patience: int = 1
     md_on_time_steps: int = 10
     md_slab: tuple[int, int, int] = (2, 2, 3)
+    # The MD runs use their own model (member 1's configuration trained for md_model_epochs, with its own
+    # error log, LTAU estimator and calibration): at 12 epochs 15 of 20 in-domain 300 K runs of member 1
+    # broke down within 100 steps by themselves, which leaves no in-domain run to test false alarms on.
+    # None: MD with member 1 of the ensemble.
+    md_model_epochs: int | None = 60
     bootstrap: int = 1000
     timing_repeats: int = 30
     workers: int = 2
-    settings: ShiftSettings = field(default_factory=ShiftSettings)
+    # the issue's sizes: >= 100 IS2RS systems per domain (and as many calibration relaxations for the
+    # failure model)
+    settings: ShiftSettings = field(default_factory=lambda: ShiftSettings(n_is2rs=100, n_is2rs_calibration=100))
 
     @classmethod
     def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
         if quick:
-            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=3, md_runs_reference=9,
+            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_model_epochs=4, md_runs_in_domain=3,
+                      md_runs_reference=9,
                       md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
                       timing_repeats=5, workers=1,
@@ -143,7 +152,7 @@ def _demo_config(cfg: ShiftBenchConfig):
 
     return DemoConfig(seed=cfg.seed, members=cfg.members, epochs=cfg.epochs, num_layers=cfg.num_layers,
                       num_features=cfg.num_features, l_max=cfg.l_max, r_max=cfg.r_max, batch_size=cfg.batch_size,
-                      lr=cfg.lr, k_grid=(cfg.k,), train_timeout=cfg.train_timeout)
+                      lr=cfg.lr, k_grid=(cfg.k,), train_timeout=cfg.train_timeout, train_workers=cfg.workers)
 
 
 def stage_train(cfg: ShiftBenchConfig, out: Path, data: dict, reuse: bool) -> dict[str, Any]:
@@ -157,6 +166,65 @@ def stage_train(cfg: ShiftBenchConfig, out: Path, data: dict, reuse: bool) -> di
 
 def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict[str, Any]:
     return _as_stage(_demo_stages().stage_fit(_demo_config(cfg), out, _Stage(data), _Stage(train)))
+
+
+def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, Any]:
+    """The MD model: member 1's configuration (same seed, data, sizes) trained for ``md_model_epochs``.
+
+    Returns a train-like stage (``models``, ``log_dirs`` of the one run) or ``train`` itself when
+    ``md_model_epochs`` is None. Reused when its ``last.ckpt`` exists.
+    """
+    if cfg.md_model_epochs is None:
+        return train
+    from ltau_ase.nequip.training import ERROR_LOGGER_TARGET, train_nequip, write_nequip_config
+
+    model_dir = (out / "models" / "md_model").resolve()
+    log_dir = model_dir / "ltau_errors"
+    seconds = math.nan
+    if not (reuse and (model_dir / "run" / "last.ckpt").is_file()):
+        config = write_nequip_config(
+            model_dir / "config.yaml", [data["dir"] / "train.extxyz"], type_names=data["type_names"],
+            val_file=data["dir"] / "val.extxyz",
+            callbacks=[{"_target_": ERROR_LOGGER_TARGET, "log_dir": str(log_dir), "mode": "free"}],
+            seed=cfg.seed * 1000 + 1, data_seed=cfg.seed, max_epochs=cfg.md_model_epochs, num_layers=cfg.num_layers,
+            num_features=cfg.num_features, l_max=cfg.l_max, r_max=cfg.r_max, batch_size=cfg.batch_size, lr=cfg.lr)
+        t0 = time.perf_counter()
+        train_nequip(config, model_dir / "run", timeout=cfg.train_timeout, threads=1)
+        seconds = time.perf_counter() - t0
+    return _Stage(models=[model_dir / "run" / "last.ckpt"], log_dirs=[log_dir], train_times=[seconds],
+                  epochs=cfg.md_model_epochs)
+
+
+def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str, Any]:
+    """LTAU (paper) and distance-aware LTAU of the MD model: its training descriptors and its own error log,
+    calibrated (``fit_calibration``) on its errors on the in-domain and 600 K calibration splits."""
+    import copy
+
+    from ltau_ase.core.errorlog import load_error_logs
+    from ltau_ase.core.estimator import LTAUEstimator
+    from ltau_ase.nequip.descriptors import extract_descriptors
+
+    frames = data["splits"]["train"]
+    atom_ids, desc = extract_descriptors(md_train["models"][0], frames, progress=True)
+    logs = load_error_logs(md_train["log_dirs"])
+    if not np.array_equal(atom_ids, logs[0].atom_ids):
+        raise RuntimeError("MD-model training descriptors and error log are not in the same atom order")
+    est = LTAUEstimator(k=cfg.k).fit(desc, logs, atom_ids=atom_ids)
+    model = _demo_stages()._load_model(md_train["models"][0])
+    x, err, z, system = [], [], [], []
+    for split in ("calibration", "calibration_mild"):
+        for frame in data["splits"][split]:
+            atoms = frame.copy()
+            atoms.calc = model
+            f = atoms.get_forces(apply_constraint=False)
+            err.append(np.linalg.norm(f - np.asarray(frame.calc.results["forces"]), axis=1))
+            x.append(np.asarray(model.results["descriptors"], dtype=np.float32))
+            z.append(atoms.numbers)
+            system.append(np.full(len(atoms), frame.info["system"], dtype=object))
+    x, err, z = np.concatenate(x), np.concatenate(err), np.concatenate(z)
+    structure = np.unique(np.concatenate(system).astype(str), return_inverse=True)[1]
+    aware = copy.deepcopy(est).fit_calibration(x, err, atomic_numbers=z, seed=cfg.seed, frame_ids=structure)
+    return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_}
 
 
 # ---------------------------------------------------------------------------- stage 4: S2EF evaluation
@@ -222,7 +290,7 @@ def _worker_init(model_paths: Sequence[str]) -> None:
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     members = [_load_model(p) for p in model_paths]
-    _WORKER.update(members=members, committee=CommitteeCalculator(members[:]),
+    _WORKER.update(members=members, committee=CommitteeCalculator(members[:]) if len(members) > 1 else None,
                    single=_load_model(model_paths[0]))
 
 
@@ -461,6 +529,7 @@ class Scorer:
             out["ltau_distance"] = {"uncertainty": a["uncertainty"], "confidence_cal": a["confidence"],
                                     "sigma": a["expected_error"]}
             out["ltau_distance_expected_error"] = {"uncertainty": a["expected_error"]}
+            out["ltau_distance_ratio"] = {"uncertainty": a["distance_ratio"]}
             if bounds:
                 for q in self.cfg.coverages:
                     out["ltau_distance"][f"bound_{q:g}"] = self.aware.predict(
@@ -581,11 +650,11 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
                                    "nsteps": rec["nsteps"]}
             if rec["descriptors"] is not None:
                 free = rec["free"]
-                per_step: dict[str, list] = {}
-                for step_desc in rec["descriptors"]:
-                    for method, p in scorer.predict(step_desc, atoms.numbers).items():
-                        per_step.setdefault(method, []).append(float(np.mean(p["uncertainty"][free])))
-                per_step["committee"] = list(rec["committee"][:, free].mean(axis=1))
+                d = rec["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
+                pred = scorer.predict(d.reshape(-1, d.shape[-1]), np.tile(atoms.numbers, d.shape[0]))
+                per_step = {method: p["uncertainty"].reshape(d.shape[:2])[:, free].mean(axis=1)
+                            for method, p in pred.items()}
+                per_step["committee"] = rec["committee"][:, free].mean(axis=1)
                 for method, vals in per_step.items():
                     row[method] = _trace_stats(np.array(vals))
             rows.append(row)
@@ -622,36 +691,47 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
         out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
         return
 
-    def rows_of(split: str, method: str) -> list[dict]:
-        return [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
-                for r in out["table"][split] if method in r and math.isfinite(r["rmsd"])]
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
 
+    distance_key = "ltau_distance_ratio"  # the calibrated estimator's r_j, mean over free atoms per step
+
+    def row_of(r: dict, method: str) -> dict:
+        row = {**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
+        if distance_key in r:
+            row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
+        return row
+
+    variants = {"": FAILURE_FEATURES, "_with_distance": FAILURE_FEATURES_WITH_DISTANCE}
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
-        fit_rows = rows_of("is2rs_calibration", method)
-        if not fit_rows:
-            continue
-        try:
-            model = FailureModel(rmsd_threshold=cfg.failure_rmsd).fit(fit_rows)
-        except ValueError as exc:
-            info[method] = f"not fitted: {exc}"
-            continue
-        info[method] = model.to_dict()
-        for split in out["table"]:
-            if split == "is2rs_calibration":
+        for suffix, features in variants.items():
+            # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
+            fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
+                        if method in r and math.isfinite(r["rmsd"])]
+            if not fit_rows or (suffix and distance_key not in out["table"]["is2rs_calibration"][0]):
                 continue
-            # exploded relaxations (RMSD inf) are failures the model must flag too: give them their trace
-            rows = [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
-                    for r in out["table"][split] if method in r]
-            if not rows:
+            try:
+                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features).fit(fit_rows)
+            except ValueError as exc:
+                info[method + suffix] = f"not fitted: {exc}"
                 continue
-            p = model.predict_proba(rows)
-            fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
-            d = out["domains"][split[len("is2rs_"):]][method]
-            d["auroc_failure_probability"] = bootstrap_ci(np.arange(len(rows)), lambda i: auroc(p[i], fail[i]),
-                                                          cfg.bootstrap, seed=cfg.seed)
-            d["mean_failure_probability"] = float(p.mean())
-            d["observed_failure_rate"] = float(fail.mean())
+            info[method + suffix] = model.to_dict()
+            for split in out["table"]:
+                if split == "is2rs_calibration":
+                    continue
+                rows = [row_of(r, method) for r in out["table"][split] if method in r]
+                if not rows:
+                    continue
+                p = model.predict_proba(rows)
+                fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
+                d = out["domains"][split[len("is2rs_"):]][method]
+                d["auroc_failure_probability" + suffix] = bootstrap_ci(
+                    np.arange(len(rows)), lambda i: auroc(p[i], fail[i]), cfg.bootstrap, seed=cfg.seed)
+                d["brier_failure_probability" + suffix] = bootstrap_ci(
+                    np.arange(len(rows)), lambda i: float(np.mean((p[i] - fail[i]) ** 2)), cfg.bootstrap,
+                    seed=cfg.seed)
+                d["mean_failure_probability" + suffix] = float(p.mean())
+                d["observed_failure_rate"] = float(fail.mean())
     out["failure_model"] = info
 
 
@@ -665,8 +745,9 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
     from ltau_ase.simulate.observers import stop_threshold
 
     def stats(run) -> dict[str, np.ndarray]:
-        pred_steps = [scorer.predict(d) for d in run["descriptors"]]
-        return {m: np.array([p[m]["uncertainty"].max() for p in pred_steps]) for m in pred_steps[0]}
+        d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
+        pred = scorer.predict(d.reshape(-1, d.shape[-1]))
+        return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
 
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
     methods = list(traces["reference"][0])
@@ -721,14 +802,17 @@ def summary_table(results: dict) -> str:
 
 def is2rs_table(results: dict) -> str:
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
-             "AUROC (FailureModel p) |" % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|"]
+             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | mean p / observed |"
+             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|"]
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
             if m:
                 lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
                              f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
-                             f"{_cell(m, 'auroc_failure_probability')} |")
+                             f"{_cell(m, 'auroc_failure_probability')} | "
+                             f"{_cell(m, 'auroc_failure_probability_with_distance')} | "
+                             f"{_num(m.get('mean_failure_probability'))} / {_num(m.get('observed_failure_rate'))} |")
     return "\n".join(lines)
 
 
@@ -856,13 +940,25 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
         fit = timed("estimator", stage_fit, cfg, out, {"splits": {"train": frames}}, train)
     evals = timed("s2ef evaluation", stage_evaluate, cfg, out, data, train, reuse)
     is2rs = timed("is2rs relaxations", stage_is2rs, cfg, out, data, train, reuse)
-    md = timed("md runs", stage_md, cfg, out, train, reuse)
+    md_train = train if ensemble is not None else timed("md model training", stage_md_model, cfg, out, data, train,
+                                                         reuse)
+    md = timed("md runs", stage_md, cfg, out, md_train, reuse)
     est, scaled, aware, cal, calib = _calibrated_methods(cfg, fit, evals, data["seen_numbers"])
     scorer = Scorer(cfg, est, scaled, aware, data["seen_numbers"])
     s2ef = timed("scoring s2ef", score_s2ef, cfg, scorer, evals, cal, est.atol_, calib["committee_scale"],
                  data["seen_numbers"])
     is2rs_res = timed("scoring is2rs", score_is2rs, cfg, scorer, is2rs, data)
-    md_res = timed("scoring md", score_md, cfg, scorer, md)
+    if md_train is train:
+        md_scorer, md_info = scorer, {"model": "member 1 of the ensemble"}
+    else:
+        md_est = timed("md model estimators", md_estimators, cfg, data, md_train)
+        md_scorer = Scorer(cfg, md_est["paper"], md_est["paper"], md_est["aware"], data["seen_numbers"])
+        md_info = {"model": f"member 1's configuration trained for {md_train['epochs']} epochs (own error log, "
+                            "estimator and calibration)", "atol": md_est["atol"],
+                   "calibration_mean_error": md_est["calibration_mean_error"],
+                   "training_seconds": md_train["train_times"][0]}
+    md_res = timed("scoring md", score_md, cfg, md_scorer, md)
+    md_res["md_model"] = md_info
     estimators = {"ltau_paper": est} | ({"ltau_distance": aware} if aware is not None else {})
     cost = timed("costs", stage_costs, cfg, data, train, estimators)
     results: dict[str, Any] = {
@@ -923,9 +1019,9 @@ def headline(results: dict) -> dict[str, Any]:
         for method in METHOD_LABELS:
             if method in row:
                 h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
-                if "auroc_failure_probability" in row[method]:
-                    h[f"is2rs.{domain}.{method}.auroc_failure_probability"] = \
-                        row[method]["auroc_failure_probability"]["value"]
+                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance"):
+                    if key in row[method]:
+                        h[f"is2rs.{domain}.{method}.{key}"] = row[method][key]["value"]
     for group, g in results["md"]["groups"].items():
         for method in METHOD_LABELS:
             if method in g:
