@@ -61,7 +61,10 @@ class ShiftBenchConfig:
     is2rs_limit: int | None = None
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
-    md_runs_reference: int = 20
+    # 0: no separate reference runs; each in-domain run is judged with the threshold from the other
+    # in-domain runs (leave-one-out conformal: exchangeable with them, so P(false alarm) <= alpha still),
+    # and the hot runs with the threshold from all in-domain runs. Halves the in-domain MD cost.
+    md_runs_reference: int = 0
     md_runs_in_domain: int = 20
     md_steps_in_domain: int = 2000
     md_runs_hot: int = 20
@@ -449,8 +452,9 @@ def md_start_structures(cfg: ShiftBenchConfig, n: int, stream: int) -> list:
 def md_plan(cfg: ShiftBenchConfig) -> dict[str, tuple[float, int, int, int]]:
     """Run groups: name -> (temperature K, runs, steps, stream)."""
     t0 = cfg.settings.train_temperature
-    plan = {"reference": (t0, cfg.md_runs_reference, cfg.md_steps_in_domain, 101),
-            f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
+    plan = {f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
+    if cfg.md_runs_reference:  # 0: the in-domain runs are their own references (leave one out)
+        plan = {"reference": (t0, cfg.md_runs_reference, cfg.md_steps_in_domain, 101)} | plan
     for j, t in enumerate(cfg.md_hot_temperatures):
         plan[f"T{t:g}"] = (t, cfg.md_runs_hot, cfg.md_steps_hot, 103 + j)
     return plan
@@ -739,8 +743,9 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
     """Stop outcomes per temperature from per-step max-atom statistics.
 
     Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
-    of the per-run peaks for the stated false-alarm rate) over the separate in-domain ``reference``
-    runs; the monitored groups (in-domain and hot) are judged with it.
+    of the per-run peaks for the stated false-alarm rate) over in-domain runs: the separate
+    ``reference`` runs when there are any; otherwise each in-domain run gets the threshold from the
+    other in-domain runs (leave one out) and the hot runs the one from all in-domain runs.
     """
     from ltau_ase.simulate.observers import stop_threshold
 
@@ -750,12 +755,18 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
         return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
 
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
-    methods = list(traces["reference"][0])
-    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
-                           "patience": cfg.md_patience, "n_reference_runs": len(md["reference"]),
-                           "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over the reference runs",
-                           "thresholds": {m: stop_threshold([t[m] for t in traces["reference"]],
-                                                            cfg.md_false_alarm_rate, cfg.md_patience)
+    in_domain = f"T{cfg.settings.train_temperature:g}"
+    leave_one_out = "reference" not in md
+    ref_group = in_domain if leave_one_out else "reference"
+    methods = list(traces[ref_group][0])
+    alpha, patience = cfg.md_false_alarm_rate, cfg.md_patience
+    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": alpha,
+                           "patience": patience, "n_reference_runs": len(md[ref_group]),
+                           "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over "
+                                             + ("the other in-domain runs (leave one out) for each in-domain run, "
+                                                "over all in-domain runs for the hot runs" if leave_one_out
+                                                else "the reference runs"),
+                           "thresholds": {m: stop_threshold([t[m] for t in traces[ref_group]], alpha, patience)
                                           for m in methods},
                            "groups": {}}
     for group, runs in md.items():
@@ -764,10 +775,16 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
         g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
                              "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
         for m in methods:
+            thr: Any = res["thresholds"][m]
+            if leave_one_out and group == in_domain:
+                peaks = [t[m] for t in traces[group]]
+                thr = [stop_threshold(peaks[:i] + peaks[i + 1:], alpha, patience) for i in range(len(peaks))]
             g[m] = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
-                                 res["thresholds"][m], cfg.md_error_bound, cfg.md_patience, cfg.md_on_time_steps)
+                                 thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
+            if isinstance(thr, list):
+                g[m]["thresholds"] = thr
         res["groups"][group] = g
-    res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md["reference"]]
+    res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md[ref_group]]
     return res
 
 
