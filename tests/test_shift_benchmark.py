@@ -105,6 +105,20 @@ def test_species_aware_ranks_unseen_atoms_first_and_keeps_order():
     assert np.array_equal(out[~unseen], u[~unseen])
 
 
+def test_calibration_groups_are_systems_when_there_are_enough():
+    from ltau_ase.core.estimator import MIN_CALIBRATION_STRUCTURES
+    from ltau_ase.demo.shift import calibration_groups
+
+    n = MIN_CALIBRATION_STRUCTURES
+    system = np.repeat([f"s{i}" for i in range(n)], 6)  # n systems, 2 frames of 3 atoms each
+    frame = np.repeat(np.arange(2 * n), 3)
+    labels, how = calibration_groups(system, frame)
+    assert how == "systems" and np.array_equal(labels, np.repeat(np.argsort(np.argsort([f"s{i}" for i in range(n)])), 6))
+    labels, how = calibration_groups(system[: 6 * (n - 1)], frame[: 6 * (n - 1)])  # one system short: frames
+    assert how == "frames" and np.unique(labels).size == 2 * (n - 1)
+    assert all(np.unique(labels[frame[: 6 * (n - 1)] == f]).size == 1 for f in range(2 * (n - 1)))
+
+
 # ---------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def tiny_settings():

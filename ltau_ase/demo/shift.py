@@ -98,7 +98,7 @@ class ShiftBenchConfig:
                       md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
                       timing_repeats=5, workers=1,
-                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=6, n_calibration_mild=3, n_test=2,
+                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=7, n_calibration_mild=3, n_test=2,
                                              n_is2rs=4, n_is2rs_calibration=4, md_frames=2, relax_frames=2,
                                              slab_sizes=((2, 2, 3),)))
         else:
@@ -198,6 +198,20 @@ def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, re
                   epochs=cfg.md_model_epochs)
 
 
+def calibration_groups(system: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, str]:
+    """Structure label per calibration atom: its system (MD frames of one system are correlated) when
+    there are at least ``MIN_CALIBRATION_STRUCTURES`` systems, else its frame (small demo sizes).
+
+    Returns (labels (n,) int, ``"systems"`` or ``"frames"``).
+    """
+    from ltau_ase.core.estimator import MIN_CALIBRATION_STRUCTURES
+
+    by_system = np.unique(np.asarray(system).astype(str), return_inverse=True)[1]
+    if by_system.max() + 1 >= MIN_CALIBRATION_STRUCTURES:
+        return by_system, "systems"
+    return np.unique(np.asarray(frame).astype(str), return_inverse=True)[1], "frames"
+
+
 def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str, Any]:
     """LTAU (paper) and distance-aware LTAU of the MD model: its training descriptors and its own error log,
     calibrated (``fit_calibration``) on its errors on the in-domain and 600 K calibration splits."""
@@ -225,7 +239,8 @@ def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str
             z.append(atoms.numbers)
             system.append(np.full(len(atoms), frame.info["system"], dtype=object))
     x, err, z = np.concatenate(x), np.concatenate(err), np.concatenate(z)
-    structure = np.unique(np.concatenate(system).astype(str), return_inverse=True)[1]
+    frame_of_atom = np.concatenate([np.full(n, i) for i, n in enumerate(len(a) for a in system)])
+    structure, _ = calibration_groups(np.concatenate(system).astype(str), frame_of_atom)
     aware = copy.deepcopy(est).fit_calibration(x, err, atomic_numbers=z, seed=cfg.seed, frame_ids=structure)
     return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_}
 
@@ -550,7 +565,10 @@ def _calibrated_methods(cfg, fit, evals, seen):
     est = fit["estimators"][cfg.k]
     cal = {k: np.concatenate([evals["calibration"][k], evals["calibration_mild"][k]])
            for k in ("descriptors", "err_single", "err_committee", "u_committee", "numbers", "system")}
-    structure = np.unique(cal["system"], return_inverse=True)[1]
+    # frame "a" of split "calibration" and frame "a" of "calibration_mild" are different structures
+    frames = np.concatenate([np.char.add(f"{s}:", evals[s]["frame"].astype(str))
+                             for s in ("calibration", "calibration_mild")])
+    structure, split_by = calibration_groups(cal["system"], frames)
     scaled = copy.deepcopy(est)
     scale = scaled.fit_scale(cal["descriptors"], cal["err_single"])
     aware = None
@@ -558,7 +576,7 @@ def _calibrated_methods(cfg, fit, evals, seen):
     if hasattr(est, "fit_calibration"):
         aware = copy.deepcopy(est).fit_calibration(cal["descriptors"], cal["err_single"],
                                                    atomic_numbers=cal["numbers"], seed=cfg.seed, frame_ids=structure)
-        aware_note = ("fit_calibration (atomic numbers, whole systems per half) on the in-domain calibration "
+        aware_note = (f"fit_calibration (atomic numbers, whole {split_by} per half) on the in-domain calibration "
                       "split plus the milder-shift (600 K) split")
     comm_scale = fit_committee_scale(cal["u_committee"], cal["err_committee"], est.atol_)["scale"]
     return est, scaled, aware, cal, {"paper_scale": scale, "committee_scale": comm_scale, "aware": aware_note}
@@ -1005,7 +1023,7 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
 def demo_config(quick: bool, seed: int = 0) -> ShiftBenchConfig:
     """Reduced sizes for ``make demo`` (scores the demo's own ensemble; see :func:`demo_shift_headline`)."""
     if quick:
-        settings = ShiftSettings(n_train=1, n_val=1, n_calibration=6, n_calibration_mild=2, n_test=2, n_is2rs=3,
+        settings = ShiftSettings(n_train=1, n_val=1, n_calibration=8, n_calibration_mild=2, n_test=2, n_is2rs=3,
                                  n_is2rs_calibration=3, md_frames=2, relax_frames=1, md_equilibration=0,
                                  md_stride=3, slab_sizes=((2, 2, 3),))
         return ShiftBenchConfig(quick=True, seed=seed, k=5, relax_steps=10, committee_stride=5, md_runs_reference=1,
