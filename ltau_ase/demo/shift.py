@@ -797,10 +797,22 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
             if leave_one_out and group == in_domain:
                 peaks = [t[m] for t in traces[group]]
                 thr = [stop_threshold(peaks[:i] + peaks[i + 1:], alpha, patience) for i in range(len(peaks))]
-            g[m] = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
-                                 thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
+            o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                              thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
             if isinstance(thr, list):
-                g[m]["thresholds"] = thr
+                o["thresholds"] = thr
+            # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
+            false_alarm = np.array([s is not None and (b is None or s < b) for s, b in zip(o["stop"], o["breakdown"])],
+                                   dtype=float)
+            o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
+                                                    cfg.bootstrap, seed=cfg.seed)
+            broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
+            if broken:
+                on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
+                                    for i in broken], dtype=float)
+                o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
+                                                    cfg.bootstrap, seed=cfg.seed)
+            g[m] = o
         res["groups"][group] = g
     res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md[ref_group]]
     return res
