@@ -764,7 +764,11 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
     Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
     of the per-run peaks for the stated false-alarm rate) over in-domain runs: the separate
     ``reference`` runs when there are any; otherwise each in-domain run gets the threshold from the
-    other in-domain runs (leave one out) and the hot runs the one from all in-domain runs.
+    other in-domain runs (leave one out) and the hot runs the one from all in-domain runs. Two
+    reference rules, side by side: ``"whole_runs"`` (every step of the reference runs) and
+    ``"before_breakdown"`` (each reference run up to its first step whose true max-atom error exceeds
+    ``md_error_bound``: a false alarm is a stop before breakdown, so these are the peaks the guarantee
+    is about; an in-domain run that breaks down by itself no longer raises the threshold).
     """
     from ltau_ase.simulate.observers import stop_threshold
 
@@ -772,6 +776,10 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
         d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
         pred = scorer.predict(d.reshape(-1, d.shape[-1]))
         return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
+
+    def before_breakdown(trace: np.ndarray, run: dict) -> np.ndarray:
+        over = np.flatnonzero(np.asarray(run["true_max_error"]) > cfg.md_error_bound)
+        return trace[: over[0]] if over.size else trace
 
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
     in_domain = f"T{cfg.settings.train_temperature:g}"
@@ -785,36 +793,42 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
                                              + ("the other in-domain runs (leave one out) for each in-domain run, "
                                                 "over all in-domain runs for the hot runs" if leave_one_out
                                                 else "the reference runs"),
-                           "thresholds": {m: stop_threshold([t[m] for t in traces[ref_group]], alpha, patience)
-                                          for m in methods},
-                           "groups": {}}
-    for group, runs in md.items():
-        if group == "reference":
-            continue
-        g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
-                             "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
-        for m in methods:
-            thr: Any = res["thresholds"][m]
-            if leave_one_out and group == in_domain:
-                peaks = [t[m] for t in traces[group]]
-                thr = [stop_threshold(peaks[:i] + peaks[i + 1:], alpha, patience) for i in range(len(peaks))]
-            o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
-                              thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
-            if isinstance(thr, list):
-                o["thresholds"] = thr
-            # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
-            false_alarm = np.array([s is not None and (b is None or s < b) for s, b in zip(o["stop"], o["breakdown"])],
-                                   dtype=float)
-            o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
-                                                    cfg.bootstrap, seed=cfg.seed)
-            broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
-            if broken:
-                on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
-                                    for i in broken], dtype=float)
-                o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
-                                                    cfg.bootstrap, seed=cfg.seed)
-            g[m] = o
-        res["groups"][group] = g
+                           "reference_rules": {}}
+    for rule in ("whole_runs", "before_breakdown"):
+        refs = {m: [t[m] if rule == "whole_runs" else before_breakdown(t[m], r)
+                    for t, r in zip(traces[ref_group], md[ref_group])] for m in methods}
+        out: dict[str, Any] = {"thresholds": {m: stop_threshold(refs[m], alpha, patience) for m in methods},
+                               "groups": {}}
+        for group, runs in md.items():
+            if group == "reference":
+                continue
+            g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
+                                 "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+            for m in methods:
+                thr: Any = out["thresholds"][m]
+                if leave_one_out and group == in_domain:
+                    thr = [stop_threshold(refs[m][:i] + refs[m][i + 1:], alpha, patience) for i in range(len(runs))]
+                o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                                  thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
+                if isinstance(thr, list):
+                    o["thresholds"] = thr
+                # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
+                false_alarm = np.array([s is not None and (b is None or s < b)
+                                        for s, b in zip(o["stop"], o["breakdown"])], dtype=float)
+                o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
+                                                        cfg.bootstrap, seed=cfg.seed)
+                broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
+                if broken:
+                    on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
+                                        for i in broken], dtype=float)
+                    o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
+                                                        cfg.bootstrap, seed=cfg.seed)
+                g[m] = o
+            out["groups"][group] = g
+        res["reference_rules"][rule] = out
+    # the whole-run rule under the earlier keys
+    res["thresholds"] = res["reference_rules"]["whole_runs"]["thresholds"]
+    res["groups"] = res["reference_rules"]["whole_runs"]["groups"]
     res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md[ref_group]]
     return res
 
@@ -866,16 +880,19 @@ def is2rs_table(results: dict) -> str:
 
 def md_table(results: dict) -> str:
     md = results["md"]
-    lines = ["| MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | stopped ≤ %d steps "
-             "after breakdown | median delay | missed |" % (md["error_bound"], results["config"]["md_on_time_steps"]),
-             "|---|---|---|---|---|---|---|---|---|"]
-    for group, g in md["groups"].items():
-        for method in METHOD_LABELS:
-            o = g.get(method)
-            if o:
-                lines.append(f"| {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
-                             f"{_num(md['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
-                             f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
+    lines = ["| reference rule | MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | "
+             "stopped ≤ %d steps after breakdown | median delay | missed |"
+             % (md["error_bound"], results["config"]["md_on_time_steps"]),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rules = md.get("reference_rules", {"whole_runs": {"thresholds": md["thresholds"], "groups": md["groups"]}})
+    for rule, r in rules.items():
+        for group, g in r["groups"].items():
+            for method in METHOD_LABELS:
+                o = g.get(method)
+                if o:
+                    lines.append(f"| {rule} | {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
+                                 f"{_num(r['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
+                                 f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
     return "\n".join(lines)
 
 
