@@ -80,6 +80,18 @@ def test_stop_statistics_are_documented_and_offered_by_ltau_md():
     assert tuple(STOP_STATISTICS) == STOP_STATISTIC_CHOICES
     assert "eV/Å" in STOP_STATISTICS["expected_force_errors"]
     assert "dimensionless" in STOP_STATISTICS["latent_distance_ratios"]
+    import argparse
+
+    from ltau_ase.cli import md
+
+    parser = argparse.ArgumentParser()
+    md.add_arguments(parser)
+    base = ["--structure", "s.extxyz"]
+    assert parser.parse_args(base).key == "uncertainties"
+    assert parser.parse_args(base + ["--stop-statistic", "expected_force_errors"]).key == "expected_force_errors"
+    assert parser.parse_args(base + ["--key", "latent_distance_ratios"]).key == "latent_distance_ratios"  # old name
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--stop-statistic", "forces"])
 
 
 def test_expected_error_stop_does_not_saturate_and_fires_at_the_hand_computed_step(calibrated):
