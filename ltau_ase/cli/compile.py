@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--centroids", type=positive_int, default=None,
                         help="number of centroids of the compressed reference (default N/8, at most 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--paper-form", action="store_true",
+                        help="compile a calibrated estimator in the paper's form (one scale, not distance-aware); "
+                             "refused without this flag")
     parser.add_argument("--trust-model", action="store_true",
                         help="skip the checkpoint's allow-list check (needed for .nequip.zip packages)")
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     out = compile_model(
         args.model, args.output, estimator=args.estimator, mode=args.mode, device=args.device,
         reference=args.reference, n_centroids=args.centroids, overwrite=args.overwrite, trusted=args.trust_model,
+        paper_form=args.paper_form,
     )
     print(f"wrote {out} ({args.mode}, {args.device}, {args.reference} reference): outputs energies, forces, "
           "node_features and ltau_uncertainty / ltau_confidence / ltau_expected_force_error / ltau_latent_distance")

@@ -32,6 +32,9 @@ import numpy as np
 from ltau_ase.core.errorlog import EpochWindow, ErrorLog
 
 DEFAULT_N_EDGES = 64
+#: most bin edges a ``bins`` setting may ask for: the histograms hold M·N·(K+1) counts, and a
+#: setting read from a file must not make even the edges themselves (K floats) a memory bomb
+MAX_BIN_EDGES = 1 << 16
 _EVAL_CHUNK = 1 << 16
 
 
@@ -366,13 +369,13 @@ def make_edges(bins: Any, min_positive: float, max_error: float) -> np.ndarray:
             raise ValueError(f"bin spacing must be 'log' or 'linear'; got {spacing!r}")
     else:
         edges = np.asarray(bins, dtype=np.float64)
-        if edges.ndim != 1 or edges.size == 0:
-            raise ValueError(f"bin edges must be a non-empty 1-d array; got shape {edges.shape}")
+        if edges.ndim != 1 or edges.size == 0 or edges.size > MAX_BIN_EDGES:
+            raise ValueError(f"bin edges must be a non-empty 1-d array of at most {MAX_BIN_EDGES}; got shape {edges.shape}")
         if not np.all(np.isfinite(edges)) or edges[0] < 0 or np.any(np.diff(edges) <= 0):
             raise ValueError("bin edges must be finite, >= 0 and strictly increasing (eV/Å)")
         return edges
-    if n < 1:
-        raise ValueError(f"number of bin edges must be >= 1; got {n}")
+    if n < 1 or n > MAX_BIN_EDGES:
+        raise ValueError(f"number of bin edges must lie in [1, {MAX_BIN_EDGES}]; got {n}")
     if max_error <= 0:
         return np.array([0.0])  # all errors are exactly zero: bin 0 holds them
     if spacing == "linear":

@@ -2,8 +2,10 @@
 
 Index kinds:
 
-* ``"flat"``: exact brute-force search (``faiss.knn``) over the (N, D) float32 vectors, which may be a
-  read-only memory map of the estimator file; memory 4·D bytes per atom.
+* ``"flat"``: exact search over the (N, D) float32 vectors, which may be a read-only memory map of the
+  estimator file; memory 4·D bytes per atom. From 4096 atoms up to 256 MiB of vectors the search is
+  pruned by cluster bounds (:mod:`ltau_ase.core.exact_search`: the same neighbours, a fraction of the
+  work, plus a second 4·D bytes per atom); otherwise it is a brute-force scan (``faiss.knn``).
 * ``"hnsw"``: ``IndexHNSWFlat``; params ``M`` (32), ``efConstruction`` (40), ``efSearch`` (16).
 * ``"ivfpq"``: ``IndexIVFPQ`` with exact re-ranking; params ``nlist`` (≈ 4·√N, at most 4096, at
   least 39 training points per list), ``m`` (sub-quantizers: D/4 when 4 divides D, i.e. one code byte per 4 dimensions,
@@ -49,6 +51,7 @@ import faiss
 import numpy as np
 
 from ltau_ase.core.checks import check_int
+from ltau_ase.core.exact_search import PRUNED_MAX_BYTES, PRUNED_MIN_ATOMS, PrunedExactSearch
 
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_CHOICES = INDEX_KINDS + ("auto",)
@@ -84,6 +87,7 @@ _ALLOWED = {
     "ivfpq": {"nlist", "m", "nbits", "nprobe", "train_size", "seed", "refine"},
 }
 _FAISS_LIMIT_LOCK = threading.Lock()
+_PRUNED_BUILD_LOCK = threading.Lock()
 _QUERY_CHUNK = 4096
 
 
@@ -256,6 +260,7 @@ class NeighbourIndex:
         self._n, self._d = int(n), int(d)
         #: why this kind was chosen (index="auto"), else None
         self.reason = reason
+        self._pruned: PrunedExactSearch | None = None  # flat's fast path, built on first search
         self.apply_search_params()
 
     @classmethod
@@ -308,6 +313,16 @@ class NeighbourIndex:
             quantizer = faiss.downcast_index(self.index.quantizer)
             if isinstance(quantizer, faiss.IndexHNSWFlat):
                 quantizer.hnsw.efSearch = max(64, 2 * self.params["nprobe"])
+
+    def _pruned_search(self) -> PrunedExactSearch | None:
+        """The flat index's exact pruned search (built on first use: a fit or load that never predicts
+        does not pay for it), or None where a plain scan is used (see :mod:`ltau_ase.core.exact_search`)."""
+        if self.kind != "flat" or not (PRUNED_MIN_ATOMS <= self._n and self._n * self._d * 4 <= PRUNED_MAX_BYTES):
+            return None
+        with _PRUNED_BUILD_LOCK:
+            if self._pruned is None:
+                self._pruned = PrunedExactSearch(np.asarray(self.vectors))
+        return self._pruned
 
     @property
     def ntotal(self) -> int:
@@ -376,7 +391,8 @@ class NeighbourIndex:
             faiss.omp_set_num_threads(1)
         try:
             if self.kind == "flat":
-                d2, ids = faiss.knn(q, self.vectors, k)
+                pruned = self._pruned_search()
+                d2, ids = faiss.knn(q, self.vectors, k) if pruned is None else pruned.search(q, k)
             elif self.kind == "ivfpq" and self.params["refine"] > 0:
                 d2, ids = self._refined_search(q, k)
             else:

@@ -139,6 +139,7 @@ def compile_model(
     allow_model_mismatch: bool = False,
     example: Any = None,
     trusted: bool = False,
+    paper_form: bool = False,
     **load_kwargs: Any,
 ) -> Path:
     """Compile an eager nequip checkpoint (with LTAU appended when ``estimator`` is given).
@@ -155,6 +156,8 @@ def compile_model(
         reference: ``"exact"`` (all training latents) or ``"compressed"`` (k-means centroids).
         n_centroids: centroids of the compressed reference (default N / 8, at most 4096).
         overwrite: replace an existing ``output_path``.
+        paper_form: compile a calibrated estimator in the paper's form (see
+            :func:`ltau_ase.nequip.inmodel.readout_from_estimator`); refused without it.
         example: an ``ase.Atoms`` used to trace shapes (default :func:`default_example`).
         load_kwargs: for ``LatentNequIPCalculator.from_model_file`` (e.g.
             ``chemical_species_to_atom_type_map``, default identity).
@@ -181,6 +184,9 @@ def compile_model(
             est = LTAUEstimator.load(str(estimator))
         else:
             est = estimator
+        from ltau_ase.nequip.inmodel import check_readout_form
+
+        check_readout_form(est, paper_form)
     load_kwargs.setdefault("chemical_species_to_atom_type_map", True)
     eager = LatentNequIPCalculator.from_model_file(model_path, device="cpu", trusted=trusted, **load_kwargs)
     graph_model = eager.model
@@ -206,7 +212,7 @@ def compile_model(
 
         readout = readout_from_estimator(
             graph_model, est, mode=reference, n_centroids=n_centroids,
-            provenance={"estimator_sha256": est_sha, "model_sha256": model_sha},
+            provenance={"estimator_sha256": est_sha, "model_sha256": model_sha}, paper_form=paper_form,
         )
         append_ltau(graph_model, readout)
         outputs = outputs + list(LTAU_FIELDS)

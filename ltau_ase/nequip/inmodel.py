@@ -258,7 +258,8 @@ def reference_from_estimator(
     p = np.asarray(estimator.train_confidence(None), dtype=np.float64)
     if p.ndim == 0 or p.shape != (x.shape[0],):
         raise ValueError(f"estimator's training confidences have shape {p.shape}; expected ({x.shape[0]},)")
-    err = float(estimator.scale) * np.asarray(estimator.mean_error_train_, dtype=np.float64)
+    # the same s that predict() applies without a calibration (a fitted scale_ wins over the parameter)
+    err = float(estimator.effective_scale) * np.asarray(estimator.mean_error_train_, dtype=np.float64)
     out = dict(reference=x, confidence=p, mean_error=err, counts=None, k=int(estimator.k_eff_), weights=estimator.weights)
     if mode == "exact":
         return out
@@ -293,6 +294,17 @@ def reference_from_estimator(
     return out
 
 
+def check_readout_form(estimator: Any, paper_form: bool) -> None:
+    """Refuse a calibrated (distance-aware) estimator unless the paper's form is asked for explicitly."""
+    if getattr(estimator, "is_calibrated", False) and not paper_form:
+        raise ValueError(
+            "the estimator is calibrated (fit_calibration / ltau calibrate): in Python it predicts the "
+            "distance-aware uncertainty and conformal bounds, but the in-model readout computes the paper's "
+            "form with one scale (predict(..., distance_aware=False)); pass paper_form=True (ltau compile "
+            "--paper-form) to compile that form, or compile the uncalibrated estimator"
+        )
+
+
 def readout_from_estimator(
     model: torch.nn.Module,
     estimator: Any,
@@ -300,8 +312,16 @@ def readout_from_estimator(
     n_centroids: Optional[int] = None,
     block_size: int = 32768,
     provenance: Optional[Dict[str, Any]] = None,
+    paper_form: bool = False,
 ) -> LTAUReadout:
-    """An :class:`LTAUReadout` for the eager nequip ``GraphModel`` ``model`` and a fitted estimator."""
+    """An :class:`LTAUReadout` for the eager nequip ``GraphModel`` ``model`` and a fitted estimator.
+
+    The readout computes the paper's form (one scale s, ``predict(..., distance_aware=False)``). An
+    estimator calibrated with ``fit_calibration`` predicts the distance-aware form in Python; compiling
+    it is refused unless ``paper_form=True`` states that the compiled uncertainties will be the
+    paper's form, so that the two routes never silently disagree.
+    """
+    check_readout_form(estimator, paper_form)
     inner = model.model
     d = inner.irreps_out.get(LATENT_FIELD)
     if d is not None and int(d.dim) != int(estimator.n_features_in_):
@@ -320,7 +340,8 @@ def readout_from_estimator(
         "descriptor_dim": int(estimator.n_features_in_),
         "threshold": float(estimator.atol_) if estimator.rtol == 0 else None,
         "rtol": float(estimator.rtol),
-        "scale": float(estimator.scale),
+        "scale": float(estimator.effective_scale),
+        "form": "paper",
         "species": species,
         "fields": list(LTAU_FIELDS),
         **(provenance or {}),

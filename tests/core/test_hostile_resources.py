@@ -177,6 +177,9 @@ SEARCH_PARAM_CASES = [
     ("flat", _set_learned("n_train_atoms_", 1 << 40), r"expected <f8|n_train_atoms_"),
     ("flat", _set_learned("n_features_in_", 1 << 20), r"n_features_in_"),
     ("flat", lambda h: h["distributions"].__setitem__("n_runs", 1 << 20), r"n_runs"),
+    # a bins setting used to be validated by making its edges: 5e8 of them took 20 s and 7.6 GB
+    ("flat", lambda h: h["settings"].__setitem__("bins", 500_000_000), r"bin edges must lie in \[1, 65536\]"),
+    ("hnsw", lambda h: h["settings"].__setitem__("bins", ["log", 1 << 40]), r"bin edges must lie in"),
 ]
 
 

@@ -196,3 +196,42 @@ def test_failed_compile_leaves_nothing_at_output(tiny_nequip_run, matching_estim
     with pytest.raises(RuntimeError, match="compiler crashed"):
         compiled.compile_model(tiny_nequip_run.checkpoint, tmp_path / "m.nequip.pt2", estimator=matching_estimator_file)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readout_applies_the_fitted_scale_like_predict(tiny_latents):
+    """A scale_ fitted by fit_scale (not the scale parameter) is what predict applies: so must the readout."""
+    x, q = tiny_latents
+    rng = np.random.default_rng(4)
+    est = LTAUEstimator(k=4).fit(x, rng.lognormal(-3, 0.4, size=(5, len(x))))
+    est.fit_scale(q, 3.0 * rng.lognormal(-3, 0.4, size=len(q)))
+    assert abs(est.effective_scale - 1.0) > 0.5 and est.scale == 1.0
+    expected = est.predict(q)
+    got = readout_predict(readout_for_estimator(est), q)
+    for key in ("confidence", "expected_error"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-9)
+
+
+def test_compile_refuses_a_calibrated_estimator_unless_paper_form(tiny_nequip_run, tiny_latents, tmp_path, capsys):
+    """The in-model readout computes the paper's form; a distance-aware estimator must not compile silently."""
+    from ltau_ase.nequip.inmodel import readout_from_estimator
+
+    x, q = tiny_latents
+    rng = np.random.default_rng(5)
+    est = LTAUEstimator(k=3, metadata={"model_sha256": sha256_file(tiny_nequip_run.checkpoint)})
+    est.fit(x, rng.lognormal(-3, 0.4, size=(4, len(x))))
+    cal = np.concatenate([q, x + 0.01])
+    est.fit_calibration(cal, rng.lognormal(-3, 0.4, size=len(cal)), frame_ids=np.arange(len(cal)) // 4)
+    est.save(str(tmp_path / "cal.ltau"))
+    assert _cli(tiny_nequip_run.checkpoint, tmp_path / "cal.ltau", tmp_path / "m.nequip.pt2") == 2
+    err = capsys.readouterr().err
+    assert "calibrated" in err and "--paper-form" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.ltau"]
+    # with the explicit flag: the paper's form, equal to predict(distance_aware=False), recorded as such
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
+    eager = LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint, chemical_species_to_atom_type_map=True)
+    readout = readout_from_estimator(eager.model, est, paper_form=True)
+    assert readout.provenance["form"] == "paper"
+    expected = est.predict(q, distance_aware=False)
+    got = readout_predict(readout, q)
+    np.testing.assert_allclose(got["confidence"], expected["confidence"], rtol=1e-6, atol=1e-9)
