@@ -911,9 +911,11 @@ def figures(out: Path, results: dict) -> dict[str, str]:
         for j, method in enumerate(METHODS):
             vals = [s[d][method][key] if method in s[d] else None for d in domains]
             x = np.arange(len(domains)) + j * width
-            v = np.array([np.nan if c is None else c["value"] for c in vals])
-            lo = np.array([np.nan if c is None else c["value"] - c["low"] for c in vals])
-            hi = np.array([np.nan if c is None else c["high"] - c["value"] for c in vals])
+            # an undefined value or CI (NaN, stored as None in JSON) is drawn as no bar / no error bar
+            num = lambda x: np.nan if x is None else float(x)  # noqa: E731
+            v = np.array([np.nan if c is None else num(c["value"]) for c in vals])
+            lo = np.array([np.nan if c is None else num(c["value"]) - num(c["low"]) for c in vals])
+            hi = np.array([np.nan if c is None else num(c["high"]) - num(c["value"]) for c in vals])
             ax.bar(x, v, width, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], label=METHOD_LABELS[method], capsize=2)
         ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
         ax.set_xticklabels(domains, rotation=20, fontsize=8)
