@@ -57,6 +57,7 @@ class RssSampler:
         self._interval = interval
         self._label = "start"
         self.peaks: dict[str, int] = {}
+        self.trace: list[tuple[float, int]] = []  # (perf_counter s, RSS bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -68,6 +69,11 @@ class RssSampler:
     def _sample(self) -> None:
         rss = self._proc.memory_info().rss
         self.peaks[self._label] = max(self.peaks.get(self._label, 0), rss)
+        self.trace.append((time.perf_counter(), rss))
+
+    def peak_between(self, start: float, stop: float) -> int:
+        """Peak sampled RSS in [start, stop] (perf_counter seconds); 0 when no sample fell there."""
+        return max((rss for t, rss in self.trace if start <= t <= stop), default=0)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -142,10 +148,20 @@ def fit_stage(args: argparse.Namespace) -> dict:
         est.set_params(max_memory=None)  # measure what it really takes
         t0 = time.perf_counter()
         est.fit(x, logs)
-    out["fit_s"] = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    out["fit_s"] = t_end - t0
     out["fit_stage_s"] = est.fit_info_["seconds"]
+    # peak RSS within each stage of the fit, from its stage times (the remainder: checks before the
+    # distributions, the leave-one-out reference distances after the index)
+    bounds, start = {}, t0
+    for stage, seconds in est.fit_info_["seconds"].items():
+        bounds[stage] = (start, start + seconds)
+        start += seconds
+    bounds["reference_distances"] = (start, t_end)
+    out["fit_stage_rss_peak_bytes"] = {stage: sampler.peak_between(a, b) for stage, (a, b) in bounds.items()}
     out["index_params"] = est.index_.params
     out["index_kind"] = est.index_.kind
+    out["index_choice"] = est.index_.reason
     print(f"fit {out['fit_s']:.0f} s: {out['fit_stage_s']}", flush=True)
     sampler.stage("save")
     t0 = time.perf_counter()

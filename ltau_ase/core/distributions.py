@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ltau_ase.core.errorlog import EpochWindow, ErrorLog
+from ltau_ase.core.fileformat import streamed_as
 
 DEFAULT_N_EDGES = 64
 #: most bin edges a ``bins`` setting may ask for: the histograms hold M·N·(K+1) counts, and a
@@ -159,6 +160,25 @@ def _same_threshold(a: np.ndarray | float, b: np.ndarray | float) -> bool:
     if np.ndim(a) != np.ndim(b):
         return False
     return bool(np.array_equal(a, b))
+
+
+def _logged_dtype(n_bins: int, count_dtype: Any) -> type:
+    """The smallest dtype holding a sum of n_bins counts of ``count_dtype`` without overflow."""
+    dt = np.dtype(count_dtype)
+    cap = n_bins * (int(np.iinfo(dt).max) if np.issubdtype(dt, np.integer) else 2**62)
+    return np.uint16 if cap <= np.iinfo(np.uint16).max else np.uint32 if cap <= np.iinfo(np.uint32).max else np.int64
+
+
+def _logged_counts(counts: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """(M, N) logged epochs per run and atom, the sum of (M, N, K+1) counts over the bins.
+
+    Summed in atom blocks into the smallest dtype that cannot overflow (uint16 for uint8 counts up to
+    257 bins): an int64 result would be 8·M·N bytes (160 MB at 10⁷ atoms, M = 2) beside the counts.
+    """
+    out = np.empty(counts.shape[:2], dtype=_logged_dtype(counts.shape[2], counts.dtype))
+    for start in range(0, counts.shape[1], block):
+        out[:, start : start + block] = counts[:, start : start + block].sum(axis=2, dtype=np.int64)
+    return out
 
 
 def _report_unlogged(n_logged: np.ndarray, atom_ids: np.ndarray | None) -> None:
@@ -293,7 +313,8 @@ class ExactDistributions(_Distributions):
             out[sl] = vals[pos, np.arange(vals.shape[1])]
         return out
 
-    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def to_arrays(self, streamed: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(info, arrays) for the estimator file (``streamed``: as in CompactDistributions; all arrays here are stored as held)."""
         arrays = {f"sorted_errors_{m}": s for m, s in enumerate(self.sorted_errors)}
         arrays["fitted_threshold"] = np.asarray(self.fitted_threshold, dtype=np.float64)
         return {"kind": self.kind, "n_runs": self.n_runs, "n_atoms": self.n_atoms}, arrays
@@ -332,10 +353,14 @@ def estimate_memory(
     per_run = n_runs * n_atoms * 8  # one (M, N) int64/float64 array
     blocks = 8 * e_max * min(chunk_size, n_atoms) * 4  # the streamed block and its temporaries
     if kind == "compact":
-        count_bytes = np.dtype(_count_dtype(e_max)).itemsize
-        kept = n_runs * n_atoms * (n_bin_edges(bins) + 1) * count_bytes + 3 * per_run + n_atoms * 8
+        n_bins = n_bin_edges(bins) + 1
+        count_dtype = _count_dtype(e_max)
+        logged_bytes = np.dtype(_logged_dtype(n_bins, count_dtype)).itemsize
+        # counts, n_logged, fitted_counts (the counts' dtype), max_error and mean_error (float64)
+        count_bytes = np.dtype(count_dtype).itemsize
+        kept = n_runs * n_atoms * ((n_bins + 1) * count_bytes + logged_bytes) + 2 * n_atoms * 8
         # from_runs holds n_logged, fitted_counts and sums next to the counts (+ max_error);
-        # the constructor recomputes n_logged while from_runs' copy is alive.
+        # the constructor recomputes n_logged (in atom blocks) while from_runs' copy is alive.
         return {"distributions": kept, "streaming": 2 * per_run + blocks}
     if kind == "exact":
         kept = sum(n_epochs) * n_atoms * 4 + 2 * per_run + n_atoms * 8
@@ -415,10 +440,12 @@ class CompactDistributions(_Distributions):
             raise ValueError(f"counts have {self.counts.shape[2]} bins; expected {self.edges.size + 1} for {self.edges.size} edges")
         self.max_error = np.asarray(max_error, dtype=np.float64)
         self.mean_error_ = np.asarray(mean_error, dtype=np.float64)
-        self.n_logged = self.counts.sum(axis=2, dtype=np.int64)
+        self.n_logged = _logged_counts(self.counts)
         _report_unlogged(self.n_logged, None)
         self.fitted_threshold = _check_threshold(fitted_threshold, self.n_atoms)
-        self.fitted_counts = np.asarray(fitted_counts, dtype=np.int64)
+        fitted = np.asarray(fitted_counts)
+        # integer counts keep their dtype (from_runs: that of the counts, 1 byte for <= 255 epochs)
+        self.fitted_counts = fitted if np.issubdtype(fitted.dtype, np.integer) else fitted.astype(np.int64)
 
     @classmethod
     def from_runs(
@@ -442,7 +469,8 @@ class CompactDistributions(_Distributions):
         thr = _check_threshold(threshold, n_atoms)
         n_runs = len(runs)
         n_logged = np.zeros((n_runs, n_atoms), dtype=np.int64)
-        fitted_counts = np.zeros((n_runs, n_atoms), dtype=np.int64)
+        # at most the run's epochs each: held in the counts' dtype (8x smaller than int64 at <= 255 epochs)
+        fitted_counts = np.zeros((n_runs, n_atoms), dtype=_count_dtype(max(r.n_epochs for r in runs)))
         sums = np.zeros((n_runs, n_atoms), dtype=np.float64)
         max_error = np.full(n_atoms, -np.inf)
         min_pos, max_all = np.inf, 0.0
@@ -509,14 +537,20 @@ class CompactDistributions(_Distributions):
             out[sl] = np.minimum(ext_hi[j], self.max_error[sl])
         return out
 
-    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def to_arrays(self, streamed: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(info, arrays) for the estimator file; ``fitted_counts`` is stored as int64: converted
+        here, or with ``streamed=True`` handed over as a
+        :func:`~ltau_ase.core.fileformat.streamed_as` that converts block by block while writing."""
+        fitted: Any = self.fitted_counts
+        if fitted.dtype != np.int64:
+            fitted = streamed_as(fitted, np.int64) if streamed else fitted.astype(np.int64)
         arrays = {
             "edges": self.edges,
             "counts": self.counts,
             "max_error": self.max_error,
             "mean_error": self.mean_error_,
             "fitted_threshold": np.asarray(self.fitted_threshold, dtype=np.float64),
-            "fitted_counts": self.fitted_counts,
+            "fitted_counts": fitted,
         }
         return {"kind": self.kind, "n_runs": self.n_runs, "n_atoms": self.n_atoms}, arrays
 

@@ -32,7 +32,7 @@ from ltau_ase.core.distributions import (
 )
 from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
-from ltau_ase.core.index import INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
+from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
 from ltau_ase.core.shift import REFERENCE_SAMPLE, DistanceScale, reference_distances
 
@@ -275,24 +275,25 @@ class LTAUEstimator:
         dist = estimate_memory(self.distribution, n, epochs, self.bins, int(self.chunk_size))
         kind = choose_index(n)[0] if self.index == "auto" else self.index
         p = resolve_params(kind, self.index_params, n, d)
-        vectors = n * d * 4
-        # NeighbourIndex.build works on its own copy of the (N, D) float32 vectors: flat and
-        # ivfpq with re-ranking keep it, hnsw and ivfpq without re-ranking drop it after the build.
+        # The index is built over the fit's float32 descriptors without a copy: flat and ivfpq with
+        # re-ranking keep that very array as their full vectors (counted once, under "descriptors");
+        # hnsw copies them into its graph storage.
         if kind == "flat":
-            index, build = vectors, 0
+            index, build = 0, 0
         elif kind == "hnsw":
-            index, build = n * (d * 4 + p["M"] * 2 * 4 + 16), vectors  # level-0 links dominate the graph
+            index, build = n * (d * 4 + p["M"] * 2 * 4 + 16), 0  # level-0 links dominate the graph
         else:
             index = n * (p["m"] * p["nbits"] // 8 + 8) + p["nlist"] * d * 4
-            index += vectors if p.get("refine", 0) > 0 else 0
-            build = p["train_size"] * d * 4 + (0 if p.get("refine", 0) > 0 else vectors)
+            if p["nlist"] > HNSW_QUANTIZER_NLIST:
+                index += p["nlist"] * 32 * 2 * 4  # the coarse quantizer's HNSW links (M = 32)
+            build = p["train_size"] * d * 4
         part = {
-            "descriptors": n * d * 4,
+            "descriptors": n * d * 4,  # float32, as passed to fit (other dtypes: converted, a second array)
             "distributions": dist["distributions"],
             "streaming": dist["streaming"],
             "learned": 3 * n * 8 + 2 * len(epochs) * n * 8,  # 3 (N,) float64 + (M, N) temporaries
             "index": index,
-            "index_build": build + n * d,  # + the finiteness mask of as_float32
+            "index_build": build,
         }
         part["peak"] = part["descriptors"] + part["distributions"] + max(
             part["streaming"], part["learned"], part["learned"] + part["index"] + part["index_build"]
@@ -326,7 +327,10 @@ class LTAUEstimator:
         """Fit on N training atoms.
 
         Args:
-            descriptors: (N, D) latent descriptors, row i = training atom i.
+            descriptors: (N, D) latent descriptors, row i = training atom i. When they are already a
+                C-contiguous float32 array (or memory map) the fitted index keeps this very array as its
+                full vectors (flat; ivfpq with re-ranking), as scikit-learn's neighbour estimators do:
+                no second N·D·4 bytes, so do not modify it after fit (pass a copy if you must).
             errors: force-error norms (eV/Å): (E, N), (M, E, N), a list of M (E_m, N) arrays, an
                 :class:`~ltau_ase.core.errorlog.ErrorLog` or a list of them. Error logs order atoms
                 by sorted atom id: descriptors must come in that same order.
@@ -400,7 +404,8 @@ class LTAUEstimator:
         self.mean_error_train_ = dist.mean_error()
         seconds["train_confidence"] = time.perf_counter() - t0 - seconds["distributions"]
         t1 = time.perf_counter()
-        self.index_ = NeighbourIndex.build(x, self.index, self.index_params)
+        # no copy: the index's full vectors (flat; ivfpq re-ranking) are the fit's float32 descriptors
+        self.index_ = NeighbourIndex.build(x, self.index, self.index_params, copy=False)
         seconds["index"] = time.perf_counter() - t1
         # each training atom's leave-one-out neighbour distance: the yardstick of "far" for fit_calibration
         self.train_distance_ref_ = reference_distances(self.index_, x, k_eff)
@@ -1013,7 +1018,7 @@ class LTAUEstimator:
         """
         self._check_fitted()
         header = {"settings": _settings_snapshot(self), "metadata": dict(self.metadata or {}), "learned": self._learned_header()}
-        dist_info, dist_arrays = self.distributions_.to_arrays()
+        dist_info, dist_arrays = self.distributions_.to_arrays(streamed=True)
         header["distributions"] = dist_info
         # the small calibration arrays first: the N-sized ones follow, the largest last
         arrays: dict[str, np.ndarray] = {}
@@ -1025,7 +1030,7 @@ class LTAUEstimator:
         arrays.update({name: getattr(self, name) for name in _LEARNED_ARRAYS})
         if self.atom_ids_ is not None:
             arrays["atom_ids_"] = self.atom_ids_
-        arrays.update(self.index_.to_arrays())
+        arrays.update(self.index_.to_arrays(streamed=True))  # the FAISS blob goes to the file, not to RAM
         arrays.update({f"dist_{k}": v for k, v in dist_arrays.items()})
         write_container(path, header, arrays)
 

@@ -7,27 +7,33 @@ Index kinds:
   pruned by cluster bounds (:mod:`ltau_ase.core.exact_search`: the same neighbours, a fraction of the
   work, plus a second 4·D bytes per atom); otherwise it is a brute-force scan (``faiss.knn``).
 * ``"hnsw"``: ``IndexHNSWFlat``; params ``M`` (32), ``efConstruction`` (40), ``efSearch`` (16).
-* ``"ivfpq"``: ``IndexIVFPQ`` with exact re-ranking; params ``nlist`` (≈ 4·√N, at most 4096, at
-  least 39 training points per list), ``m`` (sub-quantizers: D/4 when 4 divides D, i.e. one code byte per 4 dimensions,
-  else the largest divisor of D ≤ D/4), ``nbits`` (8, fewer for tiny N), ``nprobe`` (min(nlist, 8)),
-  ``train_size`` (points used to train, default min(N, max(64·nlist, 256·2^nbits))), ``seed`` (0) and
+* ``"ivfpq"``: ``IndexIVFPQ`` with exact re-ranking; params ``nlist`` (≈ 4·√N up to 4096 lists, at
+  least 39 training points per list; above ~2.5·10⁶ atoms N/610 lists, at most 65536, so that a probe
+  scans a list of fixed size and the query cost stops growing with N), ``m`` (sub-quantizers: D/4
+  when 4 divides D, i.e. one code byte per 4 dimensions, else the largest divisor of D ≤ D/4),
+  ``nbits`` (8, fewer for tiny N), ``nprobe`` (min(nlist, 8)), ``train_size`` (points used to train,
+  default min(N, max(64·nlist, 256·2^nbits)), 40·nlist above 4096 lists), ``seed`` (0) and
   ``refine`` (4): the PQ search returns a shortlist of refine·k candidates, which are re-ranked by
-  their exact distances to the full float32 vectors (kept beside the index: in memory after a fit,
-  memory-mapped from the estimator file after a load, so only the touched rows become resident).
-  ``refine=0`` returns the PQ approximations without re-ranking and keeps no vectors. The coarse
-  quantizer is exact (``IndexFlatL2``) for nlist ≤ 4096 (always, with the default nlist) and an HNSW
-  graph over the centroids for a larger user-given nlist, where a brute-force scan of the centroids
-  would dominate the query time. FAISS's precomputed residual tables are not kept (nlist·m·2^nbits·4
+  their exact distances to the full float32 vectors, computed in place (FAISS
+  ``fvec_L2sqr_by_idx``) on the very array the index was given: the fit's descriptors after
+  :meth:`NeighbourIndex.build` with ``copy=False`` (what ``LTAUEstimator.fit`` does: no second copy),
+  the memory-mapped vectors of the estimator file after a load (only the touched rows become
+  resident). ``refine=0`` returns the PQ approximations without re-ranking and keeps no vectors. The
+  coarse quantizer is exact (``IndexFlatL2``) up to 4096 lists and an HNSW graph over the centroids
+  (M 32, efSearch :func:`quantizer_ef_search`) above, where a brute-force scan of the centroids would
+  dominate the query time. FAISS's precomputed residual tables are not kept (nlist·m·2^nbits·4
   bytes, no measured speed gain). Resident memory ≈ (m·nbits/8 + 8) bytes per atom plus the
   centroids, plus the touched (evictable, page-cache) pages of the vector map.
   Measured (``benchmarks/knn_scaling.py``): see the README's kNN table.
 
-Why re-ranking against memory-mapped vectors rather than FAISS's ``IndexRefineFlat``: the latter keeps
-a second, full float32 copy of every vector in RAM (4·D bytes per atom on top of the codes), i.e. more
-resident memory than the flat index itself, which defeats the purpose of a compressed index.
+Why re-ranking against the given (or memory-mapped) vectors rather than FAISS's ``IndexRefineFlat``:
+the latter keeps a second, full float32 copy of every vector in RAM (4·D bytes per atom on top of
+the codes), i.e. more resident memory than the flat index itself, which defeats the purpose of a
+compressed index.
 
 ``index="auto"`` (:func:`choose_index`) picks flat below 10⁵ atoms, HNSW below 10⁶ and IVF-PQ with
-re-ranking from 10⁶ on (HNSW took 374 s to build at 10⁶ on the 2-core reference machine).
+re-ranking (default settings above) from 10⁶ on (HNSW took 374 s to build at 10⁶ on the 2-core
+reference machine); the built index's ``reason`` names the choice and its settings.
 
 Descriptors are converted to C-contiguous float32 here. :meth:`NeighbourIndex.search` returns
 *Euclidean* distances (the square root of squared L2) and a validity mask: approximate indexes may
@@ -52,6 +58,7 @@ import numpy as np
 
 from ltau_ase.core.checks import check_int
 from ltau_ase.core.exact_search import PRUNED_MAX_BYTES, PRUNED_MIN_ATOMS, PrunedExactSearch
+from ltau_ase.core.fileformat import StreamedBytes
 
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_CHOICES = INDEX_KINDS + ("auto",)
@@ -59,11 +66,20 @@ INDEX_CHOICES = INDEX_KINDS + ("auto",)
 AUTO_HNSW_ATOMS = 100_000
 #: ... HNSW below this many, IVF-PQ with exact re-ranking from here on
 AUTO_IVFPQ_ATOMS = 1_000_000
-#: IVF coarse quantizer: exact below/at this many lists, HNSW above
+#: IVF coarse quantizer: exact below/at this many lists, HNSW above (scanning all centroids would
+#: dominate a query above a few thousand lists)
 HNSW_QUANTIZER_NLIST = 4096
-#: default nlist cap: assigning N vectors to nlist centroids costs N·nlist·D flops at build, and
-#: scanning the centroids dominates a query above a few thousand lists
-MAX_DEFAULT_NLIST = 4096
+#: default lists: 4·√N up to HNSW_QUANTIZER_NLIST (exact quantizer); from there on, once N exceeds
+#: HNSW_QUANTIZER_NLIST lists of this many atoms, N / this many lists (HNSW quantizer): a probe then
+#: scans a fixed-size list, so the query cost stops growing with N (10⁷ atoms: 16 393 lists;
+#: measured there: 4096 lists, nprobe 8 took 195-204 µs per query, 16 384 lists 83-107 µs)
+LARGE_LIST_ATOMS = 610
+#: default nlist cap (k-means training costs train_size·nlist·D flops per iteration)
+MAX_DEFAULT_NLIST = 65536
+#: training points per list (FAISS warns below 39): exact quantizer / HNSW quantizer (where k-means
+#: over many lists dominates the build)
+TRAIN_PER_LIST = 64
+TRAIN_PER_LIST_LARGE = 40
 #: search-time parameters whose change needs no rebuild
 SEARCH_PARAMS = {"hnsw": {"efSearch"}, "ivfpq": {"nprobe", "refine"}, "flat": set()}
 #: sane ranges (inclusive) for every index parameter; files and users outside them are refused
@@ -104,10 +120,18 @@ def as_float32(x: Any, name: str = "descriptors", dim: int | None = None) -> np.
         raise ValueError(f"{name} have {arr.shape[1]} features; expected {dim}, the dimension used at fit")
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported below
         out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.all(np.isfinite(out)):
-        bad = np.unique(np.nonzero(~np.isfinite(out))[0])
+    bad = _nonfinite_rows(out)
+    if bad.size:
         raise ValueError(f"{name} contain NaN or inf (or overflow float32) in {bad.size} rows, e.g. {bad[:5].tolist()}")
     return out
+
+
+def _nonfinite_rows(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Sorted row numbers of a 2-d array holding NaN or inf, checked in blocks of rows: a whole-array
+    mask would be a temporary of N·D bytes (320 MB at 10⁷ × 32), held while a fit's other arrays are."""
+    bad = [start + np.nonzero(~np.isfinite(x[start : start + block]).all(axis=1))[0]
+           for start in range(0, x.shape[0], block)]
+    return np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
 
 
 def choose_index(n_atoms: int) -> tuple[str, str]:
@@ -120,6 +144,26 @@ def choose_index(n_atoms: int) -> tuple[str, str]:
     return "ivfpq", f"auto: ivfpq index with exact re-ranking for {n} >= {AUTO_IVFPQ_ATOMS} training atoms"
 
 
+def describe_index(kind: str, params: dict[str, int]) -> str:
+    """One line naming the index and its settings, e.g. for ``index="auto"``'s report."""
+    if kind == "flat":
+        return "flat (exact search)"
+    if kind == "hnsw":
+        return f"hnsw M={params['M']}, efConstruction={params['efConstruction']}, efSearch={params['efSearch']}"
+    quantizer = "HNSW" if params["nlist"] > HNSW_QUANTIZER_NLIST else "exact"
+    shortlist = (f"a shortlist of {params['refine']}·k re-ranked exactly" if params["refine"] > 0
+                 else "PQ distances, no re-ranking")
+    return (f"ivfpq nlist={params['nlist']} ({quantizer} coarse quantizer), m={params['m']}, nbits={params['nbits']}, "
+            f"nprobe={params['nprobe']}, {shortlist}")
+
+
+def quantizer_ef_search(nprobe: int) -> int:
+    """efSearch of an HNSW coarse quantizer that must return the nprobe nearest lists: 2·nprobe, at
+    least 16 (measured at 10⁷ atoms, 16 384 lists, nprobe 8: efSearch 16 / 32 / 64 gave recall@10
+    0.979 / 0.981 / 0.981 at 10 / 16 / 26 µs of quantizer time per query)."""
+    return max(16, 2 * int(nprobe))
+
+
 def default_params(kind: str, n: int, d: int) -> dict[str, int]:
     """Defaults for ``kind`` given N training atoms of dimension D (see module docstring)."""
     if kind == "flat":
@@ -127,14 +171,17 @@ def default_params(kind: str, n: int, d: int) -> dict[str, int]:
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 40, "efSearch": 16}
     if kind == "ivfpq":
-        nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39, MAX_DEFAULT_NLIST))
+        nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))
+        if nlist > HNSW_QUANTIZER_NLIST:
+            nlist = min(max(HNSW_QUANTIZER_NLIST, n // LARGE_LIST_ATOMS), MAX_DEFAULT_NLIST)
+        per_list = TRAIN_PER_LIST if nlist <= HNSW_QUANTIZER_NLIST else TRAIN_PER_LIST_LARGE
         if d % 4 == 0:
             m = d // 4
         else:
             m = max(x for x in range(1, max(1, d // 4) + 1) if d % x == 0)
         nbits = max(1, min(8, int(math.log2(max(2, n // 39)))))
         return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 8),
-                "train_size": min(n, max(64 * nlist, 256 * 2**nbits)), "seed": 0, "refine": 4}
+                "train_size": min(n, max(per_list * nlist, 256 * 2**nbits)), "seed": 0, "refine": 4}
     raise ValueError(f"unknown index kind {kind!r}; expected one of {INDEX_KINDS}")
 
 
@@ -264,10 +311,19 @@ class NeighbourIndex:
         self.apply_search_params()
 
     @classmethod
-    def build(cls, descriptors: Any, kind: str = "flat", params: dict[str, Any] | None = None) -> "NeighbourIndex":
-        """Build over (N, D) descriptors; ``kind="auto"`` applies :func:`choose_index`."""
+    def build(cls, descriptors: Any, kind: str = "flat", params: dict[str, Any] | None = None,
+              copy: bool = True) -> "NeighbourIndex":
+        """Build over (N, D) descriptors; ``kind="auto"`` applies :func:`choose_index`.
+
+        ``copy=True`` (the default) gives the index its own float32 vectors, so that it does not change
+        when the caller's array does. ``copy=False`` keeps C-contiguous float32 ``descriptors`` (an
+        ndarray or a read-only memory map) as the index's ``vectors`` itself (flat; ivfpq with
+        refine > 0): no second N·D·4 bytes; the caller must then not modify the array (other dtypes or
+        layouts are converted, i.e. copied, either way). :meth:`LTAUEstimator.fit
+        <ltau_ase.core.estimator.LTAUEstimator.fit>` builds this way.
+        """
         x = as_float32(descriptors)
-        if np.may_share_memory(x, descriptors):
+        if copy and np.may_share_memory(x, descriptors):
             x = x.copy()  # the index must not change when the caller's array does
         n, d = x.shape
         reason = None
@@ -276,6 +332,8 @@ class NeighbourIndex:
                 raise ValueError("index_params need an explicit index kind (flat, hnsw or ivfpq), not 'auto'")
             kind, reason = choose_index(n)
         p = resolve_params(kind, params, n, d)
+        if reason is not None:
+            reason = f"{reason}: {describe_index(kind, p)}"
         if kind == "flat":
             return cls(kind, p, None, x, n, d, reason)
         if kind == "hnsw":
@@ -312,7 +370,7 @@ class NeighbourIndex:
                 raise RuntimeError("FAISS did not accept nprobe")
             quantizer = faiss.downcast_index(self.index.quantizer)
             if isinstance(quantizer, faiss.IndexHNSWFlat):
-                quantizer.hnsw.efSearch = max(64, 2 * self.params["nprobe"])
+                quantizer.hnsw.efSearch = quantizer_ef_search(self.params["nprobe"])
 
     def _pruned_search(self) -> PrunedExactSearch | None:
         """The flat index's exact pruned search (built on first use: a fit or load that never predicts
@@ -357,7 +415,7 @@ class NeighbourIndex:
             changed = {key for key in p if p[key] != self.params.get(key)}
             if changed <= SEARCH_PARAMS[kind] and not ("refine" in changed and self.vectors is None):
                 self.params = p
-                self.reason = reason
+                self.reason = None if reason is None else f"{reason}: {describe_index(kind, p)}"
                 self.apply_search_params()
                 return self
         x = self.training_vectors()
@@ -366,8 +424,9 @@ class NeighbourIndex:
                 f"cannot change the {self.kind} index to {kind} {p} after fit: it keeps only compressed codes, "
                 "not the training descriptors; call fit(...) again"
             )
-        rebuilt = NeighbourIndex.build(np.asarray(x), kind, p)
-        rebuilt.reason = reason
+        # the vectors are this index's own (or a read-only map of the estimator file): shared, not copied
+        rebuilt = NeighbourIndex.build(x, kind, p, copy=False)
+        rebuilt.reason = None if reason is None else f"{reason}: {describe_index(kind, p)}"
         return rebuilt
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -406,21 +465,25 @@ class NeighbourIndex:
         return dist, np.where(valid, ids, 0).astype(np.int64), valid
 
     def _refined_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """PQ shortlist of refine·k candidates, re-ranked by exact squared distances to the full vectors."""
+        """PQ shortlist of refine·k candidates, re-ranked by exact squared distances to the full vectors.
+
+        The distances are computed in place on the stored vectors (FAISS ``fvec_L2sqr_by_idx``: no
+        gathered copy of the candidate rows; 10x faster than a numpy gather at 40 candidates).
+        """
         short = min(self._n, self.params["refine"] * k)
+        vectors = self.vectors
+        if not vectors.flags.c_contiguous or vectors.dtype != np.float32:  # (checked at build / load)
+            raise RuntimeError("ivfpq re-ranking needs C-contiguous float32 vectors")
         d2_out = np.empty((q.shape[0], k), dtype=np.float32)
         ids_out = np.empty((q.shape[0], k), dtype=np.int64)
         for start in range(0, q.shape[0], _QUERY_CHUNK):
-            qc = q[start : start + _QUERY_CHUNK]
+            qc = np.ascontiguousarray(q[start : start + _QUERY_CHUNK])
             _, cand = self.index.search(qc, short)
             ok = cand >= 0
-            rows = np.where(ok, cand, 0)
-            flat_rows = rows.ravel()
-            order = np.argsort(flat_rows, kind="stable")  # sorted reads: page-friendly on a memory map
-            gathered = np.empty((flat_rows.size, self._d), dtype=np.float32)
-            gathered[order] = self.vectors[flat_rows[order]]
-            diff = gathered.reshape(qc.shape[0], short, self._d) - qc[:, None, :]
-            d2 = np.einsum("nkd,nkd->nk", diff, diff)
+            rows = np.ascontiguousarray(np.where(ok, cand, 0))  # -1 (no candidate) must not be read
+            d2 = np.empty(rows.shape, dtype=np.float32)
+            faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d2), faiss.swig_ptr(qc), faiss.swig_ptr(vectors),
+                                    faiss.swig_ptr(rows), self._d, qc.shape[0], short)
             d2[~ok] = np.inf
             top = np.argsort(d2, axis=1, kind="stable")[:, :k]
             sel_d2 = np.take_along_axis(d2, top, axis=1)
@@ -431,14 +494,24 @@ class NeighbourIndex:
         return d2_out, ids_out
 
     # ------------------------------------------------------------------ storage
-    def to_arrays(self) -> dict[str, np.ndarray]:
+    def to_arrays(self, streamed: bool = False) -> dict[str, Any]:
         """Plain arrays for the estimator file: ``index_vectors`` (flat; ivfpq with refine) and/or
-        ``faiss_index`` (a (B,) uint8 FAISS blob: hnsw, ivfpq)."""
-        out = {}
+        ``faiss_index`` (a (B,) uint8 FAISS blob: hnsw, ivfpq).
+
+        ``streamed=True`` gives the blob as a :class:`~ltau_ase.core.fileformat.StreamedBytes` that
+        :func:`~ltau_ase.core.fileformat.write_container` serialises straight into the file in 1 MB
+        pieces (``serialize_index`` would hold it twice in RAM: 2 × 170 MB at 10⁷ atoms).
+        """
+        out: dict[str, Any] = {}
         if self.vectors is not None:
             out["index_vectors"] = self.vectors
         if self.index is not None:
-            out["faiss_index"] = np.asarray(faiss.serialize_index(self.index), dtype=np.uint8)
+            if streamed:
+                index = self.index
+                out["faiss_index"] = StreamedBytes(
+                    lambda write: faiss.write_index(index, faiss.PyCallbackIOWriter(write, 1 << 20)))
+            else:
+                out["faiss_index"] = np.asarray(faiss.serialize_index(self.index), dtype=np.uint8)
         return out
 
     def to_bytes(self) -> np.ndarray:

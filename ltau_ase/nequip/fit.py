@@ -34,7 +34,7 @@ from ltau_ase.core.errorlog import (  # noqa: F401  (find_error_log, DEFAULT_LOG
 )
 from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import sha256_file
-from ltau_ase.core.index import choose_index
+from ltau_ase.core.index import choose_index, describe_index
 from ltau_ase.core.trainingset import as_paths, frames_for_atom_ids, read_training_frames
 
 PathLike = str | os.PathLike
@@ -144,7 +144,8 @@ def fit_estimator_from_runs(
     # Descriptors come in frame order; the logs in sorted-id order. Put the descriptor rows in the
     # logs' order and then verify id equality row by row (a frame of a different size, say, fails).
     order = np.argsort(desc_ids, kind="stable")
-    desc_ids, descriptors = desc_ids[order], descriptors[order]
+    if np.any(order != np.arange(order.size)):  # (already in order: no N x D copy, as at 10^7 atoms)
+        desc_ids, descriptors = desc_ids[order], descriptors[order]
     if desc_ids.shape != log_ids.shape or not np.array_equal(desc_ids, log_ids):
         extra = np.setdiff1d(desc_ids, log_ids)
         lacking = np.setdiff1d(log_ids, desc_ids)
@@ -175,6 +176,8 @@ def fit_estimator_from_runs(
     estimator.fit(descriptors, logs, reference_forces=ref_forces,
                   atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
     estimator.metadata["atol_used"] = float(estimator.atol_)
+    if index_choice.startswith("auto"):  # name the settings too (IVF-PQ's depend on N and D)
+        estimator.metadata["index_choice"] = f"{index_choice}: {describe_index(estimator.index_.kind, estimator.index_.params)}"
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         estimator.save(str(output))

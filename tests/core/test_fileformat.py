@@ -238,3 +238,25 @@ def test_ltau_convert_and_verify_cli(tmp_path, capsys):
     assert err.startswith("ltau convert: error:") and "SHA-256" in err and "\n" not in err
     assert main(["convert", str(tmp_path / "new.ltau")]) == 2
     assert "OUTPUT" in capsys.readouterr().err
+
+
+def test_streamed_bytes_write_the_same_file_as_the_array_and_a_changing_producer_saves_nothing(tmp_path):
+    from ltau_ase.core.fileformat import StreamedBytes, read_container, write_container
+
+    blob = np.random.default_rng(0).integers(0, 256, size=3_000_001, dtype=np.uint8)
+    chunks = [blob[i : i + (1 << 20)].tobytes() for i in range(0, blob.size, 1 << 20)]
+    arrays = {"small": np.arange(5.0)}
+    write_container(tmp_path / "a.ltau", {"x": 1}, {**arrays, "blob": blob})
+    write_container(tmp_path / "s.ltau", {"x": 1}, {**arrays, "blob": StreamedBytes(lambda write: [write(c) for c in chunks])})
+    assert (tmp_path / "a.ltau").read_bytes() == (tmp_path / "s.ltau").read_bytes()
+    _, got = read_container(tmp_path / "s.ltau", verify=True)
+    np.testing.assert_array_equal(got["blob"], blob)
+    passes = []
+
+    def drifting(write):  # a producer whose second pass differs: refused, no file left behind
+        passes.append(1)
+        write(bytes([len(passes)]) * 10)
+
+    with pytest.raises(ValueError, match="different bytes on its second pass"):
+        write_container(tmp_path / "d.ltau", {}, {"blob": StreamedBytes(drifting)})
+    assert not (tmp_path / "d.ltau").exists() and not (tmp_path / "d.ltau.tmp").exists()

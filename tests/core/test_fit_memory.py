@@ -31,15 +31,16 @@ def test_estimate_covers_the_arrays_a_fit_keeps(distribution):
         kept += dist.mean_error_.nbytes
     # the estimate is an upper bound of what is kept, and not a loose one
     assert kept <= part["distributions"] <= 1.5 * kept
-    assert part["index"] == x.nbytes  # flat: a copy of the descriptors
+    assert part["index"] == 0 and np.shares_memory(est.index_.vectors, x)  # flat: the descriptors themselves
     learned = est.confidence_train_.nbytes + est.variability_train_.nbytes + est.mean_error_train_.nbytes
     assert part["learned"] >= learned
     assert part["peak"] >= part["descriptors"] + part["distributions"] + part["index"]
     flat = LTAUEstimator(index="flat").estimate_fit_memory(10**7, 32, [100, 100])
     codes = LTAUEstimator(index="ivfpq", index_params={"refine": 0}).estimate_fit_memory(10**7, 32, [100, 100])
-    assert codes["index"] < flat["index"] / 6  # compressed codes: m = D/4 bytes + an 8-byte id per atom
+    assert codes["index"] < flat["descriptors"] / 6  # compressed codes: m = D/4 bytes + an 8-byte id per atom
     refine = LTAUEstimator(index="ivfpq").estimate_fit_memory(10**7, 32, [100, 100])
-    assert refine["index"] > flat["index"]  # re-ranking keeps the full vectors beside the codes
+    # re-ranking reads the fit's descriptors themselves: no second copy of the vectors
+    assert refine["index"] < codes["index"] + 10**7 and refine["index_build"] < 10**8
     assert LTAUEstimator(index="auto").estimate_fit_memory(10**7, 32, [100, 100]) == refine  # auto: ivfpq
 
 

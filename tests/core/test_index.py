@@ -149,6 +149,39 @@ def test_ivfpq_exact_reranking_against_brute_force(clustered_data):
     assert np.all(dist[:, 0] >= ref_d[:, 0] - 1e-5)
 
 
+def test_fit_reranks_against_the_callers_descriptors_without_a_copy(clustered_data, tmp_path):
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    x, q, ref = clustered_data
+    x = x.copy()  # this test's own array (the fixture's is shared)
+    params = {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 4, "refine": 8}
+    errors = np.abs(np.random.default_rng(0).normal(size=(6, x.shape[0])))
+    est = LTAUEstimator(index="ivfpq", index_params=params, k=10).fit(x, errors)
+    # one copy of the vectors: re-ranking reads the fitted array; the FAISS object holds m-byte codes only
+    assert np.shares_memory(est.index_.vectors, x) and est.index_.vectors.shape == x.shape
+    assert est.index_.index.code_size == 6  # 8 sub-quantizers x 6 bits, no float32 storage in FAISS
+    own = NeighbourIndex.build(x, "ivfpq", params)  # default copy=True: the same index on its own copy
+    assert not np.shares_memory(own.vectors, x)
+    dist, ids, valid = est.index_.search(q, 10)
+    for a, b in zip((dist, ids, valid), own.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    # against brute-force numpy: exact distances of the returned ids, and the true neighbours found
+    exact = np.linalg.norm(q[:, None, :].astype(np.float64) - x[ids].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist[valid], exact[valid], rtol=1e-5)
+    assert valid.all() and recall(ids, ref) >= 0.95
+    # save / load: the loaded index re-ranks against the file's memory-mapped vectors, same neighbours
+    est.save(str(tmp_path / "e.ltau"))
+    loaded = LTAUEstimator.load(str(tmp_path / "e.ltau"), eager_bytes=0)  # map every array, as for a large file
+    assert isinstance(loaded.index_.vectors, np.memmap) and not loaded.index_.vectors.flags.writeable
+    for a, b in zip(loaded.index_.search(q, 10), (dist, ids, valid)):
+        np.testing.assert_array_equal(a, b)
+    # a rebuild (set_params) reuses those vectors instead of copying them into RAM
+    mapped = loaded.index_.vectors
+    loaded.set_params(index="flat", index_params=None)
+    assert loaded.index_.kind == "flat" and np.shares_memory(loaded.index_.vectors, mapped)
+    np.testing.assert_array_equal(loaded.index_.search(q, 10)[1], brute_knn(x, q, 10)[1])
+
+
 def test_choose_index_policy_and_auto_build():
     from ltau_ase.core.index import AUTO_HNSW_ATOMS, AUTO_IVFPQ_ATOMS, choose_index
 
@@ -164,6 +197,51 @@ def test_choose_index_policy_and_auto_build():
 
     est = LTAUEstimator(index="auto").fit(x, np.abs(np.random.default_rng(0).normal(size=(4, 300))))
     assert est.index == "auto" and est.index_.kind == "flat" and "auto: flat" in est.index_.reason
+
+
+def test_auto_policy_large_sizes_and_its_report(monkeypatch):
+    import ltau_ase.core.index as index_module
+    from ltau_ase.core.estimator import LTAUEstimator
+    from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, LARGE_LIST_ATOMS, default_params
+
+    # up to ~2.5e6 atoms: 4·sqrt(N) lists (at most 4096, exact quantizer); above: lists of ~610 atoms
+    assert default_params("ivfpq", 10**6, 32)["nlist"] == 4000
+    assert default_params("ivfpq", 2 * 10**6, 32)["nlist"] == HNSW_QUANTIZER_NLIST
+    big = default_params("ivfpq", 10**7, 32)
+    assert big["nlist"] == 10**7 // LARGE_LIST_ATOMS == 16393 and big["train_size"] == 40 * 16393
+    assert (big["m"], big["nbits"], big["nprobe"], big["refine"]) == (8, 8, 8, 4)
+    # the policy's thresholds scaled down so that "auto" picks ivfpq on a small set, and says so
+    monkeypatch.setattr(index_module, "AUTO_HNSW_ATOMS", 500)
+    monkeypatch.setattr(index_module, "AUTO_IVFPQ_ATOMS", 2000)
+    x = clustered(3000, 8, seed=2).astype(np.float32)
+    auto = NeighbourIndex.build(x, "auto")
+    assert auto.kind == "ivfpq" and auto.params == default_params("ivfpq", 3000, 8)
+    assert auto.params["nlist"] == 3000 // 39  # 4·sqrt(3000) = 219 lists would hold < 39 atoms each
+    assert auto.reason == ("auto: ivfpq index with exact re-ranking for 3000 >= 2000 training atoms: ivfpq nlist=76 "
+                           "(exact coarse quantizer), m=2, nbits=6, nprobe=8, a shortlist of 4·k re-ranked exactly")
+    est = LTAUEstimator(index="auto", k=5).fit(x, np.abs(np.random.default_rng(0).normal(size=(4, 3000))))
+    assert est.index_.reason == auto.reason and np.shares_memory(est.index_.vectors, x)
+
+
+def test_hnsw_coarse_quantizer_above_4096_lists_against_brute_force():
+    from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, quantizer_ef_search
+
+    x = clustered(12_000, 8, seed=3).astype(np.float32)
+    q = x[:40] + 0.02
+    params = {"nlist": HNSW_QUANTIZER_NLIST + 100, "m": 4, "nbits": 4, "nprobe": 24, "train_size": 12_000, "refine": 8}
+    index = NeighbourIndex.build(x, "ivfpq", params, copy=False)
+    quantizer = faiss.downcast_index(index.index.quantizer)
+    assert type(quantizer) is faiss.IndexHNSWFlat and quantizer.ntotal == params["nlist"]
+    assert quantizer.hnsw.efSearch == quantizer_ef_search(24) == 48
+    assert np.shares_memory(index.vectors, x)
+    dist, ids, valid = index.search(q, 5)
+    ref_d, ref_ids = brute_knn(x, q, 5)
+    assert valid.all() and recall(ids, ref_ids) >= 0.9
+    exact = np.linalg.norm(q[:, None, :].astype(np.float64) - x[ids].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist, exact, rtol=1e-5)
+    again = NeighbourIndex.from_arrays("ivfpq", index.params, index.to_arrays(), 12_000, 8)
+    for a, b in zip(again.search(q, 5), (dist, ids, valid)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_stored_arrays_round_trip_and_strict_params():
