@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness in about a minute")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, models and MD (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per member")
+    parser.add_argument("--md-model-epochs", type=int, default=None,
+                        help="training epochs of the MD model (member 1's configuration; default 200)")
     parser.add_argument("--workers", type=int, default=None, help="processes for relaxations and MD")
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples")
     parser.add_argument("--no-reuse", action="store_true", help="recompute every stage")
@@ -48,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = ShiftBenchConfig.preset(args.quick, seed=args.seed, epochs=args.epochs, workers=args.workers,
+                                      md_model_epochs=args.md_model_epochs,
                                       bootstrap=args.bootstrap)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

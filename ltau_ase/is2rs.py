@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,6 +37,8 @@ __all__ = [
     "uq_rmsd_analysis",
     "FAILURE_FEATURES",
     "FailureModel",
+    "DISTANCE_FEATURES",
+    "FAILURE_FEATURES_WITH_DISTANCE",
 ]
 
 #: β values of OC20's ADwT, in Å (490 values).
@@ -259,7 +262,8 @@ def records_table(
         strict: a relaxed system without a reference raises ValueError instead of being listed.
     Returns:
         ``(table, missing)``: one row per relaxed system with a reference (``name``, ``group``,
-        ``uq_*``, ``rmsd`` (Å), ``d_mean`` (Å), ``n_free``, ``status``, ``nsteps``), in record order, and
+        ``uq_*``, ``rmsd`` (Å), ``d_mean`` (Å), ``n_free``, ``status``, ``nsteps``, and
+        ``distance_ratio_*`` where the record has a finite distance trace), in record order, and
         the names without a reference (also warned about).
     """
     relaxed = [r for r in records if r.status != "failed"]
@@ -276,6 +280,10 @@ def records_table(
         row = _system_row(name, rec.group, {s: getattr(rec, f"uq_{s}") for s in UQ_STATISTICS}, rec.atoms, ref,
                           cell_tolerance)
         row.update(status=rec.status, nsteps=rec.nsteps)
+        for s in UQ_STATISTICS:  # the distance trace, where recorded (calibrated estimator) and finite
+            value = getattr(rec, f"distance_ratio_{s}", math.nan)
+            if value is not None and math.isfinite(value):
+                row[f"distance_ratio_{s}"] = float(value)
         table.append(row)
     return table, missing
 
@@ -422,6 +430,13 @@ def uq_rmsd_analysis(
 # ---------------------------------------------------------------------------- failure probability
 #: Trace features of :class:`FailureModel` (row keys; ``nsteps`` enters as log(1 + nsteps)).
 FAILURE_FEATURES = ("uq_initial", "uq_max", "uq_mean", "uq_final", "nsteps")
+#: Latent-distance trace features: the structure's distance ratio r (the calculator's
+#: ``latent_distance_ratios`` reduced like the UQ) at the initial step, its maximum, mean and final
+#: value. Ratios are scale variables (r = 1 typical of training, far structures 10-100×), so they enter
+#: as log r; 0 < r < inf is required.
+DISTANCE_FEATURES = ("distance_ratio_initial", "distance_ratio_max", "distance_ratio_mean", "distance_ratio_final")
+#: The UQ trace and the distance trace together.
+FAILURE_FEATURES_WITH_DISTANCE = FAILURE_FEATURES + DISTANCE_FEATURES
 # Fitting a probability needs failures and successes to learn from: fewer than this many of either
 # class cannot separate a trend from chance.
 MIN_FAILURE_CLASS = 5
@@ -432,8 +447,9 @@ class FailureModel:
 
     A logistic regression (L2-penalised, fitted by maximum likelihood with ``scipy.optimize``) on the
     standardised per-relaxation features ``features`` (default :data:`FAILURE_FEATURES`: initial, max,
-    mean and final structure UQ of ``RelaxationUQObserver`` and log(1 + steps); add e.g. a
-    latent-distance statistic if the rows carry it). Maximum-likelihood logistic fits are calibrated
+    mean and final structure UQ of ``RelaxationUQObserver`` and log(1 + steps);
+    :data:`FAILURE_FEATURES_WITH_DISTANCE` adds the latent-distance trace, initial / max / mean /
+    final distance ratio, as log r). Maximum-likelihood logistic fits are calibrated
     on their training distribution (the mean predicted probability equals the observed failure rate);
     fit it on calibration relaxations with reference structures, apply it to new ones.
 
@@ -471,6 +487,11 @@ class FailureModel:
             if np.any(x[:, j] < 0):
                 raise ValueError("nsteps must be >= 0")
             x[:, j] = np.log1p(x[:, j])
+        for j, key in enumerate(self.features):
+            if key in DISTANCE_FEATURES:
+                if np.any(x[:, j] <= 0):
+                    raise ValueError(f"{key} must be a distance ratio > 0; got {x[:, j].min():g}")
+                x[:, j] = np.log(x[:, j])
         return x
 
     def fit(self, rows: Sequence[Mapping[str, Any]]) -> "FailureModel":

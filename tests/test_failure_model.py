@@ -71,3 +71,43 @@ def test_failure_model_bad_inputs():
         FailureModel.from_dict(dict(state, coef=[1.0]))
     with pytest.raises(ValueError, match="kind"):
         FailureModel.from_dict(dict(state, kind="pickle"))
+
+
+def test_distance_trace_features_enter_as_log_ratio_and_carry_the_signal():
+    from ltau_ase.is2rs import DISTANCE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+
+    assert FAILURE_FEATURES_WITH_DISTANCE == FAILURE_FEATURES + DISTANCE_FEATURES
+    rng = np.random.default_rng(7)
+
+    def rows(n):
+        # failures come from far structures (distance ratio r), the UQ trace is noise
+        log_r = rng.normal(0.5, 1.0, n)
+        failed = rng.uniform(size=n) < 1 / (1 + np.exp(-(3.0 * (log_r - 0.5))))
+        out = []
+        for i in range(n):
+            r = np.exp(log_r[i] + rng.normal(0, 0.1, 3))
+            out.append({"uq_initial": rng.uniform(), "uq_max": rng.uniform(), "uq_mean": rng.uniform(),
+                        "uq_final": rng.uniform(), "nsteps": int(rng.integers(5, 100)),
+                        "distance_ratio_initial": r[0], "distance_ratio_max": r.max(),
+                        "distance_ratio_mean": r.mean(), "distance_ratio_final": r[2],
+                        "rmsd": 1.0 if failed[i] else 0.1})
+        return out
+
+    fit, test = rows(300), rows(300)
+    failed = np.array([r["rmsd"] > 0.5 for r in test])
+    uq_only = FailureModel().fit(fit)
+    with_distance = FailureModel(features=FAILURE_FEATURES_WITH_DISTANCE).fit(fit)
+    assert auroc(with_distance.predict_proba(test), failed) > 0.8 > 0.65 > auroc(uq_only.predict_proba(test), failed)
+    # calibrated in the large on its fit set (maximum likelihood with an intercept, small penalty)
+    y_fit = np.array([r["rmsd"] > 0.5 for r in fit])
+    assert with_distance.predict_proba(fit).mean() == pytest.approx(y_fit.mean(), abs=0.01)
+    # hand-computed: one feature, log r, standardised; p = sigmoid(b0 + b1 (log r - mean) / std)
+    one = FailureModel(features=("distance_ratio_max",), l2=0.0).fit(fit)
+    x = np.log([r["distance_ratio_max"] for r in test])
+    z = one.coef_[0] + one.coef_[1] * (x - one.mean_[0]) / one.std_[0]
+    np.testing.assert_allclose(one.predict_proba(test), 1 / (1 + np.exp(-z)), rtol=1e-9, atol=1e-15)
+    assert one.mean_[0] == pytest.approx(np.mean(np.log([r["distance_ratio_max"] for r in fit])))
+    with pytest.raises(ValueError, match="distance_ratio_max must be a distance ratio > 0"):
+        one.predict_proba([dict(test[0], distance_ratio_max=0.0)])
+    with pytest.raises(ValueError, match="finite"):
+        one.predict_proba([dict(test[0], distance_ratio_max=np.inf)])

@@ -105,6 +105,20 @@ def test_species_aware_ranks_unseen_atoms_first_and_keeps_order():
     assert np.array_equal(out[~unseen], u[~unseen])
 
 
+def test_calibration_groups_are_systems_when_there_are_enough():
+    from ltau_ase.core.estimator import MIN_CALIBRATION_STRUCTURES
+    from ltau_ase.demo.shift import calibration_groups
+
+    n = MIN_CALIBRATION_STRUCTURES
+    system = np.repeat([f"s{i}" for i in range(n)], 6)  # n systems, 2 frames of 3 atoms each
+    frame = np.repeat(np.arange(2 * n), 3)
+    labels, how = calibration_groups(system, frame)
+    assert how == "systems" and np.array_equal(labels, np.repeat(np.argsort(np.argsort([f"s{i}" for i in range(n)])), 6))
+    labels, how = calibration_groups(system[: 6 * (n - 1)], frame[: 6 * (n - 1)])  # one system short: frames
+    assert how == "frames" and np.unique(labels).size == 2 * (n - 1)
+    assert all(np.unique(labels[frame[: 6 * (n - 1)] == f]).size == 1 for f in range(2 * (n - 1)))
+
+
 # ---------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def tiny_settings():
@@ -167,8 +181,9 @@ def test_quick_run_on_the_demo_ensemble(quick_demo_dir, tmp_path):
     from ltau_ase.datasets.shift import ShiftSettings
     from ltau_ase.demo.shift import ShiftBenchConfig, ensemble_from_demo, run_shift_benchmark
 
-    # fit_calibration needs >= 200 calibration atoms: 7 + 1 systems x 2 frames x 14 atoms = 224
-    settings = ShiftSettings(n_train=1, n_val=1, n_calibration=7, n_calibration_mild=1, n_test=1, n_is2rs=1,
+    # fit_calibration needs >= 200 calibration atoms in >= 20 structures: 9 + 1 systems x 2 frames = 20
+    # frames (the benchmark splits by frame below 20 systems) x 14 atoms = 280
+    settings = ShiftSettings(n_train=1, n_val=1, n_calibration=9, n_calibration_mild=1, n_test=1, n_is2rs=1,
                              n_is2rs_calibration=1, md_frames=2, relax_frames=1, md_stride=3, md_equilibration=0,
                              slab_sizes=((2, 2, 3),))
     cfg = ShiftBenchConfig(quick=True, k=5, relax_steps=5, committee_stride=2, md_runs_reference=1,

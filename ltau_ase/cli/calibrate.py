@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ltau_ase.core.conformal import check_coverage
-    from ltau_ase.core.estimator import MIN_CALIBRATION_ATOMS, LTAUEstimator
+    from ltau_ase.core.estimator import MIN_CALIBRATION_ATOMS, MIN_CALIBRATION_STRUCTURES, LTAUEstimator
     from ltau_ase.core.fileformat import check_model_fingerprint
     from ltau_ase.simulate.backends import backend_for
 
@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if n_atoms < MIN_CALIBRATION_ATOMS:
         raise ValueError(f"the calibration file(s) hold {n_atoms} atoms; at least {MIN_CALIBRATION_ATOMS} are needed "
                          "(half fit the distance scale and per-element factors, half the conformal quantiles)")
+    if len(frames) < MIN_CALIBRATION_STRUCTURES:
+        raise ValueError(f"the calibration file(s) hold {len(frames)} structures; at least {MIN_CALIBRATION_STRUCTURES} "
+                         "are needed (whole structures go to each half, and atoms of one structure share their errors)")
 
     calc = backend.calculator(model, device=args.device)
     descriptors, errors, numbers, frame_ids = [], [], [], []

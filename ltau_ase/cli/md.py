@@ -3,9 +3,11 @@
 Every ``--interval`` steps (and at the stopping step) a frame goes to the extxyz ``--trajectory``
 with the energy, forces and per-atom UQ columns (``ltau_uncertainties``, ``ltau_confidences``,
 ``ltau_expected_force_errors``, ``ltau_latent_distances``; ``ltau_force_error_bounds`` with
-``--coverage``). The file is flushed after each frame. The stop threshold is ``--stop-threshold``, or
-chosen from in-domain ``--reference-runs`` (earlier ``ltau md --interval 1`` trajectories run with a
-threshold they never reach) for a stated ``--false-alarm-rate``.
+``--coverage``; ``ltau_latent_distance_ratios`` with an estimator from ``ltau calibrate``). The file is
+flushed after each frame. The stop watches ``--stop-statistic`` (units in its help; under distribution
+shift use ``expected_force_errors``, eV/Å, which does not saturate) and its threshold is
+``--stop-threshold``, or chosen from in-domain ``--reference-runs`` (earlier ``ltau md --interval 1``
+trajectories run with a threshold they never reach) for a stated ``--false-alarm-rate``.
 Langevin runs with ``fixcm=False``; a ``FixCom`` constraint keeps the centre of mass in place
 unless the structure has ``FixAtoms`` (which already pins it).
 """
@@ -30,6 +32,10 @@ from ltau_ase.cli.options import (
 )
 
 
+# the keys of ltau_ase.simulate.observers.STOP_STATISTICS (not imported here: parsing stays ASE-free)
+STOP_STATISTIC_CHOICES = ("uncertainties", "expected_force_errors", "latent_distance_ratios", "latent_distances")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = add_model_options(parser)
     add_alias(model, "--uq-threshold", dest="error_threshold", type=positive_float)  # before: force-error threshold
@@ -43,18 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--friction", type=non_negative_float, default=0.01, help="Langevin friction, 1/fs (0.01)")
     parser.add_argument("--steps", type=non_negative_int, default=1000, help="maximum MD steps (1000)")
     stop = parser.add_argument_group("uncertainty stop")
-    stop.add_argument("--stop-threshold", type=non_negative_float, default=None, metavar="UQ",
-                      help="stop when the reduced UQ value (--key, --atom-reduce) exceeds this (required unless "
-                           "--adaptive)")
+    stop.add_argument("--stop-threshold", type=non_negative_float, default=None, metavar="VALUE",
+                      help="stop when the reduced value (--stop-statistic, --atom-reduce; in its unit) exceeds this "
+                           "(required unless --adaptive or --reference-runs)")
     add_alias(stop, "--threshold", dest="stop_threshold", type=non_negative_float)  # before: the stop bound
     stop.add_argument("--reference-runs", type=Path, nargs="+", default=None, metavar="EXTXYZ",
                       help="in-domain runs written by `ltau md --interval 1` (e.g. with a huge --stop-threshold): the "
-                           "threshold is chosen from their per-step --key statistic for --false-alarm-rate")
+                           "threshold is chosen from their per-step --stop-statistic for --false-alarm-rate")
     stop.add_argument("--false-alarm-rate", type=open_fraction, default=None,
                       help="with --reference-runs: tolerated share of in-domain runs that stop, in (0, 1)")
     stop.add_argument("--patience", type=positive_int, default=1, help="consecutive steps above the threshold (1)")
-    stop.add_argument("--key", choices=("uncertainties", "expected_force_errors", "latent_distances"),
-                      default="uncertainties", help="per-atom UQ watched (uncertainties)")
+    stop.add_argument("--stop-statistic", dest="key", choices=STOP_STATISTIC_CHOICES, default="uncertainties",
+                      help="per-atom UQ the stop watches, reduced by --atom-reduce; its unit is the threshold's: "
+                           "uncertainties (probability in [0, 1]; saturates at 1), expected_force_errors (eV/Å; "
+                           "distance-aware and unbounded with an estimator from `ltau calibrate`: use it under "
+                           "distribution shift), latent_distance_ratios (dimensionless, 1 = a typical training "
+                           "neighbourhood; needs `ltau calibrate`), latent_distances (latent units) (uncertainties)")
+    stop.add_argument("--key", dest="key", choices=STOP_STATISTIC_CHOICES, default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)  # the earlier name of --stop-statistic
     stop.add_argument("--atom-reduce", type=atom_reduce, default="max",
                       help="'max', 'mean' or a quantile in [0, 1] (max)")
     stop.add_argument("--adaptive", action="store_true",
@@ -193,7 +205,7 @@ def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, p
         missing = [i for i, a in enumerate(frames) if column not in a.arrays]
         if missing:
             raise ValueError(f"{path} frame {missing[0]} has no {column!r} column; reference runs must be written by "
-                             f"`ltau md` with the same --key")
+                             f"`ltau md` with an estimator that provides {key!r}")
         steps = [a.info.get("md_step") for a in frames]
         if None not in steps and len(steps) > 1 and np.any(np.diff(steps) != 1):
             raise ValueError(f"{path} was not written at every step (--interval 1); patience counts steps")

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--failure-model", type=Path, default=None, metavar="JSON",
                         help="add each system's failure probability p_fail from a model written by "
                              "--fit-failure-model (its own RMSD threshold applies)")
+    parser.add_argument("--failure-features", choices=("uq", "uq+distance"), default="uq",
+                        help="trace features of --fit-failure-model: uq (initial/max/mean/final UQ and steps) or "
+                             "uq+distance (also the initial/max/mean/final distance ratio, recorded by `ltau relax` "
+                             "with an estimator from `ltau calibrate`) (uq)")
 
 
 def build_table(records: list, refs: dict[str, Any] | None = None, strict: bool = False) -> tuple[list[dict], list[str]]:
@@ -115,7 +119,15 @@ def failure_probabilities(table: list[dict], args: argparse.Namespace) -> dict[s
         return {}
     out: dict[str, Any] = {}
     if args.fit_failure_model is not None:
-        model = FailureModel(rmsd_threshold=args.rmsd_threshold).fit(table)
+        from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+
+        features = FAILURE_FEATURES_WITH_DISTANCE if args.failure_features == "uq+distance" else FAILURE_FEATURES
+        lacking = [r["name"] for r in table if any(f not in r for f in features)]
+        if lacking:
+            raise ValueError(f"{len(lacking)} system(s) lack the {args.failure_features} trace features (e.g. "
+                             f"{lacking[0]!r}); the distance trace is recorded by `ltau relax` with an estimator "
+                             "from `ltau calibrate` (and is absent where it was infinite: an unseen element)")
+        model = FailureModel(rmsd_threshold=args.rmsd_threshold, features=features).fit(table)
         args.fit_failure_model.parent.mkdir(parents=True, exist_ok=True)
         args.fit_failure_model.write_text(json.dumps(model.to_dict(), indent=2))
         out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_)

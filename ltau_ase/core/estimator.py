@@ -41,6 +41,11 @@ from ltau_ase.core.shift import REFERENCE_SAMPLE, DistanceScale, reference_dista
 # normaliser never saw). 200 atoms = 100 per half: a 95 % bound is finite from 19 scores on, and with
 # 100 scores the coverage overshoots the nominal one by at most 1/101 (about 1 %).
 MIN_CALIBRATION_ATOMS = 200
+# With ``frame_ids`` the halves are split by structure, and atoms of one structure share their errors
+# (same geometry, same model error pattern), so a half's effective sample size is nearer its number of
+# structures than its number of atoms: 20 structures = 10 per half, below which one structure can move
+# the fitted scale and the conformal quantile by itself.
+MIN_CALIBRATION_STRUCTURES = 20
 # An element gets its own factor and conformal quantile from this many atoms per half; fewer use the
 # pooled ones (a 95 % conformal quantile from < 50 scores moves by several % between draws).
 MIN_ELEMENT_ATOMS = 50
@@ -551,8 +556,9 @@ class LTAUEstimator:
             are added, and ``error_bound`` when ``coverage`` is given. With ``weights="distance"``
             confidence and expected_error are inverse-distance weighted. With ``atomic_numbers``,
             also ``unknown_species``: (n,) bool, the atoms of unseen elements (all False unless the
-            policy is ``"flag"``), whose uncertainty is 1, confidence 0 and expected error and
-            error bound NaN.
+            policy is ``"flag"``), whose uncertainty is 1, confidence 0, expected error and error
+            bound NaN, and (calibrated) distance ratio and scale +inf: the species-aware reading,
+            in which an element absent from training is infinitely far from it.
         Raises:
             ValueError: an unseen element under the ``"raise"`` policy (before any search).
         """
@@ -605,6 +611,10 @@ class LTAUEstimator:
             out["expected_error"][unknown] = np.nan
             if "error_bound" in out:
                 out["error_bound"][unknown] = np.nan
+            if "distance_ratio" in out:
+                # no training neighbourhood of this element exists: infinitely far, unbounded scale
+                out["distance_ratio"][unknown] = np.inf
+                out["scale"][unknown] = np.inf
             out["unknown_species"] = unknown
         return out
 
@@ -857,7 +867,8 @@ class LTAUEstimator:
             threshold: absolute threshold T (eV/Å) at which confidences are calibrated; None = ``atol_``
                 (with rtol > 0 pass it explicitly).
             seed: seed of the random halving.
-            frame_ids: optional (n,) integer structure label of each atom; then whole structures go to
+            frame_ids: optional (n,) integer structure label of each atom (at least
+                ``MIN_CALIBRATION_STRUCTURES`` = 20 distinct structures); then whole structures go to
                 one half (atoms of one structure have correlated errors, so an atom-level split would
                 make the halves look more alike than new structures are). Recommended; the CLI does it.
         Returns:
@@ -918,6 +929,11 @@ class LTAUEstimator:
             frames = rng.permutation(np.unique(f))
             if frames.size < 2:
                 raise ValueError("frame_ids name a single structure; the calibration needs at least two to split")
+            if frames.size < MIN_CALIBRATION_STRUCTURES:
+                raise ValueError(
+                    f"the calibration set has {frames.size} structures (frame_ids); fit_calibration needs at least "
+                    f"{MIN_CALIBRATION_STRUCTURES} ({MIN_CALIBRATION_STRUCTURES // 2} per half): atoms of one structure "
+                    "have correlated errors, so fewer structures let one of them set the scale and the bounds")
             in_a = np.isin(f, frames[: frames.size // 2])
             half_a, half_b = np.flatnonzero(in_a), np.flatnonzero(~in_a)
             if min(half_a.size, half_b.size) < MIN_CALIBRATION_ATOMS // 2:

@@ -60,6 +60,7 @@ class DemoConfig:
     md_quantile: float = 0.99
     timing_repeats: int = 30
     train_timeout: float = 900.0
+    train_workers: int | None = None  # members trained at a time (None: one per core)
 
     @classmethod
     def preset(cls, quick: bool, seed: int = 0, members: int | None = None, epochs: int | None = None) -> "DemoConfig":

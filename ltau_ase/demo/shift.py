@@ -35,6 +35,7 @@ from ltau_ase.shift_metrics import (bootstrap_ci, coverage, normalised_conformal
 METHODS = ("ltau_paper", "ltau_distance", "distance", "committee")
 METHOD_LABELS = {"ltau_paper": "LTAU (paper)", "ltau_distance": "distance-aware LTAU",
                  "ltau_distance_expected_error": "distance-aware expected error (eV/Å)",
+                 "ltau_distance_ratio": "distance ratio r (calibrated)",
                  "distance": "latent distance", "committee": "committee"}
 
 
@@ -57,14 +58,17 @@ class ShiftBenchConfig:
     coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
     relax_steps: int = 40
     committee_stride: int = 10
-    is2rs_limit: int | None = 30
+    is2rs_limit: int | None = None
     relax_fmax: float = 0.05
     failure_rmsd: float = 0.5
-    md_runs_reference: int = 20
+    # 0: no separate reference runs; each in-domain run is judged with the threshold from the other
+    # in-domain runs (leave-one-out conformal: exchangeable with them, so P(false alarm) <= alpha still),
+    # and the hot runs with the threshold from all in-domain runs. Halves the in-domain MD cost.
+    md_runs_reference: int = 0
     md_runs_in_domain: int = 20
-    md_steps_in_domain: int = 100
+    md_steps_in_domain: int = 2000
     md_runs_hot: int = 20
-    md_steps_hot: int = 100
+    md_steps_hot: int = 2000
     md_hot_temperatures: tuple[float, ...] = (1200.0,)
     md_emt_stride_in_domain: int = 5
     md_emt_stride_hot: int = 1
@@ -74,19 +78,27 @@ class ShiftBenchConfig:
     md_patience: int = 1
     md_on_time_steps: int = 10
     md_slab: tuple[int, int, int] = (2, 2, 3)
+    # The MD runs use their own model (member 1's configuration trained for md_model_epochs, with its own
+    # error log, LTAU estimator and calibration): at 12 epochs 15 of 20 in-domain 300 K runs of member 1
+    # broke down within 100 steps by themselves, at 60 epochs 13 of 20 within 2,000 steps (true max-atom
+    # error > 1 eV/Å), which leaves few in-domain runs to test false alarms on. None: MD with member 1.
+    md_model_epochs: int | None = 200
     bootstrap: int = 1000
     timing_repeats: int = 30
     workers: int = 2
-    settings: ShiftSettings = field(default_factory=ShiftSettings)
+    # the issue's sizes: >= 100 IS2RS systems per domain (and as many calibration relaxations for the
+    # failure model)
+    settings: ShiftSettings = field(default_factory=lambda: ShiftSettings(n_is2rs=100, n_is2rs_calibration=100))
 
     @classmethod
     def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
         if quick:
-            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_runs_in_domain=3, md_runs_reference=9,
+            cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_model_epochs=4, md_runs_in_domain=3,
+                      md_runs_reference=9,
                       md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
                       timing_repeats=5, workers=1,
-                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=6, n_calibration_mild=3, n_test=2,
+                      settings=ShiftSettings(n_train=6, n_val=2, n_calibration=7, n_calibration_mild=3, n_test=2,
                                              n_is2rs=4, n_is2rs_calibration=4, md_frames=2, relax_frames=2,
                                              slab_sizes=((2, 2, 3),)))
         else:
@@ -94,8 +106,9 @@ class ShiftBenchConfig:
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         if cfg.members < 2:
             raise ValueError(f"the committee needs at least 2 members, got {cfg.members}")
-        if cfg.epochs < 2:
-            raise ValueError(f"at least 2 epochs are needed for an error trajectory, got {cfg.epochs}")
+        if cfg.epochs < 2 or (cfg.md_model_epochs is not None and cfg.md_model_epochs < 2):
+            raise ValueError(f"at least 2 epochs are needed for an error trajectory, got {cfg.epochs} "
+                             f"(MD model: {cfg.md_model_epochs})")
         return cfg
 
 
@@ -143,7 +156,7 @@ def _demo_config(cfg: ShiftBenchConfig):
 
     return DemoConfig(seed=cfg.seed, members=cfg.members, epochs=cfg.epochs, num_layers=cfg.num_layers,
                       num_features=cfg.num_features, l_max=cfg.l_max, r_max=cfg.r_max, batch_size=cfg.batch_size,
-                      lr=cfg.lr, k_grid=(cfg.k,), train_timeout=cfg.train_timeout)
+                      lr=cfg.lr, k_grid=(cfg.k,), train_timeout=cfg.train_timeout, train_workers=cfg.workers)
 
 
 def stage_train(cfg: ShiftBenchConfig, out: Path, data: dict, reuse: bool) -> dict[str, Any]:
@@ -157,6 +170,80 @@ def stage_train(cfg: ShiftBenchConfig, out: Path, data: dict, reuse: bool) -> di
 
 def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict[str, Any]:
     return _as_stage(_demo_stages().stage_fit(_demo_config(cfg), out, _Stage(data), _Stage(train)))
+
+
+def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, Any]:
+    """The MD model: member 1's configuration (same seed, data, sizes) trained for ``md_model_epochs``.
+
+    Returns a train-like stage (``models``, ``log_dirs`` of the one run) or ``train`` itself when
+    ``md_model_epochs`` is None. Reused when its ``last.ckpt`` exists.
+    """
+    if cfg.md_model_epochs is None:
+        return train
+    from ltau_ase.nequip.training import ERROR_LOGGER_TARGET, train_nequip, write_nequip_config
+
+    model_dir = (out / "models" / f"md_model_e{cfg.md_model_epochs}").resolve()
+    log_dir = model_dir / "ltau_errors"
+    seconds = math.nan
+    if not (reuse and (model_dir / "run" / "last.ckpt").is_file()):
+        config = write_nequip_config(
+            model_dir / "config.yaml", [data["dir"] / "train.extxyz"], type_names=data["type_names"],
+            val_file=data["dir"] / "val.extxyz",
+            callbacks=[{"_target_": ERROR_LOGGER_TARGET, "log_dir": str(log_dir), "mode": "free"}],
+            seed=cfg.seed * 1000 + 1, data_seed=cfg.seed, max_epochs=cfg.md_model_epochs, num_layers=cfg.num_layers,
+            num_features=cfg.num_features, l_max=cfg.l_max, r_max=cfg.r_max, batch_size=cfg.batch_size, lr=cfg.lr)
+        t0 = time.perf_counter()
+        train_nequip(config, model_dir / "run", timeout=cfg.train_timeout, threads=1)
+        seconds = time.perf_counter() - t0
+    return _Stage(models=[model_dir / "run" / "last.ckpt"], log_dirs=[log_dir], train_times=[seconds],
+                  epochs=cfg.md_model_epochs)
+
+
+def calibration_groups(system: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, str]:
+    """Structure label per calibration atom: its system (MD frames of one system are correlated) when
+    there are at least ``MIN_CALIBRATION_STRUCTURES`` systems, else its frame (small demo sizes).
+
+    Returns (labels (n,) int, ``"systems"`` or ``"frames"``).
+    """
+    from ltau_ase.core.estimator import MIN_CALIBRATION_STRUCTURES
+
+    by_system = np.unique(np.asarray(system).astype(str), return_inverse=True)[1]
+    if by_system.max() + 1 >= MIN_CALIBRATION_STRUCTURES:
+        return by_system, "systems"
+    return np.unique(np.asarray(frame).astype(str), return_inverse=True)[1], "frames"
+
+
+def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str, Any]:
+    """LTAU (paper) and distance-aware LTAU of the MD model: its training descriptors and its own error log,
+    calibrated (``fit_calibration``) on its errors on the in-domain and 600 K calibration splits."""
+    import copy
+
+    from ltau_ase.core.errorlog import load_error_logs
+    from ltau_ase.core.estimator import LTAUEstimator
+    from ltau_ase.nequip.descriptors import extract_descriptors
+
+    frames = data["splits"]["train"]
+    atom_ids, desc = extract_descriptors(md_train["models"][0], frames, progress=True)
+    logs = load_error_logs(md_train["log_dirs"])
+    if not np.array_equal(atom_ids, logs[0].atom_ids):
+        raise RuntimeError("MD-model training descriptors and error log are not in the same atom order")
+    est = LTAUEstimator(k=cfg.k).fit(desc, logs, atom_ids=atom_ids)
+    model = _demo_stages()._load_model(md_train["models"][0])
+    x, err, z, system = [], [], [], []
+    for split in ("calibration", "calibration_mild"):
+        for frame in data["splits"][split]:
+            atoms = frame.copy()
+            atoms.calc = model
+            f = atoms.get_forces(apply_constraint=False)
+            err.append(np.linalg.norm(f - np.asarray(frame.calc.results["forces"]), axis=1))
+            x.append(np.asarray(model.results["descriptors"], dtype=np.float32))
+            z.append(atoms.numbers)
+            system.append(np.full(len(atoms), frame.info["system"], dtype=object))
+    x, err, z = np.concatenate(x), np.concatenate(err), np.concatenate(z)
+    frame_of_atom = np.concatenate([np.full(n, i) for i, n in enumerate(len(a) for a in system)])
+    structure, _ = calibration_groups(np.concatenate(system).astype(str), frame_of_atom)
+    aware = copy.deepcopy(est).fit_calibration(x, err, atomic_numbers=z, seed=cfg.seed, frame_ids=structure)
+    return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_}
 
 
 # ---------------------------------------------------------------------------- stage 4: S2EF evaluation
@@ -222,7 +309,7 @@ def _worker_init(model_paths: Sequence[str]) -> None:
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     members = [_load_model(p) for p in model_paths]
-    _WORKER.update(members=members, committee=CommitteeCalculator(members[:]),
+    _WORKER.update(members=members, committee=CommitteeCalculator(members[:]) if len(members) > 1 else None,
                    single=_load_model(model_paths[0]))
 
 
@@ -381,8 +468,9 @@ def md_start_structures(cfg: ShiftBenchConfig, n: int, stream: int) -> list:
 def md_plan(cfg: ShiftBenchConfig) -> dict[str, tuple[float, int, int, int]]:
     """Run groups: name -> (temperature K, runs, steps, stream)."""
     t0 = cfg.settings.train_temperature
-    plan = {"reference": (t0, cfg.md_runs_reference, cfg.md_steps_in_domain, 101),
-            f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
+    plan = {f"T{t0:g}": (t0, cfg.md_runs_in_domain, cfg.md_steps_in_domain, 102)}
+    if cfg.md_runs_reference:  # 0: the in-domain runs are their own references (leave one out)
+        plan = {"reference": (t0, cfg.md_runs_reference, cfg.md_steps_in_domain, 101)} | plan
     for j, t in enumerate(cfg.md_hot_temperatures):
         plan[f"T{t:g}"] = (t, cfg.md_runs_hot, cfg.md_steps_hot, 103 + j)
     return plan
@@ -461,6 +549,7 @@ class Scorer:
             out["ltau_distance"] = {"uncertainty": a["uncertainty"], "confidence_cal": a["confidence"],
                                     "sigma": a["expected_error"]}
             out["ltau_distance_expected_error"] = {"uncertainty": a["expected_error"]}
+            out["ltau_distance_ratio"] = {"uncertainty": a["distance_ratio"]}
             if bounds:
                 for q in self.cfg.coverages:
                     out["ltau_distance"][f"bound_{q:g}"] = self.aware.predict(
@@ -477,7 +566,10 @@ def _calibrated_methods(cfg, fit, evals, seen):
     est = fit["estimators"][cfg.k]
     cal = {k: np.concatenate([evals["calibration"][k], evals["calibration_mild"][k]])
            for k in ("descriptors", "err_single", "err_committee", "u_committee", "numbers", "system")}
-    structure = np.unique(cal["system"], return_inverse=True)[1]
+    # frame "a" of split "calibration" and frame "a" of "calibration_mild" are different structures
+    frames = np.concatenate([np.char.add(f"{s}:", evals[s]["frame"].astype(str))
+                             for s in ("calibration", "calibration_mild")])
+    structure, split_by = calibration_groups(cal["system"], frames)
     scaled = copy.deepcopy(est)
     scale = scaled.fit_scale(cal["descriptors"], cal["err_single"])
     aware = None
@@ -485,7 +577,7 @@ def _calibrated_methods(cfg, fit, evals, seen):
     if hasattr(est, "fit_calibration"):
         aware = copy.deepcopy(est).fit_calibration(cal["descriptors"], cal["err_single"],
                                                    atomic_numbers=cal["numbers"], seed=cfg.seed, frame_ids=structure)
-        aware_note = ("fit_calibration (atomic numbers, whole systems per half) on the in-domain calibration "
+        aware_note = (f"fit_calibration (atomic numbers, whole {split_by} per half) on the in-domain calibration "
                       "split plus the milder-shift (600 K) split")
     comm_scale = fit_committee_scale(cal["u_committee"], cal["err_committee"], est.atol_)["scale"]
     return est, scaled, aware, cal, {"paper_scale": scale, "committee_scale": comm_scale, "aware": aware_note}
@@ -581,11 +673,11 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
                                    "nsteps": rec["nsteps"]}
             if rec["descriptors"] is not None:
                 free = rec["free"]
-                per_step: dict[str, list] = {}
-                for step_desc in rec["descriptors"]:
-                    for method, p in scorer.predict(step_desc, atoms.numbers).items():
-                        per_step.setdefault(method, []).append(float(np.mean(p["uncertainty"][free])))
-                per_step["committee"] = list(rec["committee"][:, free].mean(axis=1))
+                d = rec["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
+                pred = scorer.predict(d.reshape(-1, d.shape[-1]), np.tile(atoms.numbers, d.shape[0]))
+                per_step = {method: p["uncertainty"].reshape(d.shape[:2])[:, free].mean(axis=1)
+                            for method, p in pred.items()}
+                per_step["committee"] = rec["committee"][:, free].mean(axis=1)
                 for method, vals in per_step.items():
                     row[method] = _trace_stats(np.array(vals))
             rows.append(row)
@@ -622,36 +714,47 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
         out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
         return
 
-    def rows_of(split: str, method: str) -> list[dict]:
-        return [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
-                for r in out["table"][split] if method in r and math.isfinite(r["rmsd"])]
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
 
+    distance_key = "ltau_distance_ratio"  # the calibrated estimator's r_j, mean over free atoms per step
+
+    def row_of(r: dict, method: str) -> dict:
+        row = {**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
+        if distance_key in r:
+            row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
+        return row
+
+    variants = {"": FAILURE_FEATURES, "_with_distance": FAILURE_FEATURES_WITH_DISTANCE}
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
-        fit_rows = rows_of("is2rs_calibration", method)
-        if not fit_rows:
-            continue
-        try:
-            model = FailureModel(rmsd_threshold=cfg.failure_rmsd).fit(fit_rows)
-        except ValueError as exc:
-            info[method] = f"not fitted: {exc}"
-            continue
-        info[method] = model.to_dict()
-        for split in out["table"]:
-            if split == "is2rs_calibration":
+        for suffix, features in variants.items():
+            # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
+            fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
+                        if method in r and math.isfinite(r["rmsd"])]
+            if not fit_rows or (suffix and distance_key not in out["table"]["is2rs_calibration"][0]):
                 continue
-            # exploded relaxations (RMSD inf) are failures the model must flag too: give them their trace
-            rows = [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
-                    for r in out["table"][split] if method in r]
-            if not rows:
+            try:
+                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features).fit(fit_rows)
+            except ValueError as exc:
+                info[method + suffix] = f"not fitted: {exc}"
                 continue
-            p = model.predict_proba(rows)
-            fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
-            d = out["domains"][split[len("is2rs_"):]][method]
-            d["auroc_failure_probability"] = bootstrap_ci(np.arange(len(rows)), lambda i: auroc(p[i], fail[i]),
-                                                          cfg.bootstrap, seed=cfg.seed)
-            d["mean_failure_probability"] = float(p.mean())
-            d["observed_failure_rate"] = float(fail.mean())
+            info[method + suffix] = model.to_dict()
+            for split in out["table"]:
+                if split == "is2rs_calibration":
+                    continue
+                rows = [row_of(r, method) for r in out["table"][split] if method in r]
+                if not rows:
+                    continue
+                p = model.predict_proba(rows)
+                fail = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
+                d = out["domains"][split[len("is2rs_"):]][method]
+                d["auroc_failure_probability" + suffix] = bootstrap_ci(
+                    np.arange(len(rows)), lambda i: auroc(p[i], fail[i]), cfg.bootstrap, seed=cfg.seed)
+                d["brier_failure_probability" + suffix] = bootstrap_ci(
+                    np.arange(len(rows)), lambda i: float(np.mean((p[i] - fail[i]) ** 2)), cfg.bootstrap,
+                    seed=cfg.seed)
+                d["mean_failure_probability" + suffix] = float(p.mean())
+                d["observed_failure_rate"] = float(fail.mean())
     out["failure_model"] = info
 
 
@@ -659,34 +762,74 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
     """Stop outcomes per temperature from per-step max-atom statistics.
 
     Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
-    of the per-run peaks for the stated false-alarm rate) over the separate in-domain ``reference``
-    runs; the monitored groups (in-domain and hot) are judged with it.
+    of the per-run peaks for the stated false-alarm rate) over in-domain runs: the separate
+    ``reference`` runs when there are any; otherwise each in-domain run gets the threshold from the
+    other in-domain runs (leave one out) and the hot runs the one from all in-domain runs. Two
+    reference rules, side by side: ``"whole_runs"`` (every step of the reference runs) and
+    ``"before_breakdown"`` (each reference run up to its first step whose true max-atom error exceeds
+    ``md_error_bound``: a false alarm is a stop before breakdown, so these are the peaks the guarantee
+    is about; an in-domain run that breaks down by itself no longer raises the threshold).
     """
     from ltau_ase.simulate.observers import stop_threshold
 
     def stats(run) -> dict[str, np.ndarray]:
-        pred_steps = [scorer.predict(d) for d in run["descriptors"]]
-        return {m: np.array([p[m]["uncertainty"].max() for p in pred_steps]) for m in pred_steps[0]}
+        d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
+        pred = scorer.predict(d.reshape(-1, d.shape[-1]))
+        return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
+
+    def before_breakdown(trace: np.ndarray, run: dict) -> np.ndarray:
+        over = np.flatnonzero(np.asarray(run["true_max_error"]) > cfg.md_error_bound)
+        return trace[: over[0]] if over.size else trace
 
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
-    methods = list(traces["reference"][0])
-    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
-                           "patience": cfg.md_patience, "n_reference_runs": len(md["reference"]),
-                           "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over the reference runs",
-                           "thresholds": {m: stop_threshold([t[m] for t in traces["reference"]],
-                                                            cfg.md_false_alarm_rate, cfg.md_patience)
-                                          for m in methods},
-                           "groups": {}}
-    for group, runs in md.items():
-        if group == "reference":
-            continue
-        g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
-                             "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
-        for m in methods:
-            g[m] = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
-                                 res["thresholds"][m], cfg.md_error_bound, cfg.md_patience, cfg.md_on_time_steps)
-        res["groups"][group] = g
-    res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md["reference"]]
+    in_domain = f"T{cfg.settings.train_temperature:g}"
+    leave_one_out = "reference" not in md
+    ref_group = in_domain if leave_one_out else "reference"
+    methods = list(traces[ref_group][0])
+    alpha, patience = cfg.md_false_alarm_rate, cfg.md_patience
+    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": alpha,
+                           "patience": patience, "n_reference_runs": len(md[ref_group]),
+                           "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over "
+                                             + ("the other in-domain runs (leave one out) for each in-domain run, "
+                                                "over all in-domain runs for the hot runs" if leave_one_out
+                                                else "the reference runs"),
+                           "reference_rules": {}}
+    for rule in ("whole_runs", "before_breakdown"):
+        refs = {m: [t[m] if rule == "whole_runs" else before_breakdown(t[m], r)
+                    for t, r in zip(traces[ref_group], md[ref_group])] for m in methods}
+        out: dict[str, Any] = {"thresholds": {m: stop_threshold(refs[m], alpha, patience) for m in methods},
+                               "groups": {}}
+        for group, runs in md.items():
+            if group == "reference":
+                continue
+            g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
+                                 "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+            for m in methods:
+                thr: Any = out["thresholds"][m]
+                if leave_one_out and group == in_domain:
+                    thr = [stop_threshold(refs[m][:i] + refs[m][i + 1:], alpha, patience) for i in range(len(runs))]
+                o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                                  thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
+                if isinstance(thr, list):
+                    o["thresholds"] = thr
+                # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
+                false_alarm = np.array([s is not None and (b is None or s < b)
+                                        for s, b in zip(o["stop"], o["breakdown"])], dtype=float)
+                o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
+                                                        cfg.bootstrap, seed=cfg.seed)
+                broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
+                if broken:
+                    on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
+                                        for i in broken], dtype=float)
+                    o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
+                                                        cfg.bootstrap, seed=cfg.seed)
+                g[m] = o
+            out["groups"][group] = g
+        res["reference_rules"][rule] = out
+    # the whole-run rule under the earlier keys
+    res["thresholds"] = res["reference_rules"]["whole_runs"]["thresholds"]
+    res["groups"] = res["reference_rules"]["whole_runs"]["groups"]
+    res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md[ref_group]]
     return res
 
 
@@ -721,29 +864,35 @@ def summary_table(results: dict) -> str:
 
 def is2rs_table(results: dict) -> str:
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
-             "AUROC (FailureModel p) |" % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|"]
+             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | mean p / observed |"
+             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|"]
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
             if m:
                 lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
                              f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
-                             f"{_cell(m, 'auroc_failure_probability')} |")
+                             f"{_cell(m, 'auroc_failure_probability')} | "
+                             f"{_cell(m, 'auroc_failure_probability_with_distance')} | "
+                             f"{_num(m.get('mean_failure_probability'))} / {_num(m.get('observed_failure_rate'))} |")
     return "\n".join(lines)
 
 
 def md_table(results: dict) -> str:
     md = results["md"]
-    lines = ["| MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | stopped ≤ %d steps "
-             "after breakdown | median delay | missed |" % (md["error_bound"], results["config"]["md_on_time_steps"]),
-             "|---|---|---|---|---|---|---|---|---|"]
-    for group, g in md["groups"].items():
-        for method in METHOD_LABELS:
-            o = g.get(method)
-            if o:
-                lines.append(f"| {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
-                             f"{_num(md['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
-                             f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
+    lines = ["| reference rule | MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | "
+             "stopped ≤ %d steps after breakdown | median delay | missed |"
+             % (md["error_bound"], results["config"]["md_on_time_steps"]),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rules = md.get("reference_rules", {"whole_runs": {"thresholds": md["thresholds"], "groups": md["groups"]}})
+    for rule, r in rules.items():
+        for group, g in r["groups"].items():
+            for method in METHOD_LABELS:
+                o = g.get(method)
+                if o:
+                    lines.append(f"| {rule} | {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
+                                 f"{_num(r['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
+                                 f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
     return "\n".join(lines)
 
 
@@ -762,9 +911,11 @@ def figures(out: Path, results: dict) -> dict[str, str]:
         for j, method in enumerate(METHODS):
             vals = [s[d][method][key] if method in s[d] else None for d in domains]
             x = np.arange(len(domains)) + j * width
-            v = np.array([np.nan if c is None else c["value"] for c in vals])
-            lo = np.array([np.nan if c is None else c["value"] - c["low"] for c in vals])
-            hi = np.array([np.nan if c is None else c["high"] - c["value"] for c in vals])
+            # an undefined value or CI (NaN, stored as None in JSON) is drawn as no bar / no error bar
+            num = lambda x: np.nan if x is None else float(x)  # noqa: E731
+            v = np.array([np.nan if c is None else num(c["value"]) for c in vals])
+            lo = np.array([np.nan if c is None else num(c["value"]) - num(c["low"]) for c in vals])
+            hi = np.array([np.nan if c is None else num(c["high"]) - num(c["value"]) for c in vals])
             ax.bar(x, v, width, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], label=METHOD_LABELS[method], capsize=2)
         ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
         ax.set_xticklabels(domains, rotation=20, fontsize=8)
@@ -856,13 +1007,25 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
         fit = timed("estimator", stage_fit, cfg, out, {"splits": {"train": frames}}, train)
     evals = timed("s2ef evaluation", stage_evaluate, cfg, out, data, train, reuse)
     is2rs = timed("is2rs relaxations", stage_is2rs, cfg, out, data, train, reuse)
-    md = timed("md runs", stage_md, cfg, out, train, reuse)
+    md_train = train if ensemble is not None else timed("md model training", stage_md_model, cfg, out, data, train,
+                                                         reuse)
+    md = timed("md runs", stage_md, cfg, out, md_train, reuse)
     est, scaled, aware, cal, calib = _calibrated_methods(cfg, fit, evals, data["seen_numbers"])
     scorer = Scorer(cfg, est, scaled, aware, data["seen_numbers"])
     s2ef = timed("scoring s2ef", score_s2ef, cfg, scorer, evals, cal, est.atol_, calib["committee_scale"],
                  data["seen_numbers"])
     is2rs_res = timed("scoring is2rs", score_is2rs, cfg, scorer, is2rs, data)
-    md_res = timed("scoring md", score_md, cfg, scorer, md)
+    if md_train is train:
+        md_scorer, md_info = scorer, {"model": "member 1 of the ensemble"}
+    else:
+        md_est = timed("md model estimators", md_estimators, cfg, data, md_train)
+        md_scorer = Scorer(cfg, md_est["paper"], md_est["paper"], md_est["aware"], data["seen_numbers"])
+        md_info = {"model": f"member 1's configuration trained for {md_train['epochs']} epochs (own error log, "
+                            "estimator and calibration)", "atol": md_est["atol"],
+                   "calibration_mean_error": md_est["calibration_mean_error"],
+                   "training_seconds": md_train["train_times"][0]}
+    md_res = timed("scoring md", score_md, cfg, md_scorer, md)
+    md_res["md_model"] = md_info
     estimators = {"ltau_paper": est} | ({"ltau_distance": aware} if aware is not None else {})
     cost = timed("costs", stage_costs, cfg, data, train, estimators)
     results: dict[str, Any] = {
@@ -892,7 +1055,7 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
 def demo_config(quick: bool, seed: int = 0) -> ShiftBenchConfig:
     """Reduced sizes for ``make demo`` (scores the demo's own ensemble; see :func:`demo_shift_headline`)."""
     if quick:
-        settings = ShiftSettings(n_train=1, n_val=1, n_calibration=6, n_calibration_mild=2, n_test=2, n_is2rs=3,
+        settings = ShiftSettings(n_train=1, n_val=1, n_calibration=8, n_calibration_mild=2, n_test=2, n_is2rs=3,
                                  n_is2rs_calibration=3, md_frames=2, relax_frames=1, md_equilibration=0,
                                  md_stride=3, slab_sizes=((2, 2, 3),))
         return ShiftBenchConfig(quick=True, seed=seed, k=5, relax_steps=10, committee_stride=5, md_runs_reference=1,
@@ -923,9 +1086,9 @@ def headline(results: dict) -> dict[str, Any]:
         for method in METHOD_LABELS:
             if method in row:
                 h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
-                if "auroc_failure_probability" in row[method]:
-                    h[f"is2rs.{domain}.{method}.auroc_failure_probability"] = \
-                        row[method]["auroc_failure_probability"]["value"]
+                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance"):
+                    if key in row[method]:
+                        h[f"is2rs.{domain}.{method}.{key}"] = row[method][key]["value"]
     for group, g in results["md"]["groups"].items():
         for method in METHOD_LABELS:
             if method in g:

@@ -125,7 +125,8 @@ def stage_train(cfg: DemoConfig, out: Path, data: DataStage) -> TrainStage:
         return run_dir, log_dir, time.perf_counter() - t0
 
     results: dict[int, tuple[Path, Path, float]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(cfg.members, cpu_count()))) as pool:
+    workers = cpu_count() if cfg.train_workers is None else cfg.train_workers
+    with ThreadPoolExecutor(max_workers=max(1, min(cfg.members, workers))) as pool:
         futures = {pool.submit(train_member, m): m for m in range(cfg.members)}
         for future in tqdm(as_completed(futures), total=cfg.members, desc="training ensemble", unit="model"):
             results[futures[future]] = future.result()

@@ -25,7 +25,9 @@
 - Each row holds the final structure (energy and forces as calculator results), key-value pairs
   ``name``, ``group``, ``status`` (``"done"`` | ``"unconverged"`` | ``"failed"``), ``reason``,
   ``converged``, ``nsteps``, ``wall_time`` (s), ``fmax_final`` (eV/Å), ``uq_initial`` / ``uq_max`` /
-  ``uq_mean`` / ``uq_final`` / ``uq_key``, ``optimizer``; and ``data``: ``trace`` (per-step UQ),
+  ``uq_mean`` / ``uq_final`` / ``uq_key``, ``optimizer``, with a calibrated estimator (one that gives
+  ``latent_distance_ratios``) also ``distance_ratio_initial`` / ``_max`` / ``_mean`` / ``_final``
+  (the distance trace, reduced like the UQ); and ``data``: ``trace`` (per-step UQ), ``distance_trace``,
   the final per-atom UQ arrays (``ltau_uncertainties`` ...) and, when references were given, the
   reference structure (``reference_positions``, ``reference_cell``, ``reference_numbers``,
   ``reference_pbc``, ``reference_tags``, ``reference_fixed``).
@@ -57,6 +59,9 @@ from ase.constraints import FixAtoms
 
 from ltau_ase.core.checks import check_int
 from ltau_ase.simulate.calculator import PER_ATOM_UQ
+
+#: the per-atom result whose trace relax_batch records next to the UQ when the calculator gives it
+DISTANCE_KEY = "latent_distance_ratios"
 from ltau_ase.simulate.observers import RelaxationUQObserver, check_reduce
 
 OPTIMIZERS = ("BFGS", "LBFGS", "FIRE", "oc20")
@@ -177,16 +182,22 @@ def relax_one(name: str, atoms: Atoms, factory: Callable[[], Any], settings: Rel
     work = atoms.copy()
     out: dict[str, Any] = {"name": name, "status": "failed", "reason": "", "converged": False, "nsteps": 0,
                            "summary": None, "trace": None, "per_atom": {}, "wall_time": float("nan")}
-    obs = None
+    obs = dist_obs = None
     opt = None
     try:
         work.calc = worker_calculator(factory)
         _check_finite(work, settings.max_force)
         obs = RelaxationUQObserver(work, atom_reduce=settings.atom_reduce, select=_select(settings.select),
                                    key=settings.key)
+        if DISTANCE_KEY in work.calc.implemented_properties and settings.key != DISTANCE_KEY:
+            # a calibrated estimator also gives the distance ratio: its trace feeds the failure model
+            dist_obs = RelaxationUQObserver(work, atom_reduce=settings.atom_reduce, select=_select(settings.select),
+                                            key=DISTANCE_KEY, info_prefix="ltau_distance_ratio_")
         opt = make_optimizer(work, settings.optimizer)
         opt.attach(lambda: _check_finite(work, settings.max_force))  # first: stop before a bad step is used
         opt.attach(obs)
+        if dist_obs is not None:
+            opt.attach(dist_obs)
         converged = bool(opt.run(fmax=settings.fmax, steps=settings.steps))
         forces = work.get_forces()
         out["fmax_final"] = float(np.linalg.norm(forces, axis=1).max()) if len(work) else 0.0
@@ -212,6 +223,9 @@ def relax_one(name: str, atoms: Atoms, factory: Callable[[], Any], settings: Rel
     if obs is not None:
         out["summary"] = obs.summary()
         out["trace"] = obs.trace
+    if dist_obs is not None:
+        out["distance_summary"] = dist_obs.summary()
+        out["distance_trace"] = dist_obs.trace
     if opt is not None:
         out["nsteps"] = int(opt.nsteps)
     out["wall_time"] = time.perf_counter() - t0
@@ -728,6 +742,12 @@ def _write_row(db: Any, result: dict, initial: Atoms, settings: RelaxSettings, r
             if math.isfinite(value):
                 kvp[f"uq_{stat}"] = float(value)
         data["trace"] = np.asarray(result["trace"], dtype=np.float64)
+    if result.get("distance_summary") is not None:
+        for stat in ("initial", "max", "mean", "final"):
+            value = result["distance_summary"][stat]
+            if math.isfinite(value):  # +inf (a flagged unseen element) stays in the trace only
+                kvp[f"distance_ratio_{stat}"] = float(value)
+        data["distance_trace"] = np.asarray(result["distance_trace"], dtype=np.float64)
     data.update(result.get("per_atom", {}))
     if "traceback" in result:
         data["traceback"] = result["traceback"]
@@ -747,6 +767,10 @@ class RelaxationRecord:
         converged, nsteps, wall_time: optimizer outcome, steps taken, seconds.
         uq_initial, uq_max, uq_mean, uq_final: the RelaxationUQObserver statistics (NaN when absent).
         trace: (nsteps + 1,) per-step UQ or None.
+        distance_ratio_initial, distance_ratio_max, distance_ratio_mean, distance_ratio_final: the same
+            statistics of the distance ratio trace (``latent_distance_ratios``, recorded when the
+            calculator provides it: an estimator from ``fit_calibration``); NaN when absent.
+        distance_trace: (nsteps + 1,) per-step distance ratio or None.
         atoms: final structure (energy and forces as calculator results).
         reference: reference relaxed structure stored with ``references=`` (or None).
         per_atom: final per-atom UQ arrays (``ltau_uncertainties`` ...), each (N,).
@@ -766,6 +790,11 @@ class RelaxationRecord:
     uq_mean: float = float("nan")
     uq_final: float = float("nan")
     trace: np.ndarray | None = None
+    distance_ratio_initial: float = float("nan")
+    distance_ratio_max: float = float("nan")
+    distance_ratio_mean: float = float("nan")
+    distance_ratio_final: float = float("nan")
+    distance_trace: np.ndarray | None = None
     atoms: Atoms | None = None
     reference: Atoms | None = None
     per_atom: dict = field(default_factory=dict)
@@ -820,6 +849,9 @@ def load_results(db_path: str | PathLike, statuses: Iterable[str] | None = None)
             reason=row.get("reason", ""), converged=bool(row.get("converged", False)), nsteps=row.get("nsteps"),
             wall_time=row.get("wall_time", float("nan")),
             trace=np.asarray(data["trace"]) if "trace" in data else None, atoms=row.toatoms(), reference=ref,
+            distance_trace=np.asarray(data["distance_trace"]) if "distance_trace" in data else None,
             per_atom={k: np.asarray(v) for k, v in data.items() if k.startswith("ltau_")},
-            **{f"uq_{stat}": row.get(f"uq_{stat}", float("nan")) for stat in ("initial", "max", "mean", "final")}))
+            **{f"uq_{stat}": row.get(f"uq_{stat}", float("nan")) for stat in ("initial", "max", "mean", "final")},
+            **{f"distance_ratio_{stat}": row.get(f"distance_ratio_{stat}", float("nan"))
+               for stat in ("initial", "max", "mean", "final")}))
     return records

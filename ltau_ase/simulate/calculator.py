@@ -12,6 +12,10 @@ per atom, shape (N,)
     ``force_error_bounds``      only with ``coverage=q`` and a calibrated estimator
                                 (``LTAUEstimator.fit_calibration``): split-conformal bound (eV/Å) with
                                 P(|F error| <= bound) >= q on data like the calibration set
+    ``latent_distance_ratios``  only with a calibrated estimator: r_j, the latent distance over the
+                                training set's median leave-one-out neighbour distance (dimensionless;
+                                r ≈ 1 is a typical training neighbourhood; +inf for an atom of an
+                                element never seen in training under ``unknown_species="flag"``)
 per structure (float)
     ``max_uncertainty``, ``mean_uncertainty``  over all atoms
 
@@ -31,7 +35,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from ltau_ase.core.estimator import unknown_species_policy
 
-PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds")
+PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds",
+               "latent_distance_ratios")
 PER_STRUCTURE_UQ = ("max_uncertainty", "mean_uncertainty")
 UQ_PROPERTIES = PER_ATOM_UQ + PER_STRUCTURE_UQ
 
@@ -51,6 +56,7 @@ _PREDICT_TO_RESULT = {
     "distance": "latent_distances",
 }
 _BOUND_RESULT = "force_error_bounds"
+_RATIO_RESULT = "latent_distance_ratios"
 
 
 def check_finite_geometry(atoms: Atoms) -> None:
@@ -158,8 +164,11 @@ class LTAUCalculator(Calculator):
         self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        uq = [p for p in UQ_PROPERTIES if p != _BOUND_RESULT or coverage is not None]
+        calibrated = estimator is not None and bool(getattr(estimator, "is_calibrated", False))
+        uq = [p for p in UQ_PROPERTIES
+              if (p != _BOUND_RESULT or coverage is not None) and (p != _RATIO_RESULT or calibrated)]
         self.implemented_properties = base + uq
+        self._distance_ratios = calibrated
         self._base_properties = base
 
     # ------------------------------------------------------------------ construction
@@ -300,7 +309,8 @@ class LTAUCalculator(Calculator):
     def _finish_uq(self, atoms: Atoms, pred: Mapping[str, Any]) -> dict[str, Any]:
         n = len(atoms)
         out: dict[str, Any] = {}
-        mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}))
+        mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}),
+                       **({"distance_ratio": _RATIO_RESULT} if self._distance_ratios else {}))
         for src, dst in mapping.items():
             values = np.array(pred[src], dtype=np.float64)
             if values.shape != (n,):

@@ -33,6 +33,22 @@ from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq
 Select = str | Sequence[int] | np.ndarray
 Reduce = str | float
 
+#: Per-atom calculator results an :class:`UncertaintyStop` can watch (its ``key``), with their units.
+#: Reduced over the selected atoms (default: the maximum atom), each gives one value per step.
+STOP_STATISTICS = {
+    "uncertainties": "1 − P(|ΔF| ≤ T), a probability in [0, 1] (no unit). It saturates: once the worst atom's "
+                     "neighbours all have errors above T it is 1 however far the atom is, so a max-atom stop on it "
+                     "cannot tell a little out of domain from a breakdown.",
+    "expected_force_errors": "expected |ΔF| of the atom, eV/Å: s × the neighbours' mean logged error; with a "
+                             "calibrated estimator s is the distance-aware s_j = c_Z · g(r_j), so it grows without "
+                             "bound with the distance. The recommended stop statistic.",
+    "latent_distance_ratios": "r_j, the latent distance over the training set's median leave-one-out neighbour "
+                              "distance (dimensionless; 1 = a typical training neighbourhood; +inf for a flagged "
+                              "unseen element). Needs a calibrated estimator.",
+    "latent_distances": "mean latent distance to the k nearest training atoms, in the model's latent units "
+                        "(no physical unit; comparable only within one model).",
+}
+
 
 # ---------------------------------------------------------------------------- helpers
 def resolve_selection(atoms: Atoms, select: Select) -> np.ndarray:
@@ -137,15 +153,20 @@ class RelaxationUQObserver:
     ``trace`` (nsteps + 1,) holds the per-step values, ``per_atom_last`` the last (N,) values.
     After each step the summary is written to ``atoms.info["ltau_uq_initial" | "_max" | "_mean" |
     "_final" | "_nsteps"]`` (and ``"ltau_uq_key"``), the last per-atom values to
-    ``atoms.arrays["ltau_<key>"]``.
+    ``atoms.arrays["ltau_<key>"]``. A second observer of another key (e.g. the distance trace,
+    ``key="latent_distance_ratios"``) needs its own ``info_prefix`` (e.g. ``"ltau_distance_ratio_"``)
+    so the two summaries do not overwrite each other.
     """
 
     def __init__(self, atoms: Atoms, atom_reduce: Reduce = "mean", select: Select = "free",
-                 key: str = "uncertainties") -> None:
+                 key: str = "uncertainties", info_prefix: str = "ltau_uq_") -> None:
         self.atoms = atoms
         self.atom_reduce = check_reduce(atom_reduce)
         self.select = select
         self.key = key
+        if not isinstance(info_prefix, str) or not info_prefix:
+            raise ValueError(f"info_prefix must be a non-empty string, got {info_prefix!r}")
+        self.info_prefix = info_prefix
         check_key(atoms, key)
         self.mask_ = resolve_selection(atoms, select)
         self._values: list[float] = []
@@ -169,8 +190,8 @@ class RelaxationUQObserver:
         self.per_atom_last = values
         self._values.append(reduce_values(values[self.mask_], self.atom_reduce))
         self.atoms.arrays["ltau_" + self.key] = values.copy()
-        self.atoms.info.update({f"ltau_uq_{k}": v for k, v in self.summary().items()})
-        self.atoms.info["ltau_uq_key"] = self.key
+        self.atoms.info.update({f"{self.info_prefix}{k}": v for k, v in self.summary().items()})
+        self.atoms.info[f"{self.info_prefix}key"] = self.key
 
     @property
     def trace(self) -> np.ndarray:
@@ -248,7 +269,11 @@ class UncertaintyStop:
         stop.triggered, stop.step, stop.value, stop.reason
 
     At every step the per-atom ``key`` values of the selected atoms (default all) are reduced with
-    ``atom_reduce`` (default ``"max"``). The stop fires when the value is strictly above the threshold
+    ``atom_reduce`` (default ``"max"``). ``key`` is one of :data:`STOP_STATISTICS` (units there):
+    ``"uncertainties"`` (default, a probability that saturates at 1), ``"expected_force_errors"``
+    (eV/Å, distance-aware and unbounded with a calibrated estimator: the statistic to stop on under
+    distribution shift), ``"latent_distance_ratios"`` (dimensionless, calibrated estimator) or
+    ``"latent_distances"`` (latent units); any other per-atom result the calculator lists also works. The stop fires when the value is strictly above the threshold
     for ``patience`` consecutive steps: it sets ``dyn.max_steps = 0``, which ends ASE's run loop (MD and
     optimizers) after all observers of that step have run, so a trajectory written by the dynamics
     holds every step up to and including the triggering one whatever the attach order. It then
@@ -265,8 +290,8 @@ class UncertaintyStop:
     :meth:`from_false_alarm_rate` (see :func:`stop_threshold`). ``threshold=math.inf`` only records
     ``values`` (the traces those reference runs need). With a calibrated estimator
     (``LTAUEstimator.fit_calibration``) ``uncertainties`` and ``expected_force_errors`` are the
-    distance-aware ones; to watch the latent distance too, attach a second stop with
-    ``key="latent_distances"`` and split the false-alarm budget between the two (union bound).
+    distance-aware ones; to watch the distance too, attach a second stop with
+    ``key="latent_distance_ratios"`` and split the false-alarm budget between the two (union bound).
 
     Note: an optimizer writing to a non-empty trajectory skips step-0 observers, so the initial
     structure is then first checked after step 1.
@@ -326,7 +351,9 @@ class UncertaintyStop:
 
         ``reference_traces`` must be the same statistic (``key``, ``atom_reduce``, ``select`` in
         ``kwargs``) recorded on in-domain runs, e.g. ``stop.values`` of stops built with
-        ``threshold=math.inf``. Sets ``false_alarm_rate`` and ``n_reference_runs`` on the stop.
+        ``threshold=math.inf``; the threshold is in the statistic's unit (:data:`STOP_STATISTICS`:
+        eV/Å for ``key="expected_force_errors"``). Sets ``false_alarm_rate`` and
+        ``n_reference_runs`` on the stop.
         """
         threshold = stop_threshold(reference_traces, false_alarm_rate, patience)
         stop = cls(dyn, threshold=threshold, patience=patience, **kwargs)

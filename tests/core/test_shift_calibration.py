@@ -8,7 +8,7 @@ import pytest
 
 from ltau_ase.core.calibration import miscalibration_area, search_scale
 from ltau_ase.core.conformal import MondrianConformal, check_coverage, conformal_quantile, conformal_rank
-from ltau_ase.core.estimator import MIN_CALIBRATION_ATOMS, MIN_ELEMENT_ATOMS, LTAUEstimator
+from ltau_ase.core.estimator import MIN_CALIBRATION_ATOMS, MIN_CALIBRATION_STRUCTURES, MIN_ELEMENT_ATOMS, LTAUEstimator
 from ltau_ase.core.shift import DistanceScale, reference_distances
 
 
@@ -252,6 +252,12 @@ def test_fit_calibration_bad_inputs():
         est.fit_calibration(xc, ec, atomic_numbers=np.zeros(ec.size, dtype=int))
     with pytest.raises(ValueError, match="single structure"):
         est.fit_calibration(xc, ec, frame_ids=np.zeros(ec.size, dtype=int))
+    # enough atoms (400) but 19 structures: refused, naming the number needed
+    with pytest.raises(ValueError, match=f"has 19 structures .*at least {MIN_CALIBRATION_STRUCTURES}"):
+        est.fit_calibration(xc, ec, frame_ids=np.arange(ec.size) % (MIN_CALIBRATION_STRUCTURES - 1))
+    import copy
+
+    copy.deepcopy(est).fit_calibration(xc, ec, frame_ids=np.arange(ec.size) % MIN_CALIBRATION_STRUCTURES)  # 20: accepted
     with pytest.raises(ValueError, match="descriptors"):
         est.fit_calibration(xc[:, :2], ec)
     with pytest.raises(ValueError, match="fit_calibration"):
