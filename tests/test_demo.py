@@ -72,3 +72,25 @@ def test_report_refers_to_written_pngs(demo_run):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for section in ("Data", "Ensemble training", "IS2RS", "UncertaintyStop", "deep ensemble", "Table A2"):
         assert section in report
+
+
+def test_a_second_run_into_the_same_output_is_refused_or_replaces_only_the_demo_files(tmp_path, capsys):
+    """Rerunning `make demo` used to die after a minute of data generation in a traceback (the models'
+    error logs refuse to be appended to): now it is refused at once, or --overwrite replaces the run."""
+    from ltau_ase.demo import main, prepare_output
+
+    out = tmp_path / "demo_output"
+    (out / "models" / "member1" / "ltau_errors").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    (out / "fig1_calibration_k1.png").write_bytes(b"png")
+    (out / "my_notes.txt").write_text("keep")
+    assert main(["--output", str(out), "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a demo run" in err[0] and "--overwrite" in err[0]
+    assert (out / "metrics.json").exists()
+    prepare_output(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]
+    prepare_output(tmp_path / "new", overwrite=False)  # absent: nothing to do
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        prepare_output(tmp_path / "file", overwrite=True)

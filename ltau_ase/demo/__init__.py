@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -174,6 +176,34 @@ def run_demo(output: str | Path, cfg: DemoConfig) -> dict[str, Any]:
     return metrics
 
 
+#: what a demo run writes into its output directory (``--overwrite`` removes these and nothing else)
+DEMO_OUTPUTS = ("data", "models", "is2rs", "md", "shift", "estimator.ltau", "metrics.json", "report.md")
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory holding a previous run (its models' error logs must not be appended
+    to or mixed), or with ``overwrite`` remove that run's files (:data:`DEMO_OUTPUTS` and top-level
+    PNG figures; anything else in the directory is kept).
+
+    Raises:
+        FileExistsError: a previous run is there and ``overwrite`` is False.
+        NotADirectoryError: ``out`` is a file.
+    """
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out} is a file; expected a directory for the demo's outputs")
+    previous = [p for p in (out.iterdir() if out.is_dir() else ()) if p.name in DEMO_OUTPUTS or p.suffix == ".png"]
+    if not previous:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a demo run ({', '.join(sorted(p.name for p in previous)[:4])}, ...); "
+                              "remove it (make clean-demo) or pass --overwrite to replace it")
+    for path in previous:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltau_ase.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="demo_output", help="output directory (default demo_output)")
@@ -181,10 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of data, models and MD (default 0)")
     parser.add_argument("--members", type=int, default=None, help="ensemble size M (default 4, quick 3)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --output")
     args = parser.parse_args(argv)
     cfg = DemoConfig.preset(args.quick, seed=args.seed, members=args.members, epochs=args.epochs)
-    metrics = run_demo(args.output, cfg)
     out = Path(args.output)
+    try:
+        prepare_output(out, args.overwrite)
+    except (FileExistsError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = run_demo(args.output, cfg)
     print(f"\nwrote {out / 'report.md'}, {out / 'metrics.json'} and {len(metrics['figures'])} figures "
           f"in {metrics['run']['total_s']:.0f} s")
     if metrics["run"]["nonfinite"]:
