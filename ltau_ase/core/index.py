@@ -372,6 +372,12 @@ class NeighbourIndex:
             if isinstance(quantizer, faiss.IndexHNSWFlat):
                 quantizer.hnsw.efSearch = quantizer_ef_search(self.params["nprobe"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the pruned search is a cache (FAISS lists and a lock): copies and pickles rebuild it on first use
+        state = dict(self.__dict__)
+        state["_pruned"] = None
+        return state
+
     def _pruned_search(self) -> PrunedExactSearch | None:
         """The flat index's exact pruned search (built on first use: a fit or load that never predicts
         does not pay for it), or None where a plain scan is used (see :mod:`ltau_ase.core.exact_search`)."""

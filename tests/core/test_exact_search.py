@@ -98,6 +98,26 @@ def test_batches_the_bounds_cannot_prune_are_scanned_and_pruned_ones_are_not(mon
     assert not probed, "a batch the bounds cannot prune must be scanned by brute force"
 
 
+def test_an_estimator_that_searched_can_be_copied_and_pickled():
+    """The pruned search (FAISS lists, a lock) is a cache: deepcopy (the shift benchmark) and pickling
+    (Dask) must work after a prediction built it, and give the same predictions."""
+    import copy
+    import pickle
+
+    from ltau_ase.core.estimator import LTAUEstimator
+
+    x = clustered(PRUNED_MIN_ATOMS + 500, 6, seed=8)
+    rng = np.random.default_rng(9)
+    est = LTAUEstimator(k=4).fit(x, rng.lognormal(-3, 0.5, size=(5, len(x))))
+    q = x[:30] + 0.01
+    first = est.predict(q)
+    assert est.index_._pruned is not None
+    for clone in (copy.deepcopy(est), pickle.loads(pickle.dumps(est))):
+        again = clone.predict(q)
+        for key in ("confidence", "distance", "expected_error"):
+            np.testing.assert_allclose(again[key], first[key], rtol=1e-6)
+
+
 def test_default_clusters_bounds():
     assert default_clusters(4096) == 128
     assert default_clusters(10_000) == 200
