@@ -75,10 +75,10 @@ class PrunedExactSearch:
         self._ivf.add(x)  # every vector goes to its nearest centroid's list, under its row number
         self._centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
         self._vectors = x  # the caller's array when it already was C-contiguous float32 (no copy)
-        self._list_sizes = np.array([self._ivf.invlists.list_size(i) for i in range(c)], dtype=np.int64)
         self._centroids64 = self._centroids.astype(np.float64)
         self._centroid_norms = (self._centroids64 ** 2).sum(axis=1)
         self.radii, self._member_distances = self._list_geometry(x)
+        self._list_sizes = np.array([m.size for m in self._member_distances], dtype=np.int64)
         self._kth_cache: dict[int, np.ndarray] = {}
         self.n_clusters, self.n_atoms, self.dim = c, n, d
         self._lock = threading.Lock()  # nprobe is index state; search_preassigned reads it
@@ -95,7 +95,7 @@ class PrunedExactSearch:
                 members.append(np.empty(0))
                 continue
             ids = faiss.rev_swig_ptr(invlists.get_ids(c), size).copy()
-            diff = x[ids].astype(np.float64) - self._centroids[c].astype(np.float64)
+            diff = x[ids].astype(np.float64) - self._centroids64[c]
             dist = np.sort(np.sqrt(np.einsum("nd,nd->n", diff, diff)))
             radii[c] = float(dist[-1])
             members.append(dist)
@@ -121,10 +121,11 @@ class PrunedExactSearch:
         # distances to every centroid by one small matrix product (C ≤ 4096), in float64 for the bounds
         q64 = q.astype(np.float64)
         d2c = (q64 * q64).sum(axis=1)[:, None] + self._centroid_norms[None, :] - 2.0 * (q64 @ self._centroids64.T)
-        lower = np.maximum(np.sqrt(np.maximum(d2c, 0.0)) - self.radii[None, :], 0.0)  # no member is closer
+        dist_c = np.sqrt(np.maximum(d2c, 0.0))
+        lower = np.maximum(dist_c - self.radii[None, :], 0.0)  # no member is closer
         # An upper bound on the k-th neighbour distance without searching: k members of cluster c lie
         # within ρ_k(c) of its centroid, hence within ‖q − c‖ + ρ_k(c) of q; take the best cluster.
-        upper = (np.sqrt(np.maximum(d2c, 0.0)) + self._kth_member_distance(k)[None, :]).min(axis=1)
+        upper = (dist_c + self._kth_member_distance(k)[None, :]).min(axis=1)
         upper = upper * (1 + _RELATIVE_MARGIN) + _ABSOLUTE_MARGIN
         must = lower <= upper[:, None]
         if int((must @ self._list_sizes).sum()) > FULL_SCAN_SHARE * n * self.n_atoms:

@@ -383,6 +383,8 @@ class NeighbourIndex:
         does not pay for it), or None where a plain scan is used (see :mod:`ltau_ase.core.exact_search`)."""
         if self.kind != "flat" or not (PRUNED_MIN_ATOMS <= self._n and self._n * self._d * 4 <= PRUNED_MAX_BYTES):
             return None
+        if self._pruned is not None:  # the per-step path: no lock once built
+            return self._pruned
         with _PRUNED_BUILD_LOCK:
             if self._pruned is None:
                 self._pruned = PrunedExactSearch(np.asarray(self.vectors))
