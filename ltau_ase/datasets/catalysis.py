@@ -99,6 +99,16 @@ SIZES = {
 }
 
 
+def check_composition(metals: Sequence[str], adsorbates: Sequence[str]) -> None:
+    """Raise ValueError for a metal EMT cannot model (fcc: EMT_METALS) or an adsorbate not in ADSORBATES."""
+    for metal in metals:
+        if metal not in EMT_METALS:
+            raise ValueError(f"metal {metal!r} is not an fcc metal EMT supports; expected one of {EMT_METALS}")
+    for ads in adsorbates:
+        if ads not in ADSORBATES:
+            raise ValueError(f"adsorbate {ads!r} is unknown; expected one of {tuple(ADSORBATES)}")
+
+
 @dataclass(frozen=True)
 class CatalysisSettings:
     """Composition and simulation settings (distances Å, temperatures K, forces eV/Å)."""
@@ -127,12 +137,8 @@ class CatalysisSettings:
     relax_attempts: int = 3
 
     def validate(self) -> None:
-        for metal in self.metals_in_domain + self.metals_out_of_domain:
-            if metal not in EMT_METALS:
-                raise ValueError(f"metal {metal!r} is not an fcc metal EMT supports; expected one of {EMT_METALS}")
-        for ads in self.adsorbates_in_domain + self.adsorbates_out_of_domain:
-            if ads not in ADSORBATES:
-                raise ValueError(f"adsorbate {ads!r} is unknown; expected one of {tuple(ADSORBATES)}")
+        check_composition(self.metals_in_domain + self.metals_out_of_domain,
+                          self.adsorbates_in_domain + self.adsorbates_out_of_domain)
         if set(self.metals_in_domain) & set(self.metals_out_of_domain):
             raise ValueError("a metal cannot be both in-domain and out-of-domain")
         if set(self.adsorbates_in_domain) & set(self.adsorbates_out_of_domain):

@@ -42,12 +42,12 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ltau_ase.datasets.catalysis import (
     ADSORBATE_FAMILY,
     ADSORBATES,
-    EMT_METALS,
     FACET_SITES,
     CatalysisSettings,
     SystemSpec,
     _is2rs_system,
     _split_summary,
+    check_composition,
     label_with_emt,
     relax_with_emt,
     slab_with_adsorbate,
@@ -89,12 +89,7 @@ class ShiftSettings:
     friction_per_fs: float = 0.02
 
     def validate(self) -> None:
-        for metal in self.metals_in + self.metals_out:
-            if metal not in EMT_METALS:
-                raise ValueError(f"metal {metal!r} is not an fcc metal EMT supports; expected one of {EMT_METALS}")
-        for ads in self.adsorbates_in + self.adsorbates_out:
-            if ads not in ADSORBATES:
-                raise ValueError(f"adsorbate {ads!r} is unknown; expected one of {tuple(ADSORBATES)}")
+        check_composition(self.metals_in + self.metals_out, self.adsorbates_in + self.adsorbates_out)
         if set(self.metals_in) & set(self.metals_out) or set(self.adsorbates_in) & set(self.adsorbates_out):
             raise ValueError("a metal or adsorbate cannot be both seen and held out")
         if not (self.metals_in and self.metals_out and self.adsorbates_in and self.adsorbates_out):
