@@ -1,15 +1,16 @@
 """Active learning on the EMT catalysis domain: LTAU selection vs random vs a DP-GEN committee.
 
-    python benchmarks/active_learning.py [--quick] --output DIR [--seeds 3] [--iterations 3] [--jobs 2]
+    python benchmarks/active_learning.py [--quick] --output DIR [--seeds 8] [--iterations 4] [--jobs 1]
         [--quantile 0.5] [--max-reference-force 20]
 
 For every seed, three campaigns (:class:`ltau_ase.learn.Campaign`) start from the same small
-in-domain training set, with the same label budget per iteration, the same training settings and
-the same exploration seeds (in-domain and held-out adsorbate systems, MD at temperatures above the
-training data's 300-900 K):
+in-domain training set and the same initial model, with the same label budget per iteration, the same
+training settings and the same exploration seeds. The exploration pool is mostly redundant: in-domain
+seeds at 300 and 600 K (the training data's range), and a few informative trajectories: held-out
+adsorbates (CO, NO) and 1200 K.
 
 * ``ltau``: one model; MD with the LTAU calculator and an UncertaintyStop (threshold: a quantile of
-  the calibration frames' max-atom uncertainty); flagged frames chosen by uncertainty and latent
+  the calibration frames' mean-atom uncertainty); flagged frames chosen by uncertainty and latent
   diversity (farthest-point sampling).
 * ``random``: the same kind of exploration (one model, the LTAU stop); the batch is drawn uniformly
   among all explored frames.
@@ -17,17 +18,23 @@ training data's 300-900 K):
   level; frames with lo < max force deviation <= hi drawn uniformly (lo: the same calibration
   quantile of the deviation, hi = 3 lo, as DP-GEN's 0.05 / 0.15 eV/Å).
 
+Retraining is warm-started for every method (``warm_start``): each iteration continues from the
+previous iteration's weights with the same seed and schedule (``epochs`` more epochs), so the
+methods differ by the frames they chose, not by a fresh random initialisation (a retraining from
+scratch moved the test MAE by 0.1-0.3 eV/Å between seeds, as much as the labels did). A trajectory
+whose start was labelled earlier explores on (every iteration can spend its budget).
+
 Every method has the same reference trust cap (``max_reference_force``, default 20 eV/Å): a labelled
-frame above it is recorded as rejected (a label spent, never trained on). The stop threshold is the
-0.5 quantile, so young models stop before their MD drives atoms into each other.
+frame above it is recorded as rejected (a label spent, never trained on), and the test MAE is over
+the test frames within the cap (frames above it are reported apart). The initial model is shared:
+the ``random`` campaign starts from a copy of the ``ltau`` campaign's iteration 0 and the committee's
+first member is that model. After every iteration the test force MAE (member 1, eV/Å) is measured on
+held-out in-domain and out-of-domain frames.
 
-The initial model is shared: the ``random`` campaign starts from a copy of the ``ltau`` campaign's
-iteration 0 and the committee's first member is that model. After every iteration the test force
-MAE (member 1, eV/Å) is measured on held-out in-domain and out-of-domain frames.
-
-Output: ``DIR/results.json`` (every curve, per method and seed; the label savings and exploration
-cost ratios with their spread over seeds), ``DIR/active_learning.png`` (MAE vs labels, mean ± std
-bands), and the campaigns in ``DIR/campaigns/``.
+Output: ``DIR/results.json`` (every curve, per method and seed; the label ratios of LTAU against
+random and the committee, per seed and of the seed-averaged curves with a bootstrap over seeds;
+paired final-MAE differences; exploration cost ratios), ``DIR/active_learning.png`` (MAE vs labels,
+mean ± std bands), and the campaigns in ``DIR/campaigns/``.
 """
 from __future__ import annotations
 
@@ -52,29 +59,34 @@ DOMAINS = ("in_domain", "out_of_domain")
 @dataclass(frozen=True)
 class Experiment:
     quick: bool = False
-    seeds: int = 3
-    iterations: int = 3
+    seeds: int = 8
+    iterations: int = 4
     budget: int = 6
     committee_size: int = 3
     initial_systems: int = 6  # in-domain systems of the initial training set (4 frames each)
-    seed_systems_id: int = 3  # exploration seeds per domain
-    seed_systems_ood: int = 3
-    temperatures: tuple[float, ...] = (600.0, 1200.0)
+    # the exploration pool: mostly redundant (in-domain seeds at and near the training temperatures),
+    # a few informative trajectories (held-out adsorbates, 1200 K)
+    seed_systems_id: int = 6  # exploration seeds per domain
+    seed_systems_ood: int = 2
+    temperatures: tuple[float, ...] = (300.0, 600.0, 1200.0)
     replicas: int = 1
-    md_steps: int = 100
+    md_steps: int = 60
     stride: int = 5
-    epochs: int = 15
+    epochs: int = 15  # the initial model's epochs, and the epochs each later iteration adds
+    # every iteration continues from the previous iteration's weights (same seed, same schedule, same
+    # initial model for every method): the methods differ by their data, not by a fresh initialisation
+    warm_start: bool = True
     # stop early: at the 0.9 quantile young models drove 10-20 % of the MD snapshots into collisions
     # (EMT max force > 20 eV/Å) before the stop fired; at 0.5 far fewer (README, active learning)
     threshold_quantile: float = 0.5
     max_reference_force: float | None = 20.0  # eV/Å: reference trust cap, above every training frame's 15 eV/Å
-    jobs: int = 2
+    jobs: int = 1
     train_parallel: int = 1  # committee members trained side by side within one campaign
 
     @classmethod
     def preset(cls, quick: bool, **overrides: Any) -> "Experiment":
         base = cls(quick=True, seeds=1, iterations=2, budget=3, committee_size=2, initial_systems=4,
-                   seed_systems_id=2, seed_systems_ood=2, temperatures=(900.0,), md_steps=40, stride=5,
+                   seed_systems_id=2, seed_systems_ood=1, temperatures=(900.0,), md_steps=40, stride=5,
                    epochs=6) if quick else cls()
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -143,7 +155,7 @@ def campaign_settings(exp: Experiment, method: str, seed: int, type_names: Seque
                                 # LTAU uncertainties lie in [0, 1] and the max over atoms of a young
                                 # model saturates at 1: watch the mean; DP-GEN watches the max deviation
                                 atom_reduce="max" if method == "committee" else "mean"),
-        training=TrainingSettings(epochs=exp.epochs, parallel=exp.train_parallel),
+        training=TrainingSettings(epochs=exp.epochs, parallel=exp.train_parallel), warm_start=exp.warm_start,
         threshold_quantile=exp.threshold_quantile, committee_size=exp.committee_size, seed=seed,
         max_reference_force=exp.max_reference_force)
 
@@ -201,8 +213,69 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
             "n": int(v.size), "n_missing": int(sum(x is None for x in values)), "values": list(values)}
 
 
+def _mean_curve(curves: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, MAE) averaged over seeds, iteration by iteration."""
+    labels = np.mean([np.asarray(c[0], dtype=float) for c in curves], axis=0)
+    return labels, np.mean([np.asarray(c[1], dtype=float) for c in curves], axis=0)
+
+
+def label_ratio(method: tuple[Sequence[float], Sequence[float]],
+                baseline: tuple[Sequence[float], Sequence[float]]) -> float | None:
+    """Labels ``method`` needs to reach the baseline's final MAE, over the baseline's final labels.
+
+    ``nan`` when the baseline did not improve on its first point (reaching its final MAE is then met
+    at 0 labels and says nothing); ``inf`` when ``method`` never reaches it within its own curve.
+    """
+    (lm, mm), (lb, mb) = method, baseline
+    if not mb[-1] < mb[0] or lb[-1] <= 0:
+        return float("nan")
+    need = labels_to_reach(list(lm), list(mm), float(mb[-1]))
+    return float("inf") if need is None else need / float(lb[-1])
+
+
+def bootstrap_ratio(method: Sequence[tuple], baseline: Sequence[tuple], n_boot: int = 2000,
+                    seed: int = 0) -> dict[str, Any]:
+    """:func:`label_ratio` of the seed-averaged curves, with a percentile bootstrap over seeds.
+
+    ``method`` and ``baseline`` hold one (labels, MAE) curve per seed, paired by seed; each bootstrap
+    sample resamples seeds with replacement (the same seeds for both). Returns the ratio of the mean
+    curves (``estimate``), the 2.5 / 97.5 % bootstrap quantiles (``ci95``; ``inf`` = not reached within
+    the curve), the fraction of samples where the method never reaches the baseline (``p_not_reached``)
+    and where the baseline did not improve (``p_undefined``), and ``samples`` for further quantiles.
+    """
+    n = len(method)
+    if n != len(baseline) or n == 0:
+        raise ValueError(f"need the same positive number of seeds for both curves, got {n} and {len(baseline)}")
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = rng.integers(0, n, size=n)
+        ratios[b] = label_ratio(_mean_curve([method[j] for j in pick]), _mean_curve([baseline[j] for j in pick]))
+    defined = np.sort(ratios[~np.isnan(ratios)])
+    ci = ([float(defined[int(np.floor(0.025 * (defined.size - 1)))]), float(defined[int(np.ceil(0.975 * (defined.size - 1)))])]
+          if defined.size else [None, None])
+    return {"estimate": label_ratio(_mean_curve(method), _mean_curve(baseline)), "ci95": ci,
+            "p_not_reached": float(np.isinf(ratios).mean()), "p_undefined": float(np.isnan(ratios).mean()),
+            "samples": ratios}
+
+
+def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean ± std (ddof 1) of paired per-seed values with a 95 % percentile bootstrap CI of the mean."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = np.sort(v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1))
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size),
+            "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+            "n_negative": int((v < 0).sum()), "values": v.tolist()}
+
+
 def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]:
-    """Curves per method and seed, and the goal numbers (per seed, then mean ± std over seeds)."""
+    """Curves per method and seed, and the goal numbers.
+
+    Label savings: :func:`label_ratio` per seed and of the seed-averaged curves with a bootstrap over
+    seeds (:func:`bootstrap_ratio`); saving vs random = 1 − ratio (goal ≥ 0.30), labels vs the
+    committee = ratio (goal ≤ 1.10). Paired final-MAE differences per seed with a bootstrap CI.
+    """
     curves: dict[str, dict] = {}
     for method, by_seed in runs.items():
         curves[method] = {}
@@ -211,10 +284,14 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
             curves[method][str(seed)] = {
                 "labels": [x["labels_used"] for x in h],
                 **{f"mae_{d}": [x["evaluation"][d]["force_mae"] for x in h] for d in DOMAINS},
+                **{f"mae_{d}_above_cap": [x["evaluation"][d].get("force_mae_above_cap") for x in h] for d in DOMAINS},
+                **{f"n_test_frames_{d}_above_cap": h[-1]["evaluation"][d].get("n_frames_above_cap", 0)
+                   for d in DOMAINS},
                 "exploration_model_steps": sum(x.get("exploration", {}).get("model_steps", 0) for x in h),
                 "exploration_wall_s": sum(x.get("exploration", {}).get("wall_time_s", 0.0) for x in h),
                 "training_wall_s": sum(x["timings_s"].get("training", 0.0) for x in h),
                 "campaign_wall_s": run["wall_s"],
+                "n_candidates": [x.get("selection_stats", {}).get("n_candidates") for x in h],
                 "n_flagged": [x.get("exploration", {}).get("n_flagged") for x in h],
                 "n_triggered": [x.get("exploration", {}).get("n_triggered") for x in h],
                 "n_rejected": [x.get("labelling", {}).get("n_rejected", 0) for x in h],
@@ -230,25 +307,27 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
                 return c["labels"], [(a + b) / 2 for a, b in zip(c["mae_in_domain"], c["mae_out_of_domain"])]
             return c["labels"], c[f"mae_{domain}"]
 
-        vs_random, vs_committee, rel_committee = [], [], []
-        baseline_not_improved = {"random": 0, "committee": 0}
-        for seed in seeds:
-            lr, mr = curve("random", seed)
-            ll, ml = curve("ltau", seed)
-            lc, mc = curve("committee", seed)
-            # a saving is only defined when the baseline improved on the shared initial model: otherwise
-            # "reaching its final MAE" is met at 0 labels and says nothing
-            need = labels_to_reach(ll, ml, mr[-1]) if mr[-1] < mr[0] else None
-            vs_random.append(None if need is None or lr[-1] == 0 else 1.0 - need / lr[-1])
-            need_c = labels_to_reach(ll, ml, mc[-1]) if mc[-1] < mc[0] else None
-            vs_committee.append(None if need_c is None or lc[-1] == 0 else need_c / lc[-1])
-            baseline_not_improved["random"] += int(mr[-1] >= mr[0])
-            baseline_not_improved["committee"] += int(mc[-1] >= mc[0])
-            rel_committee.append(ml[-1] / mc[-1])
-        goals[domain] = {"label_saving_vs_random": _mean_std(vs_random),
-                         "labels_ratio_vs_committee": _mean_std(vs_committee),
-                         "final_mae_ratio_ltau_over_committee": _mean_std(rel_committee),
-                         "seeds_where_baseline_did_not_improve": baseline_not_improved}
+        per_seed = {m: [curve(m, s) for s in seeds] for m in METHODS}
+        out: dict[str, Any] = {}
+        for base in ("random", "committee"):
+            ratios = [label_ratio(a, b) for a, b in zip(per_seed["ltau"], per_seed[base])]
+            boot = bootstrap_ratio(per_seed["ltau"], per_seed[base])
+            samples = boot.pop("samples")
+            if base == "random":
+                boot["p_goal_met"] = float((1.0 - samples[~np.isnan(samples)] >= 0.30).mean()) \
+                    if (~np.isnan(samples)).any() else None
+            else:
+                boot["p_goal_met"] = float((samples[~np.isnan(samples)] <= 1.10).mean()) \
+                    if (~np.isnan(samples)).any() else None
+            out[f"labels_ratio_vs_{base}"] = {
+                "per_seed": ratios, "n_seeds_undefined": int(np.isnan(ratios).sum()),
+                "n_seeds_not_reached": int(np.isinf(ratios).sum()), "mean_curves": boot}
+            out[f"final_mae_ltau_minus_{base}"] = bootstrap_mean([a[1][-1] - b[1][-1] for a, b in
+                                                                   zip(per_seed["ltau"], per_seed[base])])
+            out[f"seeds_where_{base}_did_not_improve"] = int(sum(b[1][-1] >= b[1][0] for b in per_seed[base]))
+        out["final_mae"] = {m: bootstrap_mean([c[1][-1] for c in per_seed[m]]) for m in METHODS}
+        out["initial_mae"] = bootstrap_mean([c[1][0] for c in per_seed["ltau"]])
+        goals[domain] = out
     cost = [curves["ltau"][s]["exploration_model_steps"] / curves["committee"][s]["exploration_model_steps"]
             for s in seeds if curves["committee"][s]["exploration_model_steps"]]
     wall = [curves["ltau"][s]["exploration_wall_s"] / curves["committee"][s]["exploration_wall_s"]
@@ -350,13 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="output directory")
     parser.add_argument("--quick", action="store_true", help="one seed, two small iterations (< 5 min)")
-    parser.add_argument("--seeds", type=int, default=None, help="independent repetitions (default 3)")
-    parser.add_argument("--iterations", type=int, default=None, help="label-and-retrain iterations (default 3)")
+    parser.add_argument("--seeds", type=int, default=None, help="independent repetitions (default 8)")
+    parser.add_argument("--iterations", type=int, default=None, help="label-and-retrain iterations (default 4)")
     parser.add_argument("--budget", type=int, default=None, help="labels per iteration (default 6)")
     parser.add_argument("--committee-size", type=int, default=None, help="committee models M (default 3)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model (default 15)")
-    parser.add_argument("--md-steps", type=int, default=None, help="maximum MD steps per trajectory (default 100)")
-    parser.add_argument("--jobs", type=int, default=None, help="campaigns run side by side (default 2; 1: seed by seed)")
+    parser.add_argument("--md-steps", type=int, default=None, help="maximum MD steps per trajectory (default 60)")
+    parser.add_argument("--jobs", type=int, default=None, help="campaigns run side by side (default 1: seed by seed)")
     parser.add_argument("--quantile", type=float, default=None,
                         help="stop threshold quantile of the calibration frames (default 0.5)")
     parser.add_argument("--max-reference-force", type=float, default=None,
@@ -375,8 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_experiment(exp, args.output)
     g = results["goals"]
     for domain in DOMAINS + ("mean_of_domains",):
-        print(f"{domain}: label saving vs random {g[domain]['label_saving_vs_random']['mean']}, labels vs committee "
-              f"{g[domain]['labels_ratio_vs_committee']['mean']}")
+        r, c = g[domain]["labels_ratio_vs_random"]["mean_curves"], g[domain]["labels_ratio_vs_committee"]["mean_curves"]
+        print(f"{domain}: LTAU labels / random's {r['estimate']} (95 % CI {r['ci95']}), "
+              f"/ committee's {c['estimate']} (95 % CI {c['ci95']})")
     print(f"exploration cost ltau/committee: {g['exploration_cost_ratio_ltau_over_committee']['model_steps']['mean']}")
     print(f"wrote {args.output / 'results.json'} in {results['run']['total_s']:.0f} s")
     return 0

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                         scheduler=args.scheduler, n_workers=args.workers, progress=not args.no_progress)
     history = campaign.run()
     last = history[-1]
-    maes = ", ".join(f"{n} {v['force_mae']:.4g} eV/Å" for n, v in last["evaluation"].items())
+    maes = ", ".join(f"{n} " + ("no frame within the reference cap" if v["force_mae"] is None
+                                else f"{v['force_mae']:.4g} eV/Å") for n, v in last["evaluation"].items())
     print(f"{len(history) - 1} iterations, {last['labels_used']} labels used"
           + (f"; test force MAE: {maes}" if maes else "") + f"; report: {args.workdir / 'report.md'}")
     return 0

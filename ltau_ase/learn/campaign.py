@@ -183,6 +183,21 @@ def reduce_frames(per_atom: Sequence[np.ndarray], atom_reduce: str | float) -> n
     return np.array([reduce_values(np.asarray(u, dtype=np.float64), atom_reduce) for u in per_atom])
 
 
+def split_force_mae(errors: np.ndarray, above_cap: np.ndarray) -> dict[str, Any]:
+    """Force MAE (eV/Å) over the atoms of frames within the reference cap, over those above it, and
+    over all; ``n_atoms`` counts the atoms within the cap.
+
+    Args:
+        errors: (A,) per-atom force error norms |F_pred − F_ref| (eV/Å).
+        above_cap: (A,) bool, the atom's frame has a reference max-atom force above the cap.
+    """
+    errors, above_cap = np.asarray(errors, dtype=np.float64), np.asarray(above_cap, dtype=bool)
+    within = errors[~above_cap]
+    return {"force_mae": float(within.mean()) if within.size else None, "n_atoms": int(within.size),
+            "force_mae_above_cap": float(errors[above_cap].mean()) if above_cap.any() else None,
+            "force_mae_all_frames": float(errors.mean()) if errors.size else None}
+
+
 def _per_atom_errors(calc, frames: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(per-atom |F_pred − F_ref| (eV/Å), frame index per atom, results per frame) of a calculator."""
     errors, index, results = [], [], []
@@ -494,19 +509,30 @@ class Campaign:
         return out
 
     def evaluate(self, i: int) -> dict:
-        """Force MAE (eV/Å, all atoms) of model 1 (and the committee mean) on each test set."""
+        """Force MAE (eV/Å, over atoms) of model 1 (and the committee mean) on each test set.
+
+        With a reference trust cap (``max_reference_force``), test frames whose reference max-atom
+        force exceeds it are outside what the campaign trains on (it never trains on such frames):
+        ``force_mae`` is over the frames within the cap and the frames above it are reported apart
+        (``force_mae_above_cap``, ``n_frames_above_cap``; None / 0 when there are none).
+        ``force_mae_all_frames`` is over every frame. Without a cap all three cover every frame.
+        """
         from ltau_ase.nequip.calculator import LatentNequIPCalculator
 
         out: dict[str, Any] = {}
+        cap = self.settings.max_reference_force
         single = LatentNequIPCalculator.from_model_file(self.model_path(i), chemical_species_to_atom_type_map=True)
         committee = self._calculator(i) if self.settings.selection == "committee" else None
         for name in self.test_names:
             frames = _read_frames(self.inputs[f"test_{name}"])
-            err, _, _ = _per_atom_errors(single, frames)
-            out[name] = {"force_mae": float(err.mean()), "n_atoms": int(err.size)}
+            above = np.array([cap is not None and len(f) > 0 and float(
+                np.linalg.norm(f.get_forces(apply_constraint=False), axis=1).max()) > cap for f in frames], dtype=bool)
+            err, index, _ = _per_atom_errors(single, frames)
+            out[name] = split_force_mae(err, above[index])
             if committee is not None:
                 err_c, _, _ = _per_atom_errors(committee, frames)
-                out[name]["committee_force_mae"] = float(err_c.mean())
+                out[name]["committee_force_mae"] = split_force_mae(err_c, above[index])["force_mae"]
+            out[name].update(n_frames=len(frames), n_frames_above_cap=int(above.sum()))
         return out
 
     def explore(self, i: int) -> dict:
@@ -516,8 +542,10 @@ class Campaign:
         s = self.settings
         cal = json.loads((self.iter_dir(i - 1) / "calibration.json").read_text())
         db = self.iter_dir(i) / "explore.db"
+        # a seed labelled in an earlier iteration does not stop its trajectory at step 0: it explores on
         explore(self.seeds, db, self.factory(i - 1), s.explore, cal["threshold"], rng_root=(s.seed, i),
-                scheduler=self.scheduler, n_workers=self.n_workers, progress=self.progress)
+                scheduler=self.scheduler, n_workers=self.n_workers, progress=self.progress,
+                labelled=self._labelled_keys(i))
         snaps, tasks = load_snapshots(db)
         done = [t for t in tasks if t["status"] == "done"]
         stop_steps = [t["stop_step"] for t in done if t["triggered"]]
@@ -571,6 +599,20 @@ class Campaign:
         cell, pbc: :func:`~ltau_ase.simulate.batch.content_name`) to an earlier snapshot or to a
         frame in an earlier iteration's ``labels.db`` is not a candidate.
         """
+        from ltau_ase.simulate.batch import content_name
+
+        seen = self._labelled_keys(i)
+        out = []
+        for x in snaps:
+            key = content_name(x["atoms"])
+            if key not in seen:
+                seen.add(key)
+                out.append(x)
+        return out, len(snaps) - len(out)
+
+    def _labelled_keys(self, i: int) -> set[str]:
+        """Content keys (:func:`~ltau_ase.simulate.batch.content_name`) of every structure labelled
+        (done, failed or rejected) in iterations 1..i-1."""
         from ase.db import connect
 
         from ltau_ase.simulate.batch import content_name
@@ -580,13 +622,7 @@ class Campaign:
             db = self.iter_dir(j) / "labels.db"
             if db.exists():
                 seen.update(content_name(row.toatoms()) for row in connect(str(db)).select())
-        out = []
-        for x in snaps:
-            key = content_name(x["atoms"])
-            if key not in seen:
-                seen.add(key)
-                out.append(x)
-        return out, len(snaps) - len(out)
+        return seen
 
     def label(self, i: int) -> dict:
         """Label the selected frames into labels.db; write the labelled ones, with new frame ids, to

@@ -13,8 +13,15 @@ Rows of the database (one per snapshot, all rows of a task written in one transa
 is either fully recorded or absent): key-value pairs ``name`` (``<task>@<step>``), ``task``,
 ``seed``, ``kind``, ``temperature`` (K, MD only), ``step``, ``statistic``, ``bound``, ``flagged``
 (statistic above the bound), ``stop`` (this is the triggering frame), ``status`` of the task
-(``done`` | ``failed``), ``triggered``, ``stop_step``, ``n_steps`` (steps run), ``wall_time`` (s);
-data ``uncertainties`` (N,) and ``descriptors`` (N, D) float32. A failed task writes one row
+(``done`` | ``failed``), ``triggered``, ``stop_step``, ``n_steps`` (steps run), ``wall_time`` (s),
+``labelled`` (the structure was labelled before: see below); data ``uncertainties`` (N,) and
+``descriptors`` (N, D) float32.
+
+Already labelled structures (``labelled``: :func:`~ltau_ase.simulate.batch.content_name` keys) do not
+count towards the stop: a trajectory whose start frame was labelled in an earlier iteration (every MD
+trajectory starts at its seed) goes on exploring instead of stopping at step 0 on a structure that
+cannot be labelled again, as on-the-fly codes continue after labelling. Their snapshot is still
+recorded, with the statistic and ``labelled=True``. A failed task writes one row
 (its seed structure, ``status="failed"``, ``reason``) and the campaign goes on.
 """
 from __future__ import annotations
@@ -32,8 +39,8 @@ from ase import Atoms
 from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from ltau_ase.simulate.batch import dask_client, make_optimizer, worker_calculator
-from ltau_ase.simulate.observers import UncertaintyStop, check_reduce
+from ltau_ase.simulate.batch import content_name, dask_client, make_optimizer, worker_calculator
+from ltau_ase.simulate.observers import UncertaintyStop, check_reduce, per_atom_values, reduce_values
 
 KINDS = ("md", "relax")
 
@@ -111,7 +118,7 @@ def make_tasks(seed_names: Sequence[str], settings: ExploreSettings, rng_root: S
     return tasks
 
 
-def _snapshot(atoms: Atoms, statistic: float, bound: float, step: int, stop: bool) -> Atoms:
+def _snapshot(atoms: Atoms, statistic: float, bound: float, step: int, stop: bool, labelled: bool = False) -> Atoms:
     frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc, tags=atoms.get_tags(),
                   constraint=[c.copy() for c in atoms.constraints])
     frame.info.update({k: v for k, v in atoms.info.items() if isinstance(v, (str, int, float, bool, np.integer,
@@ -120,7 +127,7 @@ def _snapshot(atoms: Atoms, statistic: float, bound: float, step: int, stop: boo
     frame.calc = SinglePointCalculator(frame, **{k: np.copy(v) for k, v in results.items()
                                                  if k in all_properties and k in ("energy", "forces")})
     frame.info.update(statistic=float(statistic), bound=float(bound), step=int(step), stop=bool(stop),
-                      flagged=bool(statistic > bound or math.isnan(statistic)))
+                      flagged=bool(statistic > bound or math.isnan(statistic)), labelled=bool(labelled))
     frame.arrays["uncertainties_snapshot"] = np.asarray(results["uncertainties"], dtype=np.float64).copy()
     descriptors = results.get("descriptors")
     if descriptors is None and callable(getattr(atoms.calc, "descriptors", None)):
@@ -131,8 +138,11 @@ def _snapshot(atoms: Atoms, statistic: float, bound: float, step: int, stop: boo
 
 
 def explore_one(task: ExploreTask, atoms: Atoms, factory: Callable[[], Any], settings: ExploreSettings,
-                threshold: float | None) -> dict[str, Any]:
+                threshold: float | None, labelled: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run one trajectory on a worker; never raises (failures come back with ``status="failed"``).
+
+    ``labelled``: content keys (:func:`~ltau_ase.simulate.batch.content_name`) of structures labelled
+    before; a step on one of them is recorded but never evaluated by the stop (module docstring).
 
     Returns ``name``, ``status``, ``reason``, ``snapshots`` (list of Atoms, see :func:`_snapshot`),
     ``triggered``, ``stop_step``, ``n_steps``, ``wall_time`` (s), ``force_calls``.
@@ -168,10 +178,16 @@ def explore_one(task: ExploreTask, atoms: Atoms, factory: Callable[[], Any], set
             if not np.isfinite(forces).all() or np.linalg.norm(forces, axis=1).max() > settings.max_force:
                 raise RuntimeError(f"model forces exploded (max |F| > {settings.max_force:g} eV/Å or non-finite) "
                                    f"at step {dyn.nsteps}")
-            stop()
-            step = stop.steps[-1]
-            if stop.triggered or step % settings.stride == 0:
-                snap = _snapshot(work, stop.values[-1], stop.bounds[-1], step, stop.triggered)
+            known = bool(labelled) and content_name(work) in labelled
+            if known:  # recorded with its statistic, but a labelled structure never stops the run
+                step = int(dyn.nsteps)
+                value = reduce_values(per_atom_values(work, "uncertainties"), settings.atom_reduce)
+                bound = stop.current_bound()
+            else:
+                stop()
+                step, value, bound = stop.steps[-1], stop.values[-1], stop.bounds[-1]
+            if stop.triggered or step % settings.stride == 0 or known:
+                snap = _snapshot(work, value, bound, step, stop.triggered, labelled=known)
                 if snapshots and snapshots[-1].info["step"] == step:
                     snapshots[-1] = snap  # ASE may call observers twice for one step (step 0 of a stopped run)
                 else:
@@ -215,7 +231,7 @@ def _write_task(db: Any, task: ExploreTask, seed_atoms: Atoms, result: dict) -> 
                 data["descriptors"] = info["_descriptors"]
             kvp = dict(base, name=f"{task.name}@{info['step']}", step=int(info["step"]),
                        statistic=float(info["statistic"]) if math.isfinite(info["statistic"]) else 1e300,
-                       flagged=bool(info["flagged"]), stop=bool(info["stop"]))
+                       flagged=bool(info["flagged"]), stop=bool(info["stop"]), labelled=bool(info["labelled"]))
             if math.isfinite(info["bound"]):
                 kvp["bound"] = float(info["bound"])
             clean = frame.copy()
@@ -236,8 +252,12 @@ def explore(
     scheduler: str | None = None,
     n_workers: int | None = None,
     progress: bool = True,
+    labelled: Sequence[str] = (),
 ) -> dict[str, int]:
     """Run every exploration task not yet in ``db_path`` on Dask, writing each as it finishes.
+
+    ``labelled``: content keys (:func:`~ltau_ase.simulate.batch.content_name`) of structures already
+    labelled; they never stop a trajectory (module docstring).
 
     Returns counts ``{"tasks", "skipped", "done", "failed"}``.
     """
@@ -257,9 +277,13 @@ def explore(
         return counts
     from distributed import as_completed
 
+    labelled = frozenset(labelled)
+    # only a step-0 frame (the seed itself) can coincide exactly with a labelled structure: send each task
+    # the key of its own seed, not the whole set
+    own = {name: frozenset({content_name(a)}) & labelled for name, a in seeds}
     with dask_client(scheduler, n_workers) as client:
-        futures = {client.submit(explore_one, t, atoms_of[t.seed], factory, settings, threshold, pure=False): t
-                   for t in pending}
+        futures = {client.submit(explore_one, t, atoms_of[t.seed], factory, settings, threshold, own[t.seed],
+                                 pure=False): t for t in pending}
         bar = tqdm(total=len(futures), disable=not progress, desc="exploration", unit="trajectory")
         for fut in as_completed(futures):
             task = futures[fut]
@@ -302,7 +326,8 @@ def load_snapshots(db_path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         index[row.get("name")] = len(snaps)
         snaps.append({"name": row.get("name"), "task": t, "step": int(row.get("step")),
                       "statistic": float(row.get("statistic")), "bound": float(row.get("bound", math.inf)),
-                      "flagged": bool(row.get("flagged")), "stop": bool(row.get("stop")), "atoms": row.toatoms(),
+                      "flagged": bool(row.get("flagged")), "stop": bool(row.get("stop")),
+                      "labelled": bool(row.get("labelled", False)), "atoms": row.toatoms(),
                       "uncertainties": np.asarray(data["uncertainties"], dtype=np.float64),
                       "descriptors": np.asarray(data["descriptors"]) if "descriptors" in data else None})
     return [x for x in snaps if x is not None], list(tasks.values())

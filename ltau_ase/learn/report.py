@@ -79,6 +79,13 @@ def write_campaign_report(workdir: Path, settings: Any, history: Sequence[dict])
               f"{_f(ex.get('mean_stop_step'))} | {_f(ex.get('n_flagged'))} | {_f(sel.get('n_selected'))} | "
               f"{_f(lab.get('n_failed'))} | {_f(lab.get('n_rejected'))} | "
               f"{_f(uq.get('spearman_statistic_vs_max_error'))} |")
+    above = {n: history[-1]["evaluation"][n] for n in test_names
+             if history[-1]["evaluation"].get(n, {}).get("n_frames_above_cap")}
+    if above:
+        lines += ["", f"Test MAE is over the test frames within the reference cap ({settings.max_reference_force:g} "
+                  "eV/Å max-atom reference force); frames above it are reported apart (last iteration): "
+                  + "; ".join(f"{n}: {v['n_frames_above_cap']} of {v['n_frames']} frames, MAE "
+                              f"{_f(v.get('force_mae_above_cap'))} eV/Å" for n, v in above.items())]
     failures = {n: r for h in history for n, r in h.get("labelling", {}).get("failures", {}).items()}
     if failures:
         lines += ["", "Failed reference calculations (not in the training set):", ""]

@@ -73,3 +73,24 @@ def test_bad_settings():
         ExploreSettings(temperatures=(-5.0,)).validate()
     with pytest.raises(ValueError, match="stride"):
         ExploreSettings(stride=0).validate()
+
+
+def test_a_labelled_start_does_not_stop_the_trajectory(tmp_path, seeds):
+    """A seed labelled in an earlier iteration is recorded but never stops its trajectory at step 0;
+    the first new structure above the bound (step 1) does."""
+    from ltau_ase.simulate.batch import content_name
+
+    db = tmp_path / "explore.db"
+    settings = ExploreSettings(kinds=("md",), temperatures=(500.0,), md_steps=20, stride=5, atom_reduce="mean")
+    labelled = {content_name(seeds[0][1])}  # only seed0 was labelled before
+    explore(seeds, db, StandInLTAU(), settings, threshold=0.0, progress=False, labelled=labelled)
+    snaps, tasks = load_snapshots(db)
+    stop_step = {t["seed"]: t["stop_step"] for t in tasks}
+    assert stop_step == {"seed0": 1, "seed1": 0}
+    first = sorted((x for x in snaps if x["task"].startswith("seed0|")), key=lambda x: x["step"])
+    assert [(x["step"], x["labelled"], x["stop"]) for x in first] == [(0, True, False), (1, False, True)]
+    assert content_name(first[0]["atoms"]) in labelled and content_name(first[1]["atoms"]) not in labelled
+    # the labelled frame's statistic is still the mean of the stand-in's uncertainties of that structure
+    assert first[0]["statistic"] == pytest.approx(float(expected_uncertainty(CountingDescriptors()(first[0]["atoms"])).mean()))
+    other = [x for x in snaps if x["task"].startswith("seed1|")]
+    assert [(x["step"], x["labelled"], x["stop"]) for x in other] == [(0, False, True)]

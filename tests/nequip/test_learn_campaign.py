@@ -201,13 +201,16 @@ def test_committee_selection_and_reference_cap(tmp_path, inputs, tiny_nequip_ens
     ens = tiny_nequip_ensemble
     val = write_training_file(tmp_path / "val.extxyz", assign_frame_ids(emt_slab_frames(4, seed=21), 7000))
     cap, budget = 1.7, 3  # eV/Å: between the EMT max forces of the frames this exploration selects
+    # unrattled slabs: EMT max forces 0.55-1.1 eV/Å (within the cap) and 8.9 eV/Å (above it)
+    mixed = write_training_file(tmp_path / "mixed.extxyz",
+                                assign_frame_ids(emt_slab_frames(4, seed=12, metals=("Pt",), rattle=0.0), 7100))
     settings = CampaignSettings(
         type_names=("Cu", "Pt", "O", "H"), selection="committee", committee_size=2, n_iterations=1, budget=budget,
         explore=ExploreSettings(kinds=("md",), temperatures=(900.0, 1500.0), md_steps=20, stride=5),
         training=TrainingSettings(epochs=2), threshold_quantile=0.5, max_reference_force=cap, seed=0)
     campaign = Campaign(tmp_path / "committee", settings, train=ens.train_files[0], val=val,
                         calibration=inputs["calibration"], seeds=inputs["seeds"], reference=CalculatorFactory(),
-                        test_sets={"in_domain": inputs["test"]}, initial_run=[r.run_dir for r in ens.runs],
+                        test_sets={"in_domain": inputs["test"], "mixed": mixed}, initial_run=[r.run_dir for r in ens.runs],
                         progress=False)
     metrics0 = campaign.iteration(0)  # the given runs: nothing trained
     assert [json.loads((campaign.member_dir(0, m) / "done.json").read_text())["seconds"] for m in (0, 1)] == [0, 0]
@@ -225,6 +228,22 @@ def test_committee_selection_and_reference_cap(tmp_path, inputs, tiny_nequip_ens
         forces = np.array(forces)
         dev.append(np.sqrt(((forces - forces.mean(axis=0)) ** 2).mean(axis=0).sum(axis=1)).max())
     cal = metrics0["calibration"]
+    # test MAE: the frames whose EMT max force exceeds the cap are reported apart (member 1's errors)
+    test_err, test_above = [], []
+    for frame in read(mixed, index=":"):
+        ref = frame.get_forces(apply_constraint=False)
+        a = frame.copy()
+        a.calc = members[0]
+        test_err.append(np.linalg.norm(a.get_forces(apply_constraint=False) - ref, axis=1))
+        test_above.append(np.linalg.norm(ref, axis=1).max() > cap)
+    ev = metrics0["evaluation"]["mixed"]
+    assert ev["n_frames"] == len(test_err) and ev["n_frames_above_cap"] == sum(test_above)
+    assert 0 < sum(test_above) < len(test_err)  # both kinds present, so the split is exercised
+    assert ev["force_mae"] == pytest.approx(np.concatenate([e for e, x in zip(test_err, test_above) if not x]).mean(),
+                                            rel=1e-5)
+    assert ev["force_mae_above_cap"] == pytest.approx(
+        np.concatenate([e for e, x in zip(test_err, test_above) if x]).mean(), rel=1e-5)
+    assert ev["force_mae_all_frames"] == pytest.approx(np.concatenate(test_err).mean(), rel=1e-5)
     assert cal["lo"] == pytest.approx(np.quantile(dev, 0.5), rel=1e-5)
     assert cal["hi"] == pytest.approx(3 * cal["lo"]) and cal["threshold"] == cal["hi"]
 
