@@ -220,21 +220,22 @@ def _mean_curve(curves: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tu
 
 
 def label_ratio(method: tuple[Sequence[float], Sequence[float]],
-                baseline: tuple[Sequence[float], Sequence[float]]) -> float | None:
-    """Labels ``method`` needs to reach the baseline's final MAE, over the baseline's final labels.
+                baseline: tuple[Sequence[float], Sequence[float]], point: int = -1) -> float:
+    """Labels ``method`` needs to reach the baseline's MAE at ``point`` (default: its final one), over
+    the baseline's labels there.
 
-    ``nan`` when the baseline did not improve on its first point (reaching its final MAE is then met
-    at 0 labels and says nothing); ``inf`` when ``method`` never reaches it within its own curve.
+    ``nan`` when the baseline did not improve on its first point (reaching its MAE is then met at 0
+    labels and says nothing); ``inf`` when ``method`` never reaches it within its own curve.
     """
     (lm, mm), (lb, mb) = method, baseline
-    if not mb[-1] < mb[0] or lb[-1] <= 0:
+    if not mb[point] < mb[0] or lb[point] <= 0:
         return float("nan")
-    need = labels_to_reach(list(lm), list(mm), float(mb[-1]))
-    return float("inf") if need is None else need / float(lb[-1])
+    need = labels_to_reach(list(lm), list(mm), float(mb[point]))
+    return float("inf") if need is None else need / float(lb[point])
 
 
 def bootstrap_ratio(method: Sequence[tuple], baseline: Sequence[tuple], n_boot: int = 2000,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, point: int = -1) -> dict[str, Any]:
     """:func:`label_ratio` of the seed-averaged curves, with a percentile bootstrap over seeds.
 
     ``method`` and ``baseline`` hold one (labels, MAE) curve per seed, paired by seed; each bootstrap
@@ -250,11 +251,12 @@ def bootstrap_ratio(method: Sequence[tuple], baseline: Sequence[tuple], n_boot: 
     ratios = np.empty(n_boot)
     for b in range(n_boot):
         pick = rng.integers(0, n, size=n)
-        ratios[b] = label_ratio(_mean_curve([method[j] for j in pick]), _mean_curve([baseline[j] for j in pick]))
+        ratios[b] = label_ratio(_mean_curve([method[j] for j in pick]), _mean_curve([baseline[j] for j in pick]),
+                                point)
     defined = np.sort(ratios[~np.isnan(ratios)])
     ci = ([float(defined[int(np.floor(0.025 * (defined.size - 1)))]), float(defined[int(np.ceil(0.975 * (defined.size - 1)))])]
           if defined.size else [None, None])
-    return {"estimate": label_ratio(_mean_curve(method), _mean_curve(baseline)), "ci95": ci,
+    return {"estimate": label_ratio(_mean_curve(method), _mean_curve(baseline), point), "ci95": ci,
             "p_not_reached": float(np.isinf(ratios).mean()), "p_undefined": float(np.isnan(ratios).mean()),
             "samples": ratios}
 
@@ -267,6 +269,13 @@ def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size),
             "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
             "n_negative": int((v < 0).sum()), "values": v.tolist()}
+
+
+def _ratio_json(x: float | None) -> float | str | None:
+    """A label ratio for JSON: the number, ``"not_reached"`` (inf) or ``"undefined"`` (nan)."""
+    if x is None:
+        return None
+    return "not_reached" if np.isinf(x) else "undefined" if np.isnan(x) else float(x)
 
 
 def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]:
@@ -319,9 +328,19 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
             else:
                 boot["p_goal_met"] = float((samples[~np.isnan(samples)] <= 1.10).mean()) \
                     if (~np.isnan(samples)).any() else None
+            boot["estimate"] = _ratio_json(boot["estimate"])
+            boot["ci95"] = [_ratio_json(x) for x in boot["ci95"]]
             out[f"labels_ratio_vs_{base}"] = {
-                "per_seed": ratios, "n_seeds_undefined": int(np.isnan(ratios).sum()),
+                "per_seed": [_ratio_json(x) for x in ratios], "n_seeds_undefined": int(np.isnan(ratios).sum()),
                 "n_seeds_not_reached": int(np.isinf(ratios).sum()), "mean_curves": boot}
+            # secondary (not a goal): the same ratio at every earlier point of the baseline's curve
+            by_point = []
+            for k in range(1, len(per_seed[base][0][0]) - 1):
+                b = bootstrap_ratio(per_seed["ltau"], per_seed[base], point=k)
+                by_point.append({"baseline_labels": float(np.mean([c[0][k] for c in per_seed[base]])),
+                                 "estimate": _ratio_json(b["estimate"]), "ci95": [_ratio_json(x) for x in b["ci95"]],
+                                 "p_not_reached": b["p_not_reached"], "p_undefined": b["p_undefined"]})
+            out[f"labels_ratio_vs_{base}"]["at_earlier_points"] = by_point
             out[f"final_mae_ltau_minus_{base}"] = bootstrap_mean([a[1][-1] - b[1][-1] for a, b in
                                                                    zip(per_seed["ltau"], per_seed[base])])
             out[f"seeds_where_{base}_did_not_improve"] = int(sum(b[1][-1] >= b[1][0] for b in per_seed[base]))

@@ -59,6 +59,9 @@ def test_analyse_goals(al):
     assert g["out_of_domain"]["labels_ratio_vs_random"]["per_seed"] == [pytest.approx(0.5)]
     assert g["out_of_domain"]["labels_ratio_vs_committee"]["per_seed"] == [pytest.approx(0.75)]
     assert g["in_domain"]["final_mae_ltau_minus_random"]["mean"] == pytest.approx(-0.1)
+    # random's 0.8 after 5 labels: ltau (1.0 -> 0.6 over 0..5 labels) reaches it at 2.5 labels
+    early = g["in_domain"]["labels_ratio_vs_random"]["at_earlier_points"]
+    assert len(early) == 1 and early[0]["baseline_labels"] == 5.0 and early[0]["estimate"] == pytest.approx(0.5)
     cost = g["exploration_cost_ratio_ltau_over_committee"]
     assert cost["model_steps"]["mean"] == pytest.approx(100 / 600) and cost["target"] == pytest.approx(1 / 3)
     assert res["curves"]["ltau"]["0"]["mae_in_domain"] == [1.0, 0.6, 0.5]
@@ -77,6 +80,8 @@ def test_no_saving_when_the_baseline_did_not_improve(al):
     assert g["out_of_domain"]["labels_ratio_vs_committee"]["mean_curves"]["p_undefined"] == 1.0
     # in domain ltau never reaches the committee's 0.55 within its 10 labels
     assert g["in_domain"]["labels_ratio_vs_committee"]["n_seeds_not_reached"] == 1
+    assert g["in_domain"]["labels_ratio_vs_committee"]["per_seed"] == ["not_reached"]
+    assert g["in_domain"]["labels_ratio_vs_random"]["per_seed"] == ["undefined"]
 
 
 def test_bootstrap_over_seeds_against_brute_force(al):
