@@ -34,7 +34,7 @@ from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
 from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
-from ltau_ase.core.shift import REFERENCE_SAMPLE, DistanceScale, reference_distances
+from ltau_ase.core.shift import REFERENCE_RULES, REFERENCE_SAMPLE, DistanceScale, reference_distances
 
 # fit_calibration splits the calibration atoms in two halves: one fits the distance scale g and the
 # per-element factors, the other gives the conformal scores (split conformal needs scores the
@@ -323,6 +323,7 @@ class LTAUEstimator:
         reference_forces: Any = None,
         atomic_numbers: Any = None,
         atom_ids: Any = None,
+        groups: Any = None,
     ) -> "LTAUEstimator":
         """Fit on N training atoms.
 
@@ -338,6 +339,12 @@ class LTAUEstimator:
             atomic_numbers: (N,) atomic numbers; records ``species_`` for :meth:`check_species`.
             atom_ids: (N,) ids of the descriptor rows; checked against the error logs' ids (never
                 used to reorder).
+            groups: optional (N,) integer structure group of each training atom (e.g. the system, MD
+                run or relaxation its frame comes from; at least 2 groups). The reference distance of
+                the distance ratio (``fit_calibration``) then comes from neighbours in *other* groups
+                (leave one group out, :func:`ltau_ase.core.shift.reference_distances`), so frames
+                that are near-duplicates of each other do not shrink it; kept as ``train_groups_``
+                and saved. None: every other training atom counts (``reference_rule_ = "atoms"``).
         Returns:
             self
         """
@@ -375,6 +382,9 @@ class LTAUEstimator:
                 raise ValueError("reference_forces must be finite norms >= 0 (eV/Å)")
         if self.rtol > 0 and forces is None:
             raise ValueError("rtol > 0 needs reference_forces (N,) |F_ref| at fit")
+        train_groups = None
+        if groups is not None:
+            train_groups = _check_groups(groups, n)
         species = None
         if atomic_numbers is not None:
             z = np.asarray(atomic_numbers)
@@ -408,7 +418,9 @@ class LTAUEstimator:
         self.index_ = NeighbourIndex.build(x, self.index, self.index_params, copy=False)
         seconds["index"] = time.perf_counter() - t1
         # each training atom's leave-one-out neighbour distance: the yardstick of "far" for fit_calibration
-        self.train_distance_ref_ = reference_distances(self.index_, x, k_eff)
+        self.train_groups_ = train_groups
+        self.reference_rule_ = "atoms" if train_groups is None else "groups"
+        self.train_distance_ref_ = reference_distances(self.index_, x, k_eff, groups=train_groups)
         self.n_features_in_ = int(d)
         self.n_train_atoms_ = int(n)
         self.k_eff_ = k_eff
@@ -824,7 +836,7 @@ class LTAUEstimator:
         self.k = best
         self.k_eff_ = int(min(best, n_train))
         self.train_distance_ref_ = reference_distances(self.index_, np.ascontiguousarray(train_x, dtype=np.float32),
-                                                       self.k_eff_)
+                                                       self.k_eff_, groups=getattr(self, "train_groups_", None))
         for name in _CALIBRATION_ATTRS:
             self.__dict__.pop(name, None)
         self._cache = None
@@ -901,8 +913,10 @@ class LTAUEstimator:
         threshold = float(threshold)
         ref = getattr(self, "train_distance_ref_", None)
         if ref is None or ref.size == 0:
-            raise ValueError("this estimator has no training-set reference distances (fitted by an older ltau-ase or "
-                             "on a single atom); refit it with LTAUEstimator.fit to use fit_calibration")
+            raise ValueError("this estimator has no training-set reference distances (fitted by an older ltau-ase, "
+                             "on a single atom, or with groups so large that no atom found another group's atoms "
+                             "among its nearest MAX_GROUP_SEARCH); refit it with LTAUEstimator.fit to use "
+                             "fit_calibration")
         positive = ref[ref > 0]
         if positive.size == 0:
             raise ValueError("every training atom coincides with its neighbours in latent space (all leave-one-out "
@@ -980,6 +994,7 @@ class LTAUEstimator:
         self.conformal_ = MondrianConformal(MIN_ELEMENT_ATOMS).fit(scores, None if z is None else z[half_b])
         self.calibration_info_ = {
             "reference_distance": reference_distance,
+            "reference_rule": getattr(self, "reference_rule_", "atoms"),
             "threshold": threshold,
             "n_atoms": int(n),
             "n_scale_atoms": int(half_a.size),
@@ -1024,6 +1039,8 @@ class LTAUEstimator:
         arrays: dict[str, np.ndarray] = {}
         if getattr(self, "train_distance_ref_", None) is not None:
             arrays["train_distance_ref_"] = self.train_distance_ref_
+        if getattr(self, "train_groups_", None) is not None:
+            arrays["train_groups_"] = self.train_groups_
         if self.is_calibrated:
             header["calibration"], cal_arrays = self._calibration_to_arrays()
             arrays.update({f"cal_{k}": v for k, v in cal_arrays.items()})
@@ -1046,6 +1063,9 @@ class LTAUEstimator:
             "index_choice_": self.index_.reason,
             "fit_info_": self.fit_info_,
             **({"scale_": float(self.scale_)} if "scale_" in self.__dict__ else {}),
+            # absent in files written before the group rule: they load as "atoms"
+            **({"reference_rule_": self.reference_rule_} if getattr(self, "reference_rule_", "atoms") != "atoms"
+               else {}),
         }
 
     def _calibration_to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -1152,6 +1172,14 @@ class LTAUEstimator:
                 if not np.all(np.isfinite(ref)) or np.any(ref < 0):
                     raise ValueError("its training reference distances are not finite and >= 0")
             est.train_distance_ref_ = ref
+            rule = learned.get("reference_rule_", "atoms")
+            if rule not in REFERENCE_RULES:
+                raise ValueError(f"unknown reference_rule_ {rule!r}; expected one of {REFERENCE_RULES}")
+            groups = arrays.get("train_groups_")
+            if (rule == "groups") != (groups is not None):
+                raise ValueError(f"reference_rule_ {rule!r} needs train_groups_ exactly when it is 'groups'")
+            est.reference_rule_ = rule
+            est.train_groups_ = None if groups is None else _check_groups(groups, n)
             if "calibration" in header:
                 try:
                     est._calibration_from_arrays(
@@ -1326,6 +1354,8 @@ def _shift_schema(header: dict[str, Any], declared: dict, n: int) -> dict[str, t
     if "train_distance_ref_" in declared:
         schema["train_distance_ref_"] = ("<f8", (_declared_length(declared, "train_distance_ref_", 0,
                                                                    min(n, REFERENCE_SAMPLE)),))
+    if "train_groups_" in declared:
+        schema["train_groups_"] = ("<i8", (n,))
     if "calibration" not in header:
         return schema
     cal = header["calibration"]
@@ -1434,6 +1464,17 @@ def _check_values(est: "LTAUEstimator", info: dict[str, Any], dist: dict[str, np
 
 
 _finite_number = is_finite_number  # its earlier private name
+
+
+def _check_groups(values: Any, n: int) -> np.ndarray:
+    """(n,) int64 structure groups with at least two distinct labels, else ValueError."""
+    g = np.asarray(values)
+    if g.shape != (n,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"groups must be ({n},) integers, one structure group per training atom; got shape "
+                         f"{g.shape}, dtype {g.dtype}")
+    if n > 1 and np.all(g == g[0]):
+        raise ValueError("groups name a single structure group; leaving one group out needs at least two")
+    return np.ascontiguousarray(g, dtype=np.int64)
 
 
 def _check_scale(scale: Any) -> None:

@@ -83,6 +83,16 @@ class ShiftBenchConfig:
     # broke down within 100 steps by themselves, at 60 epochs 13 of 20 within 2,000 steps (true max-atom
     # error > 1 eV/Å), which leaves few in-domain runs to test false alarms on. None: MD with member 1.
     md_model_epochs: int | None = 200
+    # Extra training frames of the MD model only (0 systems: none). The shared training set has 6 MD frames
+    # per system within its first 80 fs of 300 K MD, while a monitored in-domain run lasts 2,000 steps: with
+    # them alone the 200-epoch MD model broke down by itself in 6 of 20 in-domain runs and reached true
+    # max-atom errors of 0.9-0.98 eV/Å in unbroken ones, so the 1 eV/Å breakdown bound lay inside its own
+    # in-domain error range. These are md_model_extra_systems new in-domain systems (own random stream, the
+    # domain's slab sizes), each EMT-relaxed and run md_model_extra_steps steps of Langevin MD at the
+    # training temperature, one EMT-labelled frame every md_model_extra_steps / md_model_extra_frames steps.
+    md_model_extra_systems: int = 60
+    md_model_extra_frames: int = 10
+    md_model_extra_steps: int = 2000
     bootstrap: int = 1000
     timing_repeats: int = 30
     workers: int = 2
@@ -94,6 +104,7 @@ class ShiftBenchConfig:
     def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
         if quick:
             cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_model_epochs=4, md_runs_in_domain=3,
+                      md_model_extra_systems=2, md_model_extra_frames=2, md_model_extra_steps=20,
                       md_runs_reference=9,
                       md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
@@ -106,6 +117,12 @@ class ShiftBenchConfig:
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         if cfg.members < 2:
             raise ValueError(f"the committee needs at least 2 members, got {cfg.members}")
+        if min(cfg.md_model_extra_systems, cfg.md_model_extra_frames, cfg.md_model_extra_steps) < 0 or (
+                cfg.md_model_extra_systems and (cfg.md_model_extra_frames < 1
+                                                or cfg.md_model_extra_steps < cfg.md_model_extra_frames)):
+            raise ValueError("md_model_extra_systems, _frames and _steps must be >= 0, and with extra systems "
+                             f"1 <= frames <= steps; got {cfg.md_model_extra_systems}, {cfg.md_model_extra_frames}, "
+                             f"{cfg.md_model_extra_steps}")
         if cfg.epochs < 2 or (cfg.md_model_epochs is not None and cfg.md_model_epochs < 2):
             raise ValueError(f"at least 2 epochs are needed for an error trajectory, got {cfg.epochs} "
                              f"(MD model: {cfg.md_model_epochs})")
@@ -172,22 +189,64 @@ def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict
     return _as_stage(_demo_stages().stage_fit(_demo_config(cfg), out, _Stage(data), _Stage(train)))
 
 
-def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, Any]:
-    """The MD model: member 1's configuration (same seed, data, sizes) trained for ``md_model_epochs``.
+def md_model_extra_frames(cfg: ShiftBenchConfig, taken_ids: np.ndarray) -> list:
+    """The MD model's extra training frames (see ``md_model_extra_systems``), with fresh frame ids.
 
-    Returns a train-like stage (``models``, ``log_dirs`` of the one run) or ``train`` itself when
-    ``md_model_epochs`` is None. Reused when its ``last.ckpt`` exists.
+    New in-domain systems (stream 150, disjoint from the MD runs' streams 101-103+), EMT-relaxed, then
+    ``md_model_extra_steps`` steps of EMT Langevin MD at the training temperature with a frame every
+    ``md_model_extra_steps // md_model_extra_frames`` steps. ``taken_ids``: frame ids already in the
+    model's training files; the new frames get ids after them.
+    """
+    from ltau_ase.core.atom_ids import assign_new_frame_ids
+    from ltau_ase.datasets.catalysis import relax_with_emt, slab_with_adsorbate
+    from ltau_ase.datasets.shift import _catalysis_settings, _tag, domain_systems, thermal_trajectory
+
+    s = cfg.settings
+    cat = _catalysis_settings(s)
+    stride = cfg.md_model_extra_steps // cfg.md_model_extra_frames
+    frames = []
+    for i, spec in enumerate(domain_systems(s, "in_domain", cfg.md_model_extra_systems, cfg.seed, 150)):
+        rng = np.random.default_rng([cfg.seed, 150, i])
+        name = spec.name("md_model_train", i)
+        relaxed, _, _ = relax_with_emt(slab_with_adsorbate(spec, rng, cat), cat.trajectory_fmax, cat.trajectory_steps)
+        md = thermal_trajectory(relaxed, s.train_temperature, cfg.md_model_extra_frames, stride, 0, rng,
+                                s.friction_per_fs)
+        frames.extend(_tag(f, spec, name, "md_model_train", "in_domain", "md", s.train_temperature) for f in md)
+    assign_new_frame_ids(frames, taken_ids)
+    return frames
+
+
+def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, Any]:
+    """The MD model: member 1's configuration (same seed, data, sizes) trained for ``md_model_epochs`` on
+    the training split plus its extra long-MD frames (:func:`md_model_extra_frames`, when configured).
+
+    Returns a train-like stage (``models``, ``log_dirs`` of the one run, ``train_files``) or ``train``
+    itself when ``md_model_epochs`` is None. Reused when its ``last.ckpt`` exists.
     """
     if cfg.md_model_epochs is None:
         return train
     from ltau_ase.nequip.training import ERROR_LOGGER_TARGET, train_nequip, write_nequip_config
 
-    model_dir = (out / "models" / f"md_model_e{cfg.md_model_epochs}").resolve()
+    extra = cfg.md_model_extra_systems
+    name = f"md_model_e{cfg.md_model_epochs}" + (
+        f"_x{extra}x{cfg.md_model_extra_frames}s{cfg.md_model_extra_steps}" if extra else "")
+    model_dir = (out / "models" / name).resolve()
     log_dir = model_dir / "ltau_errors"
+    train_files = [data["dir"] / "train.extxyz"]
+    if extra:
+        train_files.append(model_dir / "train_extra.extxyz")
     seconds = math.nan
     if not (reuse and (model_dir / "run" / "last.ckpt").is_file()):
+        if extra:
+            from ase.io import write
+
+            from ltau_ase.core.atom_ids import frame_ids_of
+
+            taken = np.concatenate([frame_ids_of(data["splits"][s]) for s in ("train", "val")])
+            model_dir.mkdir(parents=True, exist_ok=True)
+            write(train_files[1], md_model_extra_frames(cfg, taken), format="extxyz")
         config = write_nequip_config(
-            model_dir / "config.yaml", [data["dir"] / "train.extxyz"], type_names=data["type_names"],
+            model_dir / "config.yaml", train_files, type_names=data["type_names"],
             val_file=data["dir"] / "val.extxyz",
             callbacks=[{"_target_": ERROR_LOGGER_TARGET, "log_dir": str(log_dir), "mode": "free"}],
             seed=cfg.seed * 1000 + 1, data_seed=cfg.seed, max_epochs=cfg.md_model_epochs, num_layers=cfg.num_layers,
@@ -196,7 +255,7 @@ def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, re
         train_nequip(config, model_dir / "run", timeout=cfg.train_timeout, threads=1)
         seconds = time.perf_counter() - t0
     return _Stage(models=[model_dir / "run" / "last.ckpt"], log_dirs=[log_dir], train_times=[seconds],
-                  epochs=cfg.md_model_epochs)
+                  epochs=cfg.md_model_epochs, train_files=train_files)
 
 
 def calibration_groups(system: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, str]:
@@ -222,7 +281,11 @@ def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str
     from ltau_ase.core.estimator import LTAUEstimator
     from ltau_ase.nequip.descriptors import extract_descriptors
 
-    frames = data["splits"]["train"]
+    from ase.io import read
+
+    frames = list(data["splits"]["train"])
+    for path in md_train.get("train_files", [])[1:]:  # the MD model's extra frames (ids after the split's)
+        frames += read(path, index=":", format="extxyz")
     atom_ids, desc = extract_descriptors(md_train["models"][0], frames, progress=True)
     logs = load_error_logs(md_train["log_dirs"])
     if not np.array_equal(atom_ids, logs[0].atom_ids):
