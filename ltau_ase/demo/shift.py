@@ -75,6 +75,11 @@ class ShiftBenchConfig:
     md_error_bound: float = 1.0
     md_after_breakdown: int = 30
     md_false_alarm_rate: float = 0.05
+    # Extra threshold rules beside the conformal one at md_false_alarm_rate: a Gumbel fit to the reference
+    # runs' peaks (stop_threshold(method="gumbel")) at each of these rates; 0.01 is below the 1/(R+1) that
+    # 20 runs allow the conformal rule, and makes 0 false alarms in 20 runs the expected outcome
+    # (P = 0.99^20 = 0.82 if the rate held exactly).
+    md_extreme_value_rates: tuple[float, ...] = (0.05, 0.01)
     md_patience: int = 1
     md_on_time_steps: int = 10
     md_slab: tuple[int, int, int] = (2, 2, 3)
@@ -228,23 +233,23 @@ def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, re
     from ltau_ase.nequip.training import ERROR_LOGGER_TARGET, train_nequip, write_nequip_config
 
     extra = cfg.md_model_extra_systems
-    name = f"md_model_e{cfg.md_model_epochs}" + (
-        f"_x{extra}x{cfg.md_model_extra_frames}s{cfg.md_model_extra_steps}" if extra else "")
-    model_dir = (out / "models" / name).resolve()
+    extra_name = f"x{extra}x{cfg.md_model_extra_frames}s{cfg.md_model_extra_steps}"
+    model_dir = (out / "models" / (f"md_model_e{cfg.md_model_epochs}" + (f"_{extra_name}" if extra else ""))).resolve()
     log_dir = model_dir / "ltau_errors"
     train_files = [data["dir"] / "train.extxyz"]
-    if extra:
-        train_files.append(model_dir / "train_extra.extxyz")
+    if extra:  # shared by MD models of any epoch count (reused like the data stage's files)
+        train_files.append((out / "models" / f"md_model_train_extra_{extra_name}_seed{cfg.seed}.extxyz").resolve())
     seconds = math.nan
     if not (reuse and (model_dir / "run" / "last.ckpt").is_file()):
-        if extra:
+        if extra and not (reuse and train_files[1].is_file()):
             from ase.io import write
 
             from ltau_ase.core.atom_ids import frame_ids_of
 
             taken = np.concatenate([frame_ids_of(data["splits"][s]) for s in ("train", "val")])
-            model_dir.mkdir(parents=True, exist_ok=True)
-            write(train_files[1], md_model_extra_frames(cfg, taken), format="extxyz")
+            tmp = train_files[1].with_suffix(".tmp")
+            write(tmp, md_model_extra_frames(cfg, taken), format="extxyz")
+            tmp.replace(train_files[1])  # complete or absent, never half written
         config = write_nequip_config(
             model_dir / "config.yaml", train_files, type_names=data["type_names"],
             val_file=data["dir"] / "val.extxyz",
@@ -290,7 +295,14 @@ def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str
     logs = load_error_logs(md_train["log_dirs"])
     if not np.array_equal(atom_ids, logs[0].atom_ids):
         raise RuntimeError("MD-model training descriptors and error log are not in the same atom order")
-    est = LTAUEstimator(k=cfg.k).fit(desc, logs, atom_ids=atom_ids)
+    # the reference distance of the distance ratio leaves each training system out (its relaxation and MD
+    # frames are near-duplicates of each other); descriptor rows come frame after frame
+    systems = np.unique([f.info["system"] for f in frames], return_inverse=True)[1]
+    groups = np.repeat(systems, [len(f) for f in frames])
+    est = LTAUEstimator(k=cfg.k).fit(desc, logs, atom_ids=atom_ids, groups=groups)
+    from ltau_ase.core.shift import reference_distances
+
+    plain_ref = reference_distances(est.index_, np.ascontiguousarray(desc, dtype=np.float32), est.k_eff_)
     model = _demo_stages()._load_model(md_train["models"][0])
     x, err, z, system = [], [], [], []
     for split in ("calibration", "calibration_mild"):
@@ -306,7 +318,10 @@ def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str
     frame_of_atom = np.concatenate([np.full(n, i) for i, n in enumerate(len(a) for a in system)])
     structure, _ = calibration_groups(np.concatenate(system).astype(str), frame_of_atom)
     aware = copy.deepcopy(est).fit_calibration(x, err, atomic_numbers=z, seed=cfg.seed, frame_ids=structure)
-    return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_}
+    return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_,
+            "reference_distance": {"groups": aware.calibration_info_["reference_distance"],
+                                   "atoms": float(np.median(plain_ref[plain_ref > 0])),
+                                   "n_groups": int(systems.max() + 1)}}
 
 
 # ---------------------------------------------------------------------------- stage 4: S2EF evaluation
@@ -821,17 +836,32 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
     out["failure_model"] = info
 
 
-def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
+def md_threshold_rules(cfg: ShiftBenchConfig) -> dict[str, tuple[str, float]]:
+    """Threshold rules scored side by side: name -> (stop_threshold method, false-alarm rate)."""
+    rules = {f"conformal α={cfg.md_false_alarm_rate:g}": ("conformal", cfg.md_false_alarm_rate)}
+    rules.update({f"gumbel α={a:g}": ("gumbel", a) for a in cfg.md_extreme_value_rates})
+    return rules
+
+
+def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: dict | None = None) -> dict[str, Any]:
     """Stop outcomes per temperature from per-step max-atom statistics.
 
-    Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
-    of the per-run peaks for the stated false-alarm rate) over in-domain runs: the separate
-    ``reference`` runs when there are any; otherwise each in-domain run gets the threshold from the
-    other in-domain runs (leave one out) and the hot runs the one from all in-domain runs. Two
-    reference rules, side by side: ``"whole_runs"`` (every step of the reference runs) and
-    ``"before_breakdown"`` (each reference run up to its first step whose true max-atom error exceeds
-    ``md_error_bound``: a false alarm is a stop before breakdown, so these are the peaks the guarantee
-    is about; an in-domain run that breaks down by itself no longer raises the threshold).
+    Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` over in-domain runs:
+    the separate ``reference`` runs when there are any; otherwise each in-domain run gets the threshold
+    from the other in-domain runs (leave one out) and the hot runs the one from all in-domain runs.
+    Threshold rules (:func:`md_threshold_rules`), side by side: the conformal quantile of the per-run
+    peaks at ``md_false_alarm_rate`` and a Gumbel fit to the peaks at each of
+    ``md_extreme_value_rates``. Reference rules, side by side: ``"whole_runs"`` (every step of the
+    reference runs) and ``"before_breakdown"`` (each reference run up to its first step whose true
+    max-atom error exceeds ``md_error_bound``: a false alarm is a stop before breakdown, so these are
+    the peaks the guarantee is about; an in-domain run that breaks down by itself no longer raises the
+    threshold). A rule that cannot give a threshold (e.g. a Gumbel fit from fewer than 10 runs) is
+    recorded with its reason under ``"error"``.
+
+    ``ratio_reference``: the distance ratio's reference distances, ``{"groups": ..., "atoms": ...}``
+    (leave one training system out, as fitted, and the plain leave-one-atom-out one); the ratio under
+    the plain reference is scored too (``ratio_reference_check``): a constant rescaling, so its stops
+    must be the same.
     """
     from ltau_ase.simulate.observers import stop_threshold
 
@@ -845,54 +875,94 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
         return trace[: over[0]] if over.size else trace
 
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
+    rescale = None
+    if ratio_reference and "ltau_distance_ratio" in traces[next(iter(traces))][0]:
+        rescale = ratio_reference["groups"] / ratio_reference["atoms"]
+        for group in traces.values():
+            for t in group:
+                t["ltau_distance_ratio_atoms_reference"] = t["ltau_distance_ratio"] * rescale
     in_domain = f"T{cfg.settings.train_temperature:g}"
     leave_one_out = "reference" not in md
     ref_group = in_domain if leave_one_out else "reference"
     methods = list(traces[ref_group][0])
-    alpha, patience = cfg.md_false_alarm_rate, cfg.md_patience
-    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": alpha,
+    patience = cfg.md_patience
+    rules = md_threshold_rules(cfg)
+    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
+                           "threshold_rules": {k: {"method": m, "false_alarm_rate": a} for k, (m, a) in rules.items()},
                            "patience": patience, "n_reference_runs": len(md[ref_group]),
                            "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over "
                                              + ("the other in-domain runs (leave one out) for each in-domain run, "
                                                 "over all in-domain runs for the hot runs" if leave_one_out
                                                 else "the reference runs"),
                            "reference_rules": {}}
+
+    def threshold(refs: list, method: str, alpha: float) -> float | str:
+        try:
+            return stop_threshold(refs, alpha, patience, method)
+        except ValueError as exc:
+            return str(exc)
+
     for rule in ("whole_runs", "before_breakdown"):
         refs = {m: [t[m] if rule == "whole_runs" else before_breakdown(t[m], r)
                     for t, r in zip(traces[ref_group], md[ref_group])] for m in methods}
-        out: dict[str, Any] = {"thresholds": {m: stop_threshold(refs[m], alpha, patience) for m in methods},
-                               "groups": {}}
-        for group, runs in md.items():
-            if group == "reference":
-                continue
-            g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
-                                 "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+        by_threshold: dict[str, Any] = {}
+        for tname, (how, alpha) in rules.items():
+            out: dict[str, Any] = {"thresholds": {}, "errors": {}, "groups": {}}
             for m in methods:
-                thr: Any = out["thresholds"][m]
-                if leave_one_out and group == in_domain:
-                    thr = [stop_threshold(refs[m][:i] + refs[m][i + 1:], alpha, patience) for i in range(len(runs))]
-                o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
-                                  thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
-                if isinstance(thr, list):
-                    o["thresholds"] = thr
-                # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
-                false_alarm = np.array([s is not None and (b is None or s < b)
-                                        for s, b in zip(o["stop"], o["breakdown"])], dtype=float)
-                o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
-                                                        cfg.bootstrap, seed=cfg.seed)
-                broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
-                if broken:
-                    on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
-                                        for i in broken], dtype=float)
-                    o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
-                                                        cfg.bootstrap, seed=cfg.seed)
-                g[m] = o
-            out["groups"][group] = g
-        res["reference_rules"][rule] = out
-    # the whole-run rule under the earlier keys
+                thr = threshold(refs[m], how, alpha)
+                if isinstance(thr, str):
+                    out["errors"][m] = thr
+                else:
+                    out["thresholds"][m] = thr
+            for group, runs in md.items():
+                if group == "reference":
+                    continue
+                g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
+                                     "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+                for m in out["thresholds"]:
+                    thr: Any = out["thresholds"][m]
+                    if leave_one_out and group == in_domain:
+                        thr = [threshold(refs[m][:i] + refs[m][i + 1:], how, alpha) for i in range(len(runs))]
+                        if any(isinstance(x, str) for x in thr):
+                            g.setdefault("errors", {})[m] = next(x for x in thr if isinstance(x, str))
+                            continue
+                    o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                                      thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
+                    if isinstance(thr, list):
+                        o["thresholds"] = thr
+                    # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
+                    false_alarm = np.array([s is not None and (b is None or s < b)
+                                            for s, b in zip(o["stop"], o["breakdown"])], dtype=float)
+                    o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
+                                                            cfg.bootstrap, seed=cfg.seed)
+                    broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
+                    if broken:
+                        on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
+                                            for i in broken], dtype=float)
+                        o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
+                                                            cfg.bootstrap, seed=cfg.seed)
+                    g[m] = o
+                out["groups"][group] = g
+            by_threshold[tname] = out
+        first = by_threshold[next(iter(rules))]
+        # the conformal rule under the earlier keys, every rule under "threshold_rules"
+        res["reference_rules"][rule] = {"thresholds": first["thresholds"], "groups": first["groups"],
+                                        "threshold_rules": by_threshold}
     res["thresholds"] = res["reference_rules"]["whole_runs"]["thresholds"]
     res["groups"] = res["reference_rules"]["whole_runs"]["groups"]
     res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md[ref_group]]
+    if rescale is not None:
+        same = True
+        for rule in res["reference_rules"].values():
+            for out in rule["threshold_rules"].values():
+                for g in out["groups"].values():
+                    a, b = g.get("ltau_distance_ratio"), g.get("ltau_distance_ratio_atoms_reference")
+                    same &= a is not None and b is not None and a["stop"] == b["stop"]
+        res["ratio_reference_check"] = {**ratio_reference, "same_stops": bool(same),
+                                        "in_domain_peak_ratio": {
+                                            "groups": [float(t["ltau_distance_ratio"].max()) for t in traces[ref_group]],
+                                            "atoms": [float(t["ltau_distance_ratio_atoms_reference"].max())
+                                                      for t in traces[ref_group]]}}
     return res
 
 
@@ -941,21 +1011,46 @@ def is2rs_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: the MD stop's statistics: every per-atom method plus the distance ratio under the plain reference distance
+MD_METHOD_LABELS = METHOD_LABELS | {"ltau_distance_ratio_atoms_reference": "distance ratio r (leave-one-atom-out "
+                                                                          "reference)"}
+
+
 def md_table(results: dict) -> str:
+    """Markdown: stop outcomes per reference rule, threshold rule, MD group and statistic."""
     md = results["md"]
-    lines = ["| reference rule | MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | "
-             "stopped ≤ %d steps after breakdown | median delay | missed |"
+    lines = ["| reference rule | threshold rule | MD group | runs | broken (max err > %g eV/Å) | method | threshold | "
+             "false alarms | stopped ≤ %d steps after breakdown (or before) | median delay | missed |"
              % (md["error_bound"], results["config"]["md_on_time_steps"]),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rules = md.get("reference_rules", {"whole_runs": {"thresholds": md["thresholds"], "groups": md["groups"]}})
     for rule, r in rules.items():
-        for group, g in r["groups"].items():
-            for method in METHOD_LABELS:
-                o = g.get(method)
-                if o:
-                    lines.append(f"| {rule} | {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
-                                 f"{_num(r['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
-                                 f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
+        by_threshold = r.get("threshold_rules", {"conformal": r})
+        for tname, t in by_threshold.items():
+            for group, g in t["groups"].items():
+                for method in MD_METHOD_LABELS:
+                    o = g.get(method)
+                    if o:
+                        fa = f"{o['n_false_alarms']}/{o['n_runs']}"
+                        if "false_alarm_rate_ci" in o:
+                            fa += f" ({summarise_ci(o['false_alarm_rate_ci'])})"
+                        ot = f"{o['n_on_time']}/{o['n_broken']}"
+                        if "on_time_rate_ci" in o:
+                            ot += f" ({summarise_ci(o['on_time_rate_ci'])})"
+                        lines.append(f"| {rule} | {tname} | {group} | {o['n_runs']} | {o['n_broken']} | "
+                                     f"{MD_METHOD_LABELS[method]} | {_num(t['thresholds'][method])} | {fa} | {ot} | "
+                                     f"{_num(o['median_delay'])} | {o['n_missed']} |")
+            for method, why in t.get("errors", {}).items():
+                lines.append(f"| {rule} | {tname} | – | – | – | {MD_METHOD_LABELS.get(method, method)} | n/a: {why} "
+                             "| – | – | – | – |")
+    check = md.get("ratio_reference_check")
+    if check:
+        lines += ["", "Distance ratio reference distance: %.4g leaving each training system out (%d systems) "
+                  "against %.4g leaving one atom out; in-domain peak r (median over runs) %.3g against %.3g; "
+                  "same stops under both: %s." % (check["groups"], check["n_groups"], check["atoms"],
+                                                  np.median(check["in_domain_peak_ratio"]["groups"]),
+                                                  np.median(check["in_domain_peak_ratio"]["atoms"]),
+                                                  "yes" if check["same_stops"] else "NO")]
     return "\n".join(lines)
 
 
@@ -1086,8 +1181,11 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
         md_info = {"model": f"member 1's configuration trained for {md_train['epochs']} epochs (own error log, "
                             "estimator and calibration)", "atol": md_est["atol"],
                    "calibration_mean_error": md_est["calibration_mean_error"],
-                   "training_seconds": md_train["train_times"][0]}
-    md_res = timed("scoring md", score_md, cfg, md_scorer, md)
+                   "training_seconds": md_train["train_times"][0],
+                   "training_files": [str(p) for p in md_train.get("train_files", [])],
+                   "reference_distance": md_est["reference_distance"]}
+    md_res = timed("scoring md", score_md, cfg, md_scorer, md,
+                   None if md_train is train else md_est["reference_distance"])
     md_res["md_model"] = md_info
     estimators = {"ltau_paper": est} | ({"ltau_distance": aware} if aware is not None else {})
     cost = timed("costs", stage_costs, cfg, data, train, estimators)
@@ -1157,6 +1255,12 @@ def headline(results: dict) -> dict[str, Any]:
             if method in g:
                 h[f"md.{group}.{method}.false_alarms"] = g[method]["n_false_alarms"]
                 h[f"md.{group}.{method}.on_time_rate"] = g[method]["on_time_rate"]
+    for tname, t in results["md"].get("reference_rules", {}).get("whole_runs", {}).get("threshold_rules", {}).items():
+        for group, g in t["groups"].items():
+            for method in METHOD_LABELS:
+                if method in g:
+                    h[f"md.{tname}.{group}.{method}.false_alarms"] = g[method]["n_false_alarms"]
+                    h[f"md.{tname}.{group}.{method}.on_time_rate"] = g[method]["on_time_rate"]
     for method, ratio in results["cost"]["over_single"].items():
         h[f"cost.{method}_over_single"] = ratio
     return h
