@@ -9,7 +9,7 @@ import pytest
 class _ValueScorer:
     """Per-atom statistics read straight from the 'descriptors' (column 0): the ratio, and the distance = 2x."""
 
-    def predict(self, desc):
+    def predict(self, desc, numbers=None):
         v = np.asarray(desc[:, 0], dtype=np.float64)
         return {"ltau_distance_ratio": {"uncertainty": v}, "distance": {"uncertainty": 2.0 * v}}
 

@@ -485,7 +485,8 @@ def _md_task(args: tuple) -> dict[str, Any]:
         err = err[:len(desc)]
         if len(err) < len(desc):
             err.append(math.inf)
-    return {"key": key, "descriptors": np.stack(desc), "true_max_error": np.array(err)}
+    return {"key": key, "descriptors": np.stack(desc), "true_max_error": np.array(err),
+            "numbers": atoms.numbers.astype(np.int64)}
 
 
 def _pool_map(cfg: ShiftBenchConfig, train: dict, fn, tasks: list, desc: str) -> list:
@@ -573,6 +574,9 @@ def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict
             tmp.replace(path)
             path.with_suffix(".key").write_text(key)
         results[group] = pickle.loads(path.read_bytes())
+        if any("numbers" not in r for r in results[group]):  # cached before runs kept their atomic numbers
+            for r, a in zip(results[group], md_start_structures(cfg, runs, stream)):
+                r["numbers"] = a.numbers.astype(np.int64)
     return results
 
 
@@ -867,7 +871,9 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
 
     def stats(run) -> dict[str, np.ndarray]:
         d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
-        pred = scorer.predict(d.reshape(-1, d.shape[-1]))
+        # with the atomic numbers, as LTAUCalculator predicts in a simulation (per-element factors)
+        numbers = np.tile(run["numbers"], d.shape[0]) if run.get("numbers") is not None else None
+        pred = scorer.predict(d.reshape(-1, d.shape[-1]), numbers)
         return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
 
     def before_breakdown(trace: np.ndarray, run: dict) -> np.ndarray:
