@@ -64,3 +64,20 @@ def test_score_md_conformal_and_gumbel_rules_and_the_ratio_reference():
     gumbel = res["reference_rules"]["whole_runs"]["threshold_rules"]["gumbel α=0.01"]
     assert "at least 10 block maxima" in gumbel["errors"]["distance"] and not gumbel["thresholds"]
     assert res["groups"]["T1200"]["distance"]["n_runs"] == 2
+
+
+def test_md_model_extra_frames_are_new_in_domain_md_frames_with_fresh_ids():
+    from ltau_ase.demo.shift import ShiftBenchConfig, md_model_extra_frames
+
+    cfg = ShiftBenchConfig.preset(True, md_model_extra_systems=2, md_model_extra_frames=2, md_model_extra_steps=6)
+    frames = md_model_extra_frames(cfg, np.array([5, 17, 3]))
+    assert [f.info["frame_id"] for f in frames] == [18, 19, 20, 21]  # after the taken ids, in order
+    assert [f.info["system"] for f in frames][::2] == [f.info["system"] for f in frames][1::2]
+    assert all(f.info["config_type"] == "md" and f.info["temperature_K"] == cfg.settings.train_temperature
+               and f.info["shift_domain"] == "in_domain" and f.info["system"].startswith("md_model_train-")
+               for f in frames)
+    # one frame every 6 / 2 = 3 steps of MD: the two frames of a system differ, and carry EMT forces
+    assert not np.allclose(frames[0].positions, frames[1].positions)
+    assert frames[0].get_forces().shape == (len(frames[0]), 3)
+    with pytest.raises(ValueError, match="md_model_extra"):
+        ShiftBenchConfig.preset(True, md_model_extra_systems=2, md_model_extra_frames=3, md_model_extra_steps=2)
