@@ -157,21 +157,11 @@ def step_structures(atoms, kind: str, n: int, seed: int) -> list:
             a.rattle(0.05, seed=seed + r)
             out.append(a)
         return out
-    from ase import units
     from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
 
-    a = atoms.copy()
-    a.calc = EMT()
-    rng = np.random.default_rng(seed)
-    thermalize_momenta(a, temperature_K=600.0, rng=rng)
-    dyn = Langevin(a, timestep=1.0 * units.fs, temperature_K=600.0, friction=0.02 / units.fs, fixcm=False, rng=rng)
-    frames = []
-    for _ in range(n):
-        dyn.run(1)
-        frames.append(a.copy())
-    return frames
+    from ltau_ase.demo.stages import langevin_frames
+
+    return langevin_frames(atoms, EMT(), n, 600.0, seed=seed)
 
 
 def time_config(model, frames, estimator, warmup: int, reference: str | None = None) -> dict[str, Any]:

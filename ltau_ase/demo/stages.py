@@ -8,11 +8,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ltau_ase.demo.config import DOMAINS, DemoConfig, cpu_count
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 
 # ---------------------------------------------------------------------------- what the stages pass on
@@ -305,6 +308,27 @@ def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal
 
 
 # ---------------------------------------------------------------------------- stage 7
+def langevin_frames(atoms: Atoms, calc: Any, n_frames: int, temperature_K: float, seed: Any) -> list[Atoms]:
+    """n_frames consecutive frames (copies, 1 fs apart) of a Langevin run of ``atoms`` driven by ``calc``
+    (friction 0.02 fs⁻¹, momenta thermalised at ``temperature_K``): the structures a calculator meets,
+    in order, during MD. Used to time a step as MD pays for it."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import thermalize_momenta
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
+    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=temperature_K, friction=0.02 / units.fs,
+                   fixcm=False, rng=rng)
+    frames = []
+    for _ in range(n_frames):
+        dyn.run(1)
+        frames.append(atoms.copy())
+    return frames
+
+
 def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: CalibrationStage) -> dict[str, Any]:
     """Time one MD step's force call of: the single model, LTAU (same model + estimator), the committee.
 
@@ -316,10 +340,6 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
     transforms, ``atoms_to_data``) and UQ (``estimator.predict``, with a cache of its own as in the
     calculator, and without one: the cost on unrelated structures) are timed on the same frames.
     """
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
-
     from ltau_ase.core.exact_search import NeighbourCache
     from ltau_ase.simulate.calculator import LTAUCalculator
     from ltau_ase.simulate.committee import CommitteeCalculator
@@ -328,16 +348,8 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
     ltau = LTAUCalculator(_load_model(train.models[0]), cal.estimator)
     committee = CommitteeCalculator([_load_model(p) for p in train.models])
     graph_calc = _load_model(train.models[0])
-    atoms = md_system(cfg.seed, data.settings)
-    atoms.calc = _load_model(train.models[0])
-    rng = np.random.default_rng([cfg.seed, 11])
-    thermalize_momenta(atoms, temperature_K=cfg.md_temperature, rng=rng)
-    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=cfg.md_temperature, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
-    frames = []
-    for _ in range(cfg.timing_repeats + 1):
-        dyn.run(1)
-        frames.append(atoms.copy())
+    frames = langevin_frames(md_system(cfg.seed, data.settings), _load_model(train.models[0]),
+                             cfg.timing_repeats + 1, cfg.md_temperature, seed=[cfg.seed, 11])
     t = {"single": [], "ltau": [], "committee": [], "graph": [], "uq": [], "uq_without_cache": []}
     calcs = [("single", single), ("ltau", ltau), ("committee", committee)]
     uq_cache = NeighbourCache()
