@@ -141,3 +141,27 @@ def test_compiled_file_needs_trust_and_the_latent_output(compiled, monkeypatch):
     monkeypatch.setattr(inference_models, "load_compiled_model", without_latents)
     with pytest.raises(ValueError, match="--output-fields atomic_energy total_energy forces stress virial node_features"):
         LatentNequIPCalculator.from_model_file(compiled["model"], trusted=True, chemical_species_to_atom_type_map=True)
+
+
+def test_compiled_file_listing_unknown_ltau_fields_is_refused(compiled, monkeypatch):
+    """The readout's field list in the file's metadata becomes calculator properties: only the known
+    LTAU fields are accepted (a hostile or corrupt file cannot name arbitrary properties)."""
+    import json
+
+    import nequip.model.inference_models as inference_models
+
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
+    real = inference_models.load_compiled_model
+
+    def with_fields(fields):
+        def load(path, device, *args):
+            model, meta = real(path, device)
+            readout = json.loads(meta["ltau_readout"])
+            return model, dict(meta, ltau_readout=json.dumps(dict(readout, fields=fields)))
+        return load
+
+    for bad in (["ltau_uncertainty", "energy"], "ltau_uncertainty", ["ltau_uncertainty"]):
+        monkeypatch.setattr(inference_models, "load_compiled_model", with_fields(bad))
+        with pytest.raises(ValueError, match="LTAU fields"):
+            LatentNequIPCalculator.from_model_file(compiled["model"], trusted=True, chemical_species_to_atom_type_map=True)
