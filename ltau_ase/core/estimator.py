@@ -502,11 +502,12 @@ class LTAUEstimator:
         self._cache = (key, p)
         return p
 
-    def _neighbours(self, descriptors: Any, cache: NeighbourCache | None = None
+    def _neighbours(self, descriptors: Any, cache: NeighbourCache | None = None, checked: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self._check_fitted()
+        if not checked:
+            self._check_fitted()
         x = as_float32(descriptors, "descriptors", self.n_features_in_)
-        dist, ids, valid = self.index_.search(x, self.k_eff_, cache=cache)
+        dist, ids, valid = self.index_.search_checked(x, self.k_eff_, cache=cache)
         n_valid = valid.sum(axis=1)
         if np.any(n_valid == 0):
             raise RuntimeError(
@@ -583,10 +584,11 @@ class LTAUEstimator:
         """
         if coverage is not None:
             coverage = check_coverage(coverage)
+        self._check_fitted()  # once per call: the parameters' snapshot is what costs
         unknown = None
         if atomic_numbers is not None:
-            unknown = self.unknown_atoms(atomic_numbers, unknown_species)
-        dist, ids, valid = self._neighbours(descriptors, neighbour_cache)
+            unknown = self._unknown_atoms(atomic_numbers, unknown_species, checked=True)
+        dist, ids, valid = self._neighbours(descriptors, neighbour_cache, checked=True)
         n = ids.shape[0]
         if unknown is not None and unknown.shape != (n,):
             raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "
@@ -679,15 +681,19 @@ class LTAUEstimator:
         ``"raise"``: ValueError when any element is unseen; ``"flag"``: the atoms of unseen elements;
         ``"ignore"`` (or no ``species_`` recorded): all False.
         """
+        return self._unknown_atoms(atomic_numbers, unknown_species)
+
+    def _unknown_atoms(self, atomic_numbers: Any, unknown_species: str | None, checked: bool = False) -> np.ndarray:
         policy = self.unknown_species if unknown_species is None else unknown_species
-        unseen, z = self._unseen(atomic_numbers, policy)
+        unseen, z = self._unseen(atomic_numbers, policy, checked)
         if unknown_species_policy(policy) != "flag" or not unseen.size:
             return np.zeros(z.shape, dtype=bool)
         return np.isin(z, unseen)
 
-    def _unseen(self, atomic_numbers: Any, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    def _unseen(self, atomic_numbers: Any, policy: str, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
         canonical = unknown_species_policy(policy)
-        self._check_fitted()
+        if not checked:
+            self._check_fitted()
         z = np.asarray(atomic_numbers)
         if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer):
             raise ValueError(f"atomic_numbers must be a 1-d integer array; got shape {z.shape}, dtype {z.dtype}")

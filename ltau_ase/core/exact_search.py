@@ -147,6 +147,10 @@ def shortlist_size(k: int) -> int:
     return int(k) + max(int(k), 14)
 
 
+#: when some rows must be searched, rows left with less than this share of their slack (R − k-th
+#: distance at the anchor) are renewed in the same search
+REFRESH_AHEAD = 0.5
+
 #: slack on squared distances from a full search, relative to ‖q‖² + max‖x‖²: FAISS's brute-force scan
 #: computes ‖q‖² + ‖x‖² − 2q·x in float32 (rounding error a few D·2⁻²⁴ of the norms); 1e-5 covers D ≤ 2·10³
 _EXPANSION_SLACK = 1e-5
@@ -162,8 +166,10 @@ class NeighbourCache:
     with δ = ‖q − a‖, every atom outside S lies at least R − δ from q (triangle inequality). The k
     nearest members of S, at distances computed now, are therefore q's exact k nearest training atoms
     whenever the k-th of them is closer than R − δ (with a margin for float32 round-off); rows where that
-    is not proven are searched in full and become new anchors. Results equal the index's exact search
-    (same distances; the same ids up to ties).
+    is not proven are searched in full and become new anchors; in the same search go the rows left with
+    less than :data:`REFRESH_AHEAD` of their slack, since a search's cost is mostly fixed (measured on the
+    demo's MD: 0.95 → 0.49 searches per step). Results equal the index's exact search (same distances;
+    the same ids up to ties).
 
     One cache serves one stream of structures (one calculator); it is bound to the index and k it was
     last used with and starts over when either changes. Any query rows are valid (exactness never
@@ -183,6 +189,7 @@ class NeighbourCache:
         self._anchors: np.ndarray | None = None  # (n, D) float64 descriptors of the last full search
         self._ids: np.ndarray | None = None  # (n, m) int64 shortlists, nearest first
         self._radius: np.ndarray | None = None  # (n,) float64: no atom outside the shortlist is closer
+        self._slack0: np.ndarray | None = None  # (n,) radius − k-th distance at the anchor
 
     def __getstate__(self) -> dict[str, Any]:
         return {"hits": self.hits, "lookups": self.lookups}
@@ -218,6 +225,7 @@ class NeighbourCache:
             self._anchors = np.empty_like(q64)
             self._ids = np.empty((n, m), dtype=np.int64)
             self._radius = np.empty(n, dtype=np.float64)
+            self._slack0 = np.empty(n, dtype=np.float64)
             return self._refresh(np.arange(n), queries, q64, k, m, n_total, vectors, full_search)
         ids = self._ids
         d2 = np.empty(ids.shape, dtype=np.float32)  # exact (difference-form) squared distances to the shortlist
@@ -230,9 +238,14 @@ class NeighbourCache:
         step = q64 - self._anchors
         moved = np.sqrt(np.einsum("nd,nd->n", step, step))
         kth = np.sqrt(top_d2[:, -1].astype(np.float64)) * (1 + _RELATIVE_MARGIN) + _ABSOLUTE_MARGIN
-        proven = kth <= self._radius - moved
-        self.hits += int(proven.sum())
+        slack = self._radius - moved - kth
+        proven = slack >= 0
         stale = np.flatnonzero(~proven)
+        if stale.size:
+            # a search costs mostly its fixed part: renew with it the rows that used up most of their
+            # slack, so that their misses do not each cost a search of their own on later steps
+            stale = np.flatnonzero(~proven | (slack < REFRESH_AHEAD * self._slack0))
+        self.hits += n - stale.size
         if stale.size:
             d2_new, ids_new = self._refresh(stale, queries, q64, k, m, n_total, vectors, full_search)
             top_d2[stale], top_ids[stale] = d2_new, ids_new
@@ -253,6 +266,7 @@ class NeighbourCache:
         self._anchors[rows] = q64[rows]
         self._ids[rows] = ids[:, :m]
         self._radius[rows] = radius
+        self._slack0[rows] = radius - np.sqrt(np.maximum(d2[:, k - 1].astype(np.float64), 0.0))
         return d2[:, :k], ids[:, :k]
 
     def _max_norm2(self, vectors: np.ndarray) -> float:

@@ -456,7 +456,12 @@ class NeighbourIndex:
         q = as_float32(queries, "query descriptors", self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.ntotal:
             raise ValueError(f"k must lie in [1, {self.ntotal}] (the number of indexed atoms); got {k!r}")
-        k = int(k)
+        return self.search_checked(q, int(k), cache)
+
+    def search_checked(self, q: np.ndarray, k: int, cache: NeighbourCache | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` for queries already validated by :func:`as_float32` (C-contiguous, finite
+        float32 of this index's dimension) and 1 ≤ k ≤ N: the per-step path, which checks once."""
         n_threads = faiss.omp_get_max_threads()
         serial = q.shape[0] * self.ntotal * self.dim <= SERIAL_SEARCH_WORK and n_threads > 1
         if serial:

@@ -58,6 +58,7 @@ _PREDICT_TO_RESULT = {
 }
 _BOUND_RESULT = "force_error_bounds"
 _RATIO_RESULT = "latent_distance_ratios"
+_MODEL_RATIO_FIELD = "ltau_distance_ratio"  # the in-model readout's field (distance-aware form)
 
 
 def check_finite_geometry(atoms: Atoms, check_cell: bool = True) -> None:
@@ -168,7 +169,10 @@ class LTAUCalculator(Calculator):
         self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        calibrated = estimator is not None and bool(getattr(estimator, "is_calibrated", False))
+        readout = getattr(calc, "ltau_readout", None) if estimator is None else None
+        # a model compiled from a calibrated estimator computes the distance-aware form, ratios included
+        calibrated = (bool(getattr(estimator, "is_calibrated", False)) if estimator is not None
+                      else (readout or {}).get("form") == "distance_aware")
         uq = [p for p in UQ_PROPERTIES
               if (p != _BOUND_RESULT or coverage is not None) and (p != _RATIO_RESULT or calibrated)]
         self.implemented_properties = base + uq
@@ -313,6 +317,11 @@ class LTAUCalculator(Calculator):
             raise ValueError(f"{type(self.calc).__name__} returned no {missing}; expected a model compiled with "
                              "`ltau compile`, which outputs them")
         pred = {key: np.array(base_results[field], dtype=np.float64) for field, key in MODEL_UQ_FIELDS.items()}
+        if self._distance_ratios:
+            if _MODEL_RATIO_FIELD not in base_results:
+                raise ValueError(f"{type(self.calc).__name__} declares the distance-aware form but returned no "
+                                 f"{_MODEL_RATIO_FIELD!r}")
+            pred["distance_ratio"] = np.array(base_results[_MODEL_RATIO_FIELD], dtype=np.float64)
         policy = unknown_species_policy(self.unknown_species or "raise")
         species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
         unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
@@ -323,6 +332,8 @@ class LTAUCalculator(Calculator):
         if unknown.any():  # the same marking LTAUEstimator.predict applies
             pred["uncertainty"][unknown], pred["confidence"][unknown] = 1.0, 0.0
             pred["expected_error"][unknown] = np.nan
+            if "distance_ratio" in pred:
+                pred["distance_ratio"][unknown] = np.inf
         pred["unknown_species"] = unknown
         return pred
 
@@ -331,8 +342,11 @@ class LTAUCalculator(Calculator):
         out: dict[str, Any] = {}
         mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}),
                        **({"distance_ratio": _RATIO_RESULT} if self._distance_ratios else {}))
+        # LTAUEstimator.predict and the in-model readout return fresh float64 arrays: no copy needed; a
+        # duck-typed estimator may hand out arrays it keeps, so those are copied
+        fresh = self.estimator is None or isinstance(self.estimator, LTAUEstimator)
         for src, dst in mapping.items():
-            values = np.array(pred[src], dtype=np.float64)
+            values = (np.asarray if fresh else np.array)(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
             out[dst] = values
