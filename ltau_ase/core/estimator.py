@@ -869,7 +869,8 @@ class LTAUEstimator:
 
         Model (:mod:`ltau_ase.core.shift`): atom j's errors are s_j × its neighbours' training errors,
         s_j = c_{Z_j} · g(r_j), r_j = its mean neighbour distance over the median leave-one-out
-        neighbour distance of the training atoms. The calibration atoms are split at random (``seed``)
+        neighbour distance of the training atoms (leave one structure group out when fitted with
+        ``groups``; ``calibration_info_["reference_rule"]``). The calibration atoms are split at random (``seed``)
         into two halves. On the first, g is the isotonic (non-decreasing) regression of |ΔF_j| / m_j
         on log r_j (m_j: the neighbours' mean logged error) with a power-law tail beyond the largest r,
         and c_Z the factor minimising the miscalibration area of the confidences at ``threshold``
