@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from ase.md.verlet import VelocityVerlet
 
     from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, check_finite_geometry, store_uq_in_atoms
+    from ltau_ase.simulate.md import thermalize
     from ltau_ase.simulate.observers import UncertaintyStop
 
     if (args.reference_runs is None) != (args.false_alarm_rate is None):
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     check_finite_geometry(atoms)
     atoms.calc = _calculator(args)
     rng = np.random.default_rng(args.seed)
-    _thermalize(atoms, args.temperature, rng)
+    thermalize(atoms, args.temperature, rng)
     if args.ensemble == "langevin":
         if not any(isinstance(c, FixAtoms) for c in atoms.constraints):
             atoms.set_constraint(list(atoms.constraints) + [FixCom()])
@@ -221,12 +222,4 @@ def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, p
     return stop_threshold(traces, false_alarm_rate, patience, method)
 
 
-def _thermalize(atoms, temperature_K: float, rng) -> None:
-    try:
-        from ase.md.velocitydistribution import thermalize_momenta  # ASE >= 3.29
-    except ImportError:
-        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as _mb
 
-        _mb(atoms, temperature_K=temperature_K, rng=rng)
-        return
-    thermalize_momenta(atoms, temperature_K, rng=rng)

@@ -448,20 +448,16 @@ def _md_task(args: tuple) -> dict[str, Any]:
     The EMT error is evaluated every ``emt_stride`` steps (NaN in between). Ends ``after`` steps past
     the first evaluated step whose error exceeds ``error_bound`` (or is not finite).
     """
-    from ase import units
     from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
+
+    from ltau_ase.simulate.md import thermalized_langevin
 
     key, atoms, temperature, steps, seed, error_bound, after, emt_stride = args
     single = _WORKER["single"]
     emt = EMT()
     atoms = atoms.copy()
     atoms.calc = single
-    rng = np.random.default_rng(seed)
-    thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
-    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=temperature, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
+    dyn = thermalized_langevin(atoms, temperature, np.random.default_rng(seed))
     desc, err = [], []
     broken_at = None
     ref = atoms.copy()

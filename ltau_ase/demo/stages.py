@@ -263,13 +263,11 @@ def md_system(seed: int, settings):
 
 
 def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal: CalibrationStage, evals: dict) -> dict[str, Any]:
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
     from tqdm.auto import tqdm
 
     from ltau_ase.datasets import label_with_emt
     from ltau_ase.simulate.calculator import LTAUCalculator
+    from ltau_ase.simulate.md import thermalized_langevin
     from ltau_ase.simulate.observers import UncertaintyStop
 
     # Threshold: a high quantile, over the in-domain calibration frames (relaxation, rattled and
@@ -280,10 +278,7 @@ def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal
     threshold = float(np.quantile(per_frame, cfg.md_quantile))
     atoms = md_system(cfg.seed, data.settings)
     atoms.calc = LTAUCalculator.from_model(train.models[0], cal.path, chemical_species_to_atom_type_map=True)
-    rng = np.random.default_rng([cfg.seed, 7])
-    thermalize_momenta(atoms, temperature_K=cfg.md_temperature, rng=rng)
-    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=cfg.md_temperature, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
+    dyn = thermalized_langevin(atoms, cfg.md_temperature, np.random.default_rng([cfg.seed, 7]))
     (out / "md").mkdir(exist_ok=True)
     save_to = out / "md" / "uncertain_frames.extxyz"
     save_to.unlink(missing_ok=True)
@@ -312,16 +307,11 @@ def langevin_frames(atoms: Atoms, calc: Any, n_frames: int, temperature_K: float
     """n_frames consecutive frames (copies, 1 fs apart) of a Langevin run of ``atoms`` driven by ``calc``
     (friction 0.02 fs⁻¹, momenta thermalised at ``temperature_K``): the structures a calculator meets,
     in order, during MD. Used to time a step as MD pays for it."""
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
+    from ltau_ase.simulate.md import thermalized_langevin
 
     atoms = atoms.copy()
     atoms.calc = calc
-    rng = np.random.default_rng(seed)
-    thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
-    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=temperature_K, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
+    dyn = thermalized_langevin(atoms, temperature_K, np.random.default_rng(seed))
     frames = []
     for _ in range(n_frames):
         dyn.run(1)

@@ -8,6 +8,7 @@ from ltau_ase.core.estimator import LTAUEstimator
 from ltau_ase.core.fileformat import read_container, write_container
 from ltau_ase.core.index import NeighbourIndex
 from ltau_ase.core.shift import reference_distances
+from ltau_file_tools import rewrite
 
 
 def _trajectories(seed=0, n_groups=12, frames=15, atoms=6, jitter=0.01):
@@ -90,15 +91,6 @@ def test_hostile_group_fields_are_refused(tmp_path):
     errs = list(np.abs(np.random.default_rng(3).normal(size=(1, 4, n))) * 0.1)
     LTAUEstimator(k=3).fit(x, errs, groups=groups).save(tmp_path / "g.ltau")
 
-    def rewrite(name, edit):
-        header, arrays = read_container(tmp_path / "g.ltau")
-        for key in ("magic", "format_version", "arrays"):
-            header.pop(key, None)
-        arrays = {k: np.array(a) for k, a in arrays.items()}
-        edit(header, arrays)
-        write_container(tmp_path / name, header, arrays)
-        return tmp_path / name
-
     def unknown_rule(header, arrays):
         header["learned"]["reference_rule_"] = "__import__('os')"
 
@@ -118,7 +110,7 @@ def test_hostile_group_fields_are_refused(tmp_path):
                               ("c.ltau", groups_without_rule, "train_groups_"), ("d.ltau", too_long, "train_groups_"),
                               ("e.ltau", float_groups, "train_groups_")):
         with pytest.raises(ValueError, match=match):
-            LTAUEstimator.load(rewrite(name, edit))
+            LTAUEstimator.load(rewrite(tmp_path / "g.ltau", tmp_path / name, edit=edit))
 
 
 def test_bad_groups_at_fit():
