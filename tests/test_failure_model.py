@@ -136,14 +136,14 @@ def test_bounded_transforms_cap_the_probability_beyond_the_fit_range():
     linear = FailureModel(features=feats, l2=1.0, transform="log").fit(rows)
     assert linear.predict_proba(far).min() > 0.999  # the unbounded model's extrapolation to p -> 1
 
-    clip = FailureModel(features=feats, l2=1.0, transform="clip").fit(rows)
+    clip = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0).fit(rows)
     np.testing.assert_array_equal(clip.low_, x.min(axis=0))
     # hand-computed: every far row sits at the fit maximum of both features
     z = clip.coef_[0] + np.sum(clip.coef_[1:] * (x.max(axis=0) - clip.mean_) / clip.std_)
     np.testing.assert_allclose(clip.predict_proba(far), sig(z), rtol=1e-12)
     np.testing.assert_allclose(clip.mean_, x.mean(axis=0))  # clipping leaves the fit rows unchanged
 
-    rank = FailureModel(features=feats, l2=1.0, transform="rank").fit(rows)
+    rank = FailureModel(features=feats, l2=1.0, transform="rank", tail=0.0).fit(rows)
     ecdf = np.column_stack([(np.argsort(np.argsort(x[:, j])) + 0.5) / len(rows) for j in range(2)])  # no ties
     np.testing.assert_allclose(rank.mean_, ecdf.mean(axis=0))
     np.testing.assert_allclose(rank.std_, ecdf.std(axis=0))
@@ -159,14 +159,20 @@ def test_bounded_transforms_cap_the_probability_beyond_the_fit_range():
 
 
 def test_auto_choice_is_the_cross_validated_log_loss_minimum():
-    from ltau_ase.is2rs import FAILURE_L2_GRID, FAILURE_TRANSFORMS, _cv_folds
+    from ltau_ase.is2rs import FAILURE_L2_GRID, FAILURE_TAIL_GRID, _cv_folds
 
     rows = _rows(120, 21)
     feats = ("uq_initial", "uq_max", "nsteps")
     model = FailureModel(features=feats).fit(rows)
-    assert set(model.cv_) == {f"{t}/l2={l2:g}" for t in FAILURE_TRANSFORMS for l2 in FAILURE_L2_GRID}
+    # log; clip with tails 0 and 0.3 (clip with tail 1 is log); rank with every tail; each with every l2
+    expected = ({f"log/l2={l2:g}" for l2 in FAILURE_L2_GRID}
+                | {f"{t}/tail={tail:g}/l2={l2:g}" for t in ("clip", "rank") for tail in FAILURE_TAIL_GRID
+                   for l2 in FAILURE_L2_GRID if not (t == "clip" and tail == 1.0)})
+    assert set(model.cv_) == expected
     best = min(model.cv_, key=lambda k: model.cv_[k]["score"])
-    assert best == f"{model.transform_}/l2={model.l2_:g}"
+    chosen = (f"log/l2={model.l2_:g}" if model.transform_ == "log"
+              else f"{model.transform_}/tail={model.tail_:g}/l2={model.l2_:g}")
+    assert best == chosen
     # folds: 5-fold x 2 stratified (each row held out exactly twice) and, per feature, its top 20 % held out
     x = model._matrix(rows)
     y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
@@ -181,12 +187,12 @@ def test_auto_choice_is_the_cross_validated_log_loss_minimum():
         losses = []
         for held in folds:
             keep = np.setdiff1d(np.arange(120), held)
-            m = FailureModel(features=feats, l2=1.0, transform="clip").fit([rows[i] for i in keep])
+            m = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0).fit([rows[i] for i in keep])
             p = m.predict_proba([rows[i] for i in held])
             losses.append(-np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
         return np.mean(losses)
 
-    ref = model.cv_["clip/l2=1"]
+    ref = model.cv_["clip/tail=0/l2=1"]
     assert ref["kfold"] == pytest.approx(held_out_loss(shuffled), rel=1e-6)
     assert ref["extrapolation"] == pytest.approx(held_out_loss(extrapolation), rel=1e-6)
     assert ref["score"] == pytest.approx((ref["kfold"] + ref["extrapolation"]) / 2)
@@ -208,3 +214,21 @@ def test_old_failure_model_files_load_as_linear_and_bad_transforms_are_refused()
         FailureModel.from_dict(dict(state, transform="pickle"))
     with pytest.raises(ValueError, match="ascending"):
         FailureModel.from_dict(dict(state, reference=state["reference"][::-1]))
+
+
+def test_tail_continues_the_edge_slope_beyond_the_fit_range_by_hand():
+    rows = _rows(200, 41)
+    x = np.array([r["uq_max"] for r in rows])
+    far = [dict(rows[0], uq_max=x.max() + d) for d in (0.5, 1.0, 2.0)]
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    # clip with tail 0.3: max + 0.3 (x - max) beyond the range
+    clip = FailureModel(features=("uq_max",), l2=1.0, transform="clip", tail=0.3).fit(rows)
+    t = x.max() + 0.3 * np.array([0.5, 1.0, 2.0])
+    np.testing.assert_allclose(clip.predict_proba(far), sig(clip.coef_[0] + clip.coef_[1] * (t - clip.mean_[0]) / clip.std_[0]))
+    # rank with tail 1: 1 + (x - max) * 0.1 / (max - q90), the empirical CDF's mean slope over its top 10 %
+    rank = FailureModel(features=("uq_max",), l2=1.0, transform="rank", tail=1.0).fit(rows)
+    t = 1.0 + np.array([0.5, 1.0, 2.0]) * 0.1 / (x.max() - np.quantile(x, 0.9))
+    np.testing.assert_allclose(rank.predict_proba(far), sig(rank.coef_[0] + rank.coef_[1] * (t - rank.mean_[0]) / rank.std_[0]))
+    assert np.all(np.diff(rank.predict_proba(far)) > 0)  # rows beyond the range keep their order
+    back = FailureModel.from_dict(json.loads(json.dumps(rank.to_dict())))
+    np.testing.assert_array_equal(back.predict_proba(far), rank.predict_proba(far))
