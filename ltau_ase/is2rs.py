@@ -728,7 +728,8 @@ class FailureModel:
         if not hasattr(self, "coef_"):
             raise ValueError("this FailureModel is not fitted")
         state = {"kind": "ltau-failure-model", "rmsd_threshold": self.rmsd_threshold, "l2": self.l2_,
-                 "transform": self.transform_, "tail": self.tail_, "features": list(self.features), "mean": self.mean_.tolist(),
+                 "transform": self.transform_, "tail": self.tail_, "features": list(self.features),
+                 "mean": self.mean_.tolist(),
                  "std": self.std_.tolist(), "coef": self.coef_.tolist(), "n_fit": self.n_fit_,
                  "n_failed_fit": self.n_failed_fit_, "cv": self.cv_}
         if self.reference_ is not None:

@@ -224,11 +224,13 @@ def test_tail_continues_the_edge_slope_beyond_the_fit_range_by_hand():
     # clip with tail 0.3: max + 0.3 (x - max) beyond the range
     clip = FailureModel(features=("uq_max",), l2=1.0, transform="clip", tail=0.3).fit(rows)
     t = x.max() + 0.3 * np.array([0.5, 1.0, 2.0])
-    np.testing.assert_allclose(clip.predict_proba(far), sig(clip.coef_[0] + clip.coef_[1] * (t - clip.mean_[0]) / clip.std_[0]))
+    z = clip.coef_[0] + clip.coef_[1] * (t - clip.mean_[0]) / clip.std_[0]
+    np.testing.assert_allclose(clip.predict_proba(far), sig(z))
     # rank with tail 1: 1 + (x - max) * 0.1 / (max - q90), the empirical CDF's mean slope over its top 10 %
     rank = FailureModel(features=("uq_max",), l2=1.0, transform="rank", tail=1.0).fit(rows)
     t = 1.0 + np.array([0.5, 1.0, 2.0]) * 0.1 / (x.max() - np.quantile(x, 0.9))
-    np.testing.assert_allclose(rank.predict_proba(far), sig(rank.coef_[0] + rank.coef_[1] * (t - rank.mean_[0]) / rank.std_[0]))
+    z = rank.coef_[0] + rank.coef_[1] * (t - rank.mean_[0]) / rank.std_[0]
+    np.testing.assert_allclose(rank.predict_proba(far), sig(z))
     assert np.all(np.diff(rank.predict_proba(far)) > 0)  # rows beyond the range keep their order
     back = FailureModel.from_dict(json.loads(json.dumps(rank.to_dict())))
     np.testing.assert_array_equal(back.predict_proba(far), rank.predict_proba(far))
