@@ -362,7 +362,7 @@ def test_conformal_with_correlated_structures_group_quantile_from_few_structures
     assert many.std() < 0.5 * few.std()
 
 
-def test_fit_calibration_element_in_few_structures_uses_the_pooled_factor_and_quantile():
+def test_fit_calibration_element_in_few_structures_uses_the_pooled_quantile():
     from ltau_ase.core.estimator import MIN_ELEMENT_STRUCTURES
 
     est, (xc, ec, zc), labelled = _shift_problem(seed=4)
@@ -371,7 +371,7 @@ def test_fit_calibration_element_in_few_structures_uses_the_pooled_factor_and_qu
     zc[frames < 8] = 28  # Ni: 96 atoms (>= MIN_ELEMENT_ATOMS per half possible) in only 8 structures
     est.fit_calibration(xc, ec * np.where(zc == 28, 3.0, 1.0), atomic_numbers=zc, frame_ids=frames)
     assert 8 < 2 * MIN_ELEMENT_STRUCTURES
-    assert 28 not in est.conformal_.groups_.tolist() and 28 not in est.element_factor_z_.tolist()
+    assert 28 not in est.conformal_.groups_.tolist()
     assert est.conformal_.groups_.tolist() == [1, 8]  # ~35 and ~15 structures per half
     x, _, _ = labelled(5, 1.0)
     q_ni = est.conformal_.quantile_for(np.full(5, 28), 0.9)
