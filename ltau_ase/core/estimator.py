@@ -31,6 +31,7 @@ from ltau_ase.core.distributions import (
     make_edges,
 )
 from ltau_ase.core.errorlog import EpochWindow
+from ltau_ase.core.exact_search import NeighbourCache
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
 from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
@@ -495,10 +496,12 @@ class LTAUEstimator:
         self._cache = (key, p)
         return p
 
-    def _neighbours(self, descriptors: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self._check_fitted()
+    def _neighbours(self, descriptors: Any, cache: NeighbourCache | None = None, checked: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not checked:
+            self._check_fitted()
         x = as_float32(descriptors, "descriptors", self.n_features_in_)
-        dist, ids, valid = self.index_.search(x, self.k_eff_)
+        dist, ids, valid = self.index_.search_checked(x, self.k_eff_, cache=cache)
         n_valid = valid.sum(axis=1)
         if np.any(n_valid == 0):
             raise RuntimeError(
@@ -536,6 +539,7 @@ class LTAUEstimator:
         unknown_species: str | None = None,
         coverage: float | None = None,
         distance_aware: bool = True,
+        neighbour_cache: NeighbourCache | None = None,
     ) -> dict[str, np.ndarray]:
         """Uncertainties of n atoms.
 
@@ -552,6 +556,10 @@ class LTAUEstimator:
                 :meth:`fit_calibration`).
             distance_aware: with False a calibrated estimator predicts as the paper does (one scale,
                 ``effective_scale``), ignoring its calibration.
+            neighbour_cache: a :class:`~ltau_ase.core.exact_search.NeighbourCache` kept across the steps
+                of one trajectory (what :class:`~ltau_ase.simulate.calculator.LTAUCalculator` does): with
+                the exact (flat) index, atoms whose neighbours are provably unchanged are not searched
+                again. The result is the same; only the time differs.
         Returns:
             dict of (n,) float64: ``confidence`` (mean over the k nearest training atoms of their
             probability of an error ≤ threshold / s), ``uncertainty`` (1 − confidence),
@@ -570,10 +578,11 @@ class LTAUEstimator:
         """
         if coverage is not None:
             coverage = check_coverage(coverage)
+        self._check_fitted()  # once per call: the parameters' snapshot is what costs
         unknown = None
         if atomic_numbers is not None:
-            unknown = self.unknown_atoms(atomic_numbers, unknown_species)
-        dist, ids, valid = self._neighbours(descriptors)
+            unknown = self._unknown_atoms(atomic_numbers, unknown_species, checked=True)
+        dist, ids, valid = self._neighbours(descriptors, neighbour_cache, checked=True)
         n = ids.shape[0]
         if unknown is not None and unknown.shape != (n,):
             raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "
@@ -666,15 +675,19 @@ class LTAUEstimator:
         ``"raise"``: ValueError when any element is unseen; ``"flag"``: the atoms of unseen elements;
         ``"ignore"`` (or no ``species_`` recorded): all False.
         """
+        return self._unknown_atoms(atomic_numbers, unknown_species)
+
+    def _unknown_atoms(self, atomic_numbers: Any, unknown_species: str | None, checked: bool = False) -> np.ndarray:
         policy = self.unknown_species if unknown_species is None else unknown_species
-        unseen, z = self._unseen(atomic_numbers, policy)
+        unseen, z = self._unseen(atomic_numbers, policy, checked)
         if unknown_species_policy(policy) != "flag" or not unseen.size:
             return np.zeros(z.shape, dtype=bool)
         return np.isin(z, unseen)
 
-    def _unseen(self, atomic_numbers: Any, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    def _unseen(self, atomic_numbers: Any, policy: str, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
         canonical = unknown_species_policy(policy)
-        self._check_fitted()
+        if not checked:
+            self._check_fitted()
         z = np.asarray(atomic_numbers)
         if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer):
             raise ValueError(f"atomic_numbers must be a 1-d integer array; got shape {z.shape}, dtype {z.dtype}")

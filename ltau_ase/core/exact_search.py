@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -135,3 +136,141 @@ class PrunedExactSearch:
         r, col = np.nonzero(must)
         lists[r, (np.cumsum(must, axis=1) - 1)[r, col]] = col  # needed clusters, left-aligned, −1 pads
         return self._probe(q, k, lists)
+
+
+#: shortlist length kept per atom by :class:`NeighbourCache` for k neighbours: k + max(k, 14).
+#: Measured on the demo's 12.5 k descriptors, 1500 K Langevin MD at 1 fs (k = 2): 31 / 49 / 62 / 69 % of
+#: the atoms were proven from the shortlist with 8 / 16 / 32 / 64 entries when consecutive structures are
+#: independent 0.02 Å rattles of one slab, and 89 / 92 / 95 / 96 % along the MD trajectory; 16 keeps
+#: the refresh search (k + max(k, 14) + 1 neighbours) about as cheap as the plain one.
+def shortlist_size(k: int) -> int:
+    return int(k) + max(int(k), 14)
+
+
+#: when some rows must be searched, rows left with less than this share of their slack (R − k-th
+#: distance at the anchor) are renewed in the same search
+REFRESH_AHEAD = 0.5
+
+#: slack on squared distances from a full search, relative to ‖q‖² + max‖x‖²: FAISS's brute-force scan
+#: computes ‖q‖² + ‖x‖² − 2q·x in float32 (rounding error a few D·2⁻²⁴ of the norms); 1e-5 covers D ≤ 2·10³
+_EXPANSION_SLACK = 1e-5
+
+
+class NeighbourCache:
+    """Exact k nearest neighbours along a trajectory, from the previous steps' shortlists when provable.
+
+    Between consecutive MD or relaxation steps an atom's descriptor moves by a little, and its nearest
+    training atoms rarely change. For each atom (row) the cache keeps the anchor descriptor a of the last
+    full search, the m = :func:`shortlist_size` nearest training atoms S of a, and the distance R of a's
+    (m+1)-th neighbour, so that every training atom outside S lies at least R from a. For a new query q,
+    with δ = ‖q − a‖, every atom outside S lies at least R − δ from q (triangle inequality). The k
+    nearest members of S, at distances computed now, are therefore q's exact k nearest training atoms
+    whenever the k-th of them is closer than R − δ (with a margin for float32 round-off); rows where that
+    is not proven are searched in full and become new anchors; in the same search go the rows left with
+    less than :data:`REFRESH_AHEAD` of their slack, since a search's cost is mostly fixed (measured on the
+    demo's MD: 0.95 → 0.49 searches per step). Results equal the index's exact search (same distances;
+    the same ids up to ties).
+
+    One cache serves one stream of structures (one calculator); it is bound to the index and k it was
+    last used with and starts over when either changes. Any query rows are valid (exactness never
+    depends on the rows being the same atoms; only the hit rate does). Pickles and copies drop the
+    state. ``hits`` / ``lookups`` count rows answered from shortlists / all rows, for measurements.
+    """
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.lookups = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every shortlist (the next search is a full one)."""
+        self._owner: Any = None
+        self._k = 0
+        self._anchors: np.ndarray | None = None  # (n, D) float64 descriptors of the last full search
+        self._ids: np.ndarray | None = None  # (n, m) int64 shortlists, nearest first
+        self._radius: np.ndarray | None = None  # (n,) float64: no atom outside the shortlist is closer
+        self._slack0: np.ndarray | None = None  # (n,) radius − k-th distance at the anchor
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hits": self.hits, "lookups": self.lookups}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        self.hits, self.lookups = state["hits"], state["lookups"]
+
+    def search(self, vectors: np.ndarray, queries: np.ndarray, k: int,
+               full_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+               owner: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) float32 squared distances (ascending) and int64 ids of each query row's exact k nearest
+        training vectors.
+
+        Args:
+            vectors: (N, D) C-contiguous float32 training vectors (the exact index's own array).
+            queries: (n, D) C-contiguous float32 query descriptors.
+            k: neighbours per row, 1 ≤ k ≤ N.
+            full_search: exact search ``(rows, kk) -> (squared distances, ids)`` over the same vectors.
+            owner: the index object; a different one (or another k) starts the cache over.
+        """
+        if not (vectors.flags.c_contiguous and vectors.dtype == np.float32 and queries.flags.c_contiguous
+                and queries.dtype == np.float32):
+            raise RuntimeError("NeighbourCache needs C-contiguous float32 vectors and queries")
+        n_total = vectors.shape[0]
+        m = min(shortlist_size(k), n_total)
+        n = queries.shape[0]
+        self.lookups += n
+        q64 = queries.astype(np.float64)
+        if self._owner is not owner or self._k != k or self._anchors is None or self._anchors.shape != q64.shape:
+            self.reset()
+            self._owner, self._k = owner, k
+            self._anchors = np.empty_like(q64)
+            self._ids = np.empty((n, m), dtype=np.int64)
+            self._radius = np.empty(n, dtype=np.float64)
+            self._slack0 = np.empty(n, dtype=np.float64)
+            return self._refresh(np.arange(n), queries, q64, k, m, n_total, vectors, full_search)
+        ids = self._ids
+        d2 = np.empty(ids.shape, dtype=np.float32)  # exact (difference-form) squared distances to the shortlist
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d2), faiss.swig_ptr(queries), faiss.swig_ptr(vectors),
+                                faiss.swig_ptr(ids), queries.shape[1], n, m)
+        # a shortlist is short (k + max(k, 14)): sorting it whole is cheaper than partitioning, then sorting
+        order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+        row = np.arange(n)[:, None]
+        top_d2, top_ids = d2[row, order], ids[row, order]
+        step = q64 - self._anchors
+        moved = np.sqrt(np.einsum("nd,nd->n", step, step))
+        kth = np.sqrt(top_d2[:, -1].astype(np.float64)) * (1 + _RELATIVE_MARGIN) + _ABSOLUTE_MARGIN
+        slack = self._radius - moved - kth
+        proven = slack >= 0
+        stale = np.flatnonzero(~proven)
+        if stale.size:
+            # a search costs mostly its fixed part: renew with it the rows that used up most of their
+            # slack, so that their misses do not each cost a search of their own on later steps
+            stale = np.flatnonzero(~proven | (slack < REFRESH_AHEAD * self._slack0))
+        self.hits += n - stale.size
+        if stale.size:
+            d2_new, ids_new = self._refresh(stale, queries, q64, k, m, n_total, vectors, full_search)
+            top_d2[stale], top_ids[stale] = d2_new, ids_new
+        return top_d2, top_ids
+
+    def _refresh(self, rows: np.ndarray, queries: np.ndarray, q64: np.ndarray, k: int, m: int, n_total: int,
+                 vectors: np.ndarray, full_search: Callable) -> tuple[np.ndarray, np.ndarray]:
+        """Full search of the given rows; they become anchors with new shortlists. Returns their top k."""
+        q = np.ascontiguousarray(queries[rows])
+        whole = m == n_total  # the shortlist is the whole training set: nothing lies outside it
+        d2, ids = full_search(q, m if whole else m + 1)
+        if whole:
+            radius = np.full(rows.size, np.inf)
+        else:
+            # the (m+1)-th distance, lowered by the search's own float32 round-off so it stays a bound
+            norms = np.einsum("nd,nd->n", q64[rows], q64[rows]) + self._max_norm2(vectors)
+            radius = np.sqrt(np.maximum(d2[:, m].astype(np.float64) - _EXPANSION_SLACK * norms, 0.0))
+        self._anchors[rows] = q64[rows]
+        self._ids[rows] = ids[:, :m]
+        self._radius[rows] = radius
+        self._slack0[rows] = radius - np.sqrt(np.maximum(d2[:, k - 1].astype(np.float64), 0.0))
+        return d2[:, :k], ids[:, :k]
+
+    def _max_norm2(self, vectors: np.ndarray) -> float:
+        if getattr(self, "_norm_of", None) is not vectors:
+            self._norm_of = vectors
+            self._norm2 = float(np.max(np.einsum("nd,nd->n", vectors, vectors, dtype=np.float64)))
+        return self._norm2

@@ -18,6 +18,8 @@ REQUIRED_METRICS = (
       for k in ("adwt", "spearman_initial", "spearman_max", "spearman_mean", "spearman_final",
                 "auroc_initial", "auroc_max")),
     "overhead.uq_fraction_of_step",
+    "overhead.uq_fraction_of_step_without_cache",
+    "overhead.neighbour_cache_hit_rate",
     "ensemble.n_members",
     "ensemble.in_domain.ltau.spearman",
     "ensemble.in_domain.committee.spearman",
@@ -58,7 +60,7 @@ class DemoConfig:
     md_steps: int = 1000
     md_temperature: float = 1500.0
     md_quantile: float = 0.99
-    timing_repeats: int = 30
+    timing_repeats: int = 60
     train_timeout: float = 900.0
     train_workers: int | None = None  # members trained at a time (None: one per core)
 

@@ -123,3 +123,107 @@ def test_default_clusters_bounds():
     assert default_clusters(10_000) == 200
     assert default_clusters(10**8) == 4096
     assert default_clusters(100) == 16
+
+
+# ---------------------------------------------------------------- NeighbourCache (trajectory shortlists)
+def random_walk(x: np.ndarray, n_atoms: int, steps: int, step_size: float, seed: int) -> list[np.ndarray]:
+    """Query batches that drift like MD descriptors: start on training atoms, take small random steps;
+    one row jumps far away and back, one row is replaced by an unrelated atom half-way."""
+    rng = np.random.default_rng(seed)
+    q = x[rng.choice(len(x), n_atoms)].astype(np.float64)
+    out = []
+    for t in range(steps):
+        q = q + rng.normal(0.0, step_size, size=q.shape)
+        batch = q.astype(np.float32)
+        if t % 7 == 3:
+            batch[0] += 10.0  # far from everything for one step
+        if t == steps // 2:
+            q[1] = x[rng.integers(len(x))]
+        out.append(np.ascontiguousarray(batch))
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(6000, 2), (6000, 10), (300, 5), (12, 3), (12, 12)])
+def test_cache_gives_the_brute_force_neighbours_along_a_trajectory(n, k):
+    """Every step's result equals float64 brute force, whether answered from the shortlists or searched;
+    small training sets (shortlist = every atom, or k = N) included; most rows are proven once warm."""
+    from ltau_ase.core.exact_search import NeighbourCache
+
+    x = clustered(n, 6, seed=11)
+    index = NeighbourIndex.build(x, "flat")
+    cache = NeighbourCache()
+    for q in random_walk(x, 25, 30, 0.002, seed=12):
+        dist, ids, valid = index.search(q, k, cache=cache)
+        assert valid.all()
+        check_exact(x, q, k, dist ** 2, ids)
+    assert cache.lookups == 25 * 30
+    assert cache.hits > 0.5 * cache.lookups  # small steps: shortlists hold (measured, not required for exactness)
+
+
+def test_cache_exact_when_descriptors_jump_and_rows_change_meaning():
+    """Large random jumps (nothing provable) and reordered rows: still exact, answered by searches."""
+    from ltau_ase.core.exact_search import NeighbourCache
+
+    x = clustered(5000, 5, seed=13)
+    index = NeighbourIndex.build(x, "flat")
+    cache = NeighbourCache()
+    rng = np.random.default_rng(14)
+    for _ in range(8):
+        q = np.ascontiguousarray(x[rng.choice(len(x), 20)] + rng.normal(0, 0.3, size=(20, 5)).astype(np.float32))
+        dist, ids, _ = index.search(q, 4, cache=cache)
+        check_exact(x, q, 4, dist ** 2, ids)
+
+
+def test_cache_starts_over_for_another_index_k_or_atom_count():
+    from ltau_ase.core.exact_search import NeighbourCache
+
+    x = clustered(5000, 4, seed=15)
+    y = x[::-1].copy() + np.float32(0.5)  # another training set: cached ids of x would be wrong for y
+    ix, iy = NeighbourIndex.build(x, "flat"), NeighbourIndex.build(y, "flat")
+    cache = NeighbourCache()
+    q = np.ascontiguousarray(x[:10] + 0.001)
+    for index, data in ((ix, x), (iy, y), (ix, x)):
+        for k in (3, 7, 3):
+            dist, ids, _ = index.search(q, k, cache=cache)
+            check_exact(data, q, k, dist ** 2, ids)
+    dist, ids, _ = ix.search(np.ascontiguousarray(q[:4]), 3, cache=cache)  # fewer atoms
+    check_exact(x, q[:4], 3, dist ** 2, ids)
+
+
+def test_approximate_indexes_ignore_the_cache_and_pickles_drop_it():
+    import pickle
+
+    from ltau_ase.core.exact_search import NeighbourCache
+
+    x = clustered(3000, 8, seed=16)
+    index = NeighbourIndex.build(x, "hnsw")
+    cache = NeighbourCache()
+    q = np.ascontiguousarray(x[:15] + 0.01)
+    for _ in range(3):
+        got = index.search(q, 5, cache=cache)
+        plain = index.search(q, 5)
+        for a, b in zip(got, plain):
+            np.testing.assert_array_equal(a, b)
+    assert cache.lookups == 0
+    flat = NeighbourIndex.build(x, "flat")
+    flat.search(q, 5, cache=cache)
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone.lookups == cache.lookups == 15 and clone._anchors is None
+    dist, ids, _ = flat.search(q, 5, cache=clone)
+    check_exact(x, q, 5, dist ** 2, ids)
+
+
+def test_estimator_predictions_with_and_without_cache_agree():
+    from ltau_ase.core.estimator import LTAUEstimator
+    from ltau_ase.core.exact_search import NeighbourCache
+
+    x = clustered(PRUNED_MIN_ATOMS + 1000, 6, seed=17)
+    rng = np.random.default_rng(18)
+    est = LTAUEstimator(k=3).fit(x, rng.lognormal(-3, 0.5, size=(6, len(x))))
+    cache = NeighbourCache()
+    for q in random_walk(x, 20, 15, 0.003, seed=19):
+        plain, cached = est.predict(q), est.predict(q, neighbour_cache=cache)
+        assert plain.keys() == cached.keys()
+        for key in plain:
+            np.testing.assert_allclose(cached[key], plain[key], rtol=1e-5, atol=1e-7)
+    assert cache.hits > 0
