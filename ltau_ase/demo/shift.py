@@ -812,17 +812,21 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
             row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
         return row
 
-    variants = {"": FAILURE_FEATURES, "_with_distance": FAILURE_FEATURES_WITH_DISTANCE}
+    # FailureModel's default (transform and penalty chosen by cross-validation on the calibration
+    # relaxations) with and without the distance trace, and, side by side, the earlier linear form
+    # (log features, l2 = 1) with the distance trace, which extrapolates beyond the calibration range
+    variants = {"": (FAILURE_FEATURES, {}), "_with_distance": (FAILURE_FEATURES_WITH_DISTANCE, {}),
+                "_with_distance_linear": (FAILURE_FEATURES_WITH_DISTANCE, {"transform": "log", "l2": 1.0})}
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
-        for suffix, features in variants.items():
+        for suffix, (features, options) in variants.items():
             # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
             fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
                         if method in r and math.isfinite(r["rmsd"])]
             if not fit_rows or (suffix and distance_key not in out["table"]["is2rs_calibration"][0]):
                 continue
             try:
-                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features).fit(fit_rows)
+                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features, **options).fit(fit_rows)
             except ValueError as exc:
                 info[method + suffix] = f"not fitted: {exc}"
                 continue
@@ -1009,8 +1013,9 @@ def summary_table(results: dict) -> str:
 
 def is2rs_table(results: dict) -> str:
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
-             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | mean p / observed |"
-             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|"]
+             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | AUROC (linear FailureModel p, "
+             "+ distance trace) | mean p / observed (p, + distance; linear) | Brier (+ distance; linear) |"
+             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|---|---|"]
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
@@ -1019,7 +1024,13 @@ def is2rs_table(results: dict) -> str:
                              f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
                              f"{_cell(m, 'auroc_failure_probability')} | "
                              f"{_cell(m, 'auroc_failure_probability_with_distance')} | "
-                             f"{_num(m.get('mean_failure_probability'))} / {_num(m.get('observed_failure_rate'))} |")
+                             f"{_cell(m, 'auroc_failure_probability_with_distance_linear')} | "
+                             f"{_num(m.get('mean_failure_probability'))}, "
+                             f"{_num(m.get('mean_failure_probability_with_distance'))}; "
+                             f"{_num(m.get('mean_failure_probability_with_distance_linear'))} / "
+                             f"{_num(m.get('observed_failure_rate'))} | "
+                             f"{_cell(m, 'brier_failure_probability_with_distance')}; "
+                             f"{_cell(m, 'brier_failure_probability_with_distance_linear')} |")
     return "\n".join(lines)
 
 
@@ -1262,7 +1273,8 @@ def headline(results: dict) -> dict[str, Any]:
         for method in METHOD_LABELS:
             if method in row:
                 h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
-                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance"):
+                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance",
+                            "auroc_failure_probability_with_distance_linear"):
                     if key in row[method]:
                         h[f"is2rs.{domain}.{method}.{key}"] = row[method][key]["value"]
     for group, g in results["md"]["groups"].items():
