@@ -227,3 +227,24 @@ def test_estimator_predictions_with_and_without_cache_agree():
         for key in plain:
             np.testing.assert_allclose(cached[key], plain[key], rtol=1e-5, atol=1e-7)
     assert cache.hits > 0
+
+
+def test_cache_steps_aside_when_its_proofs_fail_and_tries_again():
+    """Jumps larger than the neighbour gaps: the running proven share falls, the next BYPASS_CALLS
+    calls use the plain search (still exact), then the cache renews every row and measures again."""
+    from ltau_ase.core import exact_search
+    from ltau_ase.core.exact_search import NeighbourCache
+
+    x = clustered(5000, 5, seed=21)
+    index = NeighbourIndex.build(x, "flat")
+    cache = NeighbourCache()
+    rng = np.random.default_rng(22)
+    calls = exact_search.BYPASS_CALLS + 6
+    for _ in range(calls):
+        q = np.ascontiguousarray(x[rng.choice(len(x), 20)] + rng.normal(0, 0.3, size=(20, 5)).astype(np.float32))
+        dist, ids, _ = index.search(q, 3, cache=cache)
+        check_exact(x, q, 3, dist ** 2, ids)
+    # call 1 renews every row, call 2 proves nothing and steps aside for BYPASS_CALLS calls, the next
+    # call renews every row again, the one after proves nothing: the last calls are bypassed again
+    assert cache.bypassed == calls - 4
+    assert cache.hits < 0.1 * cache.lookups
