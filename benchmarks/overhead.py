@@ -148,8 +148,7 @@ class _Timer:
 def step_structures(atoms, kind: str, n: int, seed: int) -> list:
     """The structures the steps are timed on: ``"md"``, n consecutive frames of a Langevin run (600 K,
     1 fs, EMT forces: the random-weight model cannot drive MD), as every calculator meets them in MD or a
-    relaxation; ``"rattled"``, n independent 0.05 Å rattles of ``atoms`` (nothing carries over between
-    steps: the worst case for LTAUCalculator's neighbour cache)."""
+    relaxation; ``"rattled"``, n independent 0.05 Å rattles of ``atoms`` (the previous release's protocol)."""
     if kind == "rattled":
         out = []
         for r in range(n):
@@ -220,9 +219,7 @@ def time_config(model, frames, estimator, warmup: int, reference: str | None = N
     finally:
         del estimator.predict  # drop the instance wrapper
     med = {name: {k: 1e3 * float(np.median([row[k] for row in rs])) for k in rs[0]} for name, rs in rows.items()}
-    cache = ltau._neighbour_cache
     result: dict[str, Any] = {"bare_step_ms": med["bare"]["step"], "inmodel_reference": reference,
-                              "neighbour_cache_hit_rate": cache.hits / max(cache.lookups, 1),
                               "bare_graph_ms": med["bare"]["graph"], "bare_forward_ms": med["bare"]["forward"]}
     for name, prefix in (("ltau", ""), ("inmodel", "inmodel_")):
         m = med[name]
@@ -293,19 +290,18 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
 
     header = (f"{'config':10} {'steps':>7} {'N_train':>8} {'atoms':>5} {'k':>3} {'bare ms':>8} {'LTAU ms':>8} {'UQ ms':>6} {'UQ %':>6} "
-              f"{'paired':>6} {'in-model ms':>11} {'UQ ms':>6} {'UQ %':>6} {'paired':>6} {'ref':>10} {'cache':>7}")
+              f"{'paired':>6} {'in-model ms':>11} {'UQ ms':>6} {'UQ %':>6} {'paired':>6} {'ref':>10}")
     print(f"\nStep time on the CPU ({args.threads} torch/FAISS threads), median of {repeats} interleaved steps. "
           "LTAU = forces + estimator.predict (FAISS); in-model = forces + LTAUReadout in the forward pass. "
-          "UQ % = median share of the step; paired = median per-repeat step ratio to the bare step; cache = atoms "
-          "answered from LTAUCalculator's neighbour shortlists (md: consecutive MD frames; rattled: unrelated structures)")
+          "UQ % = median share of the step; paired = median per-repeat step ratio to the bare step; steps: md = "
+          "consecutive MD frames, rattled = independent rattles")
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r['config']:10} {r['steps']:>7} {r['n_train_atoms']:>8} {r['n_atoms']:>5} {r['k']:>3} {r['bare_step_ms']:>8.1f} "
               f"{r['ltau_step_ms']:>8.1f} {r['uq_ms']:>6.2f} {r['uq_pct']:>6.2f} {r['overhead_ratio_paired']:>6.3f} "
               f"{r['inmodel_step_ms']:>11.1f} {r['inmodel_uq_ms']:>6.2f} {r['inmodel_uq_pct']:>6.2f} "
-              f"{r['inmodel_overhead_ratio_paired']:>6.3f} {r['inmodel_reference']:>10} "
-              f"{100 * r['neighbour_cache_hit_rate']:>5.0f} %")
+              f"{r['inmodel_overhead_ratio_paired']:>6.3f} {r['inmodel_reference']:>10}")
     verdicts = {}
     for r in results:
         if r["config"] in TARGETS_PCT:

@@ -31,7 +31,6 @@ from ltau_ase.core.distributions import (
     make_edges,
 )
 from ltau_ase.core.errorlog import EpochWindow
-from ltau_ase.core.exact_search import NeighbourCache
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
 from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
@@ -508,12 +507,11 @@ class LTAUEstimator:
         self._cache = (key, p)
         return p
 
-    def _neighbours(self, descriptors: Any, cache: NeighbourCache | None = None, checked: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _neighbours(self, descriptors: Any, checked: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not checked:
             self._check_fitted()
         x = as_float32(descriptors, "descriptors", self.n_features_in_)
-        dist, ids, valid = self.index_.search_checked(x, self.k_eff_, cache=cache)
+        dist, ids, valid = self.index_.search_checked(x, self.k_eff_)
         n_valid = valid.sum(axis=1)
         if np.any(n_valid == 0):
             raise RuntimeError(
@@ -551,7 +549,6 @@ class LTAUEstimator:
         unknown_species: str | None = None,
         coverage: float | None = None,
         distance_aware: bool = True,
-        neighbour_cache: NeighbourCache | None = None,
     ) -> dict[str, np.ndarray]:
         """Uncertainties of n atoms.
 
@@ -568,10 +565,6 @@ class LTAUEstimator:
                 :meth:`fit_calibration`).
             distance_aware: with False a calibrated estimator predicts as the paper does (one scale,
                 ``effective_scale``), ignoring its calibration.
-            neighbour_cache: a :class:`~ltau_ase.core.exact_search.NeighbourCache` kept across the steps
-                of one trajectory (what :class:`~ltau_ase.simulate.calculator.LTAUCalculator` does): with
-                the exact (flat) index, atoms whose neighbours are provably unchanged are not searched
-                again. The result is the same; only the time differs.
         Returns:
             dict of (n,) float64: ``confidence`` (mean over the k nearest training atoms of their
             probability of an error ≤ threshold / s), ``uncertainty`` (1 − confidence),
@@ -594,7 +587,7 @@ class LTAUEstimator:
         unknown = None
         if atomic_numbers is not None:
             unknown = self._unknown_atoms(atomic_numbers, unknown_species, checked=True)
-        dist, ids, valid = self._neighbours(descriptors, neighbour_cache, checked=True)
+        dist, ids, valid = self._neighbours(descriptors, checked=True)
         n = ids.shape[0]
         if unknown is not None and unknown.shape != (n,):
             raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "

@@ -57,7 +57,7 @@ import faiss
 import numpy as np
 
 from ltau_ase.core.checks import check_int
-from ltau_ase.core.exact_search import PRUNED_MAX_BYTES, PRUNED_MIN_ATOMS, NeighbourCache, PrunedExactSearch
+from ltau_ase.core.exact_search import PRUNED_MAX_BYTES, PRUNED_MIN_ATOMS, PrunedExactSearch
 from ltau_ase.core.fileformat import StreamedBytes
 
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
@@ -439,14 +439,8 @@ class NeighbourIndex:
         rebuilt.reason = None if reason is None else f"{reason}: {describe_index(kind, p)}"
         return rebuilt
 
-    def search(self, queries: Any, k: int, cache: NeighbourCache | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k nearest training atoms of each query.
-
-        ``cache``: a :class:`~ltau_ase.core.exact_search.NeighbourCache` kept across the steps of one
-        trajectory; the flat (exact) index answers the rows it can prove from the previous steps'
-        shortlists without a search (same result). Approximate indexes ignore it: a shortlist could
-        return closer neighbours than their own search would, so results would depend on the history.
 
         Returns:
             distances: (n, k) float64 Euclidean distances, +inf where no neighbour was found;
@@ -456,10 +450,9 @@ class NeighbourIndex:
         q = as_float32(queries, "query descriptors", self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.ntotal:
             raise ValueError(f"k must lie in [1, {self.ntotal}] (the number of indexed atoms); got {k!r}")
-        return self.search_checked(q, int(k), cache)
+        return self.search_checked(q, int(k))
 
-    def search_checked(self, q: np.ndarray, k: int, cache: NeighbourCache | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search_checked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search` for queries already validated by :func:`as_float32` (C-contiguous, finite
         float32 of this index's dimension) and 1 ≤ k ≤ N: the per-step path, which checks once."""
         n_threads = faiss.omp_get_max_threads()
@@ -470,9 +463,7 @@ class NeighbourIndex:
             # thread made it 20x slower (measured: 40 ms vs 2 ms for 29 queries over 12.5 k x 16)
             faiss.omp_set_num_threads(1)
         try:
-            if self.kind == "flat" and cache is not None:
-                d2, ids = cache.search(self.vectors, q, k, self._exact_search, owner=self)
-            elif self.kind == "flat":
+            if self.kind == "flat":
                 d2, ids = self._exact_search(q, k)
             elif self.kind == "ivfpq" and self.params["refine"] > 0:
                 d2, ids = self._refined_search(q, k)

@@ -18,8 +18,6 @@ REQUIRED_METRICS = (
       for k in ("adwt", "spearman_initial", "spearman_max", "spearman_mean", "spearman_final",
                 "auroc_initial", "auroc_max")),
     "overhead.uq_fraction_of_step",
-    "overhead.uq_fraction_of_step_without_cache",
-    "overhead.neighbour_cache_hit_rate",
     "ensemble.n_members",
     "ensemble.in_domain.ltau.spearman",
     "ensemble.in_domain.committee.spearman",

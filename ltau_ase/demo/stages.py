@@ -324,13 +324,10 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
 
     The three are evaluated on the same consecutive frames of a Langevin run of the MD system (the MD
     stage's temperature and 1 fs step, driven by a fourth copy of the single model), interleaved in one
-    loop with the order rotated between frames; medians over ``timing_repeats`` frames. Each calculator
-    sees the trajectory in order, as in MD: LTAU's neighbour cache (``NeighbourCache``) answers the atoms
-    whose nearest training atoms provably did not change. Graph construction (neighbour list +
-    transforms, ``atoms_to_data``) and UQ (``estimator.predict``, with a cache of its own as in the
-    calculator, and without one: the cost on unrelated structures) are timed on the same frames.
+    loop with the order rotated between frames; medians over ``timing_repeats`` frames. Graph
+    construction (neighbour list + transforms, ``atoms_to_data``) and UQ (``estimator.predict``) are
+    timed on the same frames.
     """
-    from ltau_ase.core.exact_search import NeighbourCache
     from ltau_ase.simulate.calculator import LTAUCalculator
     from ltau_ase.simulate.committee import CommitteeCalculator
 
@@ -340,9 +337,8 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
     graph_calc = _load_model(train.models[0])
     frames = langevin_frames(md_system(cfg.seed, data.settings), _load_model(train.models[0]),
                              cfg.timing_repeats + 1, cfg.md_temperature, seed=[cfg.seed, 11])
-    t = {"single": [], "ltau": [], "committee": [], "graph": [], "uq": [], "uq_without_cache": []}
+    t = {"single": [], "ltau": [], "committee": [], "graph": [], "uq": []}
     calcs = [("single", single), ("ltau", ltau), ("committee", committee)]
-    uq_cache = NeighbourCache()
     for r, frame in enumerate(frames):
         for name, calc in calcs[r % 3:] + calcs[:r % 3]:  # rotate the order between frames
             step_atoms = frame.copy()
@@ -353,27 +349,21 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
         graph_calc.atoms_to_data(frame)
         t["graph"].append(time.perf_counter() - t0)
         desc = single.results["descriptors"]
-        uq_calls = [("uq", {"neighbour_cache": uq_cache}), ("uq_without_cache", {})]
-        for name, kwargs in uq_calls[r % 2:] + uq_calls[:r % 2]:  # the second call finds warm CPU caches
-            t0 = time.perf_counter()
-            cal.estimator.predict(desc, **kwargs)
-            t[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cal.estimator.predict(desc)
+        t["uq"].append(time.perf_counter() - t0)
     arr = {k: np.array(v[1:]) for k, v in t.items()}  # the first frame warms caches up
     med = {k: float(np.median(v)) for k, v in arr.items()}
     # ratios of the same frame (seconds apart), then the median: robust to load drift
     ratio = {name: float(np.median(arr[name] / arr["single"])) for name in ("ltau", "committee")}
     forward = max(med["single"] - med["graph"], 0.0)
     step = med["ltau"]
-    cache = ltau._neighbour_cache
     return {
         "n_atoms": len(frames[0]), "repeats": cfg.timing_repeats, "median_s": med,
         "ltau_over_single": ratio["ltau"],
         "committee_over_single": ratio["committee"],
         "committee_over_ltau": float(np.median(arr["committee"] / arr["ltau"])),
         "uq_fraction_of_step": float(np.median(arr["uq"] / arr["ltau"])),
-        # the same search on unrelated structures (no trajectory to reuse): the worst case
-        "uq_fraction_of_step_without_cache": float(np.median(arr["uq_without_cache"] / arr["ltau"])),
-        "neighbour_cache_hit_rate": cache.hits / max(cache.lookups, 1),
         "shares": {"graph_construction": med["graph"] / step, "forward_and_forces": forward / step,
                    "uq": med["uq"] / step,
                    "other": max(step - med["graph"] - forward - med["uq"], 0.0) / step},

@@ -34,7 +34,6 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from ltau_ase.core.estimator import LTAUEstimator, unknown_species_policy
-from ltau_ase.core.exact_search import NeighbourCache
 
 PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds",
                "latent_distance_ratios")
@@ -178,9 +177,6 @@ class LTAUCalculator(Calculator):
         self.implemented_properties = base + uq
         self._distance_ratios = calibrated
         self._base_properties = base
-        # consecutive steps of a trajectory mostly keep their nearest training atoms: the exact index
-        # answers those atoms from the previous steps' shortlists (same result, a fraction of the time)
-        self._neighbour_cache = NeighbourCache()
         self._checked_cell: tuple[np.ndarray, np.ndarray] | None = None  # (cell, pbc) that last passed
 
     # ------------------------------------------------------------------ construction
@@ -302,8 +298,6 @@ class LTAUCalculator(Calculator):
                              f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
         # the estimator owns the unknown-element policy (raise / flag / ignore); this only maps results
         extra = {} if self.coverage is None else {"coverage": self.coverage}
-        if isinstance(self.estimator, LTAUEstimator):  # a duck-typed estimator need not take a cache
-            extra["neighbour_cache"] = self._neighbour_cache
         pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold,
                                       atomic_numbers=np.asarray(atoms.numbers),
                                       unknown_species=self.unknown_species, **extra)
