@@ -17,9 +17,11 @@ species-aware). Metrics per domain, with 95 % bootstrap CIs that resample system
   conformal baseline for the paper's LTAU and the committee);
 * IS2RS failure AUROC (final RMSD > 0.5 Å) of the max-over-steps mean free-atom UQ, ≥ 100 systems per
   domain (in domain, unseen adsorbate, facet, element), each method predicting its own relaxation;
-* the MD stop: thresholds from separate in-domain runs (the (1 − α) quantile of per-run maxima of
-  the max-atom statistic), then false alarms over the in-domain runs and the detection delay (steps
-  from the first frame whose true max-atom EMT force error exceeds 1 eV/Å to the stop) over hot runs;
+* the MD stop: thresholds from in-domain runs (the conformal (1 − α) quantile of the per-run peaks of
+  the max-atom statistic, and a Gumbel fit to those peaks at each ``md_extreme_value_rates``), then
+  false alarms over the in-domain runs and the detection delay (steps from the first frame whose true
+  max-atom EMT force error exceeds 1 eV/Å to the stop) over hot runs; the MD model is member 1's
+  configuration trained on the training split plus long in-domain MD frames (``md_model_*``);
 * the cost of one force call relative to one model, timed side by side.
 
 Stages are cached in ``--output`` (data, models, raw per-step results) and reused unless

@@ -39,6 +39,8 @@ __all__ = [
     "FailureModel",
     "DISTANCE_FEATURES",
     "FAILURE_FEATURES_WITH_DISTANCE",
+    "FAILURE_TRANSFORMS",
+    "FAILURE_L2_GRID",
 ]
 
 #: β values of OC20's ADwT, in Å (490 values).
@@ -440,36 +442,185 @@ FAILURE_FEATURES_WITH_DISTANCE = FAILURE_FEATURES + DISTANCE_FEATURES
 # Fitting a probability needs failures and successes to learn from: fewer than this many of either
 # class cannot separate a trend from chance.
 MIN_FAILURE_CLASS = 5
+#: Feature maps of :class:`FailureModel` (applied after log r / log(1 + nsteps), before standardising):
+#: ``"log"`` none (linear in the logs: extrapolates without bound beyond the fit rows); ``"clip"`` each
+#: feature clipped to the fit rows' [min, max]; ``"rank"`` each feature through the fit rows' empirical
+#: CDF (mid-ranks, 0 below the smallest fit value, 1 above the largest). ``"clip"`` and ``"rank"``
+#: bound every feature by what the calibration relaxations showed, so a relaxation far outside them
+#: gets at most the probability of the most extreme calibration corner, not p -> 1.
+FAILURE_TRANSFORMS = ("log", "clip", "rank")
+#: L2 penalties tried when ``l2="auto"`` (on standardised coefficients; n = 100 rows: weak to strong).
+FAILURE_L2_GRID = (0.1, 1.0, 10.0)
+#: Tail slopes tried when ``tail="auto"``: beyond the fit rows' range a bounded map continues with
+#: ``tail`` × its slope at the edge (clip: the identity's; rank: the empirical CDF's mean slope over the
+#: outer 10 % of the fit rows), so 0 saturates (ties every row beyond the range) and 1 keeps extrapolating;
+#: between, rows beyond the range keep their order with a damped effect on p.
+FAILURE_TAIL_GRID = (0.0, 0.3, 1.0)
+# the share of fit rows over which the rank map's edge slope is measured
+_EDGE_SHARE = 0.1
+# Cross-validation of FailureModel(transform="auto" / l2="auto"): repeated stratified K-fold for
+# relaxations like the fit rows, and extrapolation folds (for each feature, the rows with its top
+# EXTRAPOLATION_SHARE of values held out) for relaxations beyond them -- the case under shift.
+CV_FOLDS, CV_REPEATS, EXTRAPOLATION_SHARE = 5, 2, 0.2
+
+
+def _fit_logistic(design: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """L2-penalised (not the intercept, column 0) maximum-likelihood logistic coefficients."""
+    from scipy.optimize import minimize
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = design @ w
+        # log(1 + e^z) - y z, stable for large |z|
+        nll = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * np.sum(w[1:] ** 2)
+        p = 0.5 * (1.0 + np.tanh(0.5 * z))
+        grad = design.T @ (p - y)
+        grad[1:] += l2 * w[1:]
+        return float(nll), grad
+
+    res = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B")
+    if not res.success:
+        raise RuntimeError(f"the failure-model fit did not converge: {res.message}")
+    return np.asarray(res.x, dtype=np.float64)
+
+
+def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-12, 1.0 - 1e-12)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def _empirical_cdf(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Mid-rank empirical CDF of ascending ``sorted_ref`` (n,) at ``x``: (#below + #equal / 2) / n."""
+    below = np.searchsorted(sorted_ref, x, side="left")
+    upto = np.searchsorted(sorted_ref, x, side="right")
+    return (below + 0.5 * (upto - below)) / sorted_ref.size
+
+
+class _FeatureMap:
+    """One transform (``FAILURE_TRANSFORMS``) with tail slope ``tail``, fitted on rows x (n, k), then standardised."""
+
+    def __init__(self, transform: str, x: np.ndarray, tail: float = 0.0) -> None:
+        self.transform, self.tail = transform, float(tail)
+        self.low, self.high = x.min(axis=0), x.max(axis=0)
+        self.ref = np.sort(x, axis=0)
+        t = self.apply_raw(x)
+        self.mean = t.mean(axis=0)
+        std = t.std(axis=0)
+        self.std = np.where(std > 0, std, 1.0)
+
+    def edge_slopes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(k,) slopes of the map at the lower and upper edge of the fit range (before ``tail``)."""
+        if self.transform == "clip":
+            return np.ones(self.low.shape), np.ones(self.high.shape)
+        # the empirical CDF rises by _EDGE_SHARE over its outer _EDGE_SHARE of fit rows on each side
+        q_lo, q_hi = np.quantile(self.ref, [_EDGE_SHARE, 1.0 - _EDGE_SHARE], axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lo = np.where(q_lo > self.low, _EDGE_SHARE / (q_lo - self.low), 0.0)
+            hi = np.where(self.high > q_hi, _EDGE_SHARE / (self.high - q_hi), 0.0)
+        return lo, hi
+
+    def apply_raw(self, x: np.ndarray) -> np.ndarray:
+        if self.transform == "log":
+            return x
+        if self.transform == "clip":
+            t = np.clip(x, self.low, self.high)
+        else:
+            t = np.column_stack([_empirical_cdf(self.ref[:, j], x[:, j]) for j in range(x.shape[1])])
+        if self.tail > 0:
+            lo, hi = self.edge_slopes()
+            t = t + self.tail * (hi * np.maximum(x - self.high, 0.0) - lo * np.maximum(self.low - x, 0.0))
+        return t
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (self.apply_raw(x) - self.mean) / self.std
+
+
+def _candidate_name(transform: str, tail: float, l2: float) -> str:
+    return f"{transform}/l2={l2:g}" if transform == "log" else f"{transform}/tail={tail:g}/l2={l2:g}"
+
+
+def _design(xs: np.ndarray) -> np.ndarray:
+    return np.hstack([np.ones((xs.shape[0], 1)), xs])
+
+
+def _cv_folds(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Held-out index sets: stratified K-fold (CV_REPEATS times) and per-feature top-share extrapolation."""
+    rng = np.random.default_rng(seed)
+    shuffled: list[np.ndarray] = []
+    for _ in range(CV_REPEATS):
+        folds: list[list[int]] = [[] for _ in range(CV_FOLDS)]
+        for cls in (0.0, 1.0):
+            idx = rng.permutation(np.flatnonzero(y == cls))
+            for f in range(CV_FOLDS):
+                folds[f].extend(idx[f::CV_FOLDS].tolist())
+        shuffled.extend(np.sort(np.array(f, dtype=np.int64)) for f in folds if f)
+    n_out = max(1, int(round(EXTRAPOLATION_SHARE * y.size)))
+    extrapolation: list[np.ndarray] = []
+    for j in range(x.shape[1]):
+        if np.ptp(x[:, j]) == 0:
+            continue
+        top = np.argsort(x[:, j], kind="stable")[-n_out:]
+        rest = np.setdiff1d(np.arange(y.size), top)
+        if 0 < y[rest].sum() < rest.size:  # the remaining rows must hold both classes to fit on
+            extrapolation.append(np.sort(top))
+    return shuffled, extrapolation
 
 
 class FailureModel:
     """Calibrated probability that a relaxation's final RMSD exceeds a threshold, from its UQ trace.
 
     A logistic regression (L2-penalised, fitted by maximum likelihood with ``scipy.optimize``) on the
-    standardised per-relaxation features ``features`` (default :data:`FAILURE_FEATURES`: initial, max,
-    mean and final structure UQ of ``RelaxationUQObserver`` and log(1 + steps);
+    per-relaxation features ``features`` (default :data:`FAILURE_FEATURES`: initial, max, mean and
+    final structure UQ of ``RelaxationUQObserver`` and log(1 + steps);
     :data:`FAILURE_FEATURES_WITH_DISTANCE` adds the latent-distance trace, initial / max / mean /
-    final distance ratio, as log r). Maximum-likelihood logistic fits are calibrated
-    on their training distribution (the mean predicted probability equals the observed failure rate);
-    fit it on calibration relaxations with reference structures, apply it to new ones.
+    final distance ratio, as log r), each mapped by ``transform`` (:data:`FAILURE_TRANSFORMS`) and
+    standardised. Maximum-likelihood logistic fits are calibrated on their training distribution (the
+    mean predicted probability equals the observed failure rate); fit it on calibration relaxations
+    with reference structures, apply it to new ones.
+
+    Under shift, new relaxations can lie far outside the calibration relaxations (distance ratios
+    10x beyond them): a model linear in the features then extrapolates to p -> 1 for all of them. The
+    bounded maps ``"clip"`` / ``"rank"`` cap each feature at what calibration showed, or, with a
+    ``tail`` slope > 0, let it grow beyond that range at a damped rate (rows beyond the range keep
+    their order). With ``"auto"`` the map, the tail (:data:`FAILURE_TAIL_GRID`) and the penalty
+    (:data:`FAILURE_L2_GRID`) are chosen by cross-validated log-loss on the fit rows alone: the mean
+    of repeated stratified K-fold and of extrapolation folds (each feature's top 20 % of rows held
+    out and predicted by a model fitted on the rest), so the choice weighs how a model behaves beyond
+    its fitted range. The scores of every candidate are kept in ``cv_``.
 
     Args:
         rmsd_threshold: RMSD (Å) above which a relaxation counts as failed (0.5, OC20's ADwT ceiling).
-        l2: penalty on the standardised coefficients (not on the intercept).
+        l2: penalty on the standardised coefficients (not on the intercept), a number >= 0 or ``"auto"``.
         features: row keys used as features.
+        transform: one of :data:`FAILURE_TRANSFORMS` or ``"auto"``.
+        tail: slope factor >= 0 of ``"clip"``/``"rank"`` beyond the fit range, or ``"auto"``.
+        seed: seed of the cross-validation folds.
+
+    Attributes (after :meth:`fit`): ``transform_``, ``tail_``, ``l2_`` (the chosen ones), ``mean_``, ``std_``
+    (k,) standardisation, ``low_``/``high_`` (k,) fit-row range (``"clip"``), ``reference_`` (n, k)
+    sorted fit-row features (``"rank"``), ``coef_`` (k + 1,), ``n_fit_``, ``n_failed_fit_``, ``cv_``.
     """
 
-    def __init__(self, rmsd_threshold: float = 0.5, l2: float = 1.0,
-                 features: Sequence[str] = FAILURE_FEATURES) -> None:
+    def __init__(self, rmsd_threshold: float = 0.5, l2: float | str = "auto",
+                 features: Sequence[str] = FAILURE_FEATURES, transform: str = "auto", tail: float | str = "auto",
+                 seed: int = 0) -> None:
         if not (isinstance(rmsd_threshold, (int, float)) and np.isfinite(rmsd_threshold) and rmsd_threshold > 0):
             raise ValueError(f"rmsd_threshold must be a positive RMSD in Å; got {rmsd_threshold!r}")
-        if not (isinstance(l2, (int, float)) and np.isfinite(l2) and l2 >= 0):
-            raise ValueError(f"l2 must be a finite number >= 0; got {l2!r}")
-        if not features or not all(isinstance(f, str) for f in features):
+        if not (l2 == "auto" or (isinstance(l2, (int, float)) and not isinstance(l2, bool) and np.isfinite(l2)
+                                 and l2 >= 0)):
+            raise ValueError(f"l2 must be a finite number >= 0 or 'auto'; got {l2!r}")
+        if not features or isinstance(features, str) or not all(isinstance(f, str) for f in features):
             raise ValueError(f"features must be a non-empty sequence of row keys; got {features!r}")
+        if transform not in FAILURE_TRANSFORMS + ("auto",):
+            raise ValueError(f"transform must be one of {FAILURE_TRANSFORMS + ('auto',)}; got {transform!r}")
+        if not (tail == "auto" or (isinstance(tail, (int, float)) and not isinstance(tail, bool) and np.isfinite(tail)
+                                   and tail >= 0)):
+            raise ValueError(f"tail must be a finite number >= 0 or 'auto'; got {tail!r}")
         self.rmsd_threshold = float(rmsd_threshold)
-        self.l2 = float(l2)
+        self.l2 = l2 if l2 == "auto" else float(l2)
+        self.tail = tail if tail == "auto" else float(tail)
         self.features = tuple(features)
+        self.transform = transform
+        self.seed = int(seed)
 
     def _matrix(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         if len(rows) == 0:
@@ -496,8 +647,6 @@ class FailureModel:
 
     def fit(self, rows: Sequence[Mapping[str, Any]]) -> "FailureModel":
         """Fit on relaxation rows with the features and ``rmsd`` (Å); returns self."""
-        from scipy.optimize import minimize
-
         x = self._matrix(rows)
         rmsd = np.array([float(r["rmsd"]) if "rmsd" in r else np.nan for r in rows])
         if not np.all(np.isfinite(rmsd)):
@@ -507,42 +656,85 @@ class FailureModel:
         if min(n_fail, n_ok) < MIN_FAILURE_CLASS:
             raise ValueError(f"the failure model needs at least {MIN_FAILURE_CLASS} relaxations with RMSD above and "
                              f"{MIN_FAILURE_CLASS} below {self.rmsd_threshold:g} Å; got {n_fail} above, {n_ok} below")
-        self.mean_ = x.mean(axis=0)
-        self.std_ = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
-        xs = (x - self.mean_) / self.std_
-        design = np.hstack([np.ones((xs.shape[0], 1)), xs])
-
-        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-            z = design @ w
-            # log(1 + e^z) - y z, stable for large |z|
-            nll = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * self.l2 * np.sum(w[1:] ** 2)
-            p = 0.5 * (1.0 + np.tanh(0.5 * z))
-            grad = design.T @ (p - y)
-            grad[1:] += self.l2 * w[1:]
-            return float(nll), grad
-
-        res = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B")
-        if not res.success:
-            raise RuntimeError(f"the failure-model fit did not converge: {res.message}")
-        self.coef_ = np.asarray(res.x, dtype=np.float64)
+        self.cv_: dict[str, Any] = {}
+        candidates = self._candidates()
+        if len(candidates) > 1:
+            shuffled, extrapolation = _cv_folds(x, y, self.seed)
+            best = None
+            for transform, tail, l2 in candidates:
+                scores = {}
+                for name, folds in (("kfold", shuffled), ("extrapolation", extrapolation)):
+                    losses = []
+                    for held in folds:
+                        keep = np.setdiff1d(np.arange(y.size), held)
+                        fmap = _FeatureMap(transform, x[keep], tail)
+                        w = _fit_logistic(_design(fmap(x[keep])), y[keep], l2)
+                        z = _design(fmap(x[held])) @ w
+                        losses.append(_log_loss(0.5 * (1.0 + np.tanh(0.5 * z)), y[held]))
+                    scores[name] = float(np.mean(losses)) if losses else float("nan")
+                finite = [v for v in scores.values() if np.isfinite(v)]
+                scores["score"] = float(np.mean(finite))
+                self.cv_[_candidate_name(transform, tail, l2)] = scores
+                # strict improvement only: ties keep the earlier candidate
+                if best is None or scores["score"] < best[0]:
+                    best = (scores["score"], transform, tail, l2)
+            assert best is not None
+            _, self.transform_, self.tail_, self.l2_ = best
+        else:
+            self.transform_, self.tail_, self.l2_ = candidates[0]
+        fmap = _FeatureMap(self.transform_, x, self.tail_)
+        self._set_map(fmap)
+        self.coef_ = _fit_logistic(_design(fmap(x)), y, self.l2_)
         self.n_fit_, self.n_failed_fit_ = int(y.size), n_fail
         return self
+
+    def _candidates(self) -> list[tuple[str, float, float]]:
+        """(transform, tail, l2) tried by :meth:`fit`: the given ones, or their grids where ``"auto"``.
+
+        ``"log"`` has no range (its tail is 1 by definition); a fixed ``transform="clip"``/``"rank"``
+        with ``tail="auto"`` tries :data:`FAILURE_TAIL_GRID`.
+        """
+        transforms = FAILURE_TRANSFORMS if self.transform == "auto" else (self.transform,)
+        penalties = FAILURE_L2_GRID if self.l2 == "auto" else (float(self.l2),)
+        tails = FAILURE_TAIL_GRID if self.tail == "auto" else (float(self.tail),)
+        out = []
+        for transform in transforms:
+            for tail in ((1.0,) if transform == "log" else tails):
+                # clip with tail 1 is the log map
+                if transform == "clip" and tail == 1.0 and "log" in transforms:
+                    continue
+                out.extend((transform, tail, l2) for l2 in penalties)
+        return out
+
+    def _set_map(self, fmap: _FeatureMap) -> None:
+        self.mean_, self.std_ = fmap.mean, fmap.std
+        self.low_, self.high_, self.reference_ = fmap.low, fmap.high, fmap.ref
+
+    def _map(self) -> _FeatureMap:
+        fmap = _FeatureMap.__new__(_FeatureMap)
+        fmap.transform, fmap.tail, fmap.mean, fmap.std = self.transform_, self.tail_, self.mean_, self.std_
+        fmap.low, fmap.high, fmap.ref = self.low_, self.high_, self.reference_
+        return fmap
 
     def predict_proba(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """(n,) probability that each relaxation's RMSD exceeds ``rmsd_threshold``."""
         if not hasattr(self, "coef_"):
             raise ValueError("this FailureModel is not fitted; call fit(rows) or FailureModel.from_dict(...)")
-        xs = (self._matrix(rows) - self.mean_) / self.std_
-        z = self.coef_[0] + xs @ self.coef_[1:]
+        z = _design(self._map()(self._matrix(rows))) @ self.coef_
         return 0.5 * (1.0 + np.tanh(0.5 * z))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state (written by ``ltau report --fit-failure-model``)."""
         if not hasattr(self, "coef_"):
             raise ValueError("this FailureModel is not fitted")
-        return {"kind": "ltau-failure-model", "rmsd_threshold": self.rmsd_threshold, "l2": self.l2,
-                "features": list(self.features), "mean": self.mean_.tolist(), "std": self.std_.tolist(),
-                "coef": self.coef_.tolist(), "n_fit": self.n_fit_, "n_failed_fit": self.n_failed_fit_}
+        state = {"kind": "ltau-failure-model", "rmsd_threshold": self.rmsd_threshold, "l2": self.l2_,
+                 "transform": self.transform_, "tail": self.tail_, "features": list(self.features),
+                 "mean": self.mean_.tolist(),
+                 "std": self.std_.tolist(), "coef": self.coef_.tolist(), "n_fit": self.n_fit_,
+                 "n_failed_fit": self.n_failed_fit_, "cv": self.cv_}
+        if self.reference_ is not None:
+            state.update(low=self.low_.tolist(), high=self.high_.tolist(), reference=self.reference_.tolist())
+        return state
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> "FailureModel":
@@ -550,7 +742,15 @@ class FailureModel:
         try:
             if state.get("kind") != "ltau-failure-model":
                 raise ValueError("not an ltau failure model (kind != 'ltau-failure-model')")
-            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(state["features"]))
+            # files written before the transform existed are linear in the (log) features
+            transform = state.get("transform", "log")
+            if transform not in FAILURE_TRANSFORMS:
+                raise ValueError(f"unknown transform {transform!r}; expected one of {FAILURE_TRANSFORMS}")
+            tail = float(state.get("tail", 1.0 if transform == "log" else 0.0))
+            if not (np.isfinite(tail) and tail >= 0):
+                raise ValueError(f"tail must be a finite number >= 0; got {tail!r}")
+            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(state["features"]), transform,
+                        tail=tail)
             k = len(model.features)
             mean = np.asarray(state["mean"], dtype=np.float64)
             std = np.asarray(state["std"], dtype=np.float64)
@@ -559,8 +759,22 @@ class FailureModel:
                 raise ValueError(f"expected {k} means/stds and {k + 1} coefficients")
             if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(coef)) and np.all(std > 0)):
                 raise ValueError("non-finite coefficients or non-positive scales")
+            low = high = reference = None
+            if transform != "log" or "low" in state:
+                low = np.asarray(state["low"], dtype=np.float64)
+                high = np.asarray(state["high"], dtype=np.float64)
+                reference = np.asarray(state["reference"], dtype=np.float64)
+                if (low.shape != (k,) or high.shape != (k,) or reference.ndim != 2 or reference.shape[1] != k
+                        or reference.shape[0] < 1 or not np.all(np.isfinite(reference))
+                        or not np.all(np.diff(reference, axis=0) >= 0)
+                        or not np.array_equal(low, reference[0]) or not np.array_equal(high, reference[-1])):
+                    raise ValueError(f"expected {k} lows/highs equal to the first/last rows of an ascending "
+                                     f"(n, {k}) reference")
+            model.transform_, model.tail_, model.l2_ = transform, tail, float(state["l2"])
             model.mean_, model.std_, model.coef_ = mean, std, coef
+            model.low_, model.high_, model.reference_ = low, high, reference
             model.n_fit_, model.n_failed_fit_ = int(state["n_fit"]), int(state["n_failed_fit"])
+            model.cv_ = dict(state.get("cv", {}))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed failure model: missing or wrong field ({exc!r})") from None
         return model

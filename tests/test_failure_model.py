@@ -24,7 +24,7 @@ def _rows(n, seed):
 
 def test_logistic_fit_matches_brute_force_likelihood():
     rows = _rows(300, 0)
-    model = FailureModel(features=("uq_max",), l2=0.0).fit(rows)
+    model = FailureModel(features=("uq_max",), l2=0.0, transform="log").fit(rows)
     x = np.array([r["uq_max"] for r in rows])
     y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
 
@@ -102,7 +102,7 @@ def test_distance_trace_features_enter_as_log_ratio_and_carry_the_signal():
     y_fit = np.array([r["rmsd"] > 0.5 for r in fit])
     assert with_distance.predict_proba(fit).mean() == pytest.approx(y_fit.mean(), abs=0.01)
     # hand-computed: one feature, log r, standardised; p = sigmoid(b0 + b1 (log r - mean) / std)
-    one = FailureModel(features=("distance_ratio_max",), l2=0.0).fit(fit)
+    one = FailureModel(features=("distance_ratio_max",), l2=0.0, transform="log").fit(fit)
     x = np.log([r["distance_ratio_max"] for r in test])
     z = one.coef_[0] + one.coef_[1] * (x - one.mean_[0]) / one.std_[0]
     np.testing.assert_allclose(one.predict_proba(test), 1 / (1 + np.exp(-z)), rtol=1e-9, atol=1e-15)
@@ -111,3 +111,126 @@ def test_distance_trace_features_enter_as_log_ratio_and_carry_the_signal():
         one.predict_proba([dict(test[0], distance_ratio_max=0.0)])
     with pytest.raises(ValueError, match="finite"):
         one.predict_proba([dict(test[0], distance_ratio_max=np.inf)])
+
+
+def test_empirical_cdf_mid_ranks_by_hand():
+    from ltau_ase.is2rs import _empirical_cdf
+
+    ref = np.array([1.0, 2.0, 2.0, 3.0])
+    # (#below + #equal / 2) / 4
+    np.testing.assert_allclose(_empirical_cdf(ref, np.array([0.0, 1.0, 2.0, 2.5, 3.0, 4.0])),
+                               [0.0, 0.125, 0.5, 0.75, 0.875, 1.0])
+
+
+def _far_rows(rows, factor):
+    return [dict(r, uq_max=r["uq_max"] * factor + 5.0, uq_initial=r["uq_initial"] + 5.0) for r in rows]
+
+
+def test_bounded_transforms_cap_the_probability_beyond_the_fit_range():
+    rows = _rows(200, 11)
+    far = _far_rows(_rows(50, 12), 10.0)
+    feats = ("uq_initial", "uq_max")
+    x = np.array([[r["uq_initial"], r["uq_max"]] for r in rows])
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+
+    linear = FailureModel(features=feats, l2=1.0, transform="log").fit(rows)
+    assert linear.predict_proba(far).min() > 0.999  # the unbounded model's extrapolation to p -> 1
+
+    clip = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0).fit(rows)
+    np.testing.assert_array_equal(clip.low_, x.min(axis=0))
+    # hand-computed: every far row sits at the fit maximum of both features
+    z = clip.coef_[0] + np.sum(clip.coef_[1:] * (x.max(axis=0) - clip.mean_) / clip.std_)
+    np.testing.assert_allclose(clip.predict_proba(far), sig(z), rtol=1e-12)
+    np.testing.assert_allclose(clip.mean_, x.mean(axis=0))  # clipping leaves the fit rows unchanged
+
+    rank = FailureModel(features=feats, l2=1.0, transform="rank", tail=0.0).fit(rows)
+    ecdf = np.column_stack([(np.argsort(np.argsort(x[:, j])) + 0.5) / len(rows) for j in range(2)])  # no ties
+    np.testing.assert_allclose(rank.mean_, ecdf.mean(axis=0))
+    np.testing.assert_allclose(rank.std_, ecdf.std(axis=0))
+    z = rank.coef_[0] + np.sum(rank.coef_[1:] * (1.0 - rank.mean_) / rank.std_)  # ECDF = 1 beyond the range
+    np.testing.assert_allclose(rank.predict_proba(far), sig(z), rtol=1e-12)
+    # inside the range, the rank model still ranks like the others
+    test = _rows(300, 13)
+    failed = np.array([r["rmsd"] > 0.5 for r in test])
+    assert auroc(rank.predict_proba(test), failed) > 0.8
+    back = FailureModel.from_dict(json.loads(json.dumps(rank.to_dict())))
+    np.testing.assert_array_equal(back.predict_proba(test + far), rank.predict_proba(test + far))
+    assert back.transform_ == "rank"
+
+
+def test_auto_choice_is_the_cross_validated_log_loss_minimum():
+    from ltau_ase.is2rs import FAILURE_L2_GRID, FAILURE_TAIL_GRID, _cv_folds
+
+    rows = _rows(120, 21)
+    feats = ("uq_initial", "uq_max", "nsteps")
+    model = FailureModel(features=feats).fit(rows)
+    # log; clip with tails 0 and 0.3 (clip with tail 1 is log); rank with every tail; each with every l2
+    expected = ({f"log/l2={l2:g}" for l2 in FAILURE_L2_GRID}
+                | {f"{t}/tail={tail:g}/l2={l2:g}" for t in ("clip", "rank") for tail in FAILURE_TAIL_GRID
+                   for l2 in FAILURE_L2_GRID if not (t == "clip" and tail == 1.0)})
+    assert set(model.cv_) == expected
+    best = min(model.cv_, key=lambda k: model.cv_[k]["score"])
+    chosen = (f"log/l2={model.l2_:g}" if model.transform_ == "log"
+              else f"{model.transform_}/tail={model.tail_:g}/l2={model.l2_:g}")
+    assert best == chosen
+    # folds: 5-fold x 2 stratified (each row held out exactly twice) and, per feature, its top 20 % held out
+    x = model._matrix(rows)
+    y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
+    shuffled, extrapolation = _cv_folds(x, y, 0)
+    assert len(shuffled) == 10 and np.array_equal(np.bincount(np.concatenate(shuffled)), np.full(120, 2))
+    assert len(extrapolation) == 3
+    for j, held in enumerate(extrapolation):
+        assert held.size == 24 and x[held, j].min() >= np.sort(x[:, j])[-24]
+    # one candidate's scores recomputed through the public API (fixed transform and penalty per fold)
+
+    def held_out_loss(folds):
+        losses = []
+        for held in folds:
+            keep = np.setdiff1d(np.arange(120), held)
+            m = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0).fit([rows[i] for i in keep])
+            p = m.predict_proba([rows[i] for i in held])
+            losses.append(-np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
+        return np.mean(losses)
+
+    ref = model.cv_["clip/tail=0/l2=1"]
+    assert ref["kfold"] == pytest.approx(held_out_loss(shuffled), rel=1e-6)
+    assert ref["extrapolation"] == pytest.approx(held_out_loss(extrapolation), rel=1e-6)
+    assert ref["score"] == pytest.approx((ref["kfold"] + ref["extrapolation"]) / 2)
+
+
+def test_old_failure_model_files_load_as_linear_and_bad_transforms_are_refused():
+    rows = _rows(100, 31)
+    model = FailureModel(features=("uq_max",), l2=1.0, transform="log").fit(rows)
+    old = {k: v for k, v in model.to_dict().items() if k not in ("transform", "low", "high", "reference", "cv")}
+    back = FailureModel.from_dict(old)
+    assert back.transform_ == "log"
+    np.testing.assert_array_equal(back.predict_proba(rows), model.predict_proba(rows))
+    with pytest.raises(ValueError, match="transform"):
+        FailureModel(transform="sigmoid")
+    with pytest.raises(ValueError, match="l2"):
+        FailureModel(l2="big")
+    state = FailureModel(features=("uq_max",), transform="rank").fit(rows).to_dict()
+    with pytest.raises(ValueError, match="unknown transform"):
+        FailureModel.from_dict(dict(state, transform="pickle"))
+    with pytest.raises(ValueError, match="ascending"):
+        FailureModel.from_dict(dict(state, reference=state["reference"][::-1]))
+
+
+def test_tail_continues_the_edge_slope_beyond_the_fit_range_by_hand():
+    rows = _rows(200, 41)
+    x = np.array([r["uq_max"] for r in rows])
+    far = [dict(rows[0], uq_max=x.max() + d) for d in (0.5, 1.0, 2.0)]
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    # clip with tail 0.3: max + 0.3 (x - max) beyond the range
+    clip = FailureModel(features=("uq_max",), l2=1.0, transform="clip", tail=0.3).fit(rows)
+    t = x.max() + 0.3 * np.array([0.5, 1.0, 2.0])
+    z = clip.coef_[0] + clip.coef_[1] * (t - clip.mean_[0]) / clip.std_[0]
+    np.testing.assert_allclose(clip.predict_proba(far), sig(z))
+    # rank with tail 1: 1 + (x - max) * 0.1 / (max - q90), the empirical CDF's mean slope over its top 10 %
+    rank = FailureModel(features=("uq_max",), l2=1.0, transform="rank", tail=1.0).fit(rows)
+    t = 1.0 + np.array([0.5, 1.0, 2.0]) * 0.1 / (x.max() - np.quantile(x, 0.9))
+    z = rank.coef_[0] + rank.coef_[1] * (t - rank.mean_[0]) / rank.std_[0]
+    np.testing.assert_allclose(rank.predict_proba(far), sig(z))
+    assert np.all(np.diff(rank.predict_proba(far)) > 0)  # rows beyond the range keep their order
+    back = FailureModel.from_dict(json.loads(json.dumps(rank.to_dict())))
+    np.testing.assert_array_equal(back.predict_proba(far), rank.predict_proba(far))

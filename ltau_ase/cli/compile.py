@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of centroids of the compressed reference (default N/8, at most 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--paper-form", action="store_true",
-                        help="compile a calibrated estimator in the paper's form (one scale, not distance-aware); "
-                             "refused without this flag")
+                        help="compile a calibrated estimator in the paper's form (one scale) instead of its "
+                             "distance-aware form (which also outputs ltau_distance_ratio)")
     parser.add_argument("--trust-model", action="store_true",
                         help="skip the checkpoint's allow-list check (needed for .nequip.zip packages)")
 
@@ -50,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
         paper_form=args.paper_form,
     )
     print(f"wrote {out} ({args.mode}, {args.device}, {args.reference} reference): outputs energies, forces, "
-          "node_features and ltau_uncertainty / ltau_confidence / ltau_expected_force_error / ltau_latent_distance")
+          "node_features and ltau_uncertainty / ltau_confidence / ltau_expected_force_error / ltau_latent_distance"
+          " (and ltau_distance_ratio for a calibrated estimator compiled in its distance-aware form)")
     return 0

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", type=byte_size, default=None, metavar="SIZE",
                         help="memory budget of the fit, e.g. 4G or 4e9 bytes: refuse (with the estimate) "
                              "before extracting descriptors when the fit would need more")
+    parser.add_argument("--reference-groups", default=None, metavar="INFO_KEY",
+                        help="atoms.info key of each training frame's structure group (e.g. system): the latent "
+                             "distance ratio's reference distance then leaves each group out, so near-duplicate "
+                             "frames of one MD run or relaxation do not shrink it (default: leave one atom out)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         max_memory=args.max_memory,
+        group_key=args.reference_groups,
     )
     print(
         f"wrote {args.output}: {est.n_train_atoms_} training atoms, {len(args.run_dirs)} run(s), "

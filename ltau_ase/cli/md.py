@@ -7,7 +7,8 @@ with the energy, forces and per-atom UQ columns (``ltau_uncertainties``, ``ltau_
 flushed after each frame. The stop watches ``--stop-statistic`` (units in its help; under distribution
 shift use ``expected_force_errors``, eV/Å, which does not saturate) and its threshold is
 ``--stop-threshold``, or chosen from in-domain ``--reference-runs`` (earlier ``ltau md --interval 1``
-trajectories run with a threshold they never reach) for a stated ``--false-alarm-rate``.
+trajectories run with a threshold they never reach) for a stated ``--false-alarm-rate``
+(``--threshold-method``: conformal, or a Gumbel fit to the runs' peaks for rates below 1/(runs + 1)).
 Langevin runs with ``fixcm=False``; a ``FixCom`` constraint keeps the centre of mass in place
 unless the structure has ``FixAtoms`` (which already pins it).
 """
@@ -34,6 +35,8 @@ from ltau_ase.cli.options import (
 
 # the keys of ltau_ase.simulate.observers.STOP_STATISTICS (not imported here: parsing stays ASE-free)
 STOP_STATISTIC_CHOICES = ("uncertainties", "expected_force_errors", "latent_distance_ratios", "latent_distances")
+# ltau_ase.simulate.observers.THRESHOLD_METHODS, likewise
+THRESHOLD_METHODS = ("conformal", "gumbel")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "threshold is chosen from their per-step --stop-statistic for --false-alarm-rate")
     stop.add_argument("--false-alarm-rate", type=open_fraction, default=None,
                       help="with --reference-runs: tolerated share of in-domain runs that stop, in (0, 1)")
+    stop.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default="conformal",
+                      help="with --reference-runs: conformal (distribution-free; needs a rate >= 1/(runs + 1)) or "
+                           "gumbel (extreme-value fit to the runs' peaks, >= 10 runs; any rate, model-based) "
+                           "(conformal)")
     stop.add_argument("--patience", type=positive_int, default=1, help="consecutive steps above the threshold (1)")
     stop.add_argument("--stop-statistic", dest="key", choices=STOP_STATISTIC_CHOICES, default="uncertainties",
                       help="per-atom UQ the stop watches, reduced by --atom-reduce; its unit is the threshold's: "
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from ase.md.verlet import VelocityVerlet
 
     from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, check_finite_geometry, store_uq_in_atoms
+    from ltau_ase.simulate.md import thermalize
     from ltau_ase.simulate.observers import UncertaintyStop
 
     if (args.reference_runs is None) != (args.false_alarm_rate is None):
@@ -128,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
         if args.stop_threshold is not None:
             raise ValueError("give either --stop-threshold or --reference-runs/--false-alarm-rate, not both")
         args.stop_threshold = reference_threshold(args.reference_runs, args.key, args.atom_reduce,
-                                                  args.false_alarm_rate, args.patience)
+                                                  args.false_alarm_rate, args.patience, args.threshold_method)
         print(f"stop threshold {args.stop_threshold:.6g} from {len(args.reference_runs)} reference runs "
-              f"(false-alarm rate {args.false_alarm_rate:g}, patience {args.patience})")
+              f"(false-alarm rate {args.false_alarm_rate:g}, {args.threshold_method}, patience {args.patience})")
     if args.stop_threshold is None and not args.adaptive:
         raise ValueError("--stop-threshold is required unless --adaptive or --reference-runs")
     check_output_file(args.trajectory, "--trajectory")
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     check_finite_geometry(atoms)
     atoms.calc = _calculator(args)
     rng = np.random.default_rng(args.seed)
-    _thermalize(atoms, args.temperature, rng)
+    thermalize(atoms, args.temperature, rng)
     if args.ensemble == "langevin":
         if not any(isinstance(c, FixAtoms) for c in atoms.constraints):
             atoms.set_constraint(list(atoms.constraints) + [FixCom()])
@@ -189,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, patience: int) -> float:
+def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, patience: int,
+                        method: str = "conformal") -> float:
     """:func:`ltau_ase.simulate.observers.stop_threshold` over the per-frame ``ltau_<key>`` columns of runs."""
     import numpy as np
     from ase.io import read
@@ -210,15 +219,7 @@ def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, p
         if None not in steps and len(steps) > 1 and np.any(np.diff(steps) != 1):
             raise ValueError(f"{path} was not written at every step (--interval 1); patience counts steps")
         traces.append([reduce_values(np.asarray(a.arrays[column]), atom_reduce) for a in frames])
-    return stop_threshold(traces, false_alarm_rate, patience)
+    return stop_threshold(traces, false_alarm_rate, patience, method)
 
 
-def _thermalize(atoms, temperature_K: float, rng) -> None:
-    try:
-        from ase.md.velocitydistribution import thermalize_momenta  # ASE >= 3.29
-    except ImportError:
-        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as _mb
 
-        _mb(atoms, temperature_K=temperature_K, rng=rng)
-        return
-    thermalize_momenta(atoms, temperature_K, rng=rng)

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace features of --fit-failure-model: uq (initial/max/mean/final UQ and steps) or "
                              "uq+distance (also the initial/max/mean/final distance ratio, recorded by `ltau relax` "
                              "with an estimator from `ltau calibrate`) (uq)")
+    parser.add_argument("--failure-transform", choices=("auto", "log", "clip", "rank"), default="auto",
+                        help="feature map of --fit-failure-model: log (linear in the features; extrapolates to p -> 1 "
+                             "far outside the calibration relaxations), clip (to their range), rank (their empirical "
+                             "CDF), or auto: the map, tail slope beyond the range and penalty with the lowest "
+                             "cross-validated log-loss on these relaxations, held-out folds beyond each feature's "
+                             "range included (auto)")
 
 
 def build_table(records: list, refs: dict[str, Any] | None = None, strict: bool = False) -> tuple[list[dict], list[str]]:
@@ -127,10 +133,12 @@ def failure_probabilities(table: list[dict], args: argparse.Namespace) -> dict[s
             raise ValueError(f"{len(lacking)} system(s) lack the {args.failure_features} trace features (e.g. "
                              f"{lacking[0]!r}); the distance trace is recorded by `ltau relax` with an estimator "
                              "from `ltau calibrate` (and is absent where it was infinite: an unseen element)")
-        model = FailureModel(rmsd_threshold=args.rmsd_threshold, features=features).fit(table)
+        model = FailureModel(rmsd_threshold=args.rmsd_threshold, features=features,
+                             transform=getattr(args, "failure_transform", "auto")).fit(table)
         args.fit_failure_model.parent.mkdir(parents=True, exist_ok=True)
         args.fit_failure_model.write_text(json.dumps(model.to_dict(), indent=2))
-        out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_)
+        out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_, transform=model.transform_,
+                   tail=model.tail_, l2=model.l2_)
     if args.failure_model is not None:
         if not args.failure_model.is_file():
             raise FileNotFoundError(f"no failure model at {args.failure_model}")

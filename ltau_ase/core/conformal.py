@@ -6,7 +6,11 @@ score (the finite-sample quantile ⌈(n+1)q⌉/n); for an exchangeable test atom
 P(a ≤ that score) ≥ q, and < q + 1/(n+1) without ties (Vovk et al. 2005; Lei et al. 2018). When
 ⌈(n+1)q⌉ > n no finite bound has the guarantee and the bound is +inf. Mondrian: each group (e.g. an
 element) gets its own quantile from its own scores, so the guarantee holds per group; a group with
-fewer than ``min_count`` calibration scores uses the pooled scores instead (stated in ``groups_``).
+fewer than ``min_count`` calibration scores, or (given the structure of each score) from fewer than
+``min_clusters`` structures, uses the pooled scores instead (stated in ``groups_``). Scores of one
+structure are correlated, so a new structure is exchangeable with the calibration *structures*, not
+with their atoms: a group quantile from one or two structures (e.g. a metal present in few
+calibration slabs) is that of those structures and under-covers the next one.
 """
 from __future__ import annotations
 
@@ -49,13 +53,16 @@ class MondrianConformal:
         scores_: list of G ascending score arrays, one per group in ``groups_``.
     """
 
-    def __init__(self, min_count: int = 50) -> None:
-        if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
-            raise ValueError(f"min_count must be a positive integer; got {min_count!r}")
+    def __init__(self, min_count: int = 50, min_clusters: int = 1) -> None:
+        for name, value in (("min_count", min_count), ("min_clusters", min_clusters)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
         self.min_count = int(min_count)
+        self.min_clusters = int(min_clusters)
 
-    def fit(self, scores: Any, groups: Any = None) -> "MondrianConformal":
-        """Store the scores (n,) (finite, >= 0) and their group labels (n,) ints (None: one pool)."""
+    def fit(self, scores: Any, groups: Any = None, clusters: Any = None) -> "MondrianConformal":
+        """Store the scores (n,) (finite, >= 0), their group labels (n,) ints (None: one pool) and
+        optionally their structure labels ``clusters`` (n,) ints, counted against ``min_clusters``."""
         a = np.asarray(scores, dtype=np.float64)
         if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a < 0):
             raise ValueError(f"scores must be a non-empty (n,) array of finite values >= 0; got shape {a.shape}")
@@ -68,6 +75,12 @@ class MondrianConformal:
                 raise ValueError(f"groups must be ({a.size},) integers, one per score; got shape {g.shape}, dtype {g.dtype}")
             labels, counts = np.unique(g, return_counts=True)
             keep = labels[counts >= self.min_count]
+            if clusters is not None:
+                c = np.asarray(clusters)
+                if c.shape != a.shape or not np.issubdtype(c.dtype, np.integer):
+                    raise ValueError(f"clusters must be ({a.size},) integers, one per score; got shape {c.shape}")
+                n_clusters = np.array([np.unique(c[g == label]).size for label in keep], dtype=np.int64)
+                keep = keep[n_clusters >= self.min_clusters]
             self.groups_ = keep.astype(np.int64)
             self.scores_ = [np.sort(a[g == label]) for label in keep]
         return self
@@ -98,9 +111,9 @@ class MondrianConformal:
         return {"pooled": self.pooled_, "groups": self.groups_, "group_counts": counts, "group_scores": grouped}
 
     @classmethod
-    def from_arrays(cls, min_count: int, arrays: dict[str, np.ndarray]) -> "MondrianConformal":
+    def from_arrays(cls, min_count: int, arrays: dict[str, np.ndarray], min_clusters: int = 1) -> "MondrianConformal":
         """Rebuild from :meth:`to_arrays`; raises ValueError when the arrays are inconsistent."""
-        obj = cls(min_count)
+        obj = cls(min_count, min_clusters)
         pooled = np.asarray(arrays["pooled"], dtype=np.float64)
         groups = np.asarray(arrays["groups"])
         counts = np.asarray(arrays["group_counts"])

@@ -507,19 +507,23 @@ class CompactDistributions(_Distributions):
         return cls(edges, counts, max_error, mean_error, thr, fitted_counts)
 
     def _fractions(self, threshold: np.ndarray | float, atoms: np.ndarray) -> np.ndarray:
-        counts = self.counts[:, atoms, :].astype(np.float64)  # (M, n, K+1)
+        # written for per-step sizes too (tens of pairs): few numpy calls, direct (run, atom, bin) indexing
+        counts = self.counts[:, atoms, :]  # (M, n, K+1)
         n = atoms.size
         t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (n,))
         j = np.searchsorted(self.edges, t, side="left")  # bin holding t: t in (e_{j-1}, e_j]
-        below = np.concatenate([np.zeros((self.n_runs, n, 1)), np.cumsum(counts, axis=2)], axis=2)
-        lower = np.take_along_axis(below, np.broadcast_to(j[None, :, None], (self.n_runs, n, 1)), axis=2)[..., 0]
-        in_bin = np.take_along_axis(counts, np.broadcast_to(j[None, :, None], (self.n_runs, n, 1)), axis=2)[..., 0]
+        in_bin = counts[:, np.arange(n), j].astype(np.float64)  # (M, n)
+        # counts of the bins below j: a masked sum (exact in float64), 3x faster than a cumsum of the block
+        below = np.arange(counts.shape[2])[None, :] < j[:, None]  # (n, K+1)
+        lower = np.einsum("mnk,nk->mn", counts.astype(np.float64), below.astype(np.float64))
         ext = np.concatenate([[0.0], self.edges, [np.inf]])
         lo, hi = ext[j], ext[j + 1]
+        width = hi - lo
+        inside = np.isfinite(hi) & (width > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(np.isfinite(hi), np.clip((t - lo) / (hi - lo), 0.0, 1.0), 0.0)
-        frac = np.where(hi - lo > 0, frac, 1.0)  # degenerate [0, 0] bin: t >= 0 includes it
-        est = (lower + frac[None, :] * in_bin) / self.n_logged[:, atoms]
+            frac = np.where(inside, np.minimum(np.maximum((t - lo) / width, 0.0), 1.0),
+                            np.where(width > 0, 0.0, 1.0))  # overflow bin: 0; degenerate [0, 0] bin: t >= 0 holds it
+        est = (lower + frac * in_bin) / self.n_logged[:, atoms]
         # Above an atom's largest error the CDF is exactly 1 (also resolves the overflow bin).
         return np.where((t >= self.max_error[atoms])[None, :], 1.0, est)
 

@@ -34,7 +34,7 @@ from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
 from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
-from ltau_ase.core.shift import REFERENCE_SAMPLE, DistanceScale, reference_distances
+from ltau_ase.core.shift import REFERENCE_RULES, REFERENCE_SAMPLE, DistanceScale, reference_distances
 
 # fit_calibration splits the calibration atoms in two halves: one fits the distance scale g and the
 # per-element factors, the other gives the conformal scores (split conformal needs scores the
@@ -49,6 +49,12 @@ MIN_CALIBRATION_STRUCTURES = 20
 # An element gets its own factor and conformal quantile from this many atoms per half; fewer use the
 # pooled ones (a 95 % conformal quantile from < 50 scores moves by several % between draws).
 MIN_ELEMENT_ATOMS = 50
+# ... and, with ``frame_ids``, its own conformal quantile only from this many structures per half (the
+# per-half minimum of structures above): a new structure is exchangeable with calibration structures,
+# not with their atoms. In the shift benchmark a metal's quantile came from 1-3 slabs (Ni's from one:
+# 72 atoms). Element factors keep the atom minimum: each is already checked on the other half's atoms,
+# and there the Pd factor from 3 slabs lowered the in-domain test miscalibration (0.042 against 0.070).
+MIN_ELEMENT_STRUCTURES = MIN_CALIBRATION_STRUCTURES // 2
 # The default epoch window: the last half of the logged epochs (see the ``window`` argument).
 LAST_HALF = "last_half"
 
@@ -323,6 +329,7 @@ class LTAUEstimator:
         reference_forces: Any = None,
         atomic_numbers: Any = None,
         atom_ids: Any = None,
+        groups: Any = None,
     ) -> "LTAUEstimator":
         """Fit on N training atoms.
 
@@ -338,6 +345,12 @@ class LTAUEstimator:
             atomic_numbers: (N,) atomic numbers; records ``species_`` for :meth:`check_species`.
             atom_ids: (N,) ids of the descriptor rows; checked against the error logs' ids (never
                 used to reorder).
+            groups: optional (N,) integer structure group of each training atom (e.g. the system, MD
+                run or relaxation its frame comes from; at least 2 groups). The reference distance of
+                the distance ratio (``fit_calibration``) then comes from neighbours in *other* groups
+                (leave one group out, :func:`ltau_ase.core.shift.reference_distances`), so frames
+                that are near-duplicates of each other do not shrink it; kept as ``train_groups_``
+                and saved. None: every other training atom counts (``reference_rule_ = "atoms"``).
         Returns:
             self
         """
@@ -375,6 +388,9 @@ class LTAUEstimator:
                 raise ValueError("reference_forces must be finite norms >= 0 (eV/Å)")
         if self.rtol > 0 and forces is None:
             raise ValueError("rtol > 0 needs reference_forces (N,) |F_ref| at fit")
+        train_groups = None
+        if groups is not None:
+            train_groups = _check_groups(groups, n)
         species = None
         if atomic_numbers is not None:
             z = np.asarray(atomic_numbers)
@@ -408,7 +424,9 @@ class LTAUEstimator:
         self.index_ = NeighbourIndex.build(x, self.index, self.index_params, copy=False)
         seconds["index"] = time.perf_counter() - t1
         # each training atom's leave-one-out neighbour distance: the yardstick of "far" for fit_calibration
-        self.train_distance_ref_ = reference_distances(self.index_, x, k_eff)
+        self.train_groups_ = train_groups
+        self.reference_rule_ = "atoms" if train_groups is None else "groups"
+        self.train_distance_ref_ = reference_distances(self.index_, x, k_eff, groups=train_groups)
         self.n_features_in_ = int(d)
         self.n_train_atoms_ = int(n)
         self.k_eff_ = k_eff
@@ -489,10 +507,11 @@ class LTAUEstimator:
         self._cache = (key, p)
         return p
 
-    def _neighbours(self, descriptors: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self._check_fitted()
+    def _neighbours(self, descriptors: Any, checked: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not checked:
+            self._check_fitted()
         x = as_float32(descriptors, "descriptors", self.n_features_in_)
-        dist, ids, valid = self.index_.search(x, self.k_eff_)
+        dist, ids, valid = self.index_.search_checked(x, self.k_eff_)
         n_valid = valid.sum(axis=1)
         if np.any(n_valid == 0):
             raise RuntimeError(
@@ -564,10 +583,11 @@ class LTAUEstimator:
         """
         if coverage is not None:
             coverage = check_coverage(coverage)
+        self._check_fitted()  # once per call: the parameters' snapshot is what costs
         unknown = None
         if atomic_numbers is not None:
-            unknown = self.unknown_atoms(atomic_numbers, unknown_species)
-        dist, ids, valid = self._neighbours(descriptors)
+            unknown = self._unknown_atoms(atomic_numbers, unknown_species, checked=True)
+        dist, ids, valid = self._neighbours(descriptors, checked=True)
         n = ids.shape[0]
         if unknown is not None and unknown.shape != (n,):
             raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "
@@ -660,15 +680,19 @@ class LTAUEstimator:
         ``"raise"``: ValueError when any element is unseen; ``"flag"``: the atoms of unseen elements;
         ``"ignore"`` (or no ``species_`` recorded): all False.
         """
+        return self._unknown_atoms(atomic_numbers, unknown_species)
+
+    def _unknown_atoms(self, atomic_numbers: Any, unknown_species: str | None, checked: bool = False) -> np.ndarray:
         policy = self.unknown_species if unknown_species is None else unknown_species
-        unseen, z = self._unseen(atomic_numbers, policy)
+        unseen, z = self._unseen(atomic_numbers, policy, checked)
         if unknown_species_policy(policy) != "flag" or not unseen.size:
             return np.zeros(z.shape, dtype=bool)
         return np.isin(z, unseen)
 
-    def _unseen(self, atomic_numbers: Any, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    def _unseen(self, atomic_numbers: Any, policy: str, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
         canonical = unknown_species_policy(policy)
-        self._check_fitted()
+        if not checked:
+            self._check_fitted()
         z = np.asarray(atomic_numbers)
         if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer):
             raise ValueError(f"atomic_numbers must be a 1-d integer array; got shape {z.shape}, dtype {z.dtype}")
@@ -824,7 +848,7 @@ class LTAUEstimator:
         self.k = best
         self.k_eff_ = int(min(best, n_train))
         self.train_distance_ref_ = reference_distances(self.index_, np.ascontiguousarray(train_x, dtype=np.float32),
-                                                       self.k_eff_)
+                                                       self.k_eff_, groups=getattr(self, "train_groups_", None))
         for name in _CALIBRATION_ATTRS:
             self.__dict__.pop(name, None)
         self._cache = None
@@ -844,7 +868,8 @@ class LTAUEstimator:
 
         Model (:mod:`ltau_ase.core.shift`): atom j's errors are s_j × its neighbours' training errors,
         s_j = c_{Z_j} · g(r_j), r_j = its mean neighbour distance over the median leave-one-out
-        neighbour distance of the training atoms. The calibration atoms are split at random (``seed``)
+        neighbour distance of the training atoms (leave one structure group out when fitted with
+        ``groups``; ``calibration_info_["reference_rule"]``). The calibration atoms are split at random (``seed``)
         into two halves. On the first, g is the isotonic (non-decreasing) regression of |ΔF_j| / m_j
         on log r_j (m_j: the neighbours' mean logged error) with a power-law tail beyond the largest r,
         and c_Z the factor minimising the miscalibration area of the confidences at ``threshold``
@@ -870,7 +895,9 @@ class LTAUEstimator:
             frame_ids: optional (n,) integer structure label of each atom (at least
                 ``MIN_CALIBRATION_STRUCTURES`` = 20 distinct structures); then whole structures go to
                 one half (atoms of one structure have correlated errors, so an atom-level split would
-                make the halves look more alike than new structures are). Recommended; the CLI does it.
+                make the halves look more alike than new structures are), and an element gets its own
+                conformal quantile only from at least ``MIN_ELEMENT_STRUCTURES`` structures per half.
+                Recommended; the CLI does it.
         Returns:
             self, with ``distance_scale_``, ``pooled_factor_``, ``element_factor_z_``,
             ``element_factors_``, ``conformal_`` and ``calibration_info_`` set.
@@ -901,8 +928,10 @@ class LTAUEstimator:
         threshold = float(threshold)
         ref = getattr(self, "train_distance_ref_", None)
         if ref is None or ref.size == 0:
-            raise ValueError("this estimator has no training-set reference distances (fitted by an older ltau-ase or "
-                             "on a single atom); refit it with LTAUEstimator.fit to use fit_calibration")
+            raise ValueError("this estimator has no training-set reference distances (fitted by an older ltau-ase, "
+                             "on a single atom, or with groups so large that no atom found another group's atoms "
+                             "among its nearest MAX_GROUP_SEARCH); refit it with LTAUEstimator.fit to use "
+                             "fit_calibration")
         positive = ref[ref > 0]
         if positive.size == 0:
             raise ValueError("every training atom coincides with its neighbours in latent space (all leave-one-out "
@@ -977,9 +1006,14 @@ class LTAUEstimator:
         self.element_factors_ = np.asarray(factors, dtype=np.float64)
         sigma_b = self._element_factors(None if z is None else z[half_b], half_b.size) * base[half_b] * m[half_b]
         scores = err[half_b] / sigma_b
-        self.conformal_ = MondrianConformal(MIN_ELEMENT_ATOMS).fit(scores, None if z is None else z[half_b])
+        if frame_ids is None:
+            self.conformal_ = MondrianConformal(MIN_ELEMENT_ATOMS).fit(scores, None if z is None else z[half_b])
+        else:
+            self.conformal_ = MondrianConformal(MIN_ELEMENT_ATOMS, MIN_ELEMENT_STRUCTURES).fit(
+                scores, None if z is None else z[half_b], clusters=f[half_b])
         self.calibration_info_ = {
             "reference_distance": reference_distance,
+            "reference_rule": getattr(self, "reference_rule_", "atoms"),
             "threshold": threshold,
             "n_atoms": int(n),
             "n_scale_atoms": int(half_a.size),
@@ -1024,6 +1058,8 @@ class LTAUEstimator:
         arrays: dict[str, np.ndarray] = {}
         if getattr(self, "train_distance_ref_", None) is not None:
             arrays["train_distance_ref_"] = self.train_distance_ref_
+        if getattr(self, "train_groups_", None) is not None:
+            arrays["train_groups_"] = self.train_groups_
         if self.is_calibrated:
             header["calibration"], cal_arrays = self._calibration_to_arrays()
             arrays.update({f"cal_{k}": v for k, v in cal_arrays.items()})
@@ -1046,6 +1082,9 @@ class LTAUEstimator:
             "index_choice_": self.index_.reason,
             "fit_info_": self.fit_info_,
             **({"scale_": float(self.scale_)} if "scale_" in self.__dict__ else {}),
+            # absent in files written before the group rule: they load as "atoms"
+            **({"reference_rule_": self.reference_rule_} if getattr(self, "reference_rule_", "atoms") != "atoms"
+               else {}),
         }
 
     def _calibration_to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -1152,6 +1191,14 @@ class LTAUEstimator:
                 if not np.all(np.isfinite(ref)) or np.any(ref < 0):
                     raise ValueError("its training reference distances are not finite and >= 0")
             est.train_distance_ref_ = ref
+            rule = learned.get("reference_rule_", "atoms")
+            if rule not in REFERENCE_RULES:
+                raise ValueError(f"unknown reference_rule_ {rule!r}; expected one of {REFERENCE_RULES}")
+            groups = arrays.get("train_groups_")
+            if (rule == "groups") != (groups is not None):
+                raise ValueError(f"reference_rule_ {rule!r} needs train_groups_ exactly when it is 'groups'")
+            est.reference_rule_ = rule
+            est.train_groups_ = None if groups is None else _check_groups(groups, n)
             if "calibration" in header:
                 try:
                     est._calibration_from_arrays(
@@ -1326,6 +1373,8 @@ def _shift_schema(header: dict[str, Any], declared: dict, n: int) -> dict[str, t
     if "train_distance_ref_" in declared:
         schema["train_distance_ref_"] = ("<f8", (_declared_length(declared, "train_distance_ref_", 0,
                                                                    min(n, REFERENCE_SAMPLE)),))
+    if "train_groups_" in declared:
+        schema["train_groups_"] = ("<i8", (n,))
     if "calibration" not in header:
         return schema
     cal = header["calibration"]
@@ -1434,6 +1483,17 @@ def _check_values(est: "LTAUEstimator", info: dict[str, Any], dist: dict[str, np
 
 
 _finite_number = is_finite_number  # its earlier private name
+
+
+def _check_groups(values: Any, n: int) -> np.ndarray:
+    """(n,) int64 structure groups with at least two distinct labels, else ValueError."""
+    g = np.asarray(values)
+    if g.shape != (n,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"groups must be ({n},) integers, one structure group per training atom; got shape "
+                         f"{g.shape}, dtype {g.dtype}")
+    if n > 1 and np.all(g == g[0]):
+        raise ValueError("groups name a single structure group; leaving one group out needs at least two")
+    return np.ascontiguousarray(g, dtype=np.int64)
 
 
 def _check_scale(scale: Any) -> None:

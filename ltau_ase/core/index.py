@@ -129,6 +129,8 @@ def as_float32(x: Any, name: str = "descriptors", dim: int | None = None) -> np.
 def _nonfinite_rows(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
     """Sorted row numbers of a 2-d array holding NaN or inf, checked in blocks of rows: a whole-array
     mask would be a temporary of N·D bytes (320 MB at 10⁷ × 32), held while a fit's other arrays are."""
+    if x.shape[0] <= block and np.isfinite(x).all():  # the per-step case: one small finite batch
+        return np.empty(0, dtype=np.int64)
     bad = [start + np.nonzero(~np.isfinite(x[start : start + block]).all(axis=1))[0]
            for start in range(0, x.shape[0], block)]
     return np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
@@ -448,7 +450,11 @@ class NeighbourIndex:
         q = as_float32(queries, "query descriptors", self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.ntotal:
             raise ValueError(f"k must lie in [1, {self.ntotal}] (the number of indexed atoms); got {k!r}")
-        k = int(k)
+        return self.search_checked(q, int(k))
+
+    def search_checked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` for queries already validated by :func:`as_float32` (C-contiguous, finite
+        float32 of this index's dimension) and 1 ≤ k ≤ N: the per-step path, which checks once."""
         n_threads = faiss.omp_get_max_threads()
         serial = q.shape[0] * self.ntotal * self.dim <= SERIAL_SEARCH_WORK and n_threads > 1
         if serial:
@@ -458,8 +464,7 @@ class NeighbourIndex:
             faiss.omp_set_num_threads(1)
         try:
             if self.kind == "flat":
-                pruned = self._pruned_search()
-                d2, ids = faiss.knn(q, self.vectors, k) if pruned is None else pruned.search(q, k)
+                d2, ids = self._exact_search(q, k)
             elif self.kind == "ivfpq" and self.params["refine"] > 0:
                 d2, ids = self._refined_search(q, k)
             else:
@@ -471,6 +476,11 @@ class NeighbourIndex:
         # Float32 round-off can give tiny negative squared distances.
         dist = np.where(valid, np.sqrt(np.maximum(d2.astype(np.float64), 0.0)), np.inf)
         return dist, np.where(valid, ids, 0).astype(np.int64), valid
+
+    def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The flat index's search: pruned by cluster bounds where built, else a brute-force scan."""
+        pruned = self._pruned_search()
+        return faiss.knn(q, self.vectors, k) if pruned is None else pruned.search(q, k)
 
     def _refined_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """PQ shortlist of refine·k candidates, re-ranked by exact squared distances to the full vectors.

@@ -9,7 +9,14 @@ set (the paper needs a new s per temperature and per group). Here s depends on t
 * d_j: the query atom's mean latent distance to its k nearest training atoms (``predict``'s
   ``distance``); d_ref: each training atom's leave-one-out mean distance to its k nearest *other*
   training atoms, computed once at fit (a random sample of at most ``REFERENCE_SAMPLE`` atoms). So
-  r = 1 is a typical training-set neighbourhood, whatever the latent units.
+  r = 1 is a typical training-set neighbourhood, whatever the latent units. With structure groups at
+  fit (``LTAUEstimator.fit(groups=...)``, e.g. the system or trajectory each training frame comes
+  from) the neighbours are taken from *other groups* only (leave one group out): frames of one MD run
+  or relaxation are near-duplicates, so an atom's nearest other atoms are usually its own copies in the
+  neighbouring frames and the plain leave-one-out median is a near-zero yardstick (r in the tens for
+  ordinary in-domain MD). r is a constant rescaling of d either way, so g, the confidences and any
+  threshold chosen from reference runs give the same decisions; the group rule makes the number mean
+  "as far as a new structure of the training distribution".
 * g: monotone non-decreasing in r, fitted by isotonic regression of the calibration atoms' error ratio
   |ΔF_j| / m_j (m_j: the neighbours' mean logged error) on log r, linear between the isotonic blocks'
   centres; beyond the largest calibration r a power law g ∝ r^α continues it (α from a log-log fit of
@@ -27,6 +34,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "MAX_GROUP_SEARCH",
+    "REFERENCE_RULES",
     "REFERENCE_SAMPLE",
     "reference_distances",
     "DistanceScale",
@@ -35,10 +44,17 @@ __all__ = [
 # At most this many training atoms get a leave-one-out neighbour search at fit: the reference is a
 # distribution (its median sets r = 1), which a random sample of 20k atoms pins to well under 1 %.
 REFERENCE_SAMPLE = 20_000
+#: how the reference neighbours are chosen: every other training atom, or atoms of other structure groups
+REFERENCE_RULES = ("atoms", "groups")
+#: leave one group out: an atom's neighbour list doubles until it holds k atoms of other groups or this many
+#: entries (an atom whose group fills all of them keeps the other-group atoms it found; none: left out)
+MAX_GROUP_SEARCH = 4096
+#: neighbour-list entries per search call (bounds the (rows, k') arrays of one call: 2^22 entries ~ 70 MB)
+_SEARCH_BLOCK = 1 << 22
 
 
 def reference_distances(index: Any, descriptors: np.ndarray, k: int, max_atoms: int = REFERENCE_SAMPLE,
-                        seed: int = 0) -> np.ndarray:
+                        seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
     """Ascending (m,) leave-one-out mean distances of training atoms to their k nearest other training atoms.
 
     Args:
@@ -46,8 +62,13 @@ def reference_distances(index: Any, descriptors: np.ndarray, k: int, max_atoms: 
         descriptors: (N, D) float32 training descriptors (row i = index entry i).
         k: neighbours per atom (the estimator's k_eff_); the atom itself is excluded.
         max_atoms: at most this many atoms (a seeded random sample) are searched.
+        groups: optional (N,) int64 structure group of each atom; then only atoms of *other* groups
+            count as neighbours (leave one group out). The search list grows by doubling up to
+            ``MAX_GROUP_SEARCH`` entries (or N); an atom that still has fewer than k other-group atoms
+            in it averages those it has (they are its nearest other-group atoms), one with none is
+            left out (so m can be smaller than the sample).
     Returns:
-        (m,) float64, m = min(N, max_atoms); empty when N < 2.
+        (m,) float64, m <= min(N, max_atoms); empty when N < 2 (or every group is the same).
     """
     n = descriptors.shape[0]
     if n < 2:
@@ -55,6 +76,8 @@ def reference_distances(index: Any, descriptors: np.ndarray, k: int, max_atoms: 
     rows = np.arange(n)
     if n > max_atoms:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=max_atoms, replace=False))
+    if groups is not None:
+        return _leave_group_out(index, descriptors, int(min(k, n - 1)), rows, np.asarray(groups, dtype=np.int64))
     k_self = int(min(k, n - 1)) + 1
     dist, ids, valid = index.search(descriptors[rows], k_self)
     # drop the atom itself (or, when an exact duplicate took its place, the farthest hit)
@@ -66,6 +89,32 @@ def reference_distances(index: Any, descriptors: np.ndarray, k: int, max_atoms: 
     ok = counts > 0
     mean = np.where(keep, dist, 0.0).sum(axis=1)[ok] / counts[ok]
     return np.sort(mean.astype(np.float64))
+
+
+def _leave_group_out(index: Any, descriptors: np.ndarray, k: int, rows: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Mean distance of each of ``rows`` to its k nearest atoms of other groups (see reference_distances)."""
+    n = descriptors.shape[0]
+    cap = int(min(n, max(MAX_GROUP_SEARCH, k)))
+    width = int(min(cap, 4 * (k + 1)))
+    means = np.full(rows.size, np.nan)
+    todo = np.arange(rows.size)
+    while todo.size:
+        last = width >= cap
+        short = []
+        block = max(1, _SEARCH_BLOCK // width)
+        for start in range(0, todo.size, block):
+            part = todo[start:start + block]
+            dist, ids, valid = index.search(descriptors[rows[part]], width)
+            other = valid & (groups[ids] != groups[rows[part]][:, None])
+            keep = other & (np.cumsum(other, axis=1) <= k)  # hits come nearest first
+            counts = keep.sum(axis=1)
+            done = (counts >= k) | last
+            has = done & (counts > 0)
+            means[part[has]] = np.where(keep[has], dist[has], 0.0).sum(axis=1) / counts[has]
+            short.append(part[~done])
+        todo = np.concatenate(short)
+        width = int(min(cap, 2 * width))
+    return np.sort(means[np.isfinite(means)])
 
 
 class DistanceScale:

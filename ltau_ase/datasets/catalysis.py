@@ -37,18 +37,17 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.build import add_adsorbate, fcc100, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import LBFGS
 
 from ltau_ase.core.checks import check_int
 from ltau_ase.core.fileformat import sha256_file
 from ltau_ase.core.trainingset import assign_frame_ids
+from ltau_ase.simulate.md import thermalized_langevin
 
 EMT_METALS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
 FACET_SITES = {"111": ("ontop", "bridge", "fcc", "hcp"), "100": ("ontop", "bridge", "hollow")}
@@ -282,16 +281,8 @@ def _md_frames(atoms: Atoms, n_frames: int, rng: np.random.Generator, settings: 
     work = atoms.copy()
     work.calc = EMT()
     temperature = rng.uniform(*settings.md_temperature_range)
-    thermalize_momenta(work, temperature_K=temperature, rng=rng)
     # fixcm=False: the bottom layers are fixed, so the centre of mass cannot drift anyway.
-    dyn = Langevin(
-        work,
-        timestep=settings.md_timestep_fs * units.fs,
-        temperature_K=temperature,
-        friction=0.02 / units.fs,
-        fixcm=False,
-        rng=rng,
-    )
+    dyn = thermalized_langevin(work, temperature, rng, timestep_fs=settings.md_timestep_fs)
     frames = []
     for _ in range(n_frames):
         dyn.run(settings.md_stride)

@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.calculators.emt import EMT
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import thermalize_momenta
 
 from ltau_ase.datasets.catalysis import (
     ADSORBATE_FAMILY,
@@ -52,6 +50,7 @@ from ltau_ase.datasets.catalysis import (
     relax_with_emt,
     slab_with_adsorbate,
 )
+from ltau_ase.simulate.md import thermalized_langevin
 
 IS2RS_DOMAINS = ("in_domain", "adsorbate", "facet", "element")
 
@@ -166,9 +165,7 @@ def thermal_trajectory(atoms: Atoms, temperature: float, n_frames: int, stride: 
     """EMT Langevin MD (1 fs) at ``temperature`` K; ``n_frames`` EMT-labelled frames every ``stride`` steps."""
     work = atoms.copy()
     work.calc = EMT()
-    thermalize_momenta(work, temperature_K=temperature, rng=rng)
-    dyn = Langevin(work, timestep=1.0 * units.fs, temperature_K=temperature, friction=friction_per_fs / units.fs,
-                   fixcm=False, rng=rng)
+    dyn = thermalized_langevin(work, temperature, rng, friction_per_fs=friction_per_fs)
     if equilibration:
         dyn.run(equilibration)
     frames = []

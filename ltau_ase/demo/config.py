@@ -58,7 +58,7 @@ class DemoConfig:
     md_steps: int = 1000
     md_temperature: float = 1500.0
     md_quantile: float = 0.99
-    timing_repeats: int = 30
+    timing_repeats: int = 60
     train_timeout: float = 900.0
     train_workers: int | None = None  # members trained at a time (None: one per core)
 

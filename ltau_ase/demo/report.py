@@ -132,7 +132,8 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict, figs: dict[str, str]
         f"Cost: median force call on a {e['cost']['n_atoms']}-atom slab, timed side by side in this process: single "
         f"model {e['cost']['median_s']['single'] * 1e3:.1f} ms, LTAU {e['cost']['median_s']['ltau'] * 1e3:.1f} ms, "
         f"committee {e['cost']['median_s']['committee'] * 1e3:.1f} ms; the ratios in the table are medians of "
-        "per-round ratios (same structure, order rotated between rounds).",
+        "per-frame ratios (consecutive frames of a Langevin run, order rotated between frames). UQ (kNN + "
+        f"distributions): {100 * m['overhead']['uq_fraction_of_step']:.1f} % of an LTAU step.",
         "",
         f"![calibration LTAU vs committee]({figs['ensemble_calibration']})",
         "",

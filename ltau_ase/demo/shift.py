@@ -75,6 +75,11 @@ class ShiftBenchConfig:
     md_error_bound: float = 1.0
     md_after_breakdown: int = 30
     md_false_alarm_rate: float = 0.05
+    # Extra threshold rules beside the conformal one at md_false_alarm_rate: a Gumbel fit to the reference
+    # runs' peaks (stop_threshold(method="gumbel")) at each of these rates; 0.01 is below the 1/(R+1) that
+    # 20 runs allow the conformal rule, and makes 0 false alarms in 20 runs the expected outcome
+    # (P = 0.99^20 = 0.82 if the rate held exactly).
+    md_extreme_value_rates: tuple[float, ...] = (0.05, 0.01)
     md_patience: int = 1
     md_on_time_steps: int = 10
     md_slab: tuple[int, int, int] = (2, 2, 3)
@@ -83,6 +88,16 @@ class ShiftBenchConfig:
     # broke down within 100 steps by themselves, at 60 epochs 13 of 20 within 2,000 steps (true max-atom
     # error > 1 eV/Å), which leaves few in-domain runs to test false alarms on. None: MD with member 1.
     md_model_epochs: int | None = 200
+    # Extra training frames of the MD model only (0 systems: none). The shared training set has 6 MD frames
+    # per system within its first 80 fs of 300 K MD, while a monitored in-domain run lasts 2,000 steps: with
+    # them alone the 200-epoch MD model broke down by itself in 6 of 20 in-domain runs and reached true
+    # max-atom errors of 0.9-0.98 eV/Å in unbroken ones, so the 1 eV/Å breakdown bound lay inside its own
+    # in-domain error range. These are md_model_extra_systems new in-domain systems (own random stream, the
+    # domain's slab sizes), each EMT-relaxed and run md_model_extra_steps steps of Langevin MD at the
+    # training temperature, one EMT-labelled frame every md_model_extra_steps / md_model_extra_frames steps.
+    md_model_extra_systems: int = 60
+    md_model_extra_frames: int = 10
+    md_model_extra_steps: int = 2000
     bootstrap: int = 1000
     timing_repeats: int = 30
     workers: int = 2
@@ -94,6 +109,7 @@ class ShiftBenchConfig:
     def preset(cls, quick: bool, seed: int = 0, **overrides: Any) -> "ShiftBenchConfig":
         if quick:
             cfg = cls(quick=True, seed=seed, members=4, epochs=3, md_model_epochs=4, md_runs_in_domain=3,
+                      md_model_extra_systems=2, md_model_extra_frames=2, md_model_extra_steps=20,
                       md_runs_reference=9,
                       md_false_alarm_rate=0.1,
                       md_steps_in_domain=60, md_runs_hot=2, md_steps_hot=40, relax_steps=30, bootstrap=50,
@@ -106,6 +122,12 @@ class ShiftBenchConfig:
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         if cfg.members < 2:
             raise ValueError(f"the committee needs at least 2 members, got {cfg.members}")
+        if min(cfg.md_model_extra_systems, cfg.md_model_extra_frames, cfg.md_model_extra_steps) < 0 or (
+                cfg.md_model_extra_systems and (cfg.md_model_extra_frames < 1
+                                                or cfg.md_model_extra_steps < cfg.md_model_extra_frames)):
+            raise ValueError("md_model_extra_systems, _frames and _steps must be >= 0, and with extra systems "
+                             f"1 <= frames <= steps; got {cfg.md_model_extra_systems}, {cfg.md_model_extra_frames}, "
+                             f"{cfg.md_model_extra_steps}")
         if cfg.epochs < 2 or (cfg.md_model_epochs is not None and cfg.md_model_epochs < 2):
             raise ValueError(f"at least 2 epochs are needed for an error trajectory, got {cfg.epochs} "
                              f"(MD model: {cfg.md_model_epochs})")
@@ -172,22 +194,64 @@ def stage_fit(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict) -> dict
     return _as_stage(_demo_stages().stage_fit(_demo_config(cfg), out, _Stage(data), _Stage(train)))
 
 
-def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, Any]:
-    """The MD model: member 1's configuration (same seed, data, sizes) trained for ``md_model_epochs``.
+def md_model_extra_frames(cfg: ShiftBenchConfig, taken_ids: np.ndarray) -> list:
+    """The MD model's extra training frames (see ``md_model_extra_systems``), with fresh frame ids.
 
-    Returns a train-like stage (``models``, ``log_dirs`` of the one run) or ``train`` itself when
-    ``md_model_epochs`` is None. Reused when its ``last.ckpt`` exists.
+    New in-domain systems (stream 150, disjoint from the MD runs' streams 101-103+), EMT-relaxed, then
+    ``md_model_extra_steps`` steps of EMT Langevin MD at the training temperature with a frame every
+    ``md_model_extra_steps // md_model_extra_frames`` steps. ``taken_ids``: frame ids already in the
+    model's training files; the new frames get ids after them.
+    """
+    from ltau_ase.core.atom_ids import assign_new_frame_ids
+    from ltau_ase.datasets.catalysis import relax_with_emt, slab_with_adsorbate
+    from ltau_ase.datasets.shift import _catalysis_settings, _tag, domain_systems, thermal_trajectory
+
+    s = cfg.settings
+    cat = _catalysis_settings(s)
+    stride = cfg.md_model_extra_steps // cfg.md_model_extra_frames
+    frames = []
+    for i, spec in enumerate(domain_systems(s, "in_domain", cfg.md_model_extra_systems, cfg.seed, 150)):
+        rng = np.random.default_rng([cfg.seed, 150, i])
+        name = spec.name("md_model_train", i)
+        relaxed, _, _ = relax_with_emt(slab_with_adsorbate(spec, rng, cat), cat.trajectory_fmax, cat.trajectory_steps)
+        md = thermal_trajectory(relaxed, s.train_temperature, cfg.md_model_extra_frames, stride, 0, rng,
+                                s.friction_per_fs)
+        frames.extend(_tag(f, spec, name, "md_model_train", "in_domain", "md", s.train_temperature) for f in md)
+    assign_new_frame_ids(frames, taken_ids)
+    return frames
+
+
+def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, reuse: bool) -> dict[str, Any]:
+    """The MD model: member 1's configuration (same seed, data, sizes) trained for ``md_model_epochs`` on
+    the training split plus its extra long-MD frames (:func:`md_model_extra_frames`, when configured).
+
+    Returns a train-like stage (``models``, ``log_dirs`` of the one run, ``train_files``) or ``train``
+    itself when ``md_model_epochs`` is None. Reused when its ``last.ckpt`` exists.
     """
     if cfg.md_model_epochs is None:
         return train
     from ltau_ase.nequip.training import ERROR_LOGGER_TARGET, train_nequip, write_nequip_config
 
-    model_dir = (out / "models" / f"md_model_e{cfg.md_model_epochs}").resolve()
+    extra = cfg.md_model_extra_systems
+    extra_name = f"x{extra}x{cfg.md_model_extra_frames}s{cfg.md_model_extra_steps}"
+    model_dir = (out / "models" / (f"md_model_e{cfg.md_model_epochs}" + (f"_{extra_name}" if extra else ""))).resolve()
     log_dir = model_dir / "ltau_errors"
+    train_files = [data["dir"] / "train.extxyz"]
+    if extra:  # shared by MD models of any epoch count (reused like the data stage's files)
+        train_files.append((out / "models" / f"md_model_train_extra_{extra_name}_seed{cfg.seed}.extxyz").resolve())
     seconds = math.nan
     if not (reuse and (model_dir / "run" / "last.ckpt").is_file()):
+        if extra and not (reuse and train_files[1].is_file()):
+            from ase.io import write
+
+            from ltau_ase.core.atom_ids import frame_ids_of
+
+            taken = np.concatenate([frame_ids_of(data["splits"][s]) for s in ("train", "val")])
+            tmp = train_files[1].with_suffix(".tmp")
+            write(tmp, md_model_extra_frames(cfg, taken), format="extxyz")
+            tmp.replace(train_files[1])  # complete or absent, never half written
         config = write_nequip_config(
-            model_dir / "config.yaml", [data["dir"] / "train.extxyz"], type_names=data["type_names"],
+            model_dir / "config.yaml", train_files, type_names=data["type_names"],
             val_file=data["dir"] / "val.extxyz",
             callbacks=[{"_target_": ERROR_LOGGER_TARGET, "log_dir": str(log_dir), "mode": "free"}],
             seed=cfg.seed * 1000 + 1, data_seed=cfg.seed, max_epochs=cfg.md_model_epochs, num_layers=cfg.num_layers,
@@ -196,7 +260,7 @@ def stage_md_model(cfg: ShiftBenchConfig, out: Path, data: dict, train: dict, re
         train_nequip(config, model_dir / "run", timeout=cfg.train_timeout, threads=1)
         seconds = time.perf_counter() - t0
     return _Stage(models=[model_dir / "run" / "last.ckpt"], log_dirs=[log_dir], train_times=[seconds],
-                  epochs=cfg.md_model_epochs)
+                  epochs=cfg.md_model_epochs, train_files=train_files)
 
 
 def calibration_groups(system: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, str]:
@@ -222,12 +286,23 @@ def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str
     from ltau_ase.core.estimator import LTAUEstimator
     from ltau_ase.nequip.descriptors import extract_descriptors
 
-    frames = data["splits"]["train"]
+    from ase.io import read
+
+    frames = list(data["splits"]["train"])
+    for path in md_train.get("train_files", [])[1:]:  # the MD model's extra frames (ids after the split's)
+        frames += read(path, index=":", format="extxyz")
     atom_ids, desc = extract_descriptors(md_train["models"][0], frames, progress=True)
     logs = load_error_logs(md_train["log_dirs"])
     if not np.array_equal(atom_ids, logs[0].atom_ids):
         raise RuntimeError("MD-model training descriptors and error log are not in the same atom order")
-    est = LTAUEstimator(k=cfg.k).fit(desc, logs, atom_ids=atom_ids)
+    # the reference distance of the distance ratio leaves each training system out (its relaxation and MD
+    # frames are near-duplicates of each other); descriptor rows come frame after frame
+    systems = np.unique([f.info["system"] for f in frames], return_inverse=True)[1]
+    groups = np.repeat(systems, [len(f) for f in frames])
+    est = LTAUEstimator(k=cfg.k).fit(desc, logs, atom_ids=atom_ids, groups=groups)
+    from ltau_ase.core.shift import reference_distances
+
+    plain_ref = reference_distances(est.index_, np.ascontiguousarray(desc, dtype=np.float32), est.k_eff_)
     model = _demo_stages()._load_model(md_train["models"][0])
     x, err, z, system = [], [], [], []
     for split in ("calibration", "calibration_mild"):
@@ -243,7 +318,10 @@ def md_estimators(cfg: ShiftBenchConfig, data: dict, md_train: dict) -> dict[str
     frame_of_atom = np.concatenate([np.full(n, i) for i, n in enumerate(len(a) for a in system)])
     structure, _ = calibration_groups(np.concatenate(system).astype(str), frame_of_atom)
     aware = copy.deepcopy(est).fit_calibration(x, err, atomic_numbers=z, seed=cfg.seed, frame_ids=structure)
-    return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_}
+    return {"paper": est, "aware": aware, "calibration_mean_error": float(err.mean()), "atol": est.atol_,
+            "reference_distance": {"groups": aware.calibration_info_["reference_distance"],
+                                   "atoms": float(np.median(plain_ref[plain_ref > 0])),
+                                   "n_groups": int(systems.max() + 1)}}
 
 
 # ---------------------------------------------------------------------------- stage 4: S2EF evaluation
@@ -370,20 +448,16 @@ def _md_task(args: tuple) -> dict[str, Any]:
     The EMT error is evaluated every ``emt_stride`` steps (NaN in between). Ends ``after`` steps past
     the first evaluated step whose error exceeds ``error_bound`` (or is not finite).
     """
-    from ase import units
     from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
+
+    from ltau_ase.simulate.md import thermalized_langevin
 
     key, atoms, temperature, steps, seed, error_bound, after, emt_stride = args
     single = _WORKER["single"]
     emt = EMT()
     atoms = atoms.copy()
     atoms.calc = single
-    rng = np.random.default_rng(seed)
-    thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
-    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=temperature, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
+    dyn = thermalized_langevin(atoms, temperature, np.random.default_rng(seed))
     desc, err = [], []
     broken_at = None
     ref = atoms.copy()
@@ -407,7 +481,8 @@ def _md_task(args: tuple) -> dict[str, Any]:
         err = err[:len(desc)]
         if len(err) < len(desc):
             err.append(math.inf)
-    return {"key": key, "descriptors": np.stack(desc), "true_max_error": np.array(err)}
+    return {"key": key, "descriptors": np.stack(desc), "true_max_error": np.array(err),
+            "numbers": atoms.numbers.astype(np.int64)}
 
 
 def _pool_map(cfg: ShiftBenchConfig, train: dict, fn, tasks: list, desc: str) -> list:
@@ -495,6 +570,9 @@ def stage_md(cfg: ShiftBenchConfig, out: Path, train: dict, reuse: bool) -> dict
             tmp.replace(path)
             path.with_suffix(".key").write_text(key)
         results[group] = pickle.loads(path.read_bytes())
+        if any("numbers" not in r for r in results[group]):  # cached before runs kept their atomic numbers
+            for r, a in zip(results[group], md_start_structures(cfg, runs, stream)):
+                r["numbers"] = a.numbers.astype(np.int64)
     return results
 
 
@@ -510,15 +588,16 @@ def stage_costs(cfg: ShiftBenchConfig, data: dict, train: dict, estimators: dict
         calcs[name] = LTAUCalculator(_load_model(train["models"][0]), est)
     calcs["committee"] = CommitteeCalculator([_load_model(p) for p in train["models"]])
     base = md_start_structures(cfg, 1, 199)[0]
-    rng = np.random.default_rng([cfg.seed, 11])
+    # consecutive frames of an in-domain MD run: the structures a calculator meets, in order, in MD
+    frames = _demo_stages().langevin_frames(base, _load_model(train["models"][0]), cfg.timing_repeats + 1,
+                                            cfg.settings.train_temperature, seed=[cfg.seed, 11])
     names = list(calcs)
     t = {n: [] for n in names}
-    for r in range(cfg.timing_repeats + 1):
-        atoms = base.copy()
-        atoms.positions += rng.normal(0.0, 0.02, size=atoms.positions.shape)
+    for r, atoms in enumerate(frames):
         for n in names[r % len(names):] + names[:r % len(names)]:
+            step_atoms = atoms.copy()
             t0 = time.perf_counter()
-            calcs[n].get_property("forces", atoms)
+            calcs[n].get_property("forces", step_atoms)
             t[n].append(time.perf_counter() - t0)
     arr = {n: np.array(v[1:]) for n, v in t.items()}
     return {"n_atoms": len(base), "repeats": cfg.timing_repeats,
@@ -724,17 +803,21 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
             row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
         return row
 
-    variants = {"": FAILURE_FEATURES, "_with_distance": FAILURE_FEATURES_WITH_DISTANCE}
+    # FailureModel's default (transform and penalty chosen by cross-validation on the calibration
+    # relaxations) with and without the distance trace, and, side by side, the earlier linear form
+    # (log features, l2 = 1) with the distance trace, which extrapolates beyond the calibration range
+    variants = {"": (FAILURE_FEATURES, {}), "_with_distance": (FAILURE_FEATURES_WITH_DISTANCE, {}),
+                "_with_distance_linear": (FAILURE_FEATURES_WITH_DISTANCE, {"transform": "log", "l2": 1.0})}
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
-        for suffix, features in variants.items():
+        for suffix, (features, options) in variants.items():
             # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
             fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
                         if method in r and math.isfinite(r["rmsd"])]
             if not fit_rows or (suffix and distance_key not in out["table"]["is2rs_calibration"][0]):
                 continue
             try:
-                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features).fit(fit_rows)
+                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features, **options).fit(fit_rows)
             except ValueError as exc:
                 info[method + suffix] = f"not fitted: {exc}"
                 continue
@@ -758,23 +841,40 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
     out["failure_model"] = info
 
 
-def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
+def md_threshold_rules(cfg: ShiftBenchConfig) -> dict[str, tuple[str, float]]:
+    """Threshold rules scored side by side: name -> (stop_threshold method, false-alarm rate)."""
+    rules = {f"conformal α={cfg.md_false_alarm_rate:g}": ("conformal", cfg.md_false_alarm_rate)}
+    rules.update({f"gumbel α={a:g}": ("gumbel", a) for a in cfg.md_extreme_value_rates})
+    return rules
+
+
+def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: dict | None = None) -> dict[str, Any]:
     """Stop outcomes per temperature from per-step max-atom statistics.
 
-    Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` (conformal quantile
-    of the per-run peaks for the stated false-alarm rate) over in-domain runs: the separate
-    ``reference`` runs when there are any; otherwise each in-domain run gets the threshold from the
-    other in-domain runs (leave one out) and the hot runs the one from all in-domain runs. Two
-    reference rules, side by side: ``"whole_runs"`` (every step of the reference runs) and
-    ``"before_breakdown"`` (each reference run up to its first step whose true max-atom error exceeds
-    ``md_error_bound``: a false alarm is a stop before breakdown, so these are the peaks the guarantee
-    is about; an in-domain run that breaks down by itself no longer raises the threshold).
+    Each method's threshold is :func:`ltau_ase.simulate.observers.stop_threshold` over in-domain runs:
+    the separate ``reference`` runs when there are any; otherwise each in-domain run gets the threshold
+    from the other in-domain runs (leave one out) and the hot runs the one from all in-domain runs.
+    Threshold rules (:func:`md_threshold_rules`), side by side: the conformal quantile of the per-run
+    peaks at ``md_false_alarm_rate`` and a Gumbel fit to the peaks at each of
+    ``md_extreme_value_rates``. Reference rules, side by side: ``"whole_runs"`` (every step of the
+    reference runs) and ``"before_breakdown"`` (each reference run up to its first step whose true
+    max-atom error exceeds ``md_error_bound``: a false alarm is a stop before breakdown, so these are
+    the peaks the guarantee is about; an in-domain run that breaks down by itself no longer raises the
+    threshold). A rule that cannot give a threshold (e.g. a Gumbel fit from fewer than 10 runs) is
+    recorded with its reason under ``"error"``.
+
+    ``ratio_reference``: the distance ratio's reference distances, ``{"groups": ..., "atoms": ...}``
+    (leave one training system out, as fitted, and the plain leave-one-atom-out one); the ratio under
+    the plain reference is scored too (``ratio_reference_check``): a constant rescaling, so its stops
+    must be the same.
     """
     from ltau_ase.simulate.observers import stop_threshold
 
     def stats(run) -> dict[str, np.ndarray]:
         d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
-        pred = scorer.predict(d.reshape(-1, d.shape[-1]))
+        # with the atomic numbers, as LTAUCalculator predicts in a simulation (per-element factors)
+        numbers = np.tile(run["numbers"], d.shape[0]) if run.get("numbers") is not None else None
+        pred = scorer.predict(d.reshape(-1, d.shape[-1]), numbers)
         return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
 
     def before_breakdown(trace: np.ndarray, run: dict) -> np.ndarray:
@@ -782,54 +882,94 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict) -> dict[str, Any]:
         return trace[: over[0]] if over.size else trace
 
     traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
+    rescale = None
+    if ratio_reference and "ltau_distance_ratio" in traces[next(iter(traces))][0]:
+        rescale = ratio_reference["groups"] / ratio_reference["atoms"]
+        for group in traces.values():
+            for t in group:
+                t["ltau_distance_ratio_atoms_reference"] = t["ltau_distance_ratio"] * rescale
     in_domain = f"T{cfg.settings.train_temperature:g}"
     leave_one_out = "reference" not in md
     ref_group = in_domain if leave_one_out else "reference"
     methods = list(traces[ref_group][0])
-    alpha, patience = cfg.md_false_alarm_rate, cfg.md_patience
-    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": alpha,
+    patience = cfg.md_patience
+    rules = md_threshold_rules(cfg)
+    res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
+                           "threshold_rules": {k: {"method": m, "false_alarm_rate": a} for k, (m, a) in rules.items()},
                            "patience": patience, "n_reference_runs": len(md[ref_group]),
                            "threshold_rule": "ltau_ase.simulate.observers.stop_threshold over "
                                              + ("the other in-domain runs (leave one out) for each in-domain run, "
                                                 "over all in-domain runs for the hot runs" if leave_one_out
                                                 else "the reference runs"),
                            "reference_rules": {}}
+
+    def threshold(refs: list, method: str, alpha: float) -> float | str:
+        try:
+            return stop_threshold(refs, alpha, patience, method)
+        except ValueError as exc:
+            return str(exc)
+
     for rule in ("whole_runs", "before_breakdown"):
         refs = {m: [t[m] if rule == "whole_runs" else before_breakdown(t[m], r)
                     for t, r in zip(traces[ref_group], md[ref_group])] for m in methods}
-        out: dict[str, Any] = {"thresholds": {m: stop_threshold(refs[m], alpha, patience) for m in methods},
-                               "groups": {}}
-        for group, runs in md.items():
-            if group == "reference":
-                continue
-            g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
-                                 "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+        by_threshold: dict[str, Any] = {}
+        for tname, (how, alpha) in rules.items():
+            out: dict[str, Any] = {"thresholds": {}, "errors": {}, "groups": {}}
             for m in methods:
-                thr: Any = out["thresholds"][m]
-                if leave_one_out and group == in_domain:
-                    thr = [stop_threshold(refs[m][:i] + refs[m][i + 1:], alpha, patience) for i in range(len(runs))]
-                o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
-                                  thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
-                if isinstance(thr, list):
-                    o["thresholds"] = thr
-                # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
-                false_alarm = np.array([s is not None and (b is None or s < b)
-                                        for s, b in zip(o["stop"], o["breakdown"])], dtype=float)
-                o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
-                                                        cfg.bootstrap, seed=cfg.seed)
-                broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
-                if broken:
-                    on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
-                                        for i in broken], dtype=float)
-                    o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
-                                                        cfg.bootstrap, seed=cfg.seed)
-                g[m] = o
-            out["groups"][group] = g
-        res["reference_rules"][rule] = out
-    # the whole-run rule under the earlier keys
+                thr = threshold(refs[m], how, alpha)
+                if isinstance(thr, str):
+                    out["errors"][m] = thr
+                else:
+                    out["thresholds"][m] = thr
+            for group, runs in md.items():
+                if group == "reference":
+                    continue
+                g: dict[str, Any] = {"n_runs": len(runs), "steps": [int(len(r["true_max_error"])) for r in runs],
+                                     "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
+                for m in out["thresholds"]:
+                    thr: Any = out["thresholds"][m]
+                    if leave_one_out and group == in_domain:
+                        thr = [threshold(refs[m][:i] + refs[m][i + 1:], how, alpha) for i in range(len(runs))]
+                        if any(isinstance(x, str) for x in thr):
+                            g.setdefault("errors", {})[m] = next(x for x in thr if isinstance(x, str))
+                            continue
+                    o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                                      thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
+                    if isinstance(thr, list):
+                        o["thresholds"] = thr
+                    # bootstrap CIs over runs of the false-alarm rate and, over broken runs, the on-time rate
+                    false_alarm = np.array([s is not None and (b is None or s < b)
+                                            for s, b in zip(o["stop"], o["breakdown"])], dtype=float)
+                    o["false_alarm_rate_ci"] = bootstrap_ci(np.arange(len(runs)), lambda i: false_alarm[i].mean(),
+                                                            cfg.bootstrap, seed=cfg.seed)
+                    broken = [i for i, b in enumerate(o["breakdown"]) if b is not None]
+                    if broken:
+                        on_time = np.array([o["delay"][i] is not None and o["delay"][i] <= cfg.md_on_time_steps
+                                            for i in broken], dtype=float)
+                        o["on_time_rate_ci"] = bootstrap_ci(np.arange(len(broken)), lambda i: on_time[i].mean(),
+                                                            cfg.bootstrap, seed=cfg.seed)
+                    g[m] = o
+                out["groups"][group] = g
+            by_threshold[tname] = out
+        first = by_threshold[next(iter(rules))]
+        # the conformal rule under the earlier keys, every rule under "threshold_rules"
+        res["reference_rules"][rule] = {"thresholds": first["thresholds"], "groups": first["groups"],
+                                        "threshold_rules": by_threshold}
     res["thresholds"] = res["reference_rules"]["whole_runs"]["thresholds"]
     res["groups"] = res["reference_rules"]["whole_runs"]["groups"]
     res["reference_max_true_error"] = [float(np.nanmax(r["true_max_error"])) for r in md[ref_group]]
+    if rescale is not None:
+        same = True
+        for rule in res["reference_rules"].values():
+            for out in rule["threshold_rules"].values():
+                for g in out["groups"].values():
+                    a, b = g.get("ltau_distance_ratio"), g.get("ltau_distance_ratio_atoms_reference")
+                    same &= a is not None and b is not None and a["stop"] == b["stop"]
+        res["ratio_reference_check"] = {**ratio_reference, "same_stops": bool(same),
+                                        "in_domain_peak_ratio": {
+                                            "groups": [float(t["ltau_distance_ratio"].max()) for t in traces[ref_group]],
+                                            "atoms": [float(t["ltau_distance_ratio_atoms_reference"].max())
+                                                      for t in traces[ref_group]]}}
     return res
 
 
@@ -864,8 +1004,9 @@ def summary_table(results: dict) -> str:
 
 def is2rs_table(results: dict) -> str:
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
-             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | mean p / observed |"
-             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|"]
+             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | AUROC (linear FailureModel p, "
+             "+ distance trace) | mean p / observed (p, + distance; linear) | Brier (+ distance; linear) |"
+             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|---|---|"]
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
@@ -874,25 +1015,56 @@ def is2rs_table(results: dict) -> str:
                              f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
                              f"{_cell(m, 'auroc_failure_probability')} | "
                              f"{_cell(m, 'auroc_failure_probability_with_distance')} | "
-                             f"{_num(m.get('mean_failure_probability'))} / {_num(m.get('observed_failure_rate'))} |")
+                             f"{_cell(m, 'auroc_failure_probability_with_distance_linear')} | "
+                             f"{_num(m.get('mean_failure_probability'))}, "
+                             f"{_num(m.get('mean_failure_probability_with_distance'))}; "
+                             f"{_num(m.get('mean_failure_probability_with_distance_linear'))} / "
+                             f"{_num(m.get('observed_failure_rate'))} | "
+                             f"{_cell(m, 'brier_failure_probability_with_distance')}; "
+                             f"{_cell(m, 'brier_failure_probability_with_distance_linear')} |")
     return "\n".join(lines)
 
 
+#: the MD stop's statistics: every per-atom method plus the distance ratio under the plain reference distance
+MD_METHOD_LABELS = METHOD_LABELS | {"ltau_distance_ratio_atoms_reference": "distance ratio r (leave-one-atom-out "
+                                                                          "reference)"}
+
+
 def md_table(results: dict) -> str:
+    """Markdown: stop outcomes per reference rule, threshold rule, MD group and statistic."""
     md = results["md"]
-    lines = ["| reference rule | MD group | runs | broken (max err > %g eV/Å) | method | threshold | false alarms | "
-             "stopped ≤ %d steps after breakdown | median delay | missed |"
+    lines = ["| reference rule | threshold rule | MD group | runs | broken (max err > %g eV/Å) | method | threshold | "
+             "false alarms | stopped ≤ %d steps after breakdown (or before) | median delay | missed |"
              % (md["error_bound"], results["config"]["md_on_time_steps"]),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rules = md.get("reference_rules", {"whole_runs": {"thresholds": md["thresholds"], "groups": md["groups"]}})
     for rule, r in rules.items():
-        for group, g in r["groups"].items():
-            for method in METHOD_LABELS:
-                o = g.get(method)
-                if o:
-                    lines.append(f"| {rule} | {group} | {o['n_runs']} | {o['n_broken']} | {METHOD_LABELS[method]} | "
-                                 f"{_num(r['thresholds'][method])} | {o['n_false_alarms']}/{o['n_runs']} | "
-                                 f"{o['n_on_time']}/{o['n_broken']} | {_num(o['median_delay'])} | {o['n_missed']} |")
+        by_threshold = r.get("threshold_rules", {"conformal": r})
+        for tname, t in by_threshold.items():
+            for group, g in t["groups"].items():
+                for method in MD_METHOD_LABELS:
+                    o = g.get(method)
+                    if o:
+                        fa = f"{o['n_false_alarms']}/{o['n_runs']}"
+                        if "false_alarm_rate_ci" in o:
+                            fa += f" ({summarise_ci(o['false_alarm_rate_ci'])})"
+                        ot = f"{o['n_on_time']}/{o['n_broken']}"
+                        if "on_time_rate_ci" in o:
+                            ot += f" ({summarise_ci(o['on_time_rate_ci'])})"
+                        lines.append(f"| {rule} | {tname} | {group} | {o['n_runs']} | {o['n_broken']} | "
+                                     f"{MD_METHOD_LABELS[method]} | {_num(t['thresholds'][method])} | {fa} | {ot} | "
+                                     f"{_num(o['median_delay'])} | {o['n_missed']} |")
+            for method, why in t.get("errors", {}).items():
+                lines.append(f"| {rule} | {tname} | – | – | – | {MD_METHOD_LABELS.get(method, method)} | n/a: {why} "
+                             "| – | – | – | – |")
+    check = md.get("ratio_reference_check")
+    if check:
+        lines += ["", "Distance ratio reference distance: %.4g leaving each training system out (%d systems) "
+                  "against %.4g leaving one atom out; in-domain peak r (median over runs) %.3g against %.3g; "
+                  "same stops under both: %s." % (check["groups"], check["n_groups"], check["atoms"],
+                                                  np.median(check["in_domain_peak_ratio"]["groups"]),
+                                                  np.median(check["in_domain_peak_ratio"]["atoms"]),
+                                                  "yes" if check["same_stops"] else "NO")]
     return "\n".join(lines)
 
 
@@ -944,8 +1116,8 @@ def write_summary(out: Path, results: dict) -> Path:
         "## MD stop", "", md_table(results), "",
         "## Cost per force call (× one model)", "",
         " ".join(f"{METHOD_LABELS.get(k, k)}: {_num(v)}×;" for k, v in c["over_single"].items())
-        + f" ({c['n_atoms']} atoms, median of {c['repeats']} interleaved rounds; single model "
-        f"{c['median_s']['single'] * 1e3:.1f} ms).", "",
+        + f" ({c['n_atoms']} atoms, consecutive frames of an in-domain MD run, median of {c['repeats']} "
+        f"interleaved steps; single model {c['median_s']['single'] * 1e3:.1f} ms).", "",
     ]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
@@ -1023,8 +1195,11 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
         md_info = {"model": f"member 1's configuration trained for {md_train['epochs']} epochs (own error log, "
                             "estimator and calibration)", "atol": md_est["atol"],
                    "calibration_mean_error": md_est["calibration_mean_error"],
-                   "training_seconds": md_train["train_times"][0]}
-    md_res = timed("scoring md", score_md, cfg, md_scorer, md)
+                   "training_seconds": md_train["train_times"][0],
+                   "training_files": [str(p) for p in md_train.get("train_files", [])],
+                   "reference_distance": md_est["reference_distance"]}
+    md_res = timed("scoring md", score_md, cfg, md_scorer, md,
+                   None if md_train is train else md_est["reference_distance"])
     md_res["md_model"] = md_info
     estimators = {"ltau_paper": est} | ({"ltau_distance": aware} if aware is not None else {})
     cost = timed("costs", stage_costs, cfg, data, train, estimators)
@@ -1086,7 +1261,8 @@ def headline(results: dict) -> dict[str, Any]:
         for method in METHOD_LABELS:
             if method in row:
                 h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
-                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance"):
+                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance",
+                            "auroc_failure_probability_with_distance_linear"):
                     if key in row[method]:
                         h[f"is2rs.{domain}.{method}.{key}"] = row[method][key]["value"]
     for group, g in results["md"]["groups"].items():
@@ -1094,6 +1270,12 @@ def headline(results: dict) -> dict[str, Any]:
             if method in g:
                 h[f"md.{group}.{method}.false_alarms"] = g[method]["n_false_alarms"]
                 h[f"md.{group}.{method}.on_time_rate"] = g[method]["on_time_rate"]
+    for tname, t in results["md"].get("reference_rules", {}).get("whole_runs", {}).get("threshold_rules", {}).items():
+        for group, g in t["groups"].items():
+            for method in METHOD_LABELS:
+                if method in g:
+                    h[f"md.{tname}.{group}.{method}.false_alarms"] = g[method]["n_false_alarms"]
+                    h[f"md.{tname}.{group}.{method}.on_time_rate"] = g[method]["on_time_rate"]
     for method, ratio in results["cost"]["over_single"].items():
         h[f"cost.{method}_over_single"] = ratio
     return h

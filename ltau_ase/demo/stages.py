@@ -8,11 +8,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ltau_ase.demo.config import DOMAINS, DemoConfig, cpu_count
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 
 # ---------------------------------------------------------------------------- what the stages pass on
@@ -260,13 +263,11 @@ def md_system(seed: int, settings):
 
 
 def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal: CalibrationStage, evals: dict) -> dict[str, Any]:
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import thermalize_momenta
     from tqdm.auto import tqdm
 
     from ltau_ase.datasets import label_with_emt
     from ltau_ase.simulate.calculator import LTAUCalculator
+    from ltau_ase.simulate.md import thermalized_langevin
     from ltau_ase.simulate.observers import UncertaintyStop
 
     # Threshold: a high quantile, over the in-domain calibration frames (relaxation, rattled and
@@ -277,10 +278,7 @@ def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal
     threshold = float(np.quantile(per_frame, cfg.md_quantile))
     atoms = md_system(cfg.seed, data.settings)
     atoms.calc = LTAUCalculator.from_model(train.models[0], cal.path, chemical_species_to_atom_type_map=True)
-    rng = np.random.default_rng([cfg.seed, 7])
-    thermalize_momenta(atoms, temperature_K=cfg.md_temperature, rng=rng)
-    dyn = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=cfg.md_temperature, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
+    dyn = thermalized_langevin(atoms, cfg.md_temperature, np.random.default_rng([cfg.seed, 7]))
     (out / "md").mkdir(exist_ok=True)
     save_to = out / "md" / "uncertain_frames.extxyz"
     save_to.unlink(missing_ok=True)
@@ -305,12 +303,30 @@ def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal
 
 
 # ---------------------------------------------------------------------------- stage 7
-def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: CalibrationStage) -> dict[str, Any]:
-    """Time one force call of: the single model, LTAU (same model + estimator), the committee.
+def langevin_frames(atoms: Atoms, calc: Any, n_frames: int, temperature_K: float, seed: Any) -> list[Atoms]:
+    """n_frames consecutive frames (copies, 1 fs apart) of a Langevin run of ``atoms`` driven by ``calc``
+    (friction 0.02 fs⁻¹, momenta thermalised at ``temperature_K``): the structures a calculator meets,
+    in order, during MD. Used to time a step as MD pays for it."""
+    from ltau_ase.simulate.md import thermalized_langevin
 
-    The three are evaluated on the same perturbed copies of the MD system, interleaved in one loop,
-    medians over ``timing_repeats``. Graph construction (neighbour list + transforms,
-    ``atoms_to_data``) and UQ (``estimator.predict``) are timed on the same structures.
+    atoms = atoms.copy()
+    atoms.calc = calc
+    dyn = thermalized_langevin(atoms, temperature_K, np.random.default_rng(seed))
+    frames = []
+    for _ in range(n_frames):
+        dyn.run(1)
+        frames.append(atoms.copy())
+    return frames
+
+
+def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: CalibrationStage) -> dict[str, Any]:
+    """Time one MD step's force call of: the single model, LTAU (same model + estimator), the committee.
+
+    The three are evaluated on the same consecutive frames of a Langevin run of the MD system (the MD
+    stage's temperature and 1 fs step, driven by a fourth copy of the single model), interleaved in one
+    loop with the order rotated between frames; medians over ``timing_repeats`` frames. Graph
+    construction (neighbour list + transforms, ``atoms_to_data``) and UQ (``estimator.predict``) are
+    timed on the same frames.
     """
     from ltau_ase.simulate.calculator import LTAUCalculator
     from ltau_ase.simulate.committee import CommitteeCalculator
@@ -319,32 +335,31 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
     ltau = LTAUCalculator(_load_model(train.models[0]), cal.estimator)
     committee = CommitteeCalculator([_load_model(p) for p in train.models])
     graph_calc = _load_model(train.models[0])
-    base = md_system(cfg.seed, data.settings)
-    rng = np.random.default_rng([cfg.seed, 11])
+    frames = langevin_frames(md_system(cfg.seed, data.settings), _load_model(train.models[0]),
+                             cfg.timing_repeats + 1, cfg.md_temperature, seed=[cfg.seed, 11])
     t = {"single": [], "ltau": [], "committee": [], "graph": [], "uq": []}
     calcs = [("single", single), ("ltau", ltau), ("committee", committee)]
-    for r in range(cfg.timing_repeats + 1):
-        atoms = base.copy()
-        atoms.positions += rng.normal(0.0, 0.02, size=atoms.positions.shape)
-        for name, calc in calcs[r % 3:] + calcs[:r % 3]:  # rotate the order between rounds
+    for r, frame in enumerate(frames):
+        for name, calc in calcs[r % 3:] + calcs[:r % 3]:  # rotate the order between frames
+            step_atoms = frame.copy()
             t0 = time.perf_counter()
-            calc.get_property("forces", atoms)
+            calc.get_property("forces", step_atoms)
             t[name].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        graph_calc.atoms_to_data(atoms)
+        graph_calc.atoms_to_data(frame)
         t["graph"].append(time.perf_counter() - t0)
         desc = single.results["descriptors"]
         t0 = time.perf_counter()
         cal.estimator.predict(desc)
         t["uq"].append(time.perf_counter() - t0)
-    arr = {k: np.array(v[1:]) for k, v in t.items()}  # the first round warms caches up
+    arr = {k: np.array(v[1:]) for k, v in t.items()}  # the first frame warms caches up
     med = {k: float(np.median(v)) for k, v in arr.items()}
-    # ratios of the same round (same structure, seconds apart), then the median: robust to load drift
+    # ratios of the same frame (seconds apart), then the median: robust to load drift
     ratio = {name: float(np.median(arr[name] / arr["single"])) for name in ("ltau", "committee")}
     forward = max(med["single"] - med["graph"], 0.0)
     step = med["ltau"]
     return {
-        "n_atoms": len(base), "repeats": cfg.timing_repeats, "median_s": med,
+        "n_atoms": len(frames[0]), "repeats": cfg.timing_repeats, "median_s": med,
         "ltau_over_single": ratio["ltau"],
         "committee_over_single": ratio["committee"],
         "committee_over_ltau": float(np.median(arr["committee"] / arr["ltau"])),

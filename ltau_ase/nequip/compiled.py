@@ -36,7 +36,7 @@ import torch
 from nequip.data import AtomicDataDict
 
 from ltau_ase.nequip.calculator import DESCRIPTORS_KEY, LATENT_FIELD, LatentNequIPCalculator
-from ltau_ase.nequip.inmodel import LTAU_FIELDS, LTAU_METADATA_KEY, ltau_fields_to_results
+from ltau_ase.nequip.inmodel import DISTANCE_AWARE_FIELDS, LTAU_FIELDS, LTAU_METADATA_KEY, ltau_fields_to_results
 
 COMPILE_MODES = ("aotinductor", "torchscript")
 SUFFIX = {"aotinductor": ".nequip.pt2", "torchscript": ".nequip.pth"}
@@ -156,8 +156,8 @@ def compile_model(
         reference: ``"exact"`` (all training latents) or ``"compressed"`` (k-means centroids).
         n_centroids: centroids of the compressed reference (default N / 8, at most 4096).
         overwrite: replace an existing ``output_path``.
-        paper_form: compile a calibrated estimator in the paper's form (see
-            :func:`ltau_ase.nequip.inmodel.readout_from_estimator`); refused without it.
+        paper_form: compile a calibrated estimator in the paper's form instead of its distance-aware
+            form (see :func:`ltau_ase.nequip.inmodel.readout_from_estimator`).
         example: an ``ase.Atoms`` used to trace shapes (default :func:`default_example`).
         load_kwargs: for ``LatentNequIPCalculator.from_model_file`` (e.g.
             ``chemical_species_to_atom_type_map``, default identity).
@@ -186,7 +186,7 @@ def compile_model(
             est = estimator
         from ltau_ase.nequip.inmodel import check_readout_form
 
-        check_readout_form(est, paper_form)
+        check_readout_form(est, paper_form, reference)
     load_kwargs.setdefault("chemical_species_to_atom_type_map", True)
     eager = LatentNequIPCalculator.from_model_file(model_path, device="cpu", trusted=trusted, **load_kwargs)
     graph_model = eager.model
@@ -215,7 +215,7 @@ def compile_model(
             provenance={"estimator_sha256": est_sha, "model_sha256": model_sha}, paper_form=paper_form,
         )
         append_ltau(graph_model, readout)
-        outputs = outputs + list(LTAU_FIELDS)
+        outputs = outputs + list(readout.provenance["fields"])
     if example is None:
         example = default_example(graph_model.type_names, float(graph_model.metadata["r_max"]))
     data = eager.atoms_to_data(example)
@@ -289,7 +289,11 @@ class CompiledLatentNequIPCalculator(LatentNequIPCalculator):
         self.output_keys = output_keys
         super().__init__(model, device, **kwargs)
         if self.ltau_readout is not None:
-            self.implemented_properties = [*self.implemented_properties, *LTAU_FIELDS]
+            fields = self.ltau_readout.get("fields", list(LTAU_FIELDS))
+            if not isinstance(fields, list) or not set(LTAU_FIELDS) <= set(fields) <= set(DISTANCE_AWARE_FIELDS):
+                raise ValueError(f"compiled model metadata lists LTAU fields {fields!r}; expected {list(LTAU_FIELDS)} "
+                                 f"or {list(DISTANCE_AWARE_FIELDS)}")
+            self.implemented_properties = [*self.implemented_properties, *fields]
 
     def _descriptor_dim(self) -> Optional[int]:
         # compiled modules do not declare irreps: D comes from the metadata (None: learnt at the first call)

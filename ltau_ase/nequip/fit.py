@@ -80,6 +80,7 @@ def fit_estimator_from_runs(
     batch_size: int = 16,
     progress: bool = True,
     record_species: bool = True,
+    group_key: str | None = None,
     **estimator_params: Any,
 ) -> LTAUEstimator:
     """Fit an LTAU estimator from M nequip runs and save it.
@@ -105,6 +106,10 @@ def fit_estimator_from_runs(
         record_species: record the training elements, so that structures with elements never seen
             in training are refused or flagged (``LTAUCalculator(unknown_species=...)``); False
             leaves such atoms to the latent-distance lookup alone.
+        group_key: an ``atoms.info`` key naming each training frame's structure group (e.g.
+            ``"system"``: the relaxation or MD run it comes from); the distance ratio's reference
+            distance then leaves each group out (``LTAUEstimator.fit(groups=...)``), so near-duplicate
+            frames of one run do not shrink it. None: leave one atom out.
         estimator_params: further :class:`LTAUEstimator` parameters (rtol, bins, ...).
     Returns:
         the fitted estimator (also saved to ``output``).
@@ -128,6 +133,14 @@ def fit_estimator_from_runs(
         index, index_choice = choose_index(log_ids.size)
 
     frames = frames_for_atom_ids(read_training_frames(train_files), log_ids, train_files)
+    frame_groups = None
+    if group_key is not None:  # checked before the descriptor pass
+        missing = [i for i, a in enumerate(frames) if group_key not in a.info]
+        if missing:
+            raise ValueError(f"training frame {missing[0]} (and {len(missing) - 1} more) has no info[{group_key!r}]; "
+                             "--reference-groups needs that key on every training frame")
+        labels = np.unique([str(a.info[group_key]) for a in frames], return_inverse=True)[1]
+        frame_groups = np.repeat(labels, [len(a) for a in frames])
     # one read of the model file gives both the descriptors and the recorded hash
     calc = LatentNequIPCalculator.from_model_file(model_path, device=device)
     params = dict(estimator_params)
@@ -155,6 +168,7 @@ def fit_estimator_from_runs(
             "the training files' frames must have the same atoms as when the runs were trained"
         )
     numbers = np.concatenate([a.numbers for a in frames]).astype(np.int64)[order]
+    groups = None if frame_groups is None else frame_groups[order]
     ref_forces = np.concatenate([np.linalg.norm(a.get_forces(apply_constraint=False), axis=1) for a in frames])[order]
 
     metadata = {
@@ -170,11 +184,12 @@ def fit_estimator_from_runs(
         "train_files": [str(f.resolve()) for f in train_files],
         "n_runs": len(logs),
         "n_train_atoms": int(log_ids.size),
+        "group_key": group_key,
         "log_metadata": [log.metadata for log in logs],
     }
     estimator = LTAUEstimator(k=k, index=index, atol=atol, window=window, metadata=metadata, **params)
     estimator.fit(descriptors, logs, reference_forces=ref_forces,
-                  atomic_numbers=numbers if record_species else None, atom_ids=log_ids)
+                  atomic_numbers=numbers if record_species else None, atom_ids=log_ids, groups=groups)
     estimator.metadata["atol_used"] = float(estimator.atol_)
     if index_choice.startswith("auto"):  # name the settings too (IVF-PQ's depend on N and D)
         estimator.metadata["index_choice"] = f"{index_choice}: {describe_index(estimator.index_.kind, estimator.index_.params)}"

@@ -44,8 +44,11 @@ UNCERTAINTY_FIELD = "ltau_uncertainty"
 CONFIDENCE_FIELD = "ltau_confidence"
 EXPECTED_ERROR_FIELD = "ltau_expected_force_error"
 DISTANCE_FIELD = "ltau_latent_distance"
+DISTANCE_RATIO_FIELD = "ltau_distance_ratio"
 #: the per-atom output fields, in output order
 LTAU_FIELDS = (UNCERTAINTY_FIELD, CONFIDENCE_FIELD, EXPECTED_ERROR_FIELD, DISTANCE_FIELD)
+#: the distance-aware readout's additional field (the latent distance over the calibration's reference)
+DISTANCE_AWARE_FIELDS = (*LTAU_FIELDS, DISTANCE_RATIO_FIELD)
 #: metadata key holding the JSON provenance of the appended LTAU readout
 LTAU_METADATA_KEY = "ltau_readout"
 REFERENCE_MODES = ("exact", "compressed")
@@ -81,6 +84,7 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
         weights: str = "uniform",
         block_size: int = 32768,
         provenance: Optional[Dict[str, Any]] = None,
+        distance_aware: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         from e3nn import o3
@@ -108,10 +112,14 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
             raise ValueError("the compressed reference supports weights='uniform' only")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {block_size}")
+        if distance_aware is not None and counts is not None:
+            raise ValueError("the distance-aware readout needs the exact reference (every training atom's error "
+                             "distribution), not the compressed one")
+        fields = LTAU_FIELDS if distance_aware is None else DISTANCE_AWARE_FIELDS
         self._init_irreps(
             irreps_in=irreps_in,
             my_irreps_in={LATENT_FIELD: irreps},
-            irreps_out={f: "0e" for f in LTAU_FIELDS},
+            irreps_out={f: "0e" for f in fields},
         )
         self.k = int(k)
         self.compressed = counts is not None
@@ -126,6 +134,55 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
         else:
             self.register_buffer("counts", torch.ones(0, dtype=torch.float64))
         self.provenance = dict(provenance or {})
+        self.distance_aware = distance_aware is not None
+        self.distribution_kind = "" if distance_aware is None else str(distance_aware["kind"])
+        self.n_runs = 0 if distance_aware is None else int(distance_aware["n_logged"].shape[0])
+        if distance_aware is not None:
+            self._register_distance_aware(distance_aware, r)
+
+    def _register_distance_aware(self, da: Dict[str, Any], n: int) -> None:
+        """Buffers of the distance-aware form (see :func:`distance_aware_reference`), shapes checked."""
+        f64 = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731  (a copy: the buffers own it)
+        if da["kind"] not in ("exact", "compact"):
+            raise ValueError(f"distribution kind must be 'exact' or 'compact'; got {da['kind']!r}")
+        n_logged = f64(da["n_logged"])
+        threshold = f64(np.broadcast_to(np.asarray(da["threshold"], dtype=np.float64), (n,)))
+        checks = [("n_logged", tuple(n_logged.shape), (self.n_runs, n)),
+                  ("unscaled_mean_error", tuple(np.shape(da["unscaled_mean_error"])), (n,))]
+        for name, got, want in checks:
+            if got != want:
+                raise ValueError(f"distance-aware {name} has shape {got}; expected {want}")
+        self.register_buffer("threshold", threshold)
+        self.register_buffer("n_logged", n_logged)
+        self.register_buffer("unscaled_mean_error", f64(da["unscaled_mean_error"]))
+        self.register_buffer("scale_log_ratio", f64(da["scale_log_ratio"]))
+        self.register_buffer("scale_values", f64(da["scale_values"]))
+        self.register_buffer("type_factors", f64(da["type_factors"]))
+        self.scale_tail_exponent = float(da["scale_tail_exponent"])
+        self.reference_distance = float(da["reference_distance"])
+        if da["kind"] == "exact":
+            # (M, E, N) sorted errors, NaN where an atom (or a shorter run) has fewer logged epochs
+            # (NaN <= t is False, so a padded slot never counts)
+            runs = [np.asarray(e, dtype=np.float32) for e in da["sorted_errors"]]
+            if len(runs) != self.n_runs or any(e.ndim != 2 or e.shape[1] != n for e in runs):
+                raise ValueError(f"sorted errors must be {self.n_runs} arrays of shape (E, {n})")
+            errs = np.full((self.n_runs, max(e.shape[0] for e in runs), n), np.nan, dtype=np.float32)
+            for m, e in enumerate(runs):
+                errs[m, : e.shape[0]] = e
+            self.register_buffer("sorted_errors", torch.as_tensor(errs).contiguous())
+        else:
+            counts = np.asarray(da["counts"])
+            if counts.ndim != 3 or counts.shape[:2] != (self.n_runs, n):
+                raise ValueError(f"histogram counts have shape {counts.shape}; expected ({self.n_runs}, {n}, K+1)")
+            cum = np.concatenate([np.zeros(counts.shape[:2] + (1,)), np.cumsum(counts, axis=2, dtype=np.float64)],
+                                 axis=2)
+            self.register_buffer("bin_counts", f64(counts).reshape(self.n_runs, -1))  # (M, N·(K+1))
+            self.register_buffer("bin_below", f64(cum).reshape(self.n_runs, -1))  # (M, N·(K+2))
+            self.register_buffer("bin_edges", f64(da["edges"]))
+            ext = np.concatenate([[0.0], np.asarray(da["edges"], dtype=np.float64), [np.inf]])
+            self.register_buffer("bin_bounds", f64(ext))
+            self.register_buffer("max_error", f64(da["max_error"]))
+            self.n_bins = int(counts.shape[2])
 
     @torch.jit.unused
     def _get_metadata_contributions(self) -> Dict[str, str]:
@@ -148,6 +205,41 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
         """(n, c) Euclidean distances |x_i - ref_ids[i, j]| computed from differences."""
         diff = self.reference[ids] - x.unsqueeze(1)
         return (diff * diff).sum(-1).sqrt()
+
+    def _distance_scale(self, ratio: torch.Tensor) -> torch.Tensor:
+        """g(r) of :class:`ltau_ase.core.shift.DistanceScale`: linear interpolation in log r between the
+        knots (constant below the first), power-law tail beyond the last."""
+        knots, values = self.scale_log_ratio, self.scale_values
+        lr = torch.log(torch.clamp(ratio, min=0.0))
+        if knots.shape[0] == 1:
+            inside = values[0].expand_as(lr)
+        else:
+            j = torch.clamp(torch.searchsorted(knots, lr.contiguous(), right=True), 1, knots.shape[0] - 1)
+            x0, x1, y0, y1 = knots[j - 1], knots[j], values[j - 1], values[j]
+            frac = torch.clamp((lr - x0) / (x1 - x0), 0.0, 1.0)
+            inside = y0 + frac * (y1 - y0)
+        tail = values[-1] * torch.exp(self.scale_tail_exponent * (lr - knots[-1]))
+        return torch.where(lr > knots[-1], tail, inside)
+
+    def _pair_confidence(self, ids: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(n, k) µ_M of neighbour ids[j, i]'s P(error ≤ t[j, i]) (``pair_confidence`` of the estimator's
+        distributions)."""
+        n_logged = self.n_logged[:, ids]  # (M, n, k)
+        if self.distribution_kind == "exact":
+            below = (self.sorted_errors[:, :, ids].double() <= t).sum(1).to(torch.float64)  # (M, n, k)
+            return (below / n_logged).mean(0)
+        # histogram: counts below t's bin plus the bin's share, linear within the bin
+        j = torch.searchsorted(self.bin_edges, t.contiguous(), right=False)  # t in (e_{j-1}, e_j]
+        lower = self.bin_below[:, ids * (self.n_bins + 1) + j]
+        in_bin = self.bin_counts[:, ids * self.n_bins + j]
+        lo, hi = self.bin_bounds[j], self.bin_bounds[j + 1]
+        width = hi - lo
+        frac = torch.where(torch.isfinite(hi), torch.clamp((t - lo) / torch.where(width > 0, width, torch.ones_like(width)),
+                                                            0.0, 1.0), torch.zeros_like(t))
+        frac = torch.where(width > 0, frac, torch.ones_like(frac))  # a degenerate [0, 0] bin holds t >= 0
+        est = (lower + frac * in_bin) / n_logged
+        est = torch.where(t >= self.max_error[ids], torch.ones_like(est), est)  # above the largest error: 1
+        return est.mean(0)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         # the UQ needs no gradients (forces were taken before this module runs)
@@ -178,9 +270,18 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
                 w = w / w.sum(1, keepdim=True)
             else:
                 w = torch.full_like(dist64, 1.0 / self.k)
-            conf = (w * self.confidence[ids]).sum(1)
-            err = (w * self.mean_error[ids]).sum(1)
             mean_dist = dist64.mean(1)
+            if self.distance_aware:
+                # s_j = c_Z · g(d_j / d_ref); each neighbour's CDF evaluated at its threshold / s_j
+                ratio = mean_dist / self.reference_distance
+                scale = self.type_factors[data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1)] * self._distance_scale(ratio)
+                t = self.threshold[ids] / scale.unsqueeze(1)
+                conf = torch.clamp((w * self._pair_confidence(ids, t)).sum(1), 0.0, 1.0)
+                err = scale * (w * self.unscaled_mean_error[ids]).sum(1)
+                data[DISTANCE_RATIO_FIELD] = ratio.unsqueeze(-1)
+            else:
+                conf = (w * self.confidence[ids]).sum(1)
+                err = (w * self.mean_error[ids]).sum(1)
         data[UNCERTAINTY_FIELD] = (1.0 - conf).unsqueeze(-1)
         data[CONFIDENCE_FIELD] = conf.unsqueeze(-1)
         data[EXPECTED_ERROR_FIELD] = err.unsqueeze(-1)
@@ -203,7 +304,8 @@ class ModelWithLTAU(GraphModuleMixin, torch.nn.Module):
 
 def ltau_fields_to_results(out: Dict[str, torch.Tensor], n_atoms: int) -> Dict[str, np.ndarray]:
     """The LTAU fields present in a model output dict as (N,) float64 arrays (ASE results)."""
-    return {f: out[f].detach().reshape(n_atoms).cpu().numpy().astype(np.float64) for f in LTAU_FIELDS if f in out}
+    return {f: out[f].detach().reshape(n_atoms).cpu().numpy().astype(np.float64)
+            for f in DISTANCE_AWARE_FIELDS if f in out}
 
 
 class InModelLTAUCalculator(LatentNequIPCalculator):
@@ -219,7 +321,8 @@ class InModelLTAUCalculator(LatentNequIPCalculator):
             raise ValueError("the model carries no LTAU readout; append one with append_ltau(model, readout)")
         super().__init__(model, device, **kwargs)
         self.ltau_readout = dict(model.model.ltau.provenance)
-        self.implemented_properties = [*self.implemented_properties, *LTAU_FIELDS]
+        fields = DISTANCE_AWARE_FIELDS if model.model.ltau.distance_aware else LTAU_FIELDS
+        self.implemented_properties = [*self.implemented_properties, *fields]
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
         super().save_extra_outputs(out)
@@ -294,14 +397,58 @@ def reference_from_estimator(
     return out
 
 
-def check_readout_form(estimator: Any, paper_form: bool) -> None:
-    """Refuse a calibrated (distance-aware) estimator unless the paper's form is asked for explicitly."""
-    if getattr(estimator, "is_calibrated", False) and not paper_form:
+def distance_aware_reference(estimator: Any, type_names: list[str]) -> Dict[str, Any]:
+    """What the distance-aware readout needs from a calibrated estimator (``fit_calibration``).
+
+    Per training atom: its error distribution (``exact``: the sorted logged errors per run;
+    ``compact``: the histogram counts, bin edges and largest error), logged-epoch counts, threshold
+    (fitted atol + rtol·|F_ref|) and unscaled mean error; the distance scale g (knots, values, tail
+    exponent) and the reference distance d_ref; per model type, the element factor c_Z (the pooled
+    factor for elements without one). ``type_names`` are the model's types in index order; they must
+    be chemical symbols when the estimator has per-element factors.
+    """
+    from ase.data import atomic_numbers
+
+    if not getattr(estimator, "is_calibrated", False):
+        raise ValueError("the distance-aware readout needs a calibrated estimator (fit_calibration / ltau calibrate)")
+    dist = estimator.distributions_
+    factor_z = np.asarray(estimator.element_factor_z_, dtype=np.int64)
+    factors = np.full(len(type_names), float(estimator.pooled_factor_))
+    for i, name in enumerate(type_names):
+        z = atomic_numbers.get(name)
+        if z is None:
+            if factor_z.size:
+                raise ValueError(f"model type {name!r} is not a chemical symbol, so the estimator's per-element "
+                                 f"factors (Z = {factor_z.tolist()}) cannot be assigned to it")
+            continue
+        hit = np.flatnonzero(factor_z == z)
+        if hit.size:
+            factors[i] = float(estimator.element_factors_[hit[0]])
+    g = estimator.distance_scale_
+    out: Dict[str, Any] = {
+        "kind": dist.kind,
+        "n_logged": np.asarray(dist.n_logged, dtype=np.float64),
+        "threshold": np.asarray(dist.fitted_threshold, dtype=np.float64),
+        "unscaled_mean_error": np.asarray(estimator.mean_error_train_, dtype=np.float64),
+        "scale_log_ratio": g.log_ratio, "scale_values": g.values, "scale_tail_exponent": g.tail_exponent,
+        "reference_distance": float(estimator.calibration_info_["reference_distance"]),
+        "type_factors": factors,
+    }
+    if dist.kind == "exact":
+        out["sorted_errors"] = dist.sorted_errors
+    else:
+        out.update(counts=dist.counts, edges=dist.edges, max_error=dist.max_error)
+    return out
+
+
+def check_readout_form(estimator: Any, paper_form: bool, mode: str = "exact") -> None:
+    """A calibrated estimator compiles in its distance-aware form, which needs the exact reference:
+    refuse the compressed one unless the paper's form is asked for explicitly."""
+    if getattr(estimator, "is_calibrated", False) and not paper_form and mode != "exact":
         raise ValueError(
-            "the estimator is calibrated (fit_calibration / ltau calibrate): in Python it predicts the "
-            "distance-aware uncertainty and conformal bounds, but the in-model readout computes the paper's "
-            "form with one scale (predict(..., distance_aware=False)); pass paper_form=True (ltau compile "
-            "--paper-form) to compile that form, or compile the uncalibrated estimator"
+            "the estimator is calibrated (fit_calibration / ltau calibrate): its distance-aware form needs every "
+            "training atom's error distribution, which the compressed reference does not keep; compile with "
+            "--reference exact, or pass paper_form=True (ltau compile --paper-form) for the paper's one-scale form"
         )
 
 
@@ -316,12 +463,15 @@ def readout_from_estimator(
 ) -> LTAUReadout:
     """An :class:`LTAUReadout` for the eager nequip ``GraphModel`` ``model`` and a fitted estimator.
 
-    The readout computes the paper's form (one scale s, ``predict(..., distance_aware=False)``). An
-    estimator calibrated with ``fit_calibration`` predicts the distance-aware form in Python; compiling
-    it is refused unless ``paper_form=True`` states that the compiled uncertainties will be the
-    paper's form, so that the two routes never silently disagree.
+    An uncalibrated estimator compiles in the paper's form (one scale s). A calibrated one
+    (``fit_calibration``) compiles in its distance-aware form, as ``predict`` computes it with the
+    atoms' atomic numbers (what ``LTAUCalculator`` passes): per-atom scale s_j = c_Z · g(d_j / d_ref),
+    each neighbour's error distribution evaluated at its threshold / s_j, and the extra field
+    ``ltau_distance_ratio``; ``paper_form=True`` compiles its paper form instead
+    (``predict(..., distance_aware=False)``). Conformal error bounds are not compiled.
     """
-    check_readout_form(estimator, paper_form)
+    check_readout_form(estimator, paper_form, mode)
+    aware = bool(getattr(estimator, "is_calibrated", False)) and not paper_form
     inner = model.model
     d = inner.irreps_out.get(LATENT_FIELD)
     if d is not None and int(d.dim) != int(estimator.n_features_in_):
@@ -341,9 +491,9 @@ def readout_from_estimator(
         "threshold": float(estimator.atol_) if estimator.rtol == 0 else None,
         "rtol": float(estimator.rtol),
         "scale": float(estimator.effective_scale),
-        "form": "paper",
+        "form": "distance_aware" if aware else "paper",
         "species": species,
-        "fields": list(LTAU_FIELDS),
+        "fields": list(DISTANCE_AWARE_FIELDS if aware else LTAU_FIELDS),
         **(provenance or {}),
     }
     counts = None if ref["counts"] is None else torch.as_tensor(ref["counts"])
@@ -357,6 +507,7 @@ def readout_from_estimator(
         weights=ref["weights"],
         block_size=block_size,
         provenance=info,
+        distance_aware=distance_aware_reference(estimator, list(model.type_names)) if aware else None,
     )
 
 
@@ -370,26 +521,40 @@ def append_ltau(model: torch.nn.Module, readout: LTAUReadout) -> torch.nn.Module
 
 
 def readout_for_estimator(estimator: Any, mode: str = "exact", n_centroids: Optional[int] = None,
-                          seed: int = 0, block_size: int = 32768) -> LTAUReadout:
-    """A stand-alone :class:`LTAUReadout` reading D-dimensional ``node_features`` (for tests and benchmarks)."""
+                          seed: int = 0, block_size: int = 32768, type_names: Optional[list] = None
+                          ) -> LTAUReadout:
+    """A stand-alone :class:`LTAUReadout` reading D-dimensional ``node_features`` (for tests and benchmarks).
+
+    ``type_names`` (chemical symbols, in type-index order) selects the distance-aware form of a
+    calibrated estimator; None gives the paper's form."""
     from e3nn import o3
 
     ref = reference_from_estimator(estimator, mode, n_centroids, seed)
     irreps = {LATENT_FIELD: o3.Irreps(f"{int(estimator.n_features_in_)}x0e")}
     counts = None if ref["counts"] is None else torch.as_tensor(ref["counts"])
+    aware = None if type_names is None else distance_aware_reference(estimator, list(type_names))
     return LTAUReadout(irreps, torch.as_tensor(ref["reference"]), torch.as_tensor(ref["confidence"]),
                        torch.as_tensor(ref["mean_error"]), k=ref["k"], counts=counts, weights=ref["weights"],
-                       block_size=block_size)
+                       block_size=block_size, distance_aware=aware)
 
 
-def readout_predict(readout: LTAUReadout, latents: Any) -> Dict[str, np.ndarray]:
-    """Run ``readout`` on (n, D) latents; returns ``LTAUEstimator.predict``-style (n,) float64 arrays."""
-    x = torch.as_tensor(np.ascontiguousarray(latents, dtype=np.float32)).to(readout.reference.device)
+def readout_predict(readout: LTAUReadout, latents: Any, atom_types: Any = None) -> Dict[str, np.ndarray]:
+    """Run ``readout`` on (n, D) latents (and, distance-aware, the (n,) model type indices of the atoms);
+    returns ``LTAUEstimator.predict``-style (n,) float64 arrays."""
+    device = readout.reference.device
+    data = {LATENT_FIELD: torch.as_tensor(np.ascontiguousarray(latents, dtype=np.float32)).to(device)}
+    if readout.distance_aware:
+        if atom_types is None:
+            raise ValueError("the distance-aware readout needs the atoms' type indices (atom_types)")
+        data[AtomicDataDict.ATOM_TYPE_KEY] = torch.as_tensor(np.asarray(atom_types, dtype=np.int64)).to(device)
     with torch.no_grad():  # the readout has no parameters; its outputs need no gradients
-        out = readout({LATENT_FIELD: x})
+        out = readout(data)
     get = lambda f: out[f].squeeze(-1).cpu().numpy().astype(np.float64)  # noqa: E731
-    return {"uncertainty": get(UNCERTAINTY_FIELD), "confidence": get(CONFIDENCE_FIELD),
+    pred = {"uncertainty": get(UNCERTAINTY_FIELD), "confidence": get(CONFIDENCE_FIELD),
             "expected_error": get(EXPECTED_ERROR_FIELD), "distance": get(DISTANCE_FIELD)}
+    if readout.distance_aware:
+        pred["distance_ratio"] = get(DISTANCE_RATIO_FIELD)
+    return pred
 
 
 def compressed_accuracy(estimator: Any, queries: Any, n_centroids: Optional[int] = None, seed: int = 0) -> Dict[str, float]:

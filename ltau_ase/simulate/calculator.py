@@ -33,7 +33,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from ltau_ase.core.estimator import unknown_species_policy
+from ltau_ase.core.estimator import LTAUEstimator, unknown_species_policy
 
 PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds",
                "latent_distance_ratios")
@@ -57,15 +57,17 @@ _PREDICT_TO_RESULT = {
 }
 _BOUND_RESULT = "force_error_bounds"
 _RATIO_RESULT = "latent_distance_ratios"
+_MODEL_RATIO_FIELD = "ltau_distance_ratio"  # the in-model readout's field (distance-aware form)
 
 
-def check_finite_geometry(atoms: Atoms) -> None:
+def check_finite_geometry(atoms: Atoms, check_cell: bool = True) -> None:
     """Refuse a structure no neighbour list can handle, before one is built.
 
     Non-finite positions make neighbour-list codes loop forever (NaN) or return ordinary-looking
     numbers (one NaN atom, an infinite cell vector); a zero or linearly dependent cell vector along a
     periodic axis has no lattice to repeat. Checked: positions (N, 3) and cell (3, 3) finite (Å); the
-    cell vectors of the periodic axes non-zero and linearly independent.
+    cell vectors of the periodic axes non-zero and linearly independent. ``check_cell=False`` checks the
+    positions only (for a step where ASE reports that neither cell nor pbc changed).
 
     Raises:
         ValueError: what is wrong, with the first offending atom indices.
@@ -75,6 +77,8 @@ def check_finite_geometry(atoms: Atoms) -> None:
     if bad.size:
         raise ValueError(f"{bad.size} atom(s) have non-finite positions (NaN or inf), e.g. atoms "
                          f"{bad[:10].tolist()}; expected finite Cartesian positions in Å")
+    if not check_cell:
+        return
     cell = np.asarray(atoms.cell.array, dtype=float)
     if not np.isfinite(cell).all():
         raise ValueError(f"the cell has non-finite entries {cell.tolist()}; expected finite cell vectors in Å")
@@ -164,12 +168,16 @@ class LTAUCalculator(Calculator):
         self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        calibrated = estimator is not None and bool(getattr(estimator, "is_calibrated", False))
+        readout = getattr(calc, "ltau_readout", None) if estimator is None else None
+        # a model compiled from a calibrated estimator computes the distance-aware form, ratios included
+        calibrated = (bool(getattr(estimator, "is_calibrated", False)) if estimator is not None
+                      else (readout or {}).get("form") == "distance_aware")
         uq = [p for p in UQ_PROPERTIES
               if (p != _BOUND_RESULT or coverage is not None) and (p != _RATIO_RESULT or calibrated)]
         self.implemented_properties = base + uq
         self._distance_ratios = calibrated
         self._base_properties = base
+        self._checked_cell: tuple[np.ndarray, np.ndarray] | None = None  # (cell, pbc) that last passed
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -245,11 +253,21 @@ class LTAUCalculator(Calculator):
             self.results = {}
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms  # the copy Calculator.calculate stored
-        check_finite_geometry(atoms)  # before the base calculator builds a neighbour list
+        # before the base calculator builds a neighbour list; the cell (an SVD) only when it differs from
+        # the last one that passed
+        cell, pbc = atoms.cell.array, atoms.pbc
+        known = self._checked_cell
+        check_finite_geometry(atoms, check_cell=known is None or not (np.array_equal(known[0], cell)
+                                                                      and np.array_equal(known[1], pbc)))
+        self._checked_cell = (cell.copy(), pbc.copy())
         wanted = [p for p in properties if p in self._base_properties]
         if not wanted:
             # UQ only: still one base computation, the one that also yields the descriptors
             wanted = ["forces"] if "forces" in self._base_properties else self._base_properties[:1]
+        if system_changes:
+            # the structure changed since this calculator's last call, so the base calculator must compute
+            # anyway: clearing its cache skips its own comparison of the two structures (~0.2 ms a step)
+            self.calc.reset()
         for name in wanted:
             self.calc.get_property(name, atoms)
         base_results = dict(self.calc.results)
@@ -293,6 +311,11 @@ class LTAUCalculator(Calculator):
             raise ValueError(f"{type(self.calc).__name__} returned no {missing}; expected a model compiled with "
                              "`ltau compile`, which outputs them")
         pred = {key: np.array(base_results[field], dtype=np.float64) for field, key in MODEL_UQ_FIELDS.items()}
+        if self._distance_ratios:
+            if _MODEL_RATIO_FIELD not in base_results:
+                raise ValueError(f"{type(self.calc).__name__} declares the distance-aware form but returned no "
+                                 f"{_MODEL_RATIO_FIELD!r}")
+            pred["distance_ratio"] = np.array(base_results[_MODEL_RATIO_FIELD], dtype=np.float64)
         policy = unknown_species_policy(self.unknown_species or "raise")
         species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
         unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
@@ -303,6 +326,8 @@ class LTAUCalculator(Calculator):
         if unknown.any():  # the same marking LTAUEstimator.predict applies
             pred["uncertainty"][unknown], pred["confidence"][unknown] = 1.0, 0.0
             pred["expected_error"][unknown] = np.nan
+            if "distance_ratio" in pred:
+                pred["distance_ratio"][unknown] = np.inf
         pred["unknown_species"] = unknown
         return pred
 
@@ -311,8 +336,11 @@ class LTAUCalculator(Calculator):
         out: dict[str, Any] = {}
         mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}),
                        **({"distance_ratio": _RATIO_RESULT} if self._distance_ratios else {}))
+        # LTAUEstimator.predict and the in-model readout return fresh float64 arrays: no copy needed; a
+        # duck-typed estimator may hand out arrays it keeps, so those are copied
+        fresh = self.estimator is None or isinstance(self.estimator, LTAUEstimator)
         for src, dst in mapping.items():
-            values = np.array(pred[src], dtype=np.float64)
+            values = (np.asarray if fresh else np.array)(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
             out[dst] = values

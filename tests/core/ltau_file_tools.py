@@ -52,9 +52,10 @@ def save_v1(est: LTAUEstimator, path: str | Path, compress: bool = False) -> Non
 
 
 def rewrite(src: str | Path, dst: str | Path, header_fn: Callable[[dict], None] | None = None,
-            arrays_fn: Callable[[dict], None] | None = None) -> Path:
-    """Copy a format-2 file through in-place edits of its header / arrays, with valid digests
-    (what a deliberate attacker, not a flipped bit, would produce)."""
+            arrays_fn: Callable[[dict], None] | None = None,
+            edit: Callable[[dict, dict], None] | None = None) -> Path:
+    """Copy a format-2 file through in-place edits of its header / arrays (``edit(header, arrays)``
+    for both at once), with valid digests (what a deliberate attacker, not a flipped bit, would produce)."""
     header, arrays = read_container(src, verify=False, eager_bytes=1 << 62)
     header = {k: v for k, v in header.items() if k not in ("magic", "format_version", "arrays")}
     arrays = {k: np.array(v) for k, v in arrays.items()}
@@ -62,6 +63,8 @@ def rewrite(src: str | Path, dst: str | Path, header_fn: Callable[[dict], None] 
         header_fn(header)
     if arrays_fn is not None:
         arrays_fn(arrays)
+    if edit is not None:
+        edit(header, arrays)
     write_container(dst, header, arrays)
     return Path(dst)
 

@@ -269,20 +269,12 @@ def test_fit_calibration_bad_inputs():
 
 
 def test_edited_calibration_in_a_file_is_refused(tmp_path):
-    from ltau_ase.core.fileformat import read_container, write_container
+    from ltau_file_tools import rewrite
 
     est, (xc, ec, zc), _ = _shift_problem(seed=5, n_train=400, n_cal=400)
     est.fit_calibration(xc, ec, atomic_numbers=zc)
     est.save(tmp_path / "cal.ltau")
 
-    def rewrite(name, edit):
-        header, arrays = read_container(tmp_path / "cal.ltau")
-        for key in ("magic", "format_version", "arrays"):
-            header.pop(key, None)
-        arrays = {k: np.array(a) for k, a in arrays.items()}
-        edit(header, arrays)
-        write_container(tmp_path / name, header, arrays)
-        return tmp_path / name
 
     def decreasing(header, arrays):
         arrays["cal_g_values"] = arrays["cal_g_values"][::-1].copy()
@@ -298,7 +290,7 @@ def test_edited_calibration_in_a_file_is_refused(tmp_path):
     for name, edit, match in (("a.ltau", decreasing, "non-decreasing"), ("b.ltau", too_many_groups, r"\[0, 118\]"),
                               ("c.ltau", nan_factor, "factors")):
         with pytest.raises(ValueError, match=match):
-            LTAUEstimator.load(rewrite(name, edit))
+            LTAUEstimator.load(rewrite(tmp_path / "cal.ltau", tmp_path / name, edit=edit))
 
 
 def test_select_k_matches_refits_with_each_k():
@@ -317,3 +309,65 @@ def test_select_k_matches_refits_with_each_k():
     np.testing.assert_array_equal(est.predict(xc[:20])["confidence"], refit.predict(xc[:20])["confidence"])
     with pytest.raises(ValueError, match="k_grid"):
         est.select_k(xc, ec, k_grid=(0, 2))
+
+
+# ---------------------------------------------------------------------------- structures (clusters)
+def test_mondrian_group_needs_min_clusters_by_hand():
+    scores = np.arange(1.0, 401.0)
+    groups = np.repeat([28, 29], 200)
+    clusters = np.r_[np.repeat([0, 1], 100), np.arange(2, 202)]  # Ni from 2 structures, Cu from 200
+    mc = MondrianConformal(min_count=50, min_clusters=10).fit(scores, groups, clusters=clusters)
+    np.testing.assert_array_equal(mc.groups_, [29])
+    q = mc.quantile_for(np.array([28, 29]), 0.8)
+    assert q[0] == conformal_quantile(scores, 0.8) == 321.0  # ceil(401 * 0.8) = 321: pooled
+    assert q[1] == conformal_quantile(scores[200:], 0.8) == 361.0  # 200 + ceil(201 * 0.8) = 361
+    assert MondrianConformal(50, 2).fit(scores, groups, clusters=clusters).groups_.tolist() == [28, 29]
+    with pytest.raises(ValueError, match="clusters"):
+        MondrianConformal(50, 2).fit(scores, groups, clusters=clusters[:10])
+    with pytest.raises(ValueError, match="min_clusters"):
+        MondrianConformal(50, 0)
+
+
+def test_conformal_with_correlated_structures_group_quantile_from_few_structures():
+    # Atoms of one structure share a structure-level error factor. A group (an element) present in 2
+    # calibration structures gets a quantile that is those 2 structures', so its coverage on new
+    # structures swings with the draw; with the structure minimum it uses the pooled quantile from
+    # ~60 structures, whose coverage of new structures is near nominal with a much smaller spread.
+    rng = np.random.default_rng(3)
+    q, trials = 0.8, 300
+
+    def structures(n):
+        factor = np.exp(rng.normal(0.0, 0.5, n))  # structure-level
+        scores = np.concatenate([f * rng.exponential(size=20) for f in factor])
+        return scores, np.repeat(np.arange(n), 20)
+
+    few, many = [], []
+    for _ in range(trials):
+        scores, cl = structures(60)
+        groups = np.where(cl < 2, 28, 1)  # element 28 in structures 0 and 1 only (40 atoms)
+        new, _ = structures(50)
+        for store, min_clusters in ((few, 1), (many, 10)):
+            mc = MondrianConformal(min_count=20, min_clusters=min_clusters).fit(scores, groups, clusters=cl)
+            store.append(np.mean(new <= mc.quantile_for(np.array([28]), q)[0]))
+    few, many = np.array(few), np.array(many)
+    assert abs(many.mean() - q) < 0.02  # exchangeable structures: near nominal on average
+    assert many.std() < 0.5 * few.std()
+
+
+def test_fit_calibration_element_in_few_structures_uses_the_pooled_quantile():
+    from ltau_ase.core.estimator import MIN_ELEMENT_STRUCTURES
+
+    est, (xc, ec, zc), labelled = _shift_problem(seed=4)
+    frames = np.arange(xc.shape[0]) // 12  # 100 structures of 12 atoms
+    zc = zc.copy()
+    zc[frames < 8] = 28  # Ni: 96 atoms (>= MIN_ELEMENT_ATOMS per half possible) in only 8 structures
+    est.fit_calibration(xc, ec * np.where(zc == 28, 3.0, 1.0), atomic_numbers=zc, frame_ids=frames)
+    assert 8 < 2 * MIN_ELEMENT_STRUCTURES
+    assert 28 not in est.conformal_.groups_.tolist()
+    assert est.conformal_.groups_.tolist() == [1, 8]  # ~35 and ~15 structures per half
+    x, _, _ = labelled(5, 1.0)
+    q_ni = est.conformal_.quantile_for(np.full(5, 28), 0.9)
+    np.testing.assert_array_equal(q_ni, est.conformal_.quantiles(0.9)[1])
+    # without structure labels the same atoms form an element group of their own
+    est.fit_calibration(xc, ec * np.where(zc == 28, 3.0, 1.0), atomic_numbers=zc)
+    assert 28 in est.conformal_.groups_.tolist()

@@ -1,6 +1,7 @@
-"""One real AOTInductor compile (``ltau compile``) of the tiny model with its estimator, then: the
-compiled model against the eager checkpoint, the in-model LTAU against LTAUEstimator.predict,
-nequip's own ASE calculator on the same file, and the model-identity checks.
+"""One real AOTInductor compile (``ltau compile``) of the tiny model with its calibrated estimator
+(compiled in the distance-aware form), then: the compiled model against the eager checkpoint, the
+in-model LTAU against LTAUEstimator.predict with atomic numbers, nequip's own ASE calculator on the
+same file, and the model-identity checks.
 
 The compile takes ~1 min on an idle 2-core machine (several on a loaded one): this module compiles
 once (module fixture) and CI runs it (marked slow like every test that runs real models)."""
@@ -21,10 +22,30 @@ def compiled(tiny_nequip_run, tmp_path_factory):
     from ltau_ase.cli import main
     from ltau_ase.nequip.fit import fit_estimator_from_runs
 
+    from ase.calculators.emt import EMT
+
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
     root = tmp_path_factory.mktemp("compiled")
     est_path = root / "est.ltau"
     fit_estimator_from_runs([tiny_nequip_run.run_dir], tiny_nequip_run.train_files, est_path, k=4,
                             model=tiny_nequip_run.checkpoint, progress=False)
+    # calibrate on rattled training frames (true EMT force errors): the file compiles the distance-aware form
+    latent = LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint, chemical_species_to_atom_type_map=True)
+    desc, err, numbers, frame = [], [], [], []
+    for i, f in enumerate(tiny_nequip_run.frames[:40]):
+        a = f.copy()
+        a.rattle(0.1, seed=100 + i)
+        a.calc = latent
+        forces = a.get_forces()
+        desc.append(latent.results["descriptors"].copy())
+        err.append(np.linalg.norm(forces - EMT().get_forces(a), axis=1))
+        numbers.append(a.numbers)
+        frame.append(np.full(len(a), i))
+    est = LTAUEstimator.load(str(est_path))
+    est.fit_calibration(np.concatenate(desc), np.concatenate(err), atomic_numbers=np.concatenate(numbers),
+                        frame_ids=np.concatenate(frame))
+    est.save(str(est_path))
     out = root / "tiny_ltau.nequip.pt2"
     assert main(["compile", str(tiny_nequip_run.checkpoint), str(est_path), str(out)]) == 0
     return {"model": out, "estimator": est_path, "checkpoint": tiny_nequip_run.checkpoint}
@@ -56,20 +77,23 @@ def test_compiled_ltau_model_equals_eager_checkpoint_and_estimator(compiled, tes
     eager = LTAUCalculator.from_nequip(compiled["checkpoint"], compiled["estimator"], **kw)
     inmodel = LTAUCalculator.from_nequip(compiled["model"], trusted=True, **kw)  # no estimator: the model carries it
     r_eager, r_in = _run(eager, test_atoms), _run(inmodel, test_atoms)
-    # the conformal bounds come only with coverage=q, the distance ratios only with a calibrated estimator
-    always = set(UQ_PROPERTIES) - {"force_error_bounds", "latent_distance_ratios"}
+    # the conformal bounds come only with coverage=q (not compiled); the estimator is calibrated, so
+    # both routes report the distance ratios
+    always = set(UQ_PROPERTIES) - {"force_error_bounds"}
     assert set(r_eager) <= set(r_in) and always <= set(r_in)
     for key in ("energy", "forces", "stress", "descriptors"):
         assert _rel(r_in[key], r_eager[key]) < RTOL, key
-    # exact mode = LTAUEstimator.predict on the same atoms' descriptors
-    pred = LTAUEstimator.load(str(compiled["estimator"])).predict(r_in["descriptors"])
+    # exact mode = LTAUEstimator.predict on the same atoms' descriptors and atomic numbers
+    pred = LTAUEstimator.load(str(compiled["estimator"])).predict(r_in["descriptors"], atomic_numbers=test_atoms.numbers)
     for src, dst in (("uncertainty", "uncertainties"), ("confidence", "confidences"),
-                     ("expected_error", "expected_force_errors"), ("distance", "latent_distances")):
-        np.testing.assert_allclose(r_in[dst], pred[src], rtol=RTOL, atol=1e-7, err_msg=dst)
+                     ("expected_error", "expected_force_errors"), ("distance", "latent_distances"),
+                     ("distance_ratio", "latent_distance_ratios")):
+        np.testing.assert_allclose(r_in[dst], pred[src], rtol=RTOL, atol=1e-6, err_msg=dst)
         np.testing.assert_allclose(r_in[dst], r_eager[dst], rtol=RTOL, atol=1e-6, err_msg=dst)
     assert r_in["max_uncertainty"] == pytest.approx(r_eager["max_uncertainty"], abs=1e-6)
     readout = inmodel.calc.ltau_readout
     assert readout["mode"] == "exact" and readout["k"] == 4 and readout["species"] == [1, 8, 29, 78]
+    assert readout["form"] == "distance_aware"
 
 
 def test_compiled_model_with_separate_estimator_checks_the_source_checkpoint(compiled, test_atoms, tmp_path):
@@ -117,3 +141,27 @@ def test_compiled_file_needs_trust_and_the_latent_output(compiled, monkeypatch):
     monkeypatch.setattr(inference_models, "load_compiled_model", without_latents)
     with pytest.raises(ValueError, match="--output-fields atomic_energy total_energy forces stress virial node_features"):
         LatentNequIPCalculator.from_model_file(compiled["model"], trusted=True, chemical_species_to_atom_type_map=True)
+
+
+def test_compiled_file_listing_unknown_ltau_fields_is_refused(compiled, monkeypatch):
+    """The readout's field list in the file's metadata becomes calculator properties: only the known
+    LTAU fields are accepted (a hostile or corrupt file cannot name arbitrary properties)."""
+    import json
+
+    import nequip.model.inference_models as inference_models
+
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator
+
+    real = inference_models.load_compiled_model
+
+    def with_fields(fields):
+        def load(path, device, *args):
+            model, meta = real(path, device)
+            readout = json.loads(meta["ltau_readout"])
+            return model, dict(meta, ltau_readout=json.dumps(dict(readout, fields=fields)))
+        return load
+
+    for bad in (["ltau_uncertainty", "energy"], "ltau_uncertainty", ["ltau_uncertainty"]):
+        monkeypatch.setattr(inference_models, "load_compiled_model", with_fields(bad))
+        with pytest.raises(ValueError, match="LTAU fields"):
+            LatentNequIPCalculator.from_model_file(compiled["model"], trusted=True, chemical_species_to_atom_type_map=True)

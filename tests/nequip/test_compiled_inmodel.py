@@ -211,27 +211,74 @@ def test_readout_applies_the_fitted_scale_like_predict(tiny_latents):
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-9)
 
 
-def test_compile_refuses_a_calibrated_estimator_unless_paper_form(tiny_nequip_run, tiny_latents, tmp_path, capsys):
-    """The in-model readout computes the paper's form; a distance-aware estimator must not compile silently."""
+def _calibrated(tiny_nequip_run, tiny_latents, distribution, seed=5):
+    """An estimator fitted on the tiny latents and calibrated (per-element factors, conformal), with
+    the queries' atomic numbers: 24 rattled frames of 13 atoms, exchangeable with the calibration set."""
+    x, q = tiny_latents
+    z_train = np.concatenate([f.numbers for f in tiny_nequip_run.frames[:24]])
+    rng = np.random.default_rng(seed)
+    est = LTAUEstimator(k=3, distribution=distribution,
+                        metadata={"model_sha256": sha256_file(tiny_nequip_run.checkpoint)})
+    est.fit(x, rng.lognormal(-3, 0.4, size=(4, len(x))), atomic_numbers=z_train)
+    cal = np.concatenate([q, x + 0.01])
+    z_cal = np.concatenate([z_train, z_train])
+    # errors that grow with the distance to the training set, so g(r) is not flat
+    d = est.predict(cal)["distance"]
+    errors = rng.lognormal(-3, 0.3, size=len(cal)) * (1.0 + 4.0 * d / d.max())
+    commonest = np.bincount(z_cal).argmax()
+    errors[z_cal == commonest] *= 4.0  # one element errs more: it earns a factor of its own
+    errors[z_cal != commonest] *= 0.5
+    est.fit_calibration(cal, errors, atomic_numbers=z_cal, frame_ids=np.arange(len(cal)) // 13)
+    return est, q, z_train
+
+
+@pytest.mark.parametrize("distribution,weights", [("compact", "uniform"), ("exact", "uniform"),
+                                                  ("compact", "distance")])
+def test_distance_aware_readout_equals_predict_with_atomic_numbers(tiny_nequip_run, tiny_latents, latent_calc,
+                                                                    distribution, weights):
+    """A calibrated estimator compiles in its distance-aware form: per-atom scale c_Z · g(d / d_ref) and
+    each neighbour's error distribution at threshold / s_j, as predict computes with atomic numbers."""
+    from ltau_ase.nequip.inmodel import DISTANCE_AWARE_FIELDS, readout_from_estimator
+
+    est, q, z = _calibrated(tiny_nequip_run, tiny_latents, distribution)
+    est.set_params(weights=weights)
+    assert est.element_factor_z_.size > 0  # per-element factors are exercised
+    type_names = list(latent_calc.model.type_names)
+    types = np.array([type_names.index(sym) for f in tiny_nequip_run.frames[:24] for sym in f.get_chemical_symbols()])
+    readout = readout_from_estimator(latent_calc.model, est)
+    assert readout.provenance["form"] == "distance_aware"
+    assert readout.provenance["fields"] == list(DISTANCE_AWARE_FIELDS)
+    expected = est.predict(q, atomic_numbers=z)
+    got = readout_predict(readout, q, atom_types=types)
+    # issue 12's tolerance (1e-5): the float32 latent distances (torch vs FAISS round-off, ~1e-7) enter
+    # the scale, and through it the point at which each neighbour's CDF is read
+    for key in ("confidence", "uncertainty", "expected_error", "distance", "distance_ratio"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # far from the training set: the power-law tail of g, still equal
+    far = q[:13] + 3.0 * np.abs(q).max()
+    got_far, want_far = readout_predict(readout, far, atom_types=types[:13]), est.predict(far, atomic_numbers=z[:13])
+    assert np.all(want_far["distance_ratio"] > np.exp(est.distance_scale_.log_ratio[-1]))
+    for key in ("confidence", "expected_error"):
+        np.testing.assert_allclose(got_far[key], want_far[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # the paper's form on request, equal to predict(distance_aware=False)
+    paper = readout_from_estimator(latent_calc.model, est, paper_form=True)
+    assert paper.provenance["form"] == "paper" and not paper.distance_aware
+    np.testing.assert_allclose(readout_predict(paper, q)["confidence"],
+                               est.predict(q, distance_aware=False)["confidence"], rtol=1e-6, atol=1e-9)
+
+
+def test_compile_refuses_the_compressed_reference_for_a_calibrated_estimator(tiny_nequip_run, tiny_latents,
+                                                                            latent_calc, tmp_path, capsys):
+    """The distance-aware form needs every training atom's distribution: the compressed reference of a
+    calibrated estimator is refused (one line, exit 2, nothing written) unless --paper-form."""
     from ltau_ase.nequip.inmodel import readout_from_estimator
 
-    x, q = tiny_latents
-    rng = np.random.default_rng(5)
-    est = LTAUEstimator(k=3, metadata={"model_sha256": sha256_file(tiny_nequip_run.checkpoint)})
-    est.fit(x, rng.lognormal(-3, 0.4, size=(4, len(x))))
-    cal = np.concatenate([q, x + 0.01])
-    est.fit_calibration(cal, rng.lognormal(-3, 0.4, size=len(cal)), frame_ids=np.arange(len(cal)) // 4)
+    est, q, _ = _calibrated(tiny_nequip_run, tiny_latents, "compact")
     est.save(str(tmp_path / "cal.ltau"))
-    assert _cli(tiny_nequip_run.checkpoint, tmp_path / "cal.ltau", tmp_path / "m.nequip.pt2") == 2
+    out = tmp_path / "m.nequip.pt2"
+    assert _cli(tiny_nequip_run.checkpoint, tmp_path / "cal.ltau", out, "--reference", "compressed") == 2
     err = capsys.readouterr().err
-    assert "calibrated" in err and "--paper-form" in err
+    assert "calibrated" in err and "--paper-form" in err and "exact" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.ltau"]
-    # with the explicit flag: the paper's form, equal to predict(distance_aware=False), recorded as such
-    from ltau_ase.nequip.calculator import LatentNequIPCalculator
-
-    eager = LatentNequIPCalculator.from_model_file(tiny_nequip_run.checkpoint, chemical_species_to_atom_type_map=True)
-    readout = readout_from_estimator(eager.model, est, paper_form=True)
-    assert readout.provenance["form"] == "paper"
-    expected = est.predict(q, distance_aware=False)
-    got = readout_predict(readout, q)
-    np.testing.assert_allclose(got["confidence"], expected["confidence"], rtol=1e-6, atol=1e-9)
+    readout = readout_from_estimator(latent_calc.model, est, mode="compressed", paper_form=True)
+    assert readout.provenance["form"] == "paper" and readout.compressed

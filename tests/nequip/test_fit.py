@@ -139,3 +139,22 @@ def test_checkpoint_ensemble_reproduces_the_exact_mode_log(tiny_nequip_run, tmp_
     est = fit_estimator_from_runs([log_dir], run.train_files, None, k=3, progress=False)
     assert est.metadata["model_sha256"] == _sha256(checkpoints[-1])  # default: the last checkpoint
     assert est.n_train_atoms_ == log.n_atoms
+
+
+def test_ltau_fit_reference_groups(tiny_nequip_ensemble, tmp_path, capsys):
+    """--reference-groups KEY: the reference distance leaves each group out (here each frame, by its frame_id)."""
+    ens = tiny_nequip_ensemble
+    out = tmp_path / "groups.ltau"
+    argv = ["fit", *(str(r.run_dir) for r in ens.runs), "--train-file", *(str(f) for f in ens.train_files),
+            "--output", str(out), "--k", "3", "--no-progress"]
+    assert ltau_main(argv + ["--reference-groups", "frame_id"]) == 0
+    est = LTAUEstimator.load(str(out))
+    assert est.reference_rule_ == "groups" and est.metadata["group_key"] == "frame_id"
+    frame = est.atom_ids_ >> 20
+    x = est.index_.training_vectors().astype(np.float64)
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    d[frame[:, None] == frame[None, :]] = np.inf  # brute force: other frames only
+    brute = np.sort(np.sort(d, axis=1)[:, :3].mean(axis=1))
+    np.testing.assert_allclose(est.train_distance_ref_, brute, rtol=1e-4, atol=1e-6)
+    assert ltau_main(argv + ["--reference-groups", "no_such_key"]) == 2
+    assert "has no info['no_such_key']" in capsys.readouterr().err

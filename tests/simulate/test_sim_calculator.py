@@ -289,3 +289,37 @@ def test_real_estimator_unknown_species_and_saved_file_hash(tmp_path, emt_backen
     model.write_bytes(b"weights v2")
     with pytest.raises(ValueError, match="was fitted for a model with sha256"):
         LTAUCalculator.from_model(model, tmp_path / "est.ltau")
+
+
+def test_real_estimator_along_md_equals_brute_force_knn_at_every_step():
+    """Along an MD run (the calculator's per-step path: cell checked only when it changes, base
+    calculator reset on each change), every step's results equal brute-force kNN on its descriptors."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    est, train_desc, errors = _fitted_real_estimator()
+    atoms = make_slab(seed=11, rattle=0.2)
+    calc = LTAUCalculator(EMT(), est, descriptors=CountingDescriptors())
+    atoms.calc = calc
+    atoms.set_momenta(np.random.default_rng(3).normal(0, 0.3, size=(len(atoms), 3)))
+    p_train = (errors <= 0.1).mean(axis=0)
+    dyn = VelocityVerlet(atoms, 2 * units.fs)
+    for _ in range(12):
+        dyn.run(1)
+        q = CountingDescriptors()(atoms).astype(np.float32).astype(np.float64)
+        dist = np.linalg.norm(q[:, None, :] - train_desc.astype(np.float64)[None], axis=2)
+        nn = np.argsort(dist, axis=1, kind="stable")[:, :4]
+        np.testing.assert_allclose(calc.results["confidences"], p_train[nn].mean(axis=1), atol=1e-6)
+        np.testing.assert_allclose(calc.results["latent_distances"], np.take_along_axis(dist, nn, 1).mean(axis=1),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_a_cell_made_singular_after_a_good_step_is_refused_every_time(slab, estimator):
+    """The cell's SVD check runs only when the cell differs from the last one that passed: a bad cell
+    must be refused on the step it appears and again on a repeated call."""
+    slab.calc = LTAUCalculator(EMT(), estimator, descriptors=CountingDescriptors())
+    slab.get_forces()
+    slab.cell[1] = slab.cell[0]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="linearly dependent"):
+            slab.get_forces()

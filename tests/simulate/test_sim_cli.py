@@ -125,3 +125,12 @@ def test_md_threshold_from_reference_runs(tmp_path, capsys):
         _run(md, base + ["--false-alarm-rate", "0.025", "--reference-runs", *refs])
     with pytest.raises(ValueError, match="go together"):
         _run(md, base + ["--reference-runs", *refs])
+    # a rate below 1/20 with the extreme-value fit: the Gumbel 97.5 % quantile of the peaks 0.05..0.95
+    from scipy.stats import gumbel_r
+
+    expected = gumbel_r(*gumbel_r.fit(0.05 * np.arange(1, 20))).ppf(0.975)
+    assert _run(md, base + ["--false-alarm-rate", "0.025", "--threshold-method", "gumbel",
+                            "--reference-runs", *refs]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("stop threshold"))
+    assert float(line.split()[2]) == pytest.approx(expected, rel=1e-4) and "gumbel" in line

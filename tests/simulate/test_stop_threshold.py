@@ -73,3 +73,74 @@ def test_from_false_alarm_rate_builds_a_working_stop():
     dyn.attach(recorder)
     dyn.run(4)
     assert not recorder.triggered and recorder.values == [0.2, 5.0, 9.0, 9.0, 9.0]
+
+
+# ---------------------------------------------------------------------------- extreme-value (Gumbel) thresholds
+def test_gumbel_fit_solves_the_likelihood_equations_and_matches_scipy():
+    from scipy.stats import gumbel_r
+
+    from ltau_ase.core.extremes import fit_gumbel, gumbel_quantile
+
+    x = np.random.default_rng(3).gumbel(2.0, 0.5, size=25) * 1e-3  # small units must not matter
+    loc, scale = fit_gumbel(x)
+    # the two likelihood equations, written out: d/dmu and d/dbeta of the Gumbel log-likelihood vanish
+    z = (x - loc) / scale
+    assert abs(np.mean(1.0 - np.exp(-z))) < 1e-9
+    assert abs(np.mean(z * (1.0 - np.exp(-z))) - 1.0) < 1e-9
+    ref_loc, ref_scale = gumbel_r.fit(x)
+    assert loc == pytest.approx(ref_loc, rel=1e-6) and scale == pytest.approx(ref_scale, rel=1e-5)
+    # hand-computed quantile: 1 - 0.5 ln(-ln 0.99) = 1 + 0.5 * 4.600149227 = 3.3000746
+    assert gumbel_quantile(1.0, 0.5, 0.99) == pytest.approx(3.3000746, abs=1e-7)
+
+
+def test_gumbel_threshold_of_run_peaks_and_rates_below_one_over_r_plus_one():
+    from scipy.stats import gumbel_r
+
+    peaks = np.arange(1.0, 20.0)
+    traces = [[0.0, p, 0.5 * p] for p in peaks]  # 19 runs, peaks 1..19 (patience 2: 0.5 p)
+    expected = gumbel_r(*gumbel_r.fit(peaks)).ppf(0.99)
+    assert stop_threshold(traces, 0.01, method="gumbel") == pytest.approx(expected, rel=1e-5)
+    assert stop_threshold(traces, 0.01, patience=2, method="gumbel") == pytest.approx(0.5 * expected, rel=1e-5)
+    with pytest.raises(ValueError, match="method='gumbel'"):  # the conformal rule cannot state 0.01 with 19 runs
+        stop_threshold(traces, 0.01)
+    with pytest.raises(ValueError, match="at least 10 block maxima"):
+        stop_threshold(traces[:9], 0.01, method="gumbel")
+    with pytest.raises(ValueError, match="finite"):
+        stop_threshold(traces + [[0.1, float("nan")]], 0.01, method="gumbel")
+    with pytest.raises(ValueError, match="spread"):
+        stop_threshold([[1.0, 2.0]] * 12, 0.01, method="gumbel")
+    with pytest.raises(ValueError, match="method must be one of"):
+        stop_threshold(traces, 0.01, method="gev")
+
+
+def test_gumbel_threshold_achieves_about_the_stated_rate():
+    # runs of L = 200 i.i.d. Exp(1) values: a run's peak has the known law P(peak <= t) = (1 - e^-t)^L
+    # (Gumbel-like), so the achieved false-alarm rate of each threshold is exact, no fresh runs needed
+    rng = np.random.default_rng(0)
+    L, R = 200, 20
+    rates = {0.01: [], 0.001: []}
+    for _ in range(300):
+        traces = list(rng.exponential(size=(R, L)))
+        for alpha in rates:
+            t = stop_threshold(traces, alpha, method="gumbel")
+            rates[alpha].append(1.0 - (1.0 - math.exp(-t)) ** L)
+    # the plug-in fit overshoots on average (see ltau_ase.core.extremes: 0.017 at 0.01 over 2000 fits);
+    # the median fit is close to the stated rate; sd of the mean over 300 fits ~0.001 (0.01) / ~0.0002 (0.001)
+    assert 0.8 * 0.01 <= np.median(rates[0.01]) <= 1.5 * 0.01
+    assert 0.01 <= np.mean(rates[0.01]) <= 0.022
+    assert 0.001 <= np.mean(rates[0.001]) <= 0.0035
+    # a conformal threshold for the same runs cannot go below 1/21 at all; the fitted one is far lower
+    assert np.mean(rates[0.01]) < 1 / (R + 1)
+
+
+def test_from_false_alarm_rate_with_the_gumbel_method():
+    atoms = make_slab()
+    atoms.calc = ScriptedUQCalculator([0.2, 0.3, 0.25, 0.9])
+    dyn = VelocityVerlet(atoms, timestep=0.5)
+    reference = [[0.1, 0.2 + 0.01 * i, 0.15] for i in range(12)]
+    stop = UncertaintyStop.from_false_alarm_rate(dyn, reference, 0.01, method="gumbel")
+    assert stop.threshold_method == "gumbel" and stop.threshold == stop_threshold(reference, 0.01, method="gumbel")
+    assert 0.31 < stop.threshold < 0.9  # above every peak (0.2..0.31), below the scripted excursion
+    dyn.attach(stop)
+    dyn.run(10)
+    assert stop.triggered and stop.value == 0.9
