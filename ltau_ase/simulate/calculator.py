@@ -67,7 +67,7 @@ def check_finite_geometry(atoms: Atoms, check_cell: bool = True) -> None:
     numbers (one NaN atom, an infinite cell vector); a zero or linearly dependent cell vector along a
     periodic axis has no lattice to repeat. Checked: positions (N, 3) and cell (3, 3) finite (Å); the
     cell vectors of the periodic axes non-zero and linearly independent. ``check_cell=False`` checks the
-    positions only (for a step where ASE reports that neither cell nor pbc changed).
+    positions only (for a cell and pbc already checked).
 
     Raises:
         ValueError: what is wrong, with the first offending atom indices.
@@ -266,7 +266,7 @@ class LTAUCalculator(Calculator):
             wanted = ["forces"] if "forces" in self._base_properties else self._base_properties[:1]
         if system_changes:
             # the structure changed since this calculator's last call, so the base calculator must compute
-            # anyway: clearing its cache skips its own comparison of the two structures (~0.2 ms a step)
+            # anyway: clearing its cache skips its own comparison of the two structures (0.1-0.2 ms a step)
             self.calc.reset()
         for name in wanted:
             self.calc.get_property(name, atoms)
