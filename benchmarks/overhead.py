@@ -158,7 +158,7 @@ def step_structures(atoms, kind: str, n: int, seed: int) -> list:
         return out
     from ase.calculators.emt import EMT
 
-    from ltau_ase.demo.stages import langevin_frames
+    from ltau_ase.simulate.md import langevin_frames
 
     return langevin_frames(atoms, EMT(), n, 600.0, seed=seed)
 

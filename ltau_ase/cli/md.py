@@ -220,6 +220,3 @@ def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, p
             raise ValueError(f"{path} was not written at every step (--interval 1); patience counts steps")
         traces.append([reduce_values(np.asarray(a.arrays[column]), atom_reduce) for a in frames])
     return stop_threshold(traces, false_alarm_rate, patience, method)
-
-
-

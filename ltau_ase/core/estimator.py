@@ -507,9 +507,8 @@ class LTAUEstimator:
         self._cache = (key, p)
         return p
 
-    def _neighbours(self, descriptors: Any, checked: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not checked:
-            self._check_fitted()
+    def _neighbours(self, descriptors: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._check_fitted()
         x = as_float32(descriptors, "descriptors", self.n_features_in_)
         dist, ids, valid = self.index_.search_checked(x, self.k_eff_)
         n_valid = valid.sum(axis=1)
@@ -583,11 +582,10 @@ class LTAUEstimator:
         """
         if coverage is not None:
             coverage = check_coverage(coverage)
-        self._check_fitted()  # once per call: the parameters' snapshot is what costs
         unknown = None
         if atomic_numbers is not None:
-            unknown = self._unknown_atoms(atomic_numbers, unknown_species, checked=True)
-        dist, ids, valid = self._neighbours(descriptors, checked=True)
+            unknown = self.unknown_atoms(atomic_numbers, unknown_species)
+        dist, ids, valid = self._neighbours(descriptors)
         n = ids.shape[0]
         if unknown is not None and unknown.shape != (n,):
             raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "
@@ -680,19 +678,15 @@ class LTAUEstimator:
         ``"raise"``: ValueError when any element is unseen; ``"flag"``: the atoms of unseen elements;
         ``"ignore"`` (or no ``species_`` recorded): all False.
         """
-        return self._unknown_atoms(atomic_numbers, unknown_species)
-
-    def _unknown_atoms(self, atomic_numbers: Any, unknown_species: str | None, checked: bool = False) -> np.ndarray:
         policy = self.unknown_species if unknown_species is None else unknown_species
-        unseen, z = self._unseen(atomic_numbers, policy, checked)
+        unseen, z = self._unseen(atomic_numbers, policy)
         if unknown_species_policy(policy) != "flag" or not unseen.size:
             return np.zeros(z.shape, dtype=bool)
         return np.isin(z, unseen)
 
-    def _unseen(self, atomic_numbers: Any, policy: str, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _unseen(self, atomic_numbers: Any, policy: str) -> tuple[np.ndarray, np.ndarray]:
         canonical = unknown_species_policy(policy)
-        if not checked:
-            self._check_fitted()
+        self._check_fitted()
         z = np.asarray(atomic_numbers)
         if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer):
             raise ValueError(f"atomic_numbers must be a 1-d integer array; got shape {z.shape}, dtype {z.dtype}")

@@ -581,6 +581,7 @@ def stage_costs(cfg: ShiftBenchConfig, data: dict, train: dict, estimators: dict
     """Median seconds per force call, interleaved in one loop on the same structures; ratios per round."""
     from ltau_ase.simulate.calculator import LTAUCalculator
     from ltau_ase.simulate.committee import CommitteeCalculator
+    from ltau_ase.simulate.md import langevin_frames
 
     _load_model = _demo_stages()._load_model
     calcs = {"single": _load_model(train["models"][0])}
@@ -589,7 +590,7 @@ def stage_costs(cfg: ShiftBenchConfig, data: dict, train: dict, estimators: dict
     calcs["committee"] = CommitteeCalculator([_load_model(p) for p in train["models"]])
     base = md_start_structures(cfg, 1, 199)[0]
     # consecutive frames of an in-domain MD run: the structures a calculator meets, in order, in MD
-    frames = _demo_stages().langevin_frames(base, _load_model(train["models"][0]), cfg.timing_repeats + 1,
+    frames = langevin_frames(base, _load_model(train["models"][0]), cfg.timing_repeats + 1,
                                             cfg.settings.train_temperature, seed=[cfg.seed, 11])
     names = list(calcs)
     t = {n: [] for n in names}

@@ -8,14 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ltau_ase.demo.config import DOMAINS, DemoConfig, cpu_count
-
-if TYPE_CHECKING:
-    from ase import Atoms
 
 
 # ---------------------------------------------------------------------------- what the stages pass on
@@ -303,22 +300,6 @@ def stage_md(cfg: DemoConfig, out: Path, data: DataStage, train: TrainStage, cal
 
 
 # ---------------------------------------------------------------------------- stage 7
-def langevin_frames(atoms: Atoms, calc: Any, n_frames: int, temperature_K: float, seed: Any) -> list[Atoms]:
-    """n_frames consecutive frames (copies, 1 fs apart) of a Langevin run of ``atoms`` driven by ``calc``
-    (friction 0.02 fs⁻¹, momenta thermalised at ``temperature_K``): the structures a calculator meets,
-    in order, during MD. Used to time a step as MD pays for it."""
-    from ltau_ase.simulate.md import thermalized_langevin
-
-    atoms = atoms.copy()
-    atoms.calc = calc
-    dyn = thermalized_langevin(atoms, temperature_K, np.random.default_rng(seed))
-    frames = []
-    for _ in range(n_frames):
-        dyn.run(1)
-        frames.append(atoms.copy())
-    return frames
-
-
 def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: CalibrationStage) -> dict[str, Any]:
     """Time one MD step's force call of: the single model, LTAU (same model + estimator), the committee.
 
@@ -330,6 +311,7 @@ def stage_costs(cfg: DemoConfig, data: DataStage, train: TrainStage, cal: Calibr
     """
     from ltau_ase.simulate.calculator import LTAUCalculator
     from ltau_ase.simulate.committee import CommitteeCalculator
+    from ltau_ase.simulate.md import langevin_frames
 
     single = _load_model(train.models[0])
     ltau = LTAUCalculator(_load_model(train.models[0]), cal.estimator)

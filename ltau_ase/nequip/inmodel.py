@@ -174,9 +174,9 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
             counts = np.asarray(da["counts"])
             if counts.ndim != 3 or counts.shape[:2] != (self.n_runs, n):
                 raise ValueError(f"histogram counts have shape {counts.shape}; expected ({self.n_runs}, {n}, K+1)")
+            # counts below each bin edge (exact integers in float64); a bin's own count is the difference
             cum = np.concatenate([np.zeros(counts.shape[:2] + (1,)), np.cumsum(counts, axis=2, dtype=np.float64)],
                                  axis=2)
-            self.register_buffer("bin_counts", f64(counts).reshape(self.n_runs, -1))  # (M, N·(K+1))
             self.register_buffer("bin_below", f64(cum).reshape(self.n_runs, -1))  # (M, N·(K+2))
             self.register_buffer("bin_edges", f64(da["edges"]))
             ext = np.concatenate([[0.0], np.asarray(da["edges"], dtype=np.float64), [np.inf]])
@@ -230,8 +230,9 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
             return (below / n_logged).mean(0)
         # histogram: counts below t's bin plus the bin's share, linear within the bin
         j = torch.searchsorted(self.bin_edges, t.contiguous(), right=False)  # t in (e_{j-1}, e_j]
-        lower = self.bin_below[:, ids * (self.n_bins + 1) + j]
-        in_bin = self.bin_counts[:, ids * self.n_bins + j]
+        pos = ids * (self.n_bins + 1) + j
+        lower = self.bin_below[:, pos]
+        in_bin = self.bin_below[:, pos + 1] - lower
         lo, hi = self.bin_bounds[j], self.bin_bounds[j + 1]
         width = hi - lo
         frac = torch.where(torch.isfinite(hi), torch.clamp((t - lo) / torch.where(width > 0, width, torch.ones_like(width)),

@@ -33,7 +33,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from ltau_ase.core.estimator import LTAUEstimator, unknown_species_policy
+from ltau_ase.core.estimator import unknown_species_policy
 
 PER_ATOM_UQ = ("uncertainties", "confidences", "expected_force_errors", "latent_distances", "force_error_bounds",
                "latent_distance_ratios")
@@ -336,11 +336,8 @@ class LTAUCalculator(Calculator):
         out: dict[str, Any] = {}
         mapping = dict(_PREDICT_TO_RESULT, **({"error_bound": _BOUND_RESULT} if self.coverage is not None else {}),
                        **({"distance_ratio": _RATIO_RESULT} if self._distance_ratios else {}))
-        # LTAUEstimator.predict and the in-model readout return fresh float64 arrays: no copy needed; a
-        # duck-typed estimator may hand out arrays it keeps, so those are copied
-        fresh = self.estimator is None or isinstance(self.estimator, LTAUEstimator)
         for src, dst in mapping.items():
-            values = (np.asarray if fresh else np.array)(pred[src], dtype=np.float64)
+            values = np.array(pred[src], dtype=np.float64)
             if values.shape != (n,):
                 raise ValueError(f"estimator.predict returned {src!r} of shape {values.shape}, expected ({n},)")
             out[dst] = values

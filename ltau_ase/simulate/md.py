@@ -1,4 +1,4 @@
-"""Langevin MD set-up shared by the CLI, the datasets and the benchmarks."""
+"""Langevin MD set-up shared by the CLI, the datasets, the demo and the benchmarks."""
 from __future__ import annotations
 
 from typing import Any
@@ -30,3 +30,17 @@ def thermalized_langevin(atoms: Atoms, temperature_K: float, rng: np.random.Gene
     thermalize(atoms, temperature_K, rng)
     return Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
                     friction=friction_per_fs / units.fs, fixcm=False, rng=rng, **kwargs)
+
+
+def langevin_frames(atoms: Atoms, calc: Any, n_frames: int, temperature_K: float, seed: Any) -> list[Atoms]:
+    """n_frames consecutive frames (copies, 1 fs apart) of a Langevin run of a copy of ``atoms`` driven
+    by ``calc`` (:func:`thermalized_langevin`, ``rng = np.random.default_rng(seed)``): the structures a
+    calculator meets, in order, during MD. Used to time a step as MD pays for it."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    dyn = thermalized_langevin(atoms, temperature_K, np.random.default_rng(seed))
+    frames = []
+    for _ in range(n_frames):
+        dyn.run(1)
+        frames.append(atoms.copy())
+    return frames
