@@ -14,6 +14,11 @@ Checks (each reports ``ok``/``skipped``/``failed`` with its numbers or the error
   on CUDA against the CPU (max relative difference; float32 models).
 * ``readout_equality_<model>_<N>``: the in-model LTAU readout (torch exact kNN) on CUDA against
   ``LTAUEstimator.predict`` (FAISS flat on the CPU) on the same latents.
+* ``pipeline_<device>``: the user's pipeline on the device: a tiny NequIP model trained with the
+  error logger on EMT frames (Lightning ``accelerator=gpu``), the estimator fitted with the model on the
+  device (``ltau fit --device``) and on the CPU (same training descriptors?), ``ltau compile --device``
+  (AOTInductor; skipped when the budget cannot hold it), and the compiled file's ``LTAUCalculator``
+  against the eager checkpoint + estimator (forces, uncertainties).
 * ``step_times_<model>_<N>``: medians over interleaved steps on the 81-atom slab of (a) bare
   nequip forces, (b) eager LTAU = forces + FAISS predict on the CPU, (c) eager forces + torch kNN
   on the GPU (latents stay on the device), (d) in-model LTAU (one forward pass with the readout
@@ -120,6 +125,70 @@ def check_readout_equality(estimator, queries, device: str) -> dict:
         "max_rel_diff_distance": _rel(got["distance"], exp["distance"]), "n_queries": int(len(queries))}
 
 
+def check_pipeline(device: str, workdir: Path, deadline: float, compile_need_s: float = 90.0) -> dict:
+    """Train (3 epochs, logger on), fit on ``device`` and on the CPU, compile for ``device``, compare."""
+    from ase.calculators.emt import EMT
+
+    from ltau_ase.cli import main as ltau_main
+    from ltau_ase.core.estimator import LTAUEstimator
+    from ltau_ase.nequip.fit import fit_estimator_from_runs
+    from ltau_ase.nequip.training import (ERROR_LOGGER_TARGET, TINY_MODEL, assign_frame_ids, emt_slab_frames,
+                                          train_nequip, write_nequip_config, write_training_file)
+    from ltau_ase.simulate.calculator import LTAUCalculator
+
+    res: dict[str, Any] = {"device": device}
+    frames = assign_frame_ids(emt_slab_frames(48, seed=0), 0)
+    train_file = write_training_file(workdir / "train.xyz", frames[:40])
+    val_file = write_training_file(workdir / "val.xyz", assign_frame_ids(frames[40:], 5000))
+    run_dir = workdir / "run"
+    config = write_nequip_config(workdir / "config" / "tiny.yaml", [train_file], val_file=val_file,
+                                 type_names=["Cu", "Pt", "O", "H"], seed=1, max_epochs=3,
+                                 accelerator="gpu" if device == "cuda" else "cpu",
+                                 callbacks=[{"_target_": ERROR_LOGGER_TARGET, "log_dir": str(run_dir / "ltau_errors"),
+                                             "mode": "free"}], **TINY_MODEL)
+    t = time.perf_counter()
+    train_nequip(config, run_dir, timeout=240)
+    res["train_seconds"] = round(time.perf_counter() - t, 1)
+    ckpt = run_dir / "last.ckpt"
+    ests = {}
+    for dev in dict.fromkeys((device, "cpu")):
+        t = time.perf_counter()
+        ests[dev] = fit_estimator_from_runs([run_dir], [train_file], workdir / f"est_{dev}.ltau", k=4, model=ckpt,
+                                            device=dev, progress=False)
+        res[f"fit_seconds_{dev}"] = round(time.perf_counter() - t, 1)
+    res["fit_max_rel_diff_descriptors"] = _rel(ests[device].index_.training_vectors(), ests["cpu"].index_.training_vectors())
+    atoms = frames[7].copy()
+    atoms.rattle(0.08, seed=11)
+    kw = {"chemical_species_to_atom_type_map": True}
+    results = {}
+    for name, calc in (("eager_cpu", LTAUCalculator.from_nequip(ckpt, workdir / "est_cpu.ltau", **kw)),
+                       (f"eager_{device}", LTAUCalculator.from_nequip(ckpt, workdir / f"est_{device}.ltau",
+                                                                       device=device, **kw))):
+        a = atoms.copy()
+        a.calc = calc
+        a.get_forces()
+        results[name] = dict(calc.results)
+    for key in ("forces", "descriptors", "uncertainties"):
+        res[f"eager_{device}_vs_cpu_max_rel_diff_{key}"] = _rel(results[f"eager_{device}"][key], results["eager_cpu"][key])
+    res["true_max_force_error"] = float(np.linalg.norm(results["eager_cpu"]["forces"] - EMT().get_forces(atoms), axis=1).max())
+    if time.perf_counter() + compile_need_s > deadline:
+        res["compile"] = f"skipped: {deadline - time.perf_counter():.0f} s left before the deadline, needs ~{compile_need_s:.0f} s"
+        return res
+    out = workdir / "tiny_ltau.nequip.pt2"
+    t = time.perf_counter()
+    rc = ltau_main(["compile", str(ckpt), str(workdir / "est_cpu.ltau"), str(out), "--device", device])
+    res["compile_seconds"] = round(time.perf_counter() - t, 1)
+    if rc != 0:
+        raise RuntimeError(f"ltau compile --device {device} exited {rc}")
+    calc = LTAUCalculator.from_nequip(out, device=device, trusted=True, **kw)
+    a = atoms.copy()
+    a.calc = calc
+    a.get_forces()
+    for key in ("forces", "uncertainties", "latent_distances"):
+        res[f"compiled_{device}_vs_eager_cpu_max_rel_diff_{key}"] = _rel(calc.results[key], results["eager_cpu"][key])
+    return res
+
+
 def time_steps(model, atoms, estimator, device: str, repeats: int, deadline: float = float("inf")) -> dict:
     """Interleaved medians (ms) of bare / eager LTAU (FAISS CPU) / eager + torch kNN / in-model steps.
 
@@ -181,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10^4 / 10^5 reference atoms and fewer repeats (for CPU tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per step kind (default 20, quick 3)")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip the AOTInductor compile in the pipeline check")
     parser.add_argument("--output", default=None, help="JSON file (default $OUT/gpu_check.json or benchmark_output/)")
     args = parser.parse_args(argv)
 
@@ -206,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["note"] = "no CUDA GPU: GPU checks skipped; CPU timings below are not GPU figures"
         print("[gpu_check] no CUDA GPU visible: GPU checks are skipped, CPU parts run", file=sys.stderr)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        guard.run(f"pipeline_{device}", lambda: check_pipeline(device, Path(tmp), deadline=guard.deadline(share=0.45),
+                                                 compile_need_s=float("inf") if args.no_compile else 90.0),
+                  need_s=40)
     for model_name in ("tiny", "paper"):
         model = overhead.build_model(**overhead.MODELS[model_name])
         guard.run(f"model_equality_{model_name}", lambda: check_model_equality(model, atoms), 10, needs_gpu=True)
