@@ -123,8 +123,9 @@ def test_score_md_per_element_statistic_against_hand_normalised_traces():
         return max((v[:, :2] / sc[29]).max(), (v[:, 2] / sc[8]).max())
 
     sc = scales_of(values)
+    pooled = np.quantile(np.concatenate([v.ravel() for v in values]), 0.99)
     assert res["element_scales"]["whole_runs"]["ltau_distance_expected_error_per_element"] == pytest.approx(
-        {"29": sc[29], "8": sc[8]})
+        {"29": sc[29], "8": sc[8], "pooled": pooled})
     # conformal, hot runs: rank ceil(13 * 0.9) = 12 of 12 -> the largest normalised in-domain peak
     thr = max(peak(v, sc) for v in values)
     assert rule["thresholds"]["ltau_distance_expected_error_per_element"] == pytest.approx(thr)

@@ -873,8 +873,9 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
     gives, when the runs carry atomic numbers): each atom's value divided by its element's
     ``md_element_quantile`` quantile over the reference runs' atoms (under the reference rule:
     :func:`ltau_ase.simulate.observers.element_scales`), then the max over atoms; leaving one in-domain
-    run out refits the scales on the others, and the run's trace and its threshold's references use them.
-    The scales are recorded under ``"element_scales"``.
+    run out refits the scales on the others, and the run's trace and its threshold's references use them
+    (an element that only the left-out run has gets the pooled quantile of all the others' atoms). The
+    scales are recorded under ``"element_scales"``.
 
     ``ratio_reference``: the distance ratio's reference distances, ``{"groups": ..., "atoms": ...}``
     (leave one training system out, as fitted, and the plain leave-one-atom-out one); the ratio under
@@ -942,19 +943,24 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
                       for pa, r in zip(per_atom[ref_group], md[ref_group])]
             nums = [np.asarray(r["numbers"]) for r in md[ref_group]]
 
-            def normalised_max(values, numbers, scales):
-                return element_normalised(values, numbers, scales).max(axis=1)
+            def normalised_max(values, numbers, scales_pooled):
+                return element_normalised(values, numbers, *scales_pooled).max(axis=1)
 
-            scales = element_scales(ref_pa, nums, cfg.md_element_quantile)
+            def scales_of(vals, numbers):  # + the pooled quantile for an element the references lack
+                pooled = float(np.quantile(np.concatenate([v.ravel() for v in vals]), cfg.md_element_quantile))
+                return element_scales(vals, numbers, cfg.md_element_quantile), pooled
+
+            scales = scales_of(ref_pa, nums)
             for group, runs in md.items():
                 for t, pa, r in zip(traces[group], per_atom[group], runs):
                     t[m] = normalised_max(pa[base], r["numbers"], scales)
             refs[m] = [normalised_max(v, z, scales) for v, z in zip(ref_pa, nums)]
-            res.setdefault("element_scales", {}).setdefault(rule, {})[m] = {str(z): v for z, v in scales.items()}
+            res.setdefault("element_scales", {}).setdefault(rule, {})[m] = (
+                {str(z): v for z, v in scales[0].items()} | {"pooled": scales[1]})
             if leave_one_out:
                 own, others = [], []
                 for i, pa in enumerate(per_atom[in_domain]):
-                    sc = element_scales(ref_pa[:i] + ref_pa[i + 1:], nums[:i] + nums[i + 1:], cfg.md_element_quantile)
+                    sc = scales_of(ref_pa[:i] + ref_pa[i + 1:], nums[:i] + nums[i + 1:])
                     own.append(normalised_max(pa[base], nums[i], sc))
                     others.append([normalised_max(v, z, sc) for j, (v, z) in enumerate(zip(ref_pa, nums)) if j != i])
                 loo[m] = (own, others)

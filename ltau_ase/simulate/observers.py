@@ -332,15 +332,22 @@ def element_scales(per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.n
     return scales
 
 
-def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[int, float]) -> np.ndarray:
+def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[int, float],
+                       default: float | None = None) -> np.ndarray:
     """``values`` (..., N) divided atom by atom by the scale of the atom's element (``numbers`` (N,)).
 
+    ``default``: the scale of an element without one (e.g. the pooled quantile of all reference atoms);
+    None (default): such an element is an error.
+
     Raises:
-        ValueError: an element of ``numbers`` has no scale (it was absent from the reference runs).
+        ValueError: an element of ``numbers`` has no scale (it was absent from the reference runs) and no
+            ``default`` is given.
     """
     z = np.asarray(numbers)
     missing = sorted(set(np.unique(z).tolist()) - set(int(k) for k in scales))
-    if missing:
+    if missing and default is not None:
+        scales = dict(scales) | {e: float(default) for e in missing}
+    elif missing:
         raise ValueError(f"no in-domain scale for element(s) Z={missing} (scales exist for {sorted(scales)}): the "
                          "reference runs must contain every element of the monitored structure")
     per_atom = np.array([scales[int(e)] for e in z], dtype=np.float64)

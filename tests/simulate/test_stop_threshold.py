@@ -210,3 +210,15 @@ def test_from_reference_runs_fits_scales_then_threshold():
     plain = UncertaintyStop.from_reference_runs(dyn, runs, [z] * 4, 0.2, element_quantile=None)
     # raw peaks 4, 3, 0.9, 0.4 -> the 4th smallest, 4.0
     assert plain.element_scales is None and plain.threshold == 4.0
+
+
+def test_element_normalised_by_hand_and_its_default_scale():
+    from ltau_ase.simulate.observers import element_normalised
+
+    values = np.array([[1.0, 2.0, 3.0], [4.0, 6.0, 9.0]])
+    z = np.array([29, 8, 47])
+    with pytest.raises(ValueError, match=r"Z=\[47\]"):
+        element_normalised(values, z, {29: 2.0, 8: 0.5})
+    # Ag has no scale: the default 3.0 is used for it
+    assert element_normalised(values, z, {29: 2.0, 8: 0.5}, default=3.0) == pytest.approx(
+        np.array([[0.5, 4.0, 1.0], [2.0, 12.0, 3.0]]))
