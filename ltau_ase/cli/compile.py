@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ltau_ase.cli.options import positive_int
+from ltau_ase.cli.options import open_fraction, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-form", action="store_true",
                         help="compile a calibrated estimator in the paper's form (one scale) instead of its "
                              "distance-aware form (which also outputs ltau_distance_ratio)")
-    parser.add_argument("--coverage", type=float, default=None, metavar="Q",
+    parser.add_argument("--coverage", type=open_fraction, default=None, metavar="Q",
                         help="also compile per-atom conformal force-error bounds at coverage Q in (0, 1) "
                              "(output ltau_force_error_bound, eV/Å; needs a calibrated estimator, not --paper-form)")
     parser.add_argument("--trust-model", action="store_true",

@@ -353,9 +353,11 @@ def test_compile_cli_refuses_bad_coverage_before_compiling(tiny_nequip_run, tiny
     est, _, _ = _calibrated(tiny_nequip_run, tiny_latents, "compact")
     est.save(str(tmp_path / "cal.ltau"))
     out = tmp_path / "m.nequip.pt2"
-    for est_path, extra, needle in ((tmp_path / "cal.ltau", ["--coverage", "1.5"], "open interval"),
-                                    (tmp_path / "cal.ltau", ["--coverage", "nan"], "open interval"),
-                                    (tmp_path / "cal.ltau", ["--coverage", "0.9", "--paper-form"], "distance-aware"),
+    for bad in ("1.5", "nan", "0"):  # argparse: usage line + error line, exit 2
+        with pytest.raises(SystemExit) as exc:
+            _cli(tiny_nequip_run.checkpoint, tmp_path / "cal.ltau", out, "--coverage", bad)
+        assert exc.value.code == 2 and "(0, 1)" in capsys.readouterr().err
+    for est_path, extra, needle in ((tmp_path / "cal.ltau", ["--coverage", "0.9", "--paper-form"], "distance-aware"),
                                     (matching_estimator_file, ["--coverage", "0.9"], "calibrated")):
         assert _cli(tiny_nequip_run.checkpoint, est_path, out, *extra) == 2
         err = capsys.readouterr().err
