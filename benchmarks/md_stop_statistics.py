@@ -13,6 +13,11 @@ threshold comes from in-domain runs only, as in the benchmark: each in-domain ru
 max-atom error exceeds the bound). Thresholds: :func:`ltau_ase.simulate.observers.stop_threshold`
 (conformal α = 0.05, Gumbel α = 0.05 and 0.01). Also a sensitivity analysis over the physical bound.
 Output: ``md_stop_statistics.json`` in ``--output`` and a table on stdout.
+
+``--held-out-runs N`` also simulates N new in-domain and N new hot runs (the benchmark's MD task and MD
+model, new random streams; cached in ``raw/md_heldout_*.pkl``) and scores the main statistics on them
+with scales and thresholds fitted on the cached in-domain runs only: a check free of the choice of
+statistic, which was made looking at the cached hot runs.
 """
 from __future__ import annotations
 
@@ -29,7 +34,35 @@ Trace = Callable[[dict], np.ndarray]
 Factory = Callable[[list], Trace]  # fit on reference runs -> a run's (steps,) trace
 
 
-def per_atom_runs(output: Path, cfg) -> dict[str, list[dict]]:
+#: random streams of the held-out runs (the benchmark's own MD groups use 101-103 + j)
+HELD_OUT_STREAMS = {"in_domain": 202, "hot": 203}
+
+
+def held_out_md(output: Path, cfg, md_train, n: int) -> dict[str, list]:
+    """n new in-domain and n new hot runs (the benchmark's ``_md_task``), cached in ``raw/md_heldout_*.pkl``."""
+    import pickle
+
+    from ltau_ase.demo import shift as S
+
+    plan = {"heldout_in_domain": (cfg.settings.train_temperature, cfg.md_steps_in_domain, HELD_OUT_STREAMS["in_domain"],
+                                  cfg.md_emt_stride_in_domain),
+            "heldout_hot": (cfg.md_hot_temperatures[-1], cfg.md_steps_hot, HELD_OUT_STREAMS["hot"], cfg.md_emt_stride_hot)}
+    runs = {}
+    for group, (temp, steps, stream, stride) in plan.items():
+        path = output / "raw" / f"md_{group}_{n}.pkl"
+        if not path.is_file():
+            starts = S.md_start_structures(cfg, n, stream)
+            tasks = [(i, a, temp, steps, [cfg.seed, stream, i, 7], cfg.md_error_bound, cfg.md_after_breakdown, stride)
+                     for i, a in enumerate(starts)]
+            res = S._pool_map(cfg, md_train, S._md_task, tasks, f"MD {group}")
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(res))  # our own file, written just now
+            tmp.replace(path)
+        runs[group] = pickle.loads(path.read_bytes())
+    return runs
+
+
+def per_atom_runs(output: Path, cfg, held_out: int = 0) -> dict[str, list[dict]]:
     """Per run: ``numbers`` (N,), ``true_max_error`` (steps,), ``expected_error`` and ``distance_ratio`` (steps, N)."""
     from ltau_ase.demo import shift as S
 
@@ -37,6 +70,8 @@ def per_atom_runs(output: Path, cfg) -> dict[str, list[dict]]:
     train = S.stage_train(cfg, output, data, True)
     md_train = S.stage_md_model(cfg, output, data, train, True)
     md = S.stage_md(cfg, output, md_train, True)
+    if held_out:
+        md = md | held_out_md(output, cfg, md_train, held_out)
     aware = S.md_estimators(cfg, data, md_train)["aware"]
     runs = {}
     for group, group_runs in md.items():
@@ -168,13 +203,37 @@ def evaluate(factory: Factory, in_domain: list, hot: list, bound: float, method:
             "hot_stop": o_hot["stop"], "hot_breakdown": o_hot["breakdown"]}
 
 
+def evaluate_held_out(factory: Factory, reference: list, in_domain: list, hot: list, bound: float, method: str,
+                      alpha: float, on_time: int = 10) -> dict:
+    """Scales and threshold from ``reference`` (cut at breakdown) only; outcomes on new runs."""
+    from ltau_ase.shift_metrics import stop_outcomes
+    from ltau_ase.simulate.observers import stop_threshold
+
+    f = factory(reference)
+    refs = [f(r)[:breakdown(r, bound)] if breakdown(r, bound) is not None else f(r) for r in reference]
+    thr = stop_threshold(refs, alpha, 1, method)
+    o_in = stop_outcomes([f(r) for r in in_domain], [r["true_max_error"] for r in in_domain], thr, bound, 1, on_time)
+    o_hot = stop_outcomes([f(r) for r in hot], [r["true_max_error"] for r in hot], thr, bound, 1, on_time)
+    delays = [d for d in o_hot["delay"] if d is not None]
+    return {"threshold": thr, "in_domain_false_alarms": o_in["n_false_alarms"], "in_domain_runs": o_in["n_runs"],
+            "in_domain_broken": o_in["n_broken"], "in_domain_stop": o_in["stop"], "in_domain_breakdown": o_in["breakdown"],
+            "hot_broken": o_hot["n_broken"], "hot_on_time": o_hot["n_on_time"],
+            "hot_before": sum(d < 0 for d in delays), "hot_within": sum(0 <= d <= on_time for d in delays),
+            "hot_later": sum(d > on_time for d in delays), "hot_never": o_hot["n_missed"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/md_stop_statistics.py", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="a benchmarks/shift.py output directory with cached MD runs")
     parser.add_argument("--quick", action="store_true", help="the --quick sizes of benchmarks/shift.py")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--md-model-epochs", type=int, default=None, help="as given to benchmarks/shift.py")
+    parser.add_argument("--held-out-runs", type=int, default=0,
+                        help="also simulate this many new in-domain and hot runs and score on them (default 0)")
     args = parser.parse_args(argv)
+    if args.held_out_runs < 0:
+        print(f"error: --held-out-runs must be >= 0, got {args.held_out_runs}", file=sys.stderr)
+        return 2
     from ltau_ase.demo.shift import ShiftBenchConfig, md_plan
 
     out = Path(args.output)
@@ -187,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"error: {out} has no cached MD runs for {missing}; run benchmarks/shift.py there first", file=sys.stderr)
         return 2
-    runs = per_atom_runs(out, cfg)
+    runs = per_atom_runs(out, cfg, args.held_out_runs)
     in_domain = runs[f"T{cfg.settings.train_temperature:g}"]
     hot = runs[f"T{cfg.md_hot_temperatures[-1]:g}"]
     rules = [("conformal", 0.05), ("gumbel", 0.05), ("gumbel", 0.01)]
@@ -222,6 +281,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  bound {bound:g} eV/Å, {name}: in-domain broken {o['in_domain_broken']}, false alarms "
                   f"{o['in_domain_false_alarms']}/{o['in_domain_runs']}; hot runs reaching it {o['hot_broken']}, on time "
                   f"{o['hot_on_time']}, stops in hot runs that never reach it {o['hot_stops_in_unbroken']}")
+    if args.held_out_runs:
+        new_in, new_hot = runs["heldout_in_domain"], runs["heldout_hot"]
+        print(f"\nheld-out runs ({args.held_out_runs} in-domain, {args.held_out_runs} hot; new random streams), "
+              "scales and thresholds from the cached in-domain runs only:")
+        results["held_out"] = {"in_domain_breakdown": [breakdown(r, cfg.md_error_bound) for r in new_in],
+                               "hot_breakdown": [breakdown(r, cfg.md_error_bound) for r in new_hot], "statistics": {}}
+        print("| statistic | rule | threshold | new in-domain false alarms (broken by themselves) | new hot on time "
+              "(before / 0-10 after / later / never) |")
+        print("|---|---|---|---|---|")
+        stats = statistics(cfg.md_error_bound)
+        for name in ("EE", "r", "EE / element q0.99", "r / element q0.99", "max of the two per-element"):
+            for method, alpha in rules:
+                o = evaluate_held_out(stats[name], in_domain, new_in, new_hot, cfg.md_error_bound, method, alpha)
+                results["held_out"]["statistics"][f"{name} | {method} {alpha:g}"] = o
+                print(f"| {name} | {method} α={alpha:g} | {o['threshold']:.4g} | {o['in_domain_false_alarms']}/"
+                      f"{o['in_domain_runs']} ({o['in_domain_broken']}) | {o['hot_on_time']}/{o['hot_broken']} "
+                      f"({o['hot_before']} / {o['hot_within']} / {o['hot_later']} / {o['hot_never']}) |")
     (out / "md_stop_statistics.json").write_text(json.dumps(results, indent=1, default=float))
     print(f"wrote {out / 'md_stop_statistics.json'}")
     return 0

@@ -58,3 +58,16 @@ def test_evaluate_leaves_one_in_domain_run_out_and_scores_hot_runs(ms):
     # every in-domain run is judged by the others' highest peak: only the single highest run can fire
     peaks = sorted(r["expected_error"].max() for r in in_domain)
     assert o["in_domain_false_alarms"] == (1 if peaks[-1] > peaks[-2] else 0)
+
+
+def test_evaluate_held_out_fits_on_the_reference_runs_only(ms):
+    rng = np.random.default_rng(1)
+    reference = [_run(rng.uniform(0, 1, size=(30, 2))) for _ in range(12)]
+    new_in = [_run(rng.uniform(0, 0.5, size=(30, 2))), _run(np.full((30, 2), 2.0))]  # the second exceeds
+    hot_ee = rng.uniform(0, 0.5, size=(30, 2))
+    hot_ee[20:, 1] = 9.0
+    hot = [_run(hot_ee, err=np.r_[np.zeros(25), np.full(5, 2.0)])]  # stop at 20, breakdown at 25: before
+    o = ms.evaluate_held_out(ms.statistics(1.0)["EE"], reference, new_in, hot, 1.0, "conformal", 0.1)
+    assert o["threshold"] == pytest.approx(max(r["expected_error"].max() for r in reference))
+    assert o["in_domain_stop"] == [None, 0] and o["in_domain_false_alarms"] == 1
+    assert (o["hot_on_time"], o["hot_before"], o["hot_within"], o["hot_never"]) == (1, 1, 0, 0)
