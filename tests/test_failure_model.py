@@ -163,7 +163,7 @@ def test_auto_choice_is_the_cross_validated_log_loss_minimum():
 
     rows = _rows(120, 21)
     feats = ("uq_initial", "uq_max", "nsteps")
-    model = FailureModel(features=feats).fit(rows)
+    model = FailureModel(features=feats, monotone=False).fit(rows)
     # log; clip with tails 0 and 0.3 (clip with tail 1 is log); rank with every tail; each with every l2
     expected = ({f"log/l2={l2:g}" for l2 in FAILURE_L2_GRID}
                 | {f"{t}/tail={tail:g}/l2={l2:g}" for t in ("clip", "rank") for tail in FAILURE_TAIL_GRID
@@ -187,7 +187,8 @@ def test_auto_choice_is_the_cross_validated_log_loss_minimum():
         losses = []
         for held in folds:
             keep = np.setdiff1d(np.arange(120), held)
-            m = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0).fit([rows[i] for i in keep])
+            m = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0,
+                             monotone=False).fit([rows[i] for i in keep])
             p = m.predict_proba([rows[i] for i in held])
             losses.append(-np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
         return np.mean(losses)
@@ -234,3 +235,94 @@ def test_tail_continues_the_edge_slope_beyond_the_fit_range_by_hand():
     assert np.all(np.diff(rank.predict_proba(far)) > 0)  # rows beyond the range keep their order
     back = FailureModel.from_dict(json.loads(json.dumps(rank.to_dict())))
     np.testing.assert_array_equal(back.predict_proba(far), rank.predict_proba(far))
+
+
+def _contrast_rows(n, seed):
+    # failure follows a - b, so the unconstrained fit puts a negative weight on b
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    failed = rng.uniform(size=n) < 1 / (1 + np.exp(-(2.0 * a - 1.0 * b)))
+    return [{"uq_max": a[i], "uq_mean": b[i], "nsteps": 10, "rmsd": 1.0 if failed[i] else 0.1} for i in range(n)]
+
+
+def test_monotone_fit_is_the_constrained_likelihood_optimum():
+    rows = _contrast_rows(400, 51)
+    feats = ("uq_max", "uq_mean")
+    free = FailureModel(features=feats, l2=0.0, transform="log", monotone=False).fit(rows)
+    assert free.coef_[2] < 0
+    mono = FailureModel(features=feats, l2=0.0, transform="log", monotone=True).fit(rows)
+    # convex likelihood whose free optimum has w_b < 0: the constrained optimum sits at w_b = 0, i.e. it is
+    # the one-feature maximum likelihood fit on a; reference by derivative-free Nelder-Mead, unstandardised
+    assert mono.coef_[2] == 0.0 and mono.coef_[1] > 0
+    a = np.array([r["uq_max"] for r in rows])
+    y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
+    ref = minimize(lambda w: np.sum(np.logaddexp(0, w[0] + w[1] * a) - y * (w[0] + w[1] * a)), [0.0, 0.0],
+                   method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+    np.testing.assert_allclose(mono.predict_proba(rows), 1 / (1 + np.exp(-(ref.x[0] + ref.x[1] * a))), atol=1e-4)
+    # and no point with w_b >= 0 has a higher likelihood (brute-force grid around the optimum)
+    x = (np.column_stack([a, [r["uq_mean"] for r in rows]]) - mono.mean_) / mono.std_
+
+    def nll(w):
+        z = w[0] + x @ w[1:]
+        return np.sum(np.logaddexp(0, z) - y * z)
+
+    best = nll(mono.coef_)
+    for d0 in (-0.05, 0, 0.05):
+        for d1 in (-0.05, 0, 0.05):
+            for wb in (0.0, 0.02, 0.1):
+                assert nll(mono.coef_ + np.array([d0, d1, wb])) >= best - 1e-9
+    back = FailureModel.from_dict(json.loads(json.dumps(mono.to_dict())))
+    assert back.monotone
+    np.testing.assert_array_equal(back.predict_proba(rows), mono.predict_proba(rows))
+    with pytest.raises(ValueError, match="non-negative"):
+        FailureModel.from_dict(dict(mono.to_dict(), coef=[0.0, 1.0, -0.5]))
+    with pytest.raises(ValueError, match="monotone"):
+        FailureModel(monotone="yes")
+
+
+def test_monotone_auto_keeps_rows_beyond_the_fit_range_in_order():
+    rows = _rows(150, 61)
+    feats = ("uq_initial", "uq_max", "uq_final", "nsteps")
+    mono = FailureModel(features=feats).fit(rows)
+    assert mono.monotone and np.all(mono.coef_[1:] >= 0)
+    # the auto grid has no saturating tail (0) under the constraint
+    assert not any("tail=0/" in k for k in mono.cv_) and any(k.startswith("rank/tail=0.3/") for k in mono.cv_)
+    assert mono.tail_ > 0
+    # probes: raising any one feature, inside or far beyond the fit range, never lowers p;
+    # raising one with a positive coefficient beyond the range strictly raises it
+    base = _rows(40, 62)
+    for j, key in enumerate(feats):
+        steps = (0.0, 0.1, 1.0, 5.0, 50.0) if key != "nsteps" else (0, 10, 100, 1000, 10000)
+        p = np.array([mono.predict_proba([dict(r, **{key: r[key] + d})])[0] for d in steps for r in base])
+        p = p.reshape(len(steps), len(base))
+        assert np.all(np.diff(p, axis=0) >= -1e-12)
+        if mono.coef_[j + 1] > 0:
+            assert np.all(np.diff(p[2:], axis=0) > 0)
+    # rows beyond the range in uq_max keep their order, where the saturating rank map ties them
+    far = [dict(base[0], uq_max=2.0 + d) for d in (0.0, 0.5, 1.0, 3.0)]
+    assert np.all(np.diff(FailureModel(features=("uq_max",)).fit(rows).predict_proba(far)) > 0)
+    saturating = FailureModel(features=("uq_max",), transform="rank", tail=0.0, monotone=False).fit(rows)
+    assert np.unique(saturating.predict_proba(far)).size == 1
+
+
+def test_report_fits_the_monotone_model_unless_told_otherwise(tmp_path):
+    import argparse
+
+    from ltau_ase.cli import report
+
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    table = [dict(r, name=f"s{i}") for i, r in enumerate(_contrast_rows(120, 71))]
+    for flags, monotone in (([], True), (["--failure-unconstrained"], False)):
+        path = tmp_path / f"fail{monotone}.json"
+        args = parser.parse_args(["--db", "x.db", "--fit-failure-model", str(path), "--failure-transform", "log",
+                                  "--failure-features", "uq"] + flags)
+        rows = [dict(r, uq_initial=r["uq_max"], uq_final=r["uq_max"]) for r in table]
+        out = report.failure_probabilities(rows, args)
+        assert out["monotone"] is monotone
+        ref = FailureModel(features=FAILURE_FEATURES, transform="log", monotone=monotone).fit(rows)
+        np.testing.assert_allclose([r["p_fail"] for r in rows], ref.predict_proba(rows), rtol=1e-12)
+        saved = FailureModel.from_dict(json.loads(path.read_text()))
+        assert saved.monotone is monotone
+        # uq_mean follows -failure here: only the unconstrained fit weights it negatively
+        assert (saved.coef_[FAILURE_FEATURES.index("uq_mean") + 1] < 0) is not monotone
