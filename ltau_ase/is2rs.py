@@ -41,6 +41,7 @@ __all__ = [
     "FAILURE_FEATURES_WITH_DISTANCE",
     "FAILURE_TRANSFORMS",
     "FAILURE_L2_GRID",
+    "select_failure_features",
 ]
 
 #: β values of OC20's ADwT, in Å (490 values).
@@ -807,3 +808,59 @@ class FailureModel:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed failure model: missing or wrong field ({exc!r})") from None
         return model
+
+
+def select_failure_features(rows: Sequence[Mapping[str, Any]], feature_sets: Sequence[Sequence[str]],
+                            **params: Any) -> tuple[FailureModel, dict[str, dict[str, float]]]:
+    """Choose among candidate feature sets by nested cross-validation on the fit rows alone.
+
+    Each :class:`FailureModel` CV uses folds of its own features (one extrapolation fold per feature),
+    so its ``cv_`` scores cannot compare feature sets. Here every set is scored on the SAME outer folds:
+    those of :func:`_cv_folds` on the union of the sets' features (in order of first appearance), i.e.
+    stratified K-fold and, per feature, its top :data:`EXTRAPOLATION_SHARE` held out. On each outer fold
+    a ``FailureModel(features=set, **params)`` is fitted on the kept rows (running its own ``"auto"``
+    choices there) and scored by log-loss on the held-out rows; a set's score is the mean of its K-fold
+    and extrapolation means, as in ``FailureModel.fit``. The set with the lowest score (ties: the
+    earlier) is refitted on all rows.
+
+    Args:
+        rows: calibration relaxation rows (features and ``rmsd`` in Å).
+        feature_sets: candidate feature sets (each a non-empty sequence of row keys).
+        **params: further ``FailureModel`` arguments (``rmsd_threshold``, ``monotone``, ``seed``, ...).
+    Returns:
+        (the fitted model of the chosen set, ``{",".join(set): {"kfold", "extrapolation", "score"}}``).
+    """
+    if isinstance(feature_sets, str) or len(feature_sets) == 0:
+        raise ValueError(f"feature_sets must be a non-empty sequence of feature sets; got {feature_sets!r}")
+    sets = [tuple(f) for f in feature_sets]
+    if "features" in params:
+        raise ValueError("give the features as feature_sets, not as a FailureModel argument")
+    union = tuple(dict.fromkeys(f for fs in sets for f in fs))
+    probe = FailureModel(features=union, **params)
+    x = probe._matrix(rows)
+    rmsd = np.array([float(r["rmsd"]) if "rmsd" in r else np.nan for r in rows])
+    if not np.all(np.isfinite(rmsd)):
+        raise ValueError("every row needs a finite 'rmsd' (Å) to fit the failure model")
+    y = (rmsd > probe.rmsd_threshold).astype(np.float64)
+    n_fail, n_ok = int(y.sum()), int(y.size - y.sum())
+    if min(n_fail, n_ok) < MIN_FAILURE_CLASS:
+        raise ValueError(f"the failure model needs at least {MIN_FAILURE_CLASS} relaxations with RMSD above and "
+                         f"{MIN_FAILURE_CLASS} below {probe.rmsd_threshold:g} Å; got {n_fail} above, {n_ok} below")
+    shuffled, extrapolation = _cv_folds(x, y, probe.seed)
+    scores: dict[str, dict[str, float]] = {}
+    best = None
+    for fs in sets:
+        entry = {}
+        for name, folds in (("kfold", shuffled), ("extrapolation", extrapolation)):
+            losses = []
+            for held in folds:
+                keep = np.setdiff1d(np.arange(y.size), held)
+                model = FailureModel(features=fs, **params).fit([rows[i] for i in keep])
+                losses.append(_log_loss(model.predict_proba([rows[i] for i in held]), y[held]))
+            entry[name] = float(np.mean(losses)) if losses else float("nan")
+        entry["score"] = float(np.mean([v for v in entry.values() if np.isfinite(v)]))
+        scores[",".join(fs)] = entry
+        if best is None or entry["score"] < best[0]:
+            best = (entry["score"], fs)
+    assert best is not None
+    return FailureModel(features=best[1], **params).fit(rows), scores

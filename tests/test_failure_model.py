@@ -326,3 +326,40 @@ def test_report_fits_the_monotone_model_unless_told_otherwise(tmp_path):
         assert saved.monotone is monotone
         # uq_mean follows -failure here: only the unconstrained fit weights it negatively
         assert (saved.coef_[FAILURE_FEATURES.index("uq_mean") + 1] < 0) is not monotone
+
+
+def test_feature_sets_are_compared_on_shared_outer_folds():
+    from ltau_ase.is2rs import _cv_folds, select_failure_features
+
+    rows = _rows(80, 81)
+    sets = [("uq_final",), ("uq_max",), ("uq_final", "uq_max")]  # uq_final is noise
+    model, scores = select_failure_features(rows, sets, transform="log", l2=1.0)
+    assert list(scores) == ["uq_final", "uq_max", "uq_final,uq_max"]
+    # brute force: the outer folds of the union (uq_final, uq_max), a plain fit per fold, log-loss by hand
+    y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
+    x = np.array([[r["uq_final"], r["uq_max"]] for r in rows])
+    shuffled, extrapolation = _cv_folds(x, y, 0)
+    assert len(extrapolation) == 2
+    for fs in sets:
+        ref = {}
+        for name, folds in (("kfold", shuffled), ("extrapolation", extrapolation)):
+            losses = []
+            for held in folds:
+                keep = np.setdiff1d(np.arange(80), held)
+                m = FailureModel(features=fs, transform="log", l2=1.0).fit([rows[i] for i in keep])
+                p = m.predict_proba([rows[i] for i in held])
+                losses.append(-np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
+            ref[name] = np.mean(losses)
+        got = scores[",".join(fs)]
+        assert got["kfold"] == pytest.approx(ref["kfold"], rel=1e-9)
+        assert got["extrapolation"] == pytest.approx(ref["extrapolation"], rel=1e-9)
+        assert got["score"] == pytest.approx((ref["kfold"] + ref["extrapolation"]) / 2, rel=1e-9)
+    best = min(scores, key=lambda k: scores[k]["score"])
+    assert ",".join(model.features) == best and "uq_max" in model.features
+    np.testing.assert_array_equal(model.predict_proba(rows),
+                                  FailureModel(features=model.features, transform="log", l2=1.0).fit(rows)
+                                  .predict_proba(rows))
+    with pytest.raises(ValueError, match="feature_sets"):
+        select_failure_features(rows, [])
+    with pytest.raises(ValueError, match="feature_sets, not"):
+        select_failure_features(rows, sets, features=("uq_max",))
