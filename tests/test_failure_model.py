@@ -363,3 +363,55 @@ def test_feature_sets_are_compared_on_shared_outer_folds():
         select_failure_features(rows, [])
     with pytest.raises(ValueError, match="feature_sets, not"):
         select_failure_features(rows, sets, features=("uq_max",))
+
+
+def test_shift_benchmark_scores_the_default_rule_per_method(monkeypatch):
+    from types import SimpleNamespace
+
+    import ltau_ase.demo.shift as shift
+    import ltau_ase.is2rs as is2rs
+    from ltau_ase.demo.shift import _failure_models, is2rs_table
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE, select_failure_features
+
+    # smaller grids and two methods keep the nested CV fast; the logic scored is the same
+    monkeypatch.setattr(is2rs, "FAILURE_L2_GRID", (1.0,))
+    monkeypatch.setattr(is2rs, "FAILURE_TAIL_GRID", (0.0, 0.3))
+    monkeypatch.setattr(shift, "METHOD_LABELS", {m: shift.METHOD_LABELS[m] for m in ("ltau_distance", "committee")})
+
+    rng = np.random.default_rng(91)
+
+    def table(n, shift):
+        rows = []
+        for i in range(n):
+            log_r = rng.normal(shift, 0.5)
+            u = rng.uniform()
+            stats = lambda v: {"initial": v, "max": v * 1.1, "mean": v * 0.9, "final": v * 0.8}  # noqa: E731
+            rows.append({"system": f"s{i}", "status": "done", "nsteps": int(rng.integers(5, 40)),
+                         "rmsd": 1.0 if rng.uniform() < 1 / (1 + np.exp(-3 * (log_r - shift - 0.2))) else 0.1,
+                         "ltau_distance": stats(u), "committee": stats(0.1 + u),
+                         "ltau_distance_ratio": stats(float(np.exp(log_r)))})
+        return rows
+
+    tables = {"is2rs_calibration": table(60, 0.0), "is2rs_adsorbate": table(40, 2.0)}
+    out = {"table": tables, "failure_rmsd": 0.5, "domains": {
+        d[len("is2rs_"):]: {"n_systems": len(t), "n_failed": sum(r["rmsd"] > 0.5 for r in t),
+                            "ltau_distance": {}, "committee": {}, "ltau_distance_ratio": {}}
+        for d, t in tables.items()}}
+    _failure_models(SimpleNamespace(failure_rmsd=0.5, bootstrap=20, seed=0), out)
+
+    def rows_of(split, method):
+        return [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"],
+                 **{f"distance_ratio_{k}": v for k, v in r["ltau_distance_ratio"].items()}} for r in tables[split]]
+
+    test_fail = np.array([r["rmsd"] > 0.5 for r in tables["is2rs_adsorbate"]])
+    for method, pool in (("ltau_distance", (FAILURE_FEATURES_WITH_DISTANCE, ("uq_max", "distance_ratio_max"))),
+                         ("committee", (FAILURE_FEATURES, ("uq_max",)))):
+        ref, _ = select_failure_features(rows_of("is2rs_calibration", method), pool)
+        saved = out["failure_model"][method + "_selected"]
+        assert tuple(saved["features"]) == ref.features and saved["monotone"] is True
+        got = out["domains"]["adsorbate"][method]["auroc_failure_probability_selected"]["value"]
+        assert got == pytest.approx(auroc(ref.predict_proba(rows_of("is2rs_adsorbate", method)), test_fail))
+        # the earlier forms stay scored side by side
+        assert out["failure_model"][method + "_with_distance_unconstrained"]["monotone"] is False
+    text = is2rs_table({"is2rs": out})
+    assert "default rule" in text and text.count("| adsorbate |") == 2

@@ -1037,6 +1037,13 @@ FAILURE_VARIANT_COLUMNS = (
 )
 
 
+def _feature_set_label(features: list[str]) -> str:
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+
+    names = {FAILURE_FEATURES: "UQ trace", FAILURE_FEATURES_WITH_DISTANCE: "UQ + distance trace"}
+    return names.get(tuple(features), ", ".join(features))
+
+
 def is2rs_table(results: dict) -> str:
     """Markdown: per IS2RS domain and method, AUROC of the raw trace statistics and of each failure model."""
     heads = [h for _, h in FAILURE_VARIANT_COLUMNS]
@@ -1051,7 +1058,7 @@ def is2rs_table(results: dict) -> str:
             if not m:
                 continue
             chosen = models.get(method + "_selected") if isinstance(models, dict) else None
-            chosen = ", ".join(chosen["features"]) if isinstance(chosen, dict) else "–"
+            chosen = _feature_set_label(chosen["features"]) if isinstance(chosen, dict) else "–"
             cells = " | ".join(_cell(m, "auroc_failure_probability" + suffix) for suffix, _ in FAILURE_VARIANT_COLUMNS)
             lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
                          f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | {cells} | {chosen} | "
