@@ -789,6 +789,12 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
     return out
 
 
+#: Reduced failure-model feature sets (fewer, sturdier features): the max UQ, and with the distance trace
+#: also the max distance ratio.
+FAILURE_REDUCED = ("uq_max",)
+FAILURE_REDUCED_WITH_DISTANCE = ("uq_max", "distance_ratio_max")
+
+
 def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
     """Per method: :class:`ltau_ase.is2rs.FailureModel` fitted on the calibration relaxations, its AUROC per domain."""
     from ltau_ase.core.calibration import auroc
@@ -799,7 +805,7 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
         out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
         return
 
-    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE, select_failure_features
 
     distance_key = "ltau_distance_ratio"  # the calibrated estimator's r_j, mean over free atoms per step
 
@@ -809,25 +815,42 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
             row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
         return row
 
-    # FailureModel's default (transform and penalty chosen by cross-validation on the calibration
-    # relaxations) with and without the distance trace, and, side by side, the earlier linear form
-    # (log features, l2 = 1) with the distance trace, which extrapolates beyond the calibration range
+    # FailureModel's default (monotone; map, tail and penalty chosen by cross-validation on the
+    # calibration relaxations) on the UQ trace, with the distance trace, and on the reduced set (max UQ,
+    # max distance ratio); side by side the earlier forms with the distance trace: unconstrained "auto"
+    # (may weight features negatively) and linear (log features, l2 = 1, unconstrained). "_selected" is
+    # the default rule: the feature set chosen by nested CV on the calibration relaxations alone
+    # (select_failure_features) -- for the committee among its own UQ trace sets (it has no latent
+    # distance), for every other method among the sets with the distance trace.
     variants = {"": (FAILURE_FEATURES, {}), "_with_distance": (FAILURE_FEATURES_WITH_DISTANCE, {}),
-                "_with_distance_linear": (FAILURE_FEATURES_WITH_DISTANCE, {"transform": "log", "l2": 1.0})}
+                "_with_distance_reduced": (FAILURE_REDUCED_WITH_DISTANCE, {}),
+                "_with_distance_unconstrained": (FAILURE_FEATURES_WITH_DISTANCE, {"monotone": False}),
+                "_with_distance_linear": (FAILURE_FEATURES_WITH_DISTANCE,
+                                          {"transform": "log", "l2": 1.0, "monotone": False}),
+                "_selected": (None, {})}
+    pools = {"uq": (FAILURE_FEATURES, FAILURE_REDUCED), "uq+distance": (FAILURE_FEATURES_WITH_DISTANCE,
+                                                                        FAILURE_REDUCED_WITH_DISTANCE)}
+    has_distance = bool(out["table"]["is2rs_calibration"]) and distance_key in out["table"]["is2rs_calibration"][0]
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
         for suffix, (features, options) in variants.items():
             # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
             fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
                         if method in r and math.isfinite(r["rmsd"])]
-            if not fit_rows or (suffix and distance_key not in out["table"]["is2rs_calibration"][0]):
+            pool = "uq" if method == "committee" or not has_distance else "uq+distance"
+            if not fit_rows or ("distance" in suffix and not has_distance):
                 continue
             try:
-                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features, **options).fit(fit_rows)
+                if features is None:
+                    model, scores = select_failure_features(fit_rows, pools[pool], rmsd_threshold=cfg.failure_rmsd)
+                else:
+                    model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features, **options).fit(fit_rows)
             except ValueError as exc:
                 info[method + suffix] = f"not fitted: {exc}"
                 continue
             info[method + suffix] = model.to_dict()
+            if features is None:
+                info[method + suffix].update(feature_pool=pool, feature_set_scores=scores)
             for split in out["table"]:
                 if split == "is2rs_calibration":
                     continue
@@ -1059,26 +1082,45 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: Failure-model variants of the IS2RS table: (result key suffix, column heading).
+FAILURE_VARIANT_COLUMNS = (
+    ("_selected", "AUROC p (default rule: monotone, feature set by nested CV)"),
+    ("", "AUROC p (monotone, UQ trace)"),
+    ("_with_distance", "AUROC p (monotone, + distance trace)"),
+    ("_with_distance_reduced", "AUROC p (monotone, max UQ + max distance)"),
+    ("_with_distance_unconstrained", "AUROC p (unconstrained auto, + distance)"),
+    ("_with_distance_linear", "AUROC p (linear, + distance)"),
+)
+
+
+def _feature_set_label(features: list[str]) -> str:
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+
+    names = {FAILURE_FEATURES: "UQ trace", FAILURE_FEATURES_WITH_DISTANCE: "UQ + distance trace"}
+    return names.get(tuple(features), ", ".join(features))
+
+
 def is2rs_table(results: dict) -> str:
+    """Markdown: per IS2RS domain and method, AUROC of the raw trace statistics and of each failure model."""
+    heads = [h for _, h in FAILURE_VARIANT_COLUMNS]
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
-             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | AUROC (linear FailureModel p, "
-             "+ distance trace) | mean p / observed (p, + distance; linear) | Brier (+ distance; linear) |"
-             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|---|---|"]
+             % results["is2rs"]["failure_rmsd"] + " | ".join(heads)
+             + " | default rule: features | mean p / observed (default rule) | Brier (default rule) |",
+             "|---" * (9 + len(heads)) + "|"]
+    models = results["is2rs"].get("failure_model", {})
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
-            if m:
-                lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
-                             f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
-                             f"{_cell(m, 'auroc_failure_probability')} | "
-                             f"{_cell(m, 'auroc_failure_probability_with_distance')} | "
-                             f"{_cell(m, 'auroc_failure_probability_with_distance_linear')} | "
-                             f"{_num(m.get('mean_failure_probability'))}, "
-                             f"{_num(m.get('mean_failure_probability_with_distance'))}; "
-                             f"{_num(m.get('mean_failure_probability_with_distance_linear'))} / "
-                             f"{_num(m.get('observed_failure_rate'))} | "
-                             f"{_cell(m, 'brier_failure_probability_with_distance')}; "
-                             f"{_cell(m, 'brier_failure_probability_with_distance_linear')} |")
+            if not m:
+                continue
+            chosen = models.get(method + "_selected") if isinstance(models, dict) else None
+            chosen = _feature_set_label(chosen["features"]) if isinstance(chosen, dict) else "–"
+            cells = " | ".join(_cell(m, "auroc_failure_probability" + suffix) for suffix, _ in FAILURE_VARIANT_COLUMNS)
+            lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
+                         f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | {cells} | {chosen} | "
+                         f"{_num(m.get('mean_failure_probability_selected'))} / "
+                         f"{_num(m.get('observed_failure_rate'))} | "
+                         f"{_cell(m, 'brier_failure_probability_selected')} |")
     return "\n".join(lines)
 
 
@@ -1322,8 +1364,8 @@ def headline(results: dict) -> dict[str, Any]:
         for method in METHOD_LABELS:
             if method in row:
                 h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
-                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance",
-                            "auroc_failure_probability_with_distance_linear"):
+                for suffix, _ in FAILURE_VARIANT_COLUMNS:
+                    key = "auroc_failure_probability" + suffix
                     if key in row[method]:
                         h[f"is2rs.{domain}.{method}.{key}"] = row[method][key]["value"]
     for group, g in results["md"]["groups"].items():

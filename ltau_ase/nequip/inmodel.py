@@ -341,7 +341,9 @@ class InModelLTAUCalculator(LatentNequIPCalculator):
             raise ValueError("the model carries no LTAU readout; append one with append_ltau(model, readout)")
         super().__init__(model, device, **kwargs)
         self.ltau_readout = dict(model.model.ltau.provenance)
-        self.implemented_properties = [*self.implemented_properties, *self.ltau_readout["fields"]]
+        readout = model.model.ltau
+        fields = BOUNDED_FIELDS if readout.error_bounds else DISTANCE_AWARE_FIELDS if readout.distance_aware else LTAU_FIELDS
+        self.implemented_properties = [*self.implemented_properties, *fields]
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
         super().save_extra_outputs(out)
