@@ -82,6 +82,11 @@ class ShiftBenchConfig:
     md_extreme_value_rates: tuple[float, ...] = (0.05, 0.01)
     md_patience: int = 1
     md_on_time_steps: int = 10
+    # Per-element statistics scored beside the raw ones ("<method>_per_element"): each atom's value over
+    # its element's md_element_quantile quantile in the reference runs (observers.element_scales), then
+    # the max over atoms; the scales come from the same runs as the threshold (leave one out in domain).
+    md_per_element_methods: tuple[str, ...] = ("ltau_distance_expected_error", "ltau_distance_ratio")
+    md_element_quantile: float = 0.99
     md_slab: tuple[int, int, int] = (2, 2, 3)
     # The MD runs use their own model (member 1's configuration trained for md_model_epochs, with its own
     # error log, LTAU estimator and calibration): at 12 epochs 15 of 20 in-domain 300 K runs of member 1
@@ -887,25 +892,38 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
     threshold). A rule that cannot give a threshold (e.g. a Gumbel fit from fewer than 10 runs) is
     recorded with its reason under ``"error"``.
 
+    Per-element statistics (``<method>_per_element`` for each of ``md_per_element_methods`` the scorer
+    gives, when the runs carry atomic numbers): each atom's value divided by its element's
+    ``md_element_quantile`` quantile over the reference runs' atoms (under the reference rule:
+    :func:`ltau_ase.simulate.observers.element_scales`), then the max over atoms; leaving one in-domain
+    run out refits the scales on the others, and the run's trace and its threshold's references use them
+    (an element that only the left-out run has gets the pooled quantile of all the others' atoms). The
+    scales are recorded under ``"element_scales"``.
+
     ``ratio_reference``: the distance ratio's reference distances, ``{"groups": ..., "atoms": ...}``
     (leave one training system out, as fitted, and the plain leave-one-atom-out one); the ratio under
     the plain reference is scored too (``ratio_reference_check``): a constant rescaling, so its stops
     must be the same.
     """
-    from ltau_ase.simulate.observers import stop_threshold
+    from ltau_ase.simulate.observers import element_normalised, element_scales, stop_threshold
 
-    def stats(run) -> dict[str, np.ndarray]:
+    per_atom: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in md}  # per-element bases, (steps, atoms)
+
+    def stats(run, group) -> dict[str, np.ndarray]:
         d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
         # with the atomic numbers, as LTAUCalculator predicts in a simulation (per-element factors)
         numbers = np.tile(run["numbers"], d.shape[0]) if run.get("numbers") is not None else None
         pred = scorer.predict(d.reshape(-1, d.shape[-1]), numbers)
-        return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
+        values = {m: p["uncertainty"].reshape(d.shape[:2]) for m, p in pred.items()}
+        per_atom[group].append({m: values[m] for m in cfg.md_per_element_methods
+                                if m in values and numbers is not None})
+        return {m: v.max(axis=1) for m, v in values.items()}
 
     def before_breakdown(trace: np.ndarray, run: dict) -> np.ndarray:
         over = np.flatnonzero(np.asarray(run["true_max_error"]) > cfg.md_error_bound)
         return trace[: over[0]] if over.size else trace
 
-    traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
+    traces = {g: [stats(r, g) for r in runs] for g, runs in md.items()}
     rescale = None
     if ratio_reference and "ltau_distance_ratio" in traces[next(iter(traces))][0]:
         rescale = ratio_reference["groups"] / ratio_reference["atoms"]
@@ -916,6 +934,9 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
     leave_one_out = "reference" not in md
     ref_group = in_domain if leave_one_out else "reference"
     methods = list(traces[ref_group][0])
+    element_bases = [m for m in cfg.md_per_element_methods if all(m in pa for g in per_atom.values() for pa in g)]
+    element_methods = [f"{m}_per_element" for m in element_bases]
+    methods += element_methods
     patience = cfg.md_patience
     rules = md_threshold_rules(cfg)
     res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
@@ -935,7 +956,37 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
 
     for rule in ("whole_runs", "before_breakdown"):
         refs = {m: [t[m] if rule == "whole_runs" else before_breakdown(t[m], r)
-                    for t, r in zip(traces[ref_group], md[ref_group])] for m in methods}
+                    for t, r in zip(traces[ref_group], md[ref_group])] for m in methods if m not in element_methods}
+        # per-element statistics: scales from the reference runs (all of them for the hot runs; in domain,
+        # leave one out: run i's trace and its threshold's references are normalised by the others' scales)
+        loo: dict[str, tuple[list, list]] = {}
+        for base in element_bases:
+            m = f"{base}_per_element"
+            ref_pa = [pa[base] if rule == "whole_runs" else before_breakdown(pa[base], r)
+                      for pa, r in zip(per_atom[ref_group], md[ref_group])]
+            nums = [np.asarray(r["numbers"]) for r in md[ref_group]]
+
+            def normalised_max(values, numbers, scales_pooled):
+                return element_normalised(values, numbers, *scales_pooled).max(axis=1)
+
+            def scales_of(vals, numbers):  # + the pooled quantile for an element the references lack
+                pooled = float(np.quantile(np.concatenate([v.ravel() for v in vals]), cfg.md_element_quantile))
+                return element_scales(vals, numbers, cfg.md_element_quantile), pooled
+
+            scales = scales_of(ref_pa, nums)
+            for group, runs in md.items():
+                for t, pa, r in zip(traces[group], per_atom[group], runs):
+                    t[m] = normalised_max(pa[base], r["numbers"], scales)
+            refs[m] = [normalised_max(v, z, scales) for v, z in zip(ref_pa, nums)]
+            res.setdefault("element_scales", {}).setdefault(rule, {})[m] = (
+                {str(z): v for z, v in scales[0].items()} | {"pooled": scales[1]})
+            if leave_one_out:
+                own, others = [], []
+                for i, pa in enumerate(per_atom[in_domain]):
+                    sc = scales_of(ref_pa[:i] + ref_pa[i + 1:], nums[:i] + nums[i + 1:])
+                    own.append(normalised_max(pa[base], nums[i], sc))
+                    others.append([normalised_max(v, z, sc) for j, (v, z) in enumerate(zip(ref_pa, nums)) if j != i])
+                loo[m] = (own, others)
         by_threshold: dict[str, Any] = {}
         for tname, (how, alpha) in rules.items():
             out: dict[str, Any] = {"thresholds": {}, "errors": {}, "groups": {}}
@@ -952,12 +1003,17 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
                                      "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
                 for m in out["thresholds"]:
                     thr: Any = out["thresholds"][m]
+                    stat_traces = [t[m] for t in traces[group]]
                     if leave_one_out and group == in_domain:
-                        thr = [threshold(refs[m][:i] + refs[m][i + 1:], how, alpha) for i in range(len(runs))]
+                        if m in loo:  # the run's own trace and its references under the others' scales
+                            stat_traces = loo[m][0]
+                            thr = [threshold(loo[m][1][i], how, alpha) for i in range(len(runs))]
+                        else:
+                            thr = [threshold(refs[m][:i] + refs[m][i + 1:], how, alpha) for i in range(len(runs))]
                         if any(isinstance(x, str) for x in thr):
                             g.setdefault("errors", {})[m] = next(x for x in thr if isinstance(x, str))
                             continue
-                    o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                    o = stop_outcomes(stat_traces, [r["true_max_error"] for r in runs],
                                       thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
                     if isinstance(thr, list):
                         o["thresholds"] = thr
@@ -1070,7 +1126,11 @@ def is2rs_table(results: dict) -> str:
 
 #: the MD stop's statistics: every per-atom method plus the distance ratio under the plain reference distance
 MD_METHOD_LABELS = METHOD_LABELS | {"ltau_distance_ratio_atoms_reference": "distance ratio r (leave-one-atom-out "
-                                                                          "reference)"}
+                                                                          "reference)",
+                                    "ltau_distance_expected_error_per_element": "expected error / its element's "
+                                                                                "in-domain quantile",
+                                    "ltau_distance_ratio_per_element": "distance ratio r / its element's in-domain "
+                                                                       "quantile"}
 
 
 def md_table(results: dict) -> str:
