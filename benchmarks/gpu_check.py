@@ -19,10 +19,12 @@ Checks (each reports ``ok``/``skipped``/``failed`` with its numbers or the error
   device (``ltau fit --device``) and on the CPU (same training descriptors?), ``ltau compile --device``
   (AOTInductor; skipped when the budget cannot hold it), and the compiled file's ``LTAUCalculator``
   against the eager checkpoint + estimator (forces, uncertainties).
+* ``readout_blocks_<model>_<N>``: the exact in-model scan alone on the GPU for 81 queries and
+  blocks of 32 k, 128 k and 1 M reference rows (ms).
 * ``step_times_<model>_<N>``: medians over interleaved steps on the 81-atom slab of (a) bare
-  nequip forces, (b) eager LTAU = forces + FAISS predict on the CPU, (c) eager forces + torch kNN
-  on the GPU (latents stay on the device), (d) in-model LTAU (one forward pass with the readout
-  appended). ms and UQ share of the step.
+  nequip forces, (b) eager LTAU = forces + FAISS predict on the CPU (all threads, and one thread),
+  (c) eager forces + torch kNN on the GPU (latents stay on the device), (d) in-model LTAU (one
+  forward pass with the readout appended). ms and UQ share of the step.
 
 Without a GPU every CUDA check is ``skipped`` with the reason, and the CPU parts still run (so the
 script can be tested anywhere). A total time guard (``--budget`` seconds) skips what no longer fits.
@@ -95,6 +97,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _one_faiss_thread(fn):
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        faiss.omp_set_num_threads(n)
+
+
 def latent_calc(model, device: str):
     from ltau_ase.nequip.calculator import LatentNequIPCalculator
 
@@ -113,6 +126,33 @@ def check_model_equality(model, atoms) -> dict:
         a.get_forces()
         out[name] = dict(calc.results)
     return {f"max_rel_diff_{k}": _rel(out["cuda"][k], out["cpu"][k]) for k in ("energy", "forces", "descriptors")}
+
+
+def time_readout_blocks(estimator, queries, device: str, block_sizes=(32768, 131072, 1 << 20), repeats: int = 20) -> dict:
+    """The exact in-model scan alone on ``device`` for several block sizes (ms, medians): on a GPU each
+    block costs a few kernel launches (matrix product, top-k), so larger blocks should be cheaper until
+    memory (queries x block x 4 bytes) or the top-k over long rows dominates."""
+    import torch
+
+    from ltau_ase.nequip.inmodel import readout_for_estimator
+
+    res = {}
+    x = {"node_features": torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)).to(device)}
+    for block in block_sizes:
+        readout = readout_for_estimator(estimator, block_size=block).to(device)
+        times = []
+        with torch.no_grad():
+            for r in range(repeats + 3):
+                _sync()
+                t = time.perf_counter()
+                readout(dict(x))
+                _sync()
+                if r >= 3:
+                    times.append(time.perf_counter() - t)
+        res[f"block_{block}_ms"] = 1e3 * float(np.median(times))
+        del readout
+    res["n_queries"] = int(len(queries))
+    return res
 
 
 def check_readout_equality(estimator, queries, device: str) -> dict:
@@ -204,6 +244,7 @@ def time_steps(model, atoms, estimator, device: str, repeats: int, deadline: flo
 
     bare = NequIPCalculator(copy.deepcopy(model), device, transforms=overhead.transforms_for(model))
     eager = LTAUCalculator(latent_calc(copy.deepcopy(model), device), estimator)
+    eager1 = LTAUCalculator(latent_calc(copy.deepcopy(model), device), estimator)  # own cache: same structures
     knn_calc = latent_calc(copy.deepcopy(model), device)
     readout = readout_from_estimator(model, estimator).to(device)
     inmodel_model = append_ltau(copy.deepcopy(model), readout_from_estimator(model, estimator)).to(device).eval()
@@ -217,6 +258,10 @@ def time_steps(model, atoms, estimator, device: str, repeats: int, deadline: flo
     steps = {
         "bare": lambda a: (setattr(a, "calc", bare), a.get_forces()),
         "eager_faiss_cpu": lambda a: (setattr(a, "calc", eager), a.get_forces(), eager.get_property("uncertainties", a)),
+        # the same with FAISS on one thread: on a many-core host OpenMP start-up and contention with
+        # torch's own thread pool can cost more than a small search
+        "eager_faiss_cpu_1thread": lambda a: _one_faiss_thread(lambda: (setattr(a, "calc", eager1), a.get_forces(),
+                                                                          eager1.get_property("uncertainties", a))),
         "eager_torch_knn": run_knn,
         "inmodel": lambda a: (setattr(a, "calc", inmodel), a.get_forces(), inmodel.get_property("uncertainties", a)),
     }
@@ -227,7 +272,7 @@ def time_steps(model, atoms, estimator, device: str, repeats: int, deadline: flo
             break
         base = atoms.copy()
         base.rattle(0.03, seed=r)
-        for name in names[r % 4:] + names[:r % 4]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             a = base.copy()
             _sync()
             t = time.perf_counter()
@@ -300,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             est = est_box["est"]
             guard.run(f"readout_equality_{model_name}_{n}",
                       lambda: check_readout_equality(est, est_box["queries"], device), 5)
+            guard.run(f"readout_blocks_{model_name}_{n}",
+                      lambda: time_readout_blocks(est, est_box["queries"][:81], device), 10, needs_gpu=True)
             guard.run(f"step_times_{model_name}_{n}",
                       lambda: time_steps(model, atoms, est, device, repeats, deadline=guard.deadline(share=0.5)), 30)
             del est_box

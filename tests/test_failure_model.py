@@ -163,7 +163,7 @@ def test_auto_choice_is_the_cross_validated_log_loss_minimum():
 
     rows = _rows(120, 21)
     feats = ("uq_initial", "uq_max", "nsteps")
-    model = FailureModel(features=feats).fit(rows)
+    model = FailureModel(features=feats, monotone=False).fit(rows)
     # log; clip with tails 0 and 0.3 (clip with tail 1 is log); rank with every tail; each with every l2
     expected = ({f"log/l2={l2:g}" for l2 in FAILURE_L2_GRID}
                 | {f"{t}/tail={tail:g}/l2={l2:g}" for t in ("clip", "rank") for tail in FAILURE_TAIL_GRID
@@ -187,7 +187,8 @@ def test_auto_choice_is_the_cross_validated_log_loss_minimum():
         losses = []
         for held in folds:
             keep = np.setdiff1d(np.arange(120), held)
-            m = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0).fit([rows[i] for i in keep])
+            m = FailureModel(features=feats, l2=1.0, transform="clip", tail=0.0,
+                             monotone=False).fit([rows[i] for i in keep])
             p = m.predict_proba([rows[i] for i in held])
             losses.append(-np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
         return np.mean(losses)
@@ -234,3 +235,183 @@ def test_tail_continues_the_edge_slope_beyond_the_fit_range_by_hand():
     assert np.all(np.diff(rank.predict_proba(far)) > 0)  # rows beyond the range keep their order
     back = FailureModel.from_dict(json.loads(json.dumps(rank.to_dict())))
     np.testing.assert_array_equal(back.predict_proba(far), rank.predict_proba(far))
+
+
+def _contrast_rows(n, seed):
+    # failure follows a - b, so the unconstrained fit puts a negative weight on b
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    failed = rng.uniform(size=n) < 1 / (1 + np.exp(-(2.0 * a - 1.0 * b)))
+    return [{"uq_max": a[i], "uq_mean": b[i], "nsteps": 10, "rmsd": 1.0 if failed[i] else 0.1} for i in range(n)]
+
+
+def test_monotone_fit_is_the_constrained_likelihood_optimum():
+    rows = _contrast_rows(400, 51)
+    feats = ("uq_max", "uq_mean")
+    free = FailureModel(features=feats, l2=0.0, transform="log", monotone=False).fit(rows)
+    assert free.coef_[2] < 0
+    mono = FailureModel(features=feats, l2=0.0, transform="log", monotone=True).fit(rows)
+    # convex likelihood whose free optimum has w_b < 0: the constrained optimum sits at w_b = 0, i.e. it is
+    # the one-feature maximum likelihood fit on a; reference by derivative-free Nelder-Mead, unstandardised
+    assert mono.coef_[2] == 0.0 and mono.coef_[1] > 0
+    a = np.array([r["uq_max"] for r in rows])
+    y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
+    ref = minimize(lambda w: np.sum(np.logaddexp(0, w[0] + w[1] * a) - y * (w[0] + w[1] * a)), [0.0, 0.0],
+                   method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+    np.testing.assert_allclose(mono.predict_proba(rows), 1 / (1 + np.exp(-(ref.x[0] + ref.x[1] * a))), atol=1e-4)
+    # and no point with w_b >= 0 has a higher likelihood (brute-force grid around the optimum)
+    x = (np.column_stack([a, [r["uq_mean"] for r in rows]]) - mono.mean_) / mono.std_
+
+    def nll(w):
+        z = w[0] + x @ w[1:]
+        return np.sum(np.logaddexp(0, z) - y * z)
+
+    best = nll(mono.coef_)
+    for d0 in (-0.05, 0, 0.05):
+        for d1 in (-0.05, 0, 0.05):
+            for wb in (0.0, 0.02, 0.1):
+                assert nll(mono.coef_ + np.array([d0, d1, wb])) >= best - 1e-9
+    back = FailureModel.from_dict(json.loads(json.dumps(mono.to_dict())))
+    assert back.monotone
+    np.testing.assert_array_equal(back.predict_proba(rows), mono.predict_proba(rows))
+    with pytest.raises(ValueError, match="non-negative"):
+        FailureModel.from_dict(dict(mono.to_dict(), coef=[0.0, 1.0, -0.5]))
+    with pytest.raises(ValueError, match="monotone"):
+        FailureModel(monotone="yes")
+
+
+def test_monotone_auto_keeps_rows_beyond_the_fit_range_in_order():
+    rows = _rows(150, 61)
+    feats = ("uq_initial", "uq_max", "uq_final", "nsteps")
+    mono = FailureModel(features=feats).fit(rows)
+    assert mono.monotone and np.all(mono.coef_[1:] >= 0)
+    # the auto grid has no saturating tail (0) under the constraint
+    assert not any("tail=0/" in k for k in mono.cv_) and any(k.startswith("rank/tail=0.3/") for k in mono.cv_)
+    assert mono.tail_ > 0
+    # probes: raising any one feature, inside or far beyond the fit range, never lowers p;
+    # raising one with a positive coefficient beyond the range strictly raises it
+    base = _rows(40, 62)
+    for j, key in enumerate(feats):
+        steps = (0.0, 0.1, 1.0, 5.0, 50.0) if key != "nsteps" else (0, 10, 100, 1000, 10000)
+        p = np.array([mono.predict_proba([dict(r, **{key: r[key] + d})])[0] for d in steps for r in base])
+        p = p.reshape(len(steps), len(base))
+        assert np.all(np.diff(p, axis=0) >= -1e-12)
+        if mono.coef_[j + 1] > 0:
+            assert np.all(np.diff(p[2:], axis=0) > 0)
+    # rows beyond the range in uq_max keep their order, where the saturating rank map ties them
+    far = [dict(base[0], uq_max=2.0 + d) for d in (0.0, 0.5, 1.0, 3.0)]
+    assert np.all(np.diff(FailureModel(features=("uq_max",)).fit(rows).predict_proba(far)) > 0)
+    saturating = FailureModel(features=("uq_max",), transform="rank", tail=0.0, monotone=False).fit(rows)
+    assert np.unique(saturating.predict_proba(far)).size == 1
+
+
+def test_report_fits_the_monotone_model_unless_told_otherwise(tmp_path):
+    import argparse
+
+    from ltau_ase.cli import report
+
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    table = [dict(r, name=f"s{i}") for i, r in enumerate(_contrast_rows(120, 71))]
+    for flags, monotone in (([], True), (["--failure-unconstrained"], False)):
+        path = tmp_path / f"fail{monotone}.json"
+        args = parser.parse_args(["--db", "x.db", "--fit-failure-model", str(path), "--failure-transform", "log",
+                                  "--failure-features", "uq"] + flags)
+        rows = [dict(r, uq_initial=r["uq_max"], uq_final=r["uq_max"]) for r in table]
+        out = report.failure_probabilities(rows, args)
+        assert out["monotone"] is monotone
+        ref = FailureModel(features=FAILURE_FEATURES, transform="log", monotone=monotone).fit(rows)
+        np.testing.assert_allclose([r["p_fail"] for r in rows], ref.predict_proba(rows), rtol=1e-12)
+        saved = FailureModel.from_dict(json.loads(path.read_text()))
+        assert saved.monotone is monotone
+        # uq_mean follows -failure here: only the unconstrained fit weights it negatively
+        assert (saved.coef_[FAILURE_FEATURES.index("uq_mean") + 1] < 0) is not monotone
+
+
+def test_feature_sets_are_compared_on_shared_outer_folds():
+    from ltau_ase.is2rs import _cv_folds, select_failure_features
+
+    rows = _rows(80, 81)
+    sets = [("uq_final",), ("uq_max",), ("uq_final", "uq_max")]  # uq_final is noise
+    model, scores = select_failure_features(rows, sets, transform="log", l2=1.0)
+    assert list(scores) == ["uq_final", "uq_max", "uq_final,uq_max"]
+    # brute force: the outer folds of the union (uq_final, uq_max), a plain fit per fold, log-loss by hand
+    y = np.array([r["rmsd"] > 0.5 for r in rows], dtype=float)
+    x = np.array([[r["uq_final"], r["uq_max"]] for r in rows])
+    shuffled, extrapolation = _cv_folds(x, y, 0)
+    assert len(extrapolation) == 2
+    for fs in sets:
+        ref = {}
+        for name, folds in (("kfold", shuffled), ("extrapolation", extrapolation)):
+            losses = []
+            for held in folds:
+                keep = np.setdiff1d(np.arange(80), held)
+                m = FailureModel(features=fs, transform="log", l2=1.0).fit([rows[i] for i in keep])
+                p = m.predict_proba([rows[i] for i in held])
+                losses.append(-np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
+            ref[name] = np.mean(losses)
+        got = scores[",".join(fs)]
+        assert got["kfold"] == pytest.approx(ref["kfold"], rel=1e-9)
+        assert got["extrapolation"] == pytest.approx(ref["extrapolation"], rel=1e-9)
+        assert got["score"] == pytest.approx((ref["kfold"] + ref["extrapolation"]) / 2, rel=1e-9)
+    best = min(scores, key=lambda k: scores[k]["score"])
+    assert ",".join(model.features) == best and "uq_max" in model.features
+    np.testing.assert_array_equal(model.predict_proba(rows),
+                                  FailureModel(features=model.features, transform="log", l2=1.0).fit(rows)
+                                  .predict_proba(rows))
+    with pytest.raises(ValueError, match="feature_sets"):
+        select_failure_features(rows, [])
+    with pytest.raises(ValueError, match="feature_sets, not"):
+        select_failure_features(rows, sets, features=("uq_max",))
+
+
+def test_shift_benchmark_scores_the_default_rule_per_method(monkeypatch):
+    from types import SimpleNamespace
+
+    import ltau_ase.demo.shift as shift
+    import ltau_ase.is2rs as is2rs
+    from ltau_ase.demo.shift import _failure_models, is2rs_table
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE, select_failure_features
+
+    # smaller grids and two methods keep the nested CV fast; the logic scored is the same
+    monkeypatch.setattr(is2rs, "FAILURE_L2_GRID", (1.0,))
+    monkeypatch.setattr(is2rs, "FAILURE_TAIL_GRID", (0.0, 0.3))
+    monkeypatch.setattr(shift, "METHOD_LABELS", {m: shift.METHOD_LABELS[m] for m in ("ltau_distance", "committee")})
+
+    rng = np.random.default_rng(91)
+
+    def table(n, shift):
+        rows = []
+        for i in range(n):
+            log_r = rng.normal(shift, 0.5)
+            u = rng.uniform()
+            stats = lambda v: {"initial": v, "max": v * 1.1, "mean": v * 0.9, "final": v * 0.8}  # noqa: E731
+            rows.append({"system": f"s{i}", "status": "done", "nsteps": int(rng.integers(5, 40)),
+                         "rmsd": 1.0 if rng.uniform() < 1 / (1 + np.exp(-3 * (log_r - shift - 0.2))) else 0.1,
+                         "ltau_distance": stats(u), "committee": stats(0.1 + u),
+                         "ltau_distance_ratio": stats(float(np.exp(log_r)))})
+        return rows
+
+    tables = {"is2rs_calibration": table(60, 0.0), "is2rs_adsorbate": table(40, 2.0)}
+    out = {"table": tables, "failure_rmsd": 0.5, "domains": {
+        d[len("is2rs_"):]: {"n_systems": len(t), "n_failed": sum(r["rmsd"] > 0.5 for r in t),
+                            "ltau_distance": {}, "committee": {}, "ltau_distance_ratio": {}}
+        for d, t in tables.items()}}
+    _failure_models(SimpleNamespace(failure_rmsd=0.5, bootstrap=20, seed=0), out)
+
+    def rows_of(split, method):
+        return [{**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"],
+                 **{f"distance_ratio_{k}": v for k, v in r["ltau_distance_ratio"].items()}} for r in tables[split]]
+
+    test_fail = np.array([r["rmsd"] > 0.5 for r in tables["is2rs_adsorbate"]])
+    for method, pool in (("ltau_distance", (FAILURE_FEATURES_WITH_DISTANCE, ("uq_max", "distance_ratio_max"))),
+                         ("committee", (FAILURE_FEATURES, ("uq_max",)))):
+        ref, _ = select_failure_features(rows_of("is2rs_calibration", method), pool)
+        saved = out["failure_model"][method + "_selected"]
+        assert tuple(saved["features"]) == ref.features and saved["monotone"] is True
+        got = out["domains"]["adsorbate"][method]["auroc_failure_probability_selected"]["value"]
+        assert got == pytest.approx(auroc(ref.predict_proba(rows_of("is2rs_adsorbate", method)), test_fail))
+        # the earlier forms stay scored side by side
+        assert out["failure_model"][method + "_with_distance_unconstrained"]["monotone"] is False
+    text = is2rs_table({"is2rs": out})
+    assert "default rule" in text and text.count("| adsorbate |") == 2

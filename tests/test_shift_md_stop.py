@@ -81,3 +81,62 @@ def test_md_model_extra_frames_are_new_in_domain_md_frames_with_fresh_ids():
     assert frames[0].get_forces().shape == (len(frames[0]), 3)
     with pytest.raises(ValueError, match="md_model_extra"):
         ShiftBenchConfig.preset(True, md_model_extra_systems=2, md_model_extra_frames=3, md_model_extra_steps=2)
+
+
+class _ExpectedErrorScorer:
+    """'Expected error' per atom read straight from the descriptors' column 0."""
+
+    def predict(self, desc, numbers=None):
+        return {"ltau_distance_expected_error": {"uncertainty": np.asarray(desc[:, 0], dtype=np.float64)}}
+
+
+def test_score_md_per_element_statistic_against_hand_normalised_traces():
+    from ltau_ase.demo.shift import ShiftBenchConfig, md_table, score_md
+
+    rng = np.random.default_rng(1)
+    z = np.array([29, 29, 8])
+
+    def runs(n, steps, jump_at=None):
+        out = []
+        for _ in range(n):
+            v = rng.uniform(0.0, 1.0, size=(steps, 3, 1)).astype(np.float32)
+            v[:, 2] *= 0.1  # the O atom's in-domain range is a tenth of the Cu atoms'
+            err = np.full(steps, 0.1)
+            if jump_at is not None:  # the O atom jumps to 0.5, still inside the Cu atoms' range
+                v[jump_at:, 2, 0] = 0.5
+                err[jump_at - 2:] = 2.0
+            out.append({"descriptors": v, "true_max_error": err, "numbers": z})
+        return out
+
+    md = {"T300": runs(12, 60), "T1200": runs(2, 40, jump_at=20)}
+    cfg = ShiftBenchConfig(quick=True, md_runs_in_domain=12, md_runs_hot=2, md_false_alarm_rate=0.1,
+                           md_extreme_value_rates=(), bootstrap=20)
+    res = score_md(cfg, _ExpectedErrorScorer(), md)
+    rule = res["reference_rules"]["whole_runs"]["threshold_rules"]["conformal α=0.1"]
+    values = [r["descriptors"][:, :, 0].astype(np.float64) for r in md["T300"]]
+
+    def scales_of(vals):  # by hand: the 0.99 quantile of every value of each element
+        return {29: np.quantile(np.concatenate([v[:, :2].ravel() for v in vals]), 0.99),
+                8: np.quantile(np.concatenate([v[:, 2] for v in vals]), 0.99)}
+
+    def peak(v, sc):
+        return max((v[:, :2] / sc[29]).max(), (v[:, 2] / sc[8]).max())
+
+    sc = scales_of(values)
+    pooled = np.quantile(np.concatenate([v.ravel() for v in values]), 0.99)
+    assert res["element_scales"]["whole_runs"]["ltau_distance_expected_error_per_element"] == pytest.approx(
+        {"29": sc[29], "8": sc[8], "pooled": pooled})
+    # conformal, hot runs: rank ceil(13 * 0.9) = 12 of 12 -> the largest normalised in-domain peak
+    thr = max(peak(v, sc) for v in values)
+    assert rule["thresholds"]["ltau_distance_expected_error_per_element"] == pytest.approx(thr)
+    # in domain, leave one out: run 3's threshold is the largest peak of the others under the others' scales
+    others = values[:3] + values[4:]
+    loo = rule["groups"]["T300"]["ltau_distance_expected_error_per_element"]
+    assert loo["thresholds"][3] == pytest.approx(max(peak(v, scales_of(others)) for v in others))
+    # the O jump (0.5) stays below the Cu atoms' raw range: the raw max-atom statistic misses it,
+    # the per-element one (0.5 / ~0.1 = ~5) stops both hot runs at the jump, 2 steps after breakdown
+    hot = rule["groups"]["T1200"]
+    assert hot["ltau_distance_expected_error"]["n_missed"] == 2
+    assert hot["ltau_distance_expected_error_per_element"]["stop"] == [20, 20]
+    assert hot["ltau_distance_expected_error_per_element"]["n_on_time"] == 2
+    assert "its element's in-domain quantile" in md_table({"md": res, "config": {"md_on_time_steps": 10}})

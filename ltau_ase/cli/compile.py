@@ -7,7 +7,8 @@ Example::
 The compiled file (nequip-compile conventions: AOTInductor ``.nequip.pt2``) outputs energies,
 forces, stress, virial, the latent ``node_features`` and the per-atom fields ``ltau_uncertainty``,
 ``ltau_confidence``, ``ltau_expected_force_error``, ``ltau_latent_distance``, computed in the same
-forward pass. Use it with ``LTAUCalculator.from_nequip(OUTPUT, trusted=True)`` (no estimator needed),
+forward pass (and ``ltau_distance_ratio`` for a calibrated estimator, ``ltau_force_error_bound`` with
+``--coverage Q``). Use it with ``LTAUCalculator.from_nequip(OUTPUT, trusted=True)`` (no estimator needed),
 nequip's own ASE calculator, or LAMMPS ``pair_style nequip`` + ``compute nequip/atom ltau_uncertainty 1 0``.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ltau_ase.cli.options import positive_int
+from ltau_ase.cli.options import open_fraction, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-form", action="store_true",
                         help="compile a calibrated estimator in the paper's form (one scale) instead of its "
                              "distance-aware form (which also outputs ltau_distance_ratio)")
+    parser.add_argument("--coverage", type=open_fraction, default=None, metavar="Q",
+                        help="also compile per-atom conformal force-error bounds at coverage Q in (0, 1) "
+                             "(output ltau_force_error_bound, eV/Å; needs a calibrated estimator, not --paper-form)")
     parser.add_argument("--trust-model", action="store_true",
                         help="skip the checkpoint's allow-list check (needed for .nequip.zip packages)")
 
@@ -47,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     out = compile_model(
         args.model, args.output, estimator=args.estimator, mode=args.mode, device=args.device,
         reference=args.reference, n_centroids=args.centroids, overwrite=args.overwrite, trusted=args.trust_model,
-        paper_form=args.paper_form,
+        paper_form=args.paper_form, coverage=args.coverage,
     )
     print(f"wrote {out} ({args.mode}, {args.device}, {args.reference} reference): outputs energies, forces, "
           "node_features and ltau_uncertainty / ltau_confidence / ltau_expected_force_error / ltau_latent_distance"
-          " (and ltau_distance_ratio for a calibrated estimator compiled in its distance-aware form)")
+          " (and ltau_distance_ratio for a calibrated estimator compiled in its distance-aware form"
+          + (f", ltau_force_error_bound at coverage {args.coverage}" if args.coverage is not None else "") + ")")
     return 0

@@ -9,6 +9,9 @@ shift use ``expected_force_errors``, eV/Å, which does not saturate) and its thr
 ``--stop-threshold``, or chosen from in-domain ``--reference-runs`` (earlier ``ltau md --interval 1``
 trajectories run with a threshold they never reach) for a stated ``--false-alarm-rate``
 (``--threshold-method``: conformal, or a Gumbel fit to the runs' peaks for rates below 1/(runs + 1)).
+With ``--element-quantile Q`` the stop divides each atom's value by its element's in-domain Q quantile
+(from the same reference runs) before the reduction, and the threshold is chosen on those
+element-normalised traces (dimensionless).
 Langevin runs with ``fixcm=False``; a ``FixCom`` constraint keeps the centre of mass in place
 unless the structure has ``FixAtoms`` (which already pins it).
 """
@@ -65,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --reference-runs: conformal (distribution-free; needs a rate >= 1/(runs + 1)) or "
                            "gumbel (extreme-value fit to the runs' peaks, >= 10 runs; any rate, model-based) "
                            "(conformal)")
+    stop.add_argument("--element-quantile", type=open_fraction, default=None, metavar="Q",
+                      help="with --reference-runs: divide each atom's value by its element's Q quantile over the "
+                           "reference runs (e.g. 0.99) before --atom-reduce, so every element is judged against its "
+                           "own in-domain range; the threshold is then dimensionless (default: off)")
     stop.add_argument("--patience", type=positive_int, default=1, help="consecutive steps above the threshold (1)")
     stop.add_argument("--stop-statistic", dest="key", choices=STOP_STATISTIC_CHOICES, default="uncertainties",
                       help="per-atom UQ the stop watches, reduced by --atom-reduce; its unit is the threshold's: "
@@ -132,13 +139,20 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.reference_runs is None) != (args.false_alarm_rate is None):
         raise ValueError("--reference-runs and --false-alarm-rate go together")
+    scales = None
+    if args.element_quantile is not None and args.reference_runs is None:
+        raise ValueError("--element-quantile needs --reference-runs (the scales come from them)")
     if args.reference_runs is not None:
         if args.stop_threshold is not None:
             raise ValueError("give either --stop-threshold or --reference-runs/--false-alarm-rate, not both")
-        args.stop_threshold = reference_threshold(args.reference_runs, args.key, args.atom_reduce,
-                                                  args.false_alarm_rate, args.patience, args.threshold_method)
+        args.stop_threshold, scales = reference_threshold(
+            args.reference_runs, args.key, args.atom_reduce, args.false_alarm_rate, args.patience,
+            args.threshold_method, element_quantile=args.element_quantile, with_scales=True)
         print(f"stop threshold {args.stop_threshold:.6g} from {len(args.reference_runs)} reference runs "
               f"(false-alarm rate {args.false_alarm_rate:g}, {args.threshold_method}, patience {args.patience})")
+        if scales is not None:
+            print(f"per-element scales ({args.element_quantile:g} quantile of {args.key}): "
+                  + ", ".join(f"Z={z}: {v:.6g}" for z, v in scales.items()))
     if args.stop_threshold is None and not args.adaptive:
         raise ValueError("--stop-threshold is required unless --adaptive or --reference-runs")
     check_output_file(args.trajectory, "--trajectory")
@@ -182,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     dyn.attach(write_frame, interval=args.interval)
     stop = UncertaintyStop(dyn, args.stop_threshold, key=args.key, atom_reduce=args.atom_reduce,
                            patience=args.patience, on_trigger=on_trigger, save_to=args.save_to,
-                           adaptive=args.adaptive, warmup=args.warmup, n_sigma=args.n_sigma)
+                           adaptive=args.adaptive, warmup=args.warmup, n_sigma=args.n_sigma,
+                           element_scales=scales)
     dyn.attach(stop)
     try:
         dyn.run(args.steps)
@@ -198,18 +213,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, patience: int,
-                        method: str = "conformal") -> float:
-    """:func:`ltau_ase.simulate.observers.stop_threshold` over the per-frame ``ltau_<key>`` columns of runs."""
+                        method: str = "conformal", element_quantile: float | None = None,
+                        with_scales: bool = False):
+    """:func:`ltau_ase.simulate.observers.stop_threshold` over the per-frame ``ltau_<key>`` columns of runs.
+
+    With ``element_quantile`` each atom's values are first divided by its element's scale
+    (:func:`ltau_ase.simulate.observers.element_scales` of all the runs' per-atom values). Returns the
+    threshold, or ``(threshold, scales or None)`` with ``with_scales``.
+    """
     import numpy as np
     from ase.io import read
 
-    from ltau_ase.simulate.observers import reduce_values, stop_threshold
+    from ltau_ase.simulate.observers import element_normalised, element_scales, reduce_values, stop_threshold
 
-    traces = []
+    per_atom, numbers = [], []
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no reference run at {path}")
         frames = read(path, index=":")
+        if not frames:
+            raise ValueError(f"{path} holds no frame; a reference run needs at least one")
         column = "ltau_" + key
         missing = [i for i, a in enumerate(frames) if column not in a.arrays]
         if missing:
@@ -218,5 +241,12 @@ def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, p
         steps = [a.info.get("md_step") for a in frames]
         if None not in steps and len(steps) > 1 and np.any(np.diff(steps) != 1):
             raise ValueError(f"{path} was not written at every step (--interval 1); patience counts steps")
-        traces.append([reduce_values(np.asarray(a.arrays[column]), atom_reduce) for a in frames])
-    return stop_threshold(traces, false_alarm_rate, patience, method)
+        if any(len(a) != len(frames[0]) or np.any(a.numbers != frames[0].numbers) for a in frames):
+            raise ValueError(f"{path}: the atoms change between frames; a reference run is one MD trajectory")
+        per_atom.append(np.stack([np.asarray(a.arrays[column], dtype=np.float64) for a in frames]))
+        numbers.append(frames[0].numbers)
+    scales = None if element_quantile is None else element_scales(per_atom, numbers, element_quantile)
+    traces = [[reduce_values(row, atom_reduce) for row in
+               (v if scales is None else element_normalised(v, z, scales))] for v, z in zip(per_atom, numbers)]
+    threshold = stop_threshold(traces, false_alarm_rate, patience, method)
+    return (threshold, scales) if with_scales else threshold

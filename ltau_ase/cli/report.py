@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CDF), or auto: the map, tail slope beyond the range and penalty with the lowest "
                              "cross-validated log-loss on these relaxations, held-out folds beyond each feature's "
                              "range included (auto)")
+    parser.add_argument("--failure-unconstrained", action="store_true",
+                        help="let --fit-failure-model give features negative weights (the form before the "
+                             "monotone default: it may rank relaxations beyond the calibration range in reverse); "
+                             "by default p_fail never decreases when an uncertainty, distance ratio or step count "
+                             "grows, and rows beyond the calibration range keep their order")
 
 
 def build_table(records: list, refs: dict[str, Any] | None = None, strict: bool = False) -> tuple[list[dict], list[str]]:
@@ -134,11 +139,12 @@ def failure_probabilities(table: list[dict], args: argparse.Namespace) -> dict[s
                              f"{lacking[0]!r}); the distance trace is recorded by `ltau relax` with an estimator "
                              "from `ltau calibrate` (and is absent where it was infinite: an unseen element)")
         model = FailureModel(rmsd_threshold=args.rmsd_threshold, features=features,
-                             transform=getattr(args, "failure_transform", "auto")).fit(table)
+                             transform=getattr(args, "failure_transform", "auto"),
+                             monotone=not getattr(args, "failure_unconstrained", False)).fit(table)
         args.fit_failure_model.parent.mkdir(parents=True, exist_ok=True)
         args.fit_failure_model.write_text(json.dumps(model.to_dict(), indent=2))
         out.update(fitted_to=str(args.fit_failure_model), n_fit=model.n_fit_, transform=model.transform_,
-                   tail=model.tail_, l2=model.l2_)
+                   tail=model.tail_, l2=model.l2_, monotone=model.monotone)
     if args.failure_model is not None:
         if not args.failure_model.is_file():
             raise FileNotFoundError(f"no failure model at {args.failure_model}")

@@ -82,6 +82,11 @@ class ShiftBenchConfig:
     md_extreme_value_rates: tuple[float, ...] = (0.05, 0.01)
     md_patience: int = 1
     md_on_time_steps: int = 10
+    # Per-element statistics scored beside the raw ones ("<method>_per_element"): each atom's value over
+    # its element's md_element_quantile quantile in the reference runs (observers.element_scales), then
+    # the max over atoms; the scales come from the same runs as the threshold (leave one out in domain).
+    md_per_element_methods: tuple[str, ...] = ("ltau_distance_expected_error", "ltau_distance_ratio")
+    md_element_quantile: float = 0.99
     md_slab: tuple[int, int, int] = (2, 2, 3)
     # The MD runs use their own model (member 1's configuration trained for md_model_epochs, with its own
     # error log, LTAU estimator and calibration): at 12 epochs 15 of 20 in-domain 300 K runs of member 1
@@ -784,6 +789,12 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
     return out
 
 
+#: Reduced failure-model feature sets (fewer, sturdier features): the max UQ, and with the distance trace
+#: also the max distance ratio.
+FAILURE_REDUCED = ("uq_max",)
+FAILURE_REDUCED_WITH_DISTANCE = ("uq_max", "distance_ratio_max")
+
+
 def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
     """Per method: :class:`ltau_ase.is2rs.FailureModel` fitted on the calibration relaxations, its AUROC per domain."""
     from ltau_ase.core.calibration import auroc
@@ -794,7 +805,7 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
         out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
         return
 
-    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE, select_failure_features
 
     distance_key = "ltau_distance_ratio"  # the calibrated estimator's r_j, mean over free atoms per step
 
@@ -804,25 +815,42 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
             row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
         return row
 
-    # FailureModel's default (transform and penalty chosen by cross-validation on the calibration
-    # relaxations) with and without the distance trace, and, side by side, the earlier linear form
-    # (log features, l2 = 1) with the distance trace, which extrapolates beyond the calibration range
+    # FailureModel's default (monotone; map, tail and penalty chosen by cross-validation on the
+    # calibration relaxations) on the UQ trace, with the distance trace, and on the reduced set (max UQ,
+    # max distance ratio); side by side the earlier forms with the distance trace: unconstrained "auto"
+    # (may weight features negatively) and linear (log features, l2 = 1, unconstrained). "_selected" is
+    # the default rule: the feature set chosen by nested CV on the calibration relaxations alone
+    # (select_failure_features) -- for the committee among its own UQ trace sets (it has no latent
+    # distance), for every other method among the sets with the distance trace.
     variants = {"": (FAILURE_FEATURES, {}), "_with_distance": (FAILURE_FEATURES_WITH_DISTANCE, {}),
-                "_with_distance_linear": (FAILURE_FEATURES_WITH_DISTANCE, {"transform": "log", "l2": 1.0})}
+                "_with_distance_reduced": (FAILURE_REDUCED_WITH_DISTANCE, {}),
+                "_with_distance_unconstrained": (FAILURE_FEATURES_WITH_DISTANCE, {"monotone": False}),
+                "_with_distance_linear": (FAILURE_FEATURES_WITH_DISTANCE,
+                                          {"transform": "log", "l2": 1.0, "monotone": False}),
+                "_selected": (None, {})}
+    pools = {"uq": (FAILURE_FEATURES, FAILURE_REDUCED), "uq+distance": (FAILURE_FEATURES_WITH_DISTANCE,
+                                                                        FAILURE_REDUCED_WITH_DISTANCE)}
+    has_distance = bool(out["table"]["is2rs_calibration"]) and distance_key in out["table"]["is2rs_calibration"][0]
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
         for suffix, (features, options) in variants.items():
             # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
             fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
                         if method in r and math.isfinite(r["rmsd"])]
-            if not fit_rows or (suffix and distance_key not in out["table"]["is2rs_calibration"][0]):
+            pool = "uq" if method == "committee" or not has_distance else "uq+distance"
+            if not fit_rows or ("distance" in suffix and not has_distance):
                 continue
             try:
-                model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features, **options).fit(fit_rows)
+                if features is None:
+                    model, scores = select_failure_features(fit_rows, pools[pool], rmsd_threshold=cfg.failure_rmsd)
+                else:
+                    model = FailureModel(rmsd_threshold=cfg.failure_rmsd, features=features, **options).fit(fit_rows)
             except ValueError as exc:
                 info[method + suffix] = f"not fitted: {exc}"
                 continue
             info[method + suffix] = model.to_dict()
+            if features is None:
+                info[method + suffix].update(feature_pool=pool, feature_set_scores=scores)
             for split in out["table"]:
                 if split == "is2rs_calibration":
                     continue
@@ -864,25 +892,38 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
     threshold). A rule that cannot give a threshold (e.g. a Gumbel fit from fewer than 10 runs) is
     recorded with its reason under ``"error"``.
 
+    Per-element statistics (``<method>_per_element`` for each of ``md_per_element_methods`` the scorer
+    gives, when the runs carry atomic numbers): each atom's value divided by its element's
+    ``md_element_quantile`` quantile over the reference runs' atoms (under the reference rule:
+    :func:`ltau_ase.simulate.observers.element_scales`), then the max over atoms; leaving one in-domain
+    run out refits the scales on the others, and the run's trace and its threshold's references use them
+    (an element that only the left-out run has gets the pooled quantile of all the others' atoms). The
+    scales are recorded under ``"element_scales"``.
+
     ``ratio_reference``: the distance ratio's reference distances, ``{"groups": ..., "atoms": ...}``
     (leave one training system out, as fitted, and the plain leave-one-atom-out one); the ratio under
     the plain reference is scored too (``ratio_reference_check``): a constant rescaling, so its stops
     must be the same.
     """
-    from ltau_ase.simulate.observers import stop_threshold
+    from ltau_ase.simulate.observers import element_normalised, element_scales, stop_threshold
 
-    def stats(run) -> dict[str, np.ndarray]:
+    per_atom: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in md}  # per-element bases, (steps, atoms)
+
+    def stats(run, group) -> dict[str, np.ndarray]:
         d = run["descriptors"]  # (steps, atoms, D): one predict call over every step's atoms
         # with the atomic numbers, as LTAUCalculator predicts in a simulation (per-element factors)
         numbers = np.tile(run["numbers"], d.shape[0]) if run.get("numbers") is not None else None
         pred = scorer.predict(d.reshape(-1, d.shape[-1]), numbers)
-        return {m: p["uncertainty"].reshape(d.shape[:2]).max(axis=1) for m, p in pred.items()}
+        values = {m: p["uncertainty"].reshape(d.shape[:2]) for m, p in pred.items()}
+        per_atom[group].append({m: values[m] for m in cfg.md_per_element_methods
+                                if m in values and numbers is not None})
+        return {m: v.max(axis=1) for m, v in values.items()}
 
     def before_breakdown(trace: np.ndarray, run: dict) -> np.ndarray:
         over = np.flatnonzero(np.asarray(run["true_max_error"]) > cfg.md_error_bound)
         return trace[: over[0]] if over.size else trace
 
-    traces = {g: [stats(r) for r in runs] for g, runs in md.items()}
+    traces = {g: [stats(r, g) for r in runs] for g, runs in md.items()}
     rescale = None
     if ratio_reference and "ltau_distance_ratio" in traces[next(iter(traces))][0]:
         rescale = ratio_reference["groups"] / ratio_reference["atoms"]
@@ -893,6 +934,9 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
     leave_one_out = "reference" not in md
     ref_group = in_domain if leave_one_out else "reference"
     methods = list(traces[ref_group][0])
+    element_bases = [m for m in cfg.md_per_element_methods if all(m in pa for g in per_atom.values() for pa in g)]
+    element_methods = [f"{m}_per_element" for m in element_bases]
+    methods += element_methods
     patience = cfg.md_patience
     rules = md_threshold_rules(cfg)
     res: dict[str, Any] = {"error_bound": cfg.md_error_bound, "false_alarm_rate_target": cfg.md_false_alarm_rate,
@@ -912,7 +956,37 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
 
     for rule in ("whole_runs", "before_breakdown"):
         refs = {m: [t[m] if rule == "whole_runs" else before_breakdown(t[m], r)
-                    for t, r in zip(traces[ref_group], md[ref_group])] for m in methods}
+                    for t, r in zip(traces[ref_group], md[ref_group])] for m in methods if m not in element_methods}
+        # per-element statistics: scales from the reference runs (all of them for the hot runs; in domain,
+        # leave one out: run i's trace and its threshold's references are normalised by the others' scales)
+        loo: dict[str, tuple[list, list]] = {}
+        for base in element_bases:
+            m = f"{base}_per_element"
+            ref_pa = [pa[base] if rule == "whole_runs" else before_breakdown(pa[base], r)
+                      for pa, r in zip(per_atom[ref_group], md[ref_group])]
+            nums = [np.asarray(r["numbers"]) for r in md[ref_group]]
+
+            def normalised_max(values, numbers, scales_pooled):
+                return element_normalised(values, numbers, *scales_pooled).max(axis=1)
+
+            def scales_of(vals, numbers):  # + the pooled quantile for an element the references lack
+                pooled = float(np.quantile(np.concatenate([v.ravel() for v in vals]), cfg.md_element_quantile))
+                return element_scales(vals, numbers, cfg.md_element_quantile), pooled
+
+            scales = scales_of(ref_pa, nums)
+            for group, runs in md.items():
+                for t, pa, r in zip(traces[group], per_atom[group], runs):
+                    t[m] = normalised_max(pa[base], r["numbers"], scales)
+            refs[m] = [normalised_max(v, z, scales) for v, z in zip(ref_pa, nums)]
+            res.setdefault("element_scales", {}).setdefault(rule, {})[m] = (
+                {str(z): v for z, v in scales[0].items()} | {"pooled": scales[1]})
+            if leave_one_out:
+                own, others = [], []
+                for i, pa in enumerate(per_atom[in_domain]):
+                    sc = scales_of(ref_pa[:i] + ref_pa[i + 1:], nums[:i] + nums[i + 1:])
+                    own.append(normalised_max(pa[base], nums[i], sc))
+                    others.append([normalised_max(v, z, sc) for j, (v, z) in enumerate(zip(ref_pa, nums)) if j != i])
+                loo[m] = (own, others)
         by_threshold: dict[str, Any] = {}
         for tname, (how, alpha) in rules.items():
             out: dict[str, Any] = {"thresholds": {}, "errors": {}, "groups": {}}
@@ -929,12 +1003,17 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
                                      "max_true_error": [float(np.nanmax(r["true_max_error"])) for r in runs]}
                 for m in out["thresholds"]:
                     thr: Any = out["thresholds"][m]
+                    stat_traces = [t[m] for t in traces[group]]
                     if leave_one_out and group == in_domain:
-                        thr = [threshold(refs[m][:i] + refs[m][i + 1:], how, alpha) for i in range(len(runs))]
+                        if m in loo:  # the run's own trace and its references under the others' scales
+                            stat_traces = loo[m][0]
+                            thr = [threshold(loo[m][1][i], how, alpha) for i in range(len(runs))]
+                        else:
+                            thr = [threshold(refs[m][:i] + refs[m][i + 1:], how, alpha) for i in range(len(runs))]
                         if any(isinstance(x, str) for x in thr):
                             g.setdefault("errors", {})[m] = next(x for x in thr if isinstance(x, str))
                             continue
-                    o = stop_outcomes([t[m] for t in traces[group]], [r["true_max_error"] for r in runs],
+                    o = stop_outcomes(stat_traces, [r["true_max_error"] for r in runs],
                                       thr, cfg.md_error_bound, patience, cfg.md_on_time_steps)
                     if isinstance(thr, list):
                         o["thresholds"] = thr
@@ -1003,32 +1082,55 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: Failure-model variants of the IS2RS table: (result key suffix, column heading).
+FAILURE_VARIANT_COLUMNS = (
+    ("_selected", "AUROC p (default rule: monotone, feature set by nested CV)"),
+    ("", "AUROC p (monotone, UQ trace)"),
+    ("_with_distance", "AUROC p (monotone, + distance trace)"),
+    ("_with_distance_reduced", "AUROC p (monotone, max UQ + max distance)"),
+    ("_with_distance_unconstrained", "AUROC p (unconstrained auto, + distance)"),
+    ("_with_distance_linear", "AUROC p (linear, + distance)"),
+)
+
+
+def _feature_set_label(features: list[str]) -> str:
+    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+
+    names = {FAILURE_FEATURES: "UQ trace", FAILURE_FEATURES_WITH_DISTANCE: "UQ + distance trace"}
+    return names.get(tuple(features), ", ".join(features))
+
+
 def is2rs_table(results: dict) -> str:
+    """Markdown: per IS2RS domain and method, AUROC of the raw trace statistics and of each failure model."""
+    heads = [h for _, h in FAILURE_VARIANT_COLUMNS]
     lines = ["| IS2RS domain | systems | failed (RMSD > %.1f Å) | method | AUROC (max UQ) | AUROC (initial UQ) | "
-             "AUROC (FailureModel p) | AUROC (FailureModel p, + distance trace) | AUROC (linear FailureModel p, "
-             "+ distance trace) | mean p / observed (p, + distance; linear) | Brier (+ distance; linear) |"
-             % results["is2rs"]["failure_rmsd"], "|---|---|---|---|---|---|---|---|---|---|---|"]
+             % results["is2rs"]["failure_rmsd"] + " | ".join(heads)
+             + " | default rule: features | mean p / observed (default rule) | Brier (default rule) |",
+             "|---" * (9 + len(heads)) + "|"]
+    models = results["is2rs"].get("failure_model", {})
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             m = row.get(method)
-            if m:
-                lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
-                             f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | "
-                             f"{_cell(m, 'auroc_failure_probability')} | "
-                             f"{_cell(m, 'auroc_failure_probability_with_distance')} | "
-                             f"{_cell(m, 'auroc_failure_probability_with_distance_linear')} | "
-                             f"{_num(m.get('mean_failure_probability'))}, "
-                             f"{_num(m.get('mean_failure_probability_with_distance'))}; "
-                             f"{_num(m.get('mean_failure_probability_with_distance_linear'))} / "
-                             f"{_num(m.get('observed_failure_rate'))} | "
-                             f"{_cell(m, 'brier_failure_probability_with_distance')}; "
-                             f"{_cell(m, 'brier_failure_probability_with_distance_linear')} |")
+            if not m:
+                continue
+            chosen = models.get(method + "_selected") if isinstance(models, dict) else None
+            chosen = _feature_set_label(chosen["features"]) if isinstance(chosen, dict) else "–"
+            cells = " | ".join(_cell(m, "auroc_failure_probability" + suffix) for suffix, _ in FAILURE_VARIANT_COLUMNS)
+            lines.append(f"| {domain} | {row['n_systems']} | {row['n_failed']} | {METHOD_LABELS[method]} | "
+                         f"{_cell(m, 'auroc_max')} | {_cell(m, 'auroc_initial')} | {cells} | {chosen} | "
+                         f"{_num(m.get('mean_failure_probability_selected'))} / "
+                         f"{_num(m.get('observed_failure_rate'))} | "
+                         f"{_cell(m, 'brier_failure_probability_selected')} |")
     return "\n".join(lines)
 
 
 #: the MD stop's statistics: every per-atom method plus the distance ratio under the plain reference distance
 MD_METHOD_LABELS = METHOD_LABELS | {"ltau_distance_ratio_atoms_reference": "distance ratio r (leave-one-atom-out "
-                                                                          "reference)"}
+                                                                          "reference)",
+                                    "ltau_distance_expected_error_per_element": "expected error / its element's "
+                                                                                "in-domain quantile",
+                                    "ltau_distance_ratio_per_element": "distance ratio r / its element's in-domain "
+                                                                       "quantile"}
 
 
 def md_table(results: dict) -> str:
@@ -1262,8 +1364,8 @@ def headline(results: dict) -> dict[str, Any]:
         for method in METHOD_LABELS:
             if method in row:
                 h[f"is2rs.{domain}.{method}.auroc_max"] = row[method]["auroc_max"]["value"]
-                for key in ("auroc_failure_probability", "auroc_failure_probability_with_distance",
-                            "auroc_failure_probability_with_distance_linear"):
+                for suffix, _ in FAILURE_VARIANT_COLUMNS:
+                    key = "auroc_failure_probability" + suffix
                     if key in row[method]:
                         h[f"is2rs.{domain}.{method}.{key}"] = row[method][key]["value"]
     for group, g in results["md"]["groups"].items():

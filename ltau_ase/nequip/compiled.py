@@ -36,7 +36,8 @@ import torch
 from nequip.data import AtomicDataDict
 
 from ltau_ase.nequip.calculator import DESCRIPTORS_KEY, LATENT_FIELD, LatentNequIPCalculator
-from ltau_ase.nequip.inmodel import DISTANCE_AWARE_FIELDS, LTAU_FIELDS, LTAU_METADATA_KEY, ltau_fields_to_results
+from ltau_ase.nequip.inmodel import (BOUNDED_FIELDS, DISTANCE_AWARE_FIELDS, ERROR_BOUND_FIELD, LTAU_FIELDS,
+                                     LTAU_METADATA_KEY, ltau_fields_to_results)
 
 COMPILE_MODES = ("aotinductor", "torchscript")
 SUFFIX = {"aotinductor": ".nequip.pt2", "torchscript": ".nequip.pth"}
@@ -140,6 +141,7 @@ def compile_model(
     example: Any = None,
     trusted: bool = False,
     paper_form: bool = False,
+    coverage: Optional[float] = None,
     **load_kwargs: Any,
 ) -> Path:
     """Compile an eager nequip checkpoint (with LTAU appended when ``estimator`` is given).
@@ -158,6 +160,8 @@ def compile_model(
         overwrite: replace an existing ``output_path``.
         paper_form: compile a calibrated estimator in the paper's form instead of its distance-aware
             form (see :func:`ltau_ase.nequip.inmodel.readout_from_estimator`).
+        coverage: q in (0, 1): also compile the conformal per-atom error bounds at coverage q (field
+            ``ltau_force_error_bound``, eV/Å; needs a calibrated estimator in its distance-aware form).
         example: an ``ase.Atoms`` used to trace shapes (default :func:`default_example`).
         load_kwargs: for ``LatentNequIPCalculator.from_model_file`` (e.g.
             ``chemical_species_to_atom_type_map``, default identity).
@@ -186,7 +190,7 @@ def compile_model(
             est = estimator
         from ltau_ase.nequip.inmodel import check_readout_form
 
-        check_readout_form(est, paper_form, reference)
+        check_readout_form(est, paper_form, reference, coverage)
     load_kwargs.setdefault("chemical_species_to_atom_type_map", True)
     eager = LatentNequIPCalculator.from_model_file(model_path, device="cpu", trusted=trusted, **load_kwargs)
     graph_model = eager.model
@@ -213,6 +217,7 @@ def compile_model(
         readout = readout_from_estimator(
             graph_model, est, mode=reference, n_centroids=n_centroids,
             provenance={"estimator_sha256": est_sha, "model_sha256": model_sha}, paper_form=paper_form,
+            coverage=coverage,
         )
         append_ltau(graph_model, readout)
         outputs = outputs + list(readout.provenance["fields"])
@@ -290,9 +295,13 @@ class CompiledLatentNequIPCalculator(LatentNequIPCalculator):
         super().__init__(model, device, **kwargs)
         if self.ltau_readout is not None:
             fields = self.ltau_readout.get("fields", list(LTAU_FIELDS))
-            if not isinstance(fields, list) or not set(LTAU_FIELDS) <= set(fields) <= set(DISTANCE_AWARE_FIELDS):
-                raise ValueError(f"compiled model metadata lists LTAU fields {fields!r}; expected {list(LTAU_FIELDS)} "
-                                 f"or {list(DISTANCE_AWARE_FIELDS)}")
+            known = [list(LTAU_FIELDS), list(DISTANCE_AWARE_FIELDS), list(BOUNDED_FIELDS)]
+            if fields not in known:
+                raise ValueError(f"compiled model metadata lists LTAU fields {fields!r}; expected one of {known}")
+            if ERROR_BOUND_FIELD in fields:
+                from ltau_ase.core.conformal import check_coverage
+
+                check_coverage(self.ltau_readout.get("coverage"))  # the bounds' coverage, a float in (0, 1)
             self.implemented_properties = [*self.implemented_properties, *fields]
 
     def _descriptor_dim(self) -> Optional[int]:

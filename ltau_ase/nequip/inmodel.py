@@ -9,6 +9,11 @@ float64 (nequip's output dtype, what LAMMPS' ``compute nequip/atom`` reads):
 ``ltau_expected_force_error``   scale × mean of the neighbours' mean logged errors, eV/Å
 ``ltau_latent_distance``        mean Euclidean latent distance to the k neighbours (latent units)
 
+A calibrated estimator compiled in its distance-aware form adds ``ltau_distance_ratio`` (the distance over
+the calibration's reference distance) and, when compiled with a coverage q,
+``ltau_force_error_bound`` (eV/Å): the split-conformal bound q_Z × expected error of
+``LTAUEstimator.predict(..., coverage=q)``, with the atom's per-element (Mondrian) quantile.
+
 The reference is a plain tensor computation, so the module compiles with AOTInductor and runs on
 the model's device (CPU or CUDA):
 
@@ -45,10 +50,13 @@ CONFIDENCE_FIELD = "ltau_confidence"
 EXPECTED_ERROR_FIELD = "ltau_expected_force_error"
 DISTANCE_FIELD = "ltau_latent_distance"
 DISTANCE_RATIO_FIELD = "ltau_distance_ratio"
+ERROR_BOUND_FIELD = "ltau_force_error_bound"
 #: the per-atom output fields, in output order
 LTAU_FIELDS = (UNCERTAINTY_FIELD, CONFIDENCE_FIELD, EXPECTED_ERROR_FIELD, DISTANCE_FIELD)
 #: the distance-aware readout's additional field (the latent distance over the calibration's reference)
 DISTANCE_AWARE_FIELDS = (*LTAU_FIELDS, DISTANCE_RATIO_FIELD)
+#: ... and with conformal error bounds compiled in (``ltau compile --coverage q``)
+BOUNDED_FIELDS = (*DISTANCE_AWARE_FIELDS, ERROR_BOUND_FIELD)
 #: metadata key holding the JSON provenance of the appended LTAU readout
 LTAU_METADATA_KEY = "ltau_readout"
 REFERENCE_MODES = ("exact", "compressed")
@@ -115,7 +123,8 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
         if distance_aware is not None and counts is not None:
             raise ValueError("the distance-aware readout needs the exact reference (every training atom's error "
                              "distribution), not the compressed one")
-        fields = LTAU_FIELDS if distance_aware is None else DISTANCE_AWARE_FIELDS
+        bounded = distance_aware is not None and distance_aware.get("bound_quantiles") is not None
+        fields = LTAU_FIELDS if distance_aware is None else (BOUNDED_FIELDS if bounded else DISTANCE_AWARE_FIELDS)
         self._init_irreps(
             irreps_in=irreps_in,
             my_irreps_in={LATENT_FIELD: irreps},
@@ -135,6 +144,7 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
             self.register_buffer("counts", torch.ones(0, dtype=torch.float64))
         self.provenance = dict(provenance or {})
         self.distance_aware = distance_aware is not None
+        self.error_bounds = bounded
         self.distribution_kind = "" if distance_aware is None else str(distance_aware["kind"])
         self.n_runs = 0 if distance_aware is None else int(distance_aware["n_logged"].shape[0])
         if distance_aware is not None:
@@ -158,6 +168,12 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
         self.register_buffer("scale_log_ratio", f64(da["scale_log_ratio"]))
         self.register_buffer("scale_values", f64(da["scale_values"]))
         self.register_buffer("type_factors", f64(da["type_factors"]))
+        quantiles = da.get("bound_quantiles")
+        if quantiles is not None and np.shape(quantiles) != np.shape(da["type_factors"]):
+            raise ValueError(f"bound quantiles have shape {np.shape(quantiles)}; expected one per model type "
+                             f"{np.shape(da['type_factors'])}")
+        # q_Z per model type (the conformal quantile at the compiled coverage; +inf where too few scores)
+        self.register_buffer("bound_quantiles", f64(quantiles) if quantiles is not None else torch.ones(0, dtype=torch.float64))
         self.scale_tail_exponent = float(da["scale_tail_exponent"])
         self.reference_distance = float(da["reference_distance"])
         if da["kind"] == "exact":
@@ -275,11 +291,14 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
             if self.distance_aware:
                 # s_j = c_Z · g(d_j / d_ref); each neighbour's CDF evaluated at its threshold / s_j
                 ratio = mean_dist / self.reference_distance
-                scale = self.type_factors[data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1)] * self._distance_scale(ratio)
+                types = data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1)
+                scale = self.type_factors[types] * self._distance_scale(ratio)
                 t = self.threshold[ids] / scale.unsqueeze(1)
                 conf = torch.clamp((w * self._pair_confidence(ids, t)).sum(1), 0.0, 1.0)
                 err = scale * (w * self.unscaled_mean_error[ids]).sum(1)
                 data[DISTANCE_RATIO_FIELD] = ratio.unsqueeze(-1)
+                if self.error_bounds:
+                    data[ERROR_BOUND_FIELD] = (self.bound_quantiles[types] * err).unsqueeze(-1)
             else:
                 conf = (w * self.confidence[ids]).sum(1)
                 err = (w * self.mean_error[ids]).sum(1)
@@ -306,7 +325,7 @@ class ModelWithLTAU(GraphModuleMixin, torch.nn.Module):
 def ltau_fields_to_results(out: Dict[str, torch.Tensor], n_atoms: int) -> Dict[str, np.ndarray]:
     """The LTAU fields present in a model output dict as (N,) float64 arrays (ASE results)."""
     return {f: out[f].detach().reshape(n_atoms).cpu().numpy().astype(np.float64)
-            for f in DISTANCE_AWARE_FIELDS if f in out}
+            for f in BOUNDED_FIELDS if f in out}
 
 
 class InModelLTAUCalculator(LatentNequIPCalculator):
@@ -322,7 +341,8 @@ class InModelLTAUCalculator(LatentNequIPCalculator):
             raise ValueError("the model carries no LTAU readout; append one with append_ltau(model, readout)")
         super().__init__(model, device, **kwargs)
         self.ltau_readout = dict(model.model.ltau.provenance)
-        fields = DISTANCE_AWARE_FIELDS if model.model.ltau.distance_aware else LTAU_FIELDS
+        readout = model.model.ltau
+        fields = BOUNDED_FIELDS if readout.error_bounds else DISTANCE_AWARE_FIELDS if readout.distance_aware else LTAU_FIELDS
         self.implemented_properties = [*self.implemented_properties, *fields]
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
@@ -398,7 +418,7 @@ def reference_from_estimator(
     return out
 
 
-def distance_aware_reference(estimator: Any, type_names: list[str]) -> Dict[str, Any]:
+def distance_aware_reference(estimator: Any, type_names: list[str], coverage: Optional[float] = None) -> Dict[str, Any]:
     """What the distance-aware readout needs from a calibrated estimator (``fit_calibration``).
 
     Per training atom: its error distribution (``exact``: the sorted logged errors per run;
@@ -406,7 +426,9 @@ def distance_aware_reference(estimator: Any, type_names: list[str]) -> Dict[str,
     (fitted atol + rtol·|F_ref|) and unscaled mean error; the distance scale g (knots, values, tail
     exponent) and the reference distance d_ref; per model type, the element factor c_Z (the pooled
     factor for elements without one). ``type_names`` are the model's types in index order; they must
-    be chemical symbols when the estimator has per-element factors.
+    be chemical symbols when the estimator has per-element factors. With ``coverage`` q also
+    ``bound_quantiles``: per model type, the conformal quantile that ``predict(..., coverage=q)`` uses
+    for its element (the pooled one for a type that is not a chemical symbol).
     """
     from ase.data import atomic_numbers
 
@@ -435,6 +457,15 @@ def distance_aware_reference(estimator: Any, type_names: list[str]) -> Dict[str,
         "reference_distance": float(estimator.calibration_info_["reference_distance"]),
         "type_factors": factors,
     }
+    if coverage is not None:
+        from ltau_ase.core.conformal import check_coverage
+
+        q = check_coverage(coverage)
+        pooled = estimator.conformal_.quantiles(q)[1]
+        zs = [atomic_numbers.get(name) for name in type_names]
+        out["bound_quantiles"] = np.array(
+            [pooled if z is None else float(estimator.conformal_.quantile_for(np.array([z]), q)[0]) for z in zs])
+        out["coverage"] = q
     if dist.kind == "exact":
         out["sorted_errors"] = dist.sorted_errors
     else:
@@ -442,9 +473,20 @@ def distance_aware_reference(estimator: Any, type_names: list[str]) -> Dict[str,
     return out
 
 
-def check_readout_form(estimator: Any, paper_form: bool, mode: str = "exact") -> None:
+def check_readout_form(estimator: Any, paper_form: bool, mode: str = "exact", coverage: Optional[float] = None) -> None:
     """A calibrated estimator compiles in its distance-aware form, which needs the exact reference:
-    refuse the compressed one unless the paper's form is asked for explicitly."""
+    refuse the compressed one unless the paper's form is asked for explicitly. Error bounds
+    (``coverage``) exist only in the distance-aware form."""
+    if coverage is not None:
+        from ltau_ase.core.conformal import check_coverage
+
+        check_coverage(coverage)
+        if not getattr(estimator, "is_calibrated", False):
+            raise ValueError("error bounds (coverage) need an estimator calibrated with fit_calibration / ltau calibrate; "
+                             "this one has no conformal calibration")
+        if paper_form:
+            raise ValueError("error bounds (coverage) exist only in the distance-aware form; drop paper_form "
+                             "(--paper-form) or the coverage (--coverage)")
     if getattr(estimator, "is_calibrated", False) and not paper_form and mode != "exact":
         raise ValueError(
             "the estimator is calibrated (fit_calibration / ltau calibrate): its distance-aware form needs every "
@@ -461,6 +503,7 @@ def readout_from_estimator(
     block_size: int = 32768,
     provenance: Optional[Dict[str, Any]] = None,
     paper_form: bool = False,
+    coverage: Optional[float] = None,
 ) -> LTAUReadout:
     """An :class:`LTAUReadout` for the eager nequip ``GraphModel`` ``model`` and a fitted estimator.
 
@@ -469,9 +512,10 @@ def readout_from_estimator(
     atoms' atomic numbers (what ``LTAUCalculator`` passes): per-atom scale s_j = c_Z · g(d_j / d_ref),
     each neighbour's error distribution evaluated at its threshold / s_j, and the extra field
     ``ltau_distance_ratio``; ``paper_form=True`` compiles its paper form instead
-    (``predict(..., distance_aware=False)``). Conformal error bounds are not compiled.
+    (``predict(..., distance_aware=False)``). With ``coverage`` q the distance-aware form also outputs
+    ``ltau_force_error_bound``, ``predict(..., coverage=q)``'s conformal bound (eV/Å).
     """
-    check_readout_form(estimator, paper_form, mode)
+    check_readout_form(estimator, paper_form, mode, coverage)
     aware = bool(getattr(estimator, "is_calibrated", False)) and not paper_form
     inner = model.model
     d = inner.irreps_out.get(LATENT_FIELD)
@@ -494,7 +538,8 @@ def readout_from_estimator(
         "scale": float(estimator.effective_scale),
         "form": "distance_aware" if aware else "paper",
         "species": species,
-        "fields": list(DISTANCE_AWARE_FIELDS if aware else LTAU_FIELDS),
+        "fields": list(LTAU_FIELDS if not aware else BOUNDED_FIELDS if coverage is not None else DISTANCE_AWARE_FIELDS),
+        "coverage": None if coverage is None else float(coverage),
         **(provenance or {}),
     }
     counts = None if ref["counts"] is None else torch.as_tensor(ref["counts"])
@@ -508,7 +553,7 @@ def readout_from_estimator(
         weights=ref["weights"],
         block_size=block_size,
         provenance=info,
-        distance_aware=distance_aware_reference(estimator, list(model.type_names)) if aware else None,
+        distance_aware=distance_aware_reference(estimator, list(model.type_names), coverage) if aware else None,
     )
 
 
@@ -522,18 +567,20 @@ def append_ltau(model: torch.nn.Module, readout: LTAUReadout) -> torch.nn.Module
 
 
 def readout_for_estimator(estimator: Any, mode: str = "exact", n_centroids: Optional[int] = None,
-                          seed: int = 0, block_size: int = 32768, type_names: Optional[list] = None
-                          ) -> LTAUReadout:
+                          seed: int = 0, block_size: int = 32768, type_names: Optional[list] = None,
+                          coverage: Optional[float] = None) -> LTAUReadout:
     """A stand-alone :class:`LTAUReadout` reading D-dimensional ``node_features`` (for tests and benchmarks).
 
     ``type_names`` (chemical symbols, in type-index order) selects the distance-aware form of a
-    calibrated estimator; None gives the paper's form."""
+    calibrated estimator; None gives the paper's form. ``coverage`` adds the error bounds (distance-aware)."""
     from e3nn import o3
 
     ref = reference_from_estimator(estimator, mode, n_centroids, seed)
     irreps = {LATENT_FIELD: o3.Irreps(f"{int(estimator.n_features_in_)}x0e")}
     counts = None if ref["counts"] is None else torch.as_tensor(ref["counts"])
-    aware = None if type_names is None else distance_aware_reference(estimator, list(type_names))
+    if coverage is not None and type_names is None:
+        raise ValueError("error bounds (coverage) need the distance-aware form: pass type_names")
+    aware = None if type_names is None else distance_aware_reference(estimator, list(type_names), coverage)
     return LTAUReadout(irreps, torch.as_tensor(ref["reference"]), torch.as_tensor(ref["confidence"]),
                        torch.as_tensor(ref["mean_error"]), k=ref["k"], counts=counts, weights=ref["weights"],
                        block_size=block_size, distance_aware=aware)
@@ -555,6 +602,8 @@ def readout_predict(readout: LTAUReadout, latents: Any, atom_types: Any = None) 
             "expected_error": get(EXPECTED_ERROR_FIELD), "distance": get(DISTANCE_FIELD)}
     if readout.distance_aware:
         pred["distance_ratio"] = get(DISTANCE_RATIO_FIELD)
+    if readout.error_bounds:
+        pred["error_bound"] = get(ERROR_BOUND_FIELD)
     return pred
 
 

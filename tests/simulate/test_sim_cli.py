@@ -134,3 +134,35 @@ def test_md_threshold_from_reference_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("stop threshold"))
     assert float(line.split()[2]) == pytest.approx(expected, rel=1e-4) and "gumbel" in line
+
+
+def test_md_element_quantile_scales_each_element_by_its_reference_range(tmp_path, capsys):
+    # 19 reference runs of 3 steps: every Cu atom at 1.0; the O atom at 0.01 except 0.05 (r + 1) at step 1
+    slab = make_slab()  # 12 Cu, then O
+    refs = []
+    for r in range(19):
+        frames = []
+        for step in range(3):
+            a = slab.copy()
+            values = np.full(len(a), 1.0)
+            values[-1] = 0.05 * (r + 1) if step == 1 else 0.01
+            a.arrays["ltau_uncertainties"] = values
+            a.info["md_step"] = step
+            frames.append(a)
+        write(tmp_path / f"ref{r}.extxyz", frames)
+        refs.append(tmp_path / f"ref{r}.extxyz")
+    write(tmp_path / "start.extxyz", slab)
+    base = ["--factory", "sim_standins:scripted_md_calculator", "--structure", tmp_path / "start.extxyz",
+            "--steps", "20", "--trajectory", tmp_path / "md.extxyz", "--false-alarm-rate", "0.15",
+            "--reference-runs", *refs]
+    # raw: every run peaks at 1.0 (a Cu atom); the scripted run's max is 0.9: no stop
+    assert _run(md, base) == 0
+    assert "completed 20 steps without stopping" in capsys.readouterr().out
+    # median scales: Cu 1.0; O: 38 of its 57 values are 0.01 -> 0.01. Normalised peaks 5, 10, ..., 95;
+    # rank ceil(20 * 0.85) = 17 -> 85. The scripted O atom: 0.1 / 0.01 = 10, then 0.9 / 0.01 = 90 > 85
+    assert _run(md, base + ["--element-quantile", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "stop threshold 85 from 19 reference runs" in out and "Z=8: 0.01, Z=29: 1" in out
+    assert "stopped at step 5" in out and "element-normalised" in out
+    with pytest.raises(ValueError, match="--element-quantile needs --reference-runs"):
+        _run(md, base[:8] + ["--stop-threshold", "1", "--element-quantile", "0.5"])

@@ -144,3 +144,81 @@ def test_from_false_alarm_rate_with_the_gumbel_method():
     dyn.attach(stop)
     dyn.run(10)
     assert stop.triggered and stop.value == 0.9
+
+
+# ---------------------------------------------------------------------------- per-element scales
+def test_element_scales_hand_computed():
+    from ltau_ase.simulate.observers import element_scales
+
+    # run 1: atoms Cu, Cu, O over 2 steps; run 2: atoms O, H over 2 steps
+    run1 = np.array([[0.1, 0.2, 1.0], [0.3, 0.4, 3.0]])
+    run2 = np.array([[2.0, 5.0], [4.0, 7.0]])
+    z1, z2 = np.array([29, 29, 8]), np.array([8, 1])
+    # quantile 1: the largest value of each element over both runs
+    assert element_scales([run1, run2], [z1, z2], 1.0) == {1: 7.0, 8: 4.0, 29: 0.4}
+    # median (linear interpolation): Cu {.1,.2,.3,.4} -> 0.25; O {1,3,2,4} -> 2.5; H {5,7} -> 6
+    assert element_scales([run1, run2], [z1, z2], 0.5) == pytest.approx({1: 6.0, 8: 2.5, 29: 0.25})
+    with pytest.raises(ValueError, match="non-finite"):
+        element_scales([np.array([[0.1, np.inf]])], [np.array([29, 8])])
+    with pytest.raises(ValueError, match="Z=8.*> 0"):
+        element_scales([np.array([[0.1, 0.0]])], [np.array([29, 8])])
+    with pytest.raises(ValueError, match=r"\(steps, N\)"):
+        element_scales([run1], [z2])
+    with pytest.raises(ValueError, match="quantile"):
+        element_scales([run1], [z1], 0.0)
+
+
+def test_stop_with_element_scales_watches_the_element_relative_value():
+    atoms = make_slab()  # 12 Cu then 1 O
+    weights = np.r_[np.full(12, 1.0), 0.5]
+    sequence = [0.2, 0.4, 0.6, 0.9, 0.9]
+    # raw: max over atoms = value (a Cu atom) <= 0.9: a threshold of 1 never fires
+    atoms.calc = ScriptedUQCalculator(sequence, weights)
+    dyn = VelocityVerlet(atoms, timestep=0.5)
+    raw = UncertaintyStop(dyn, threshold=1.0)
+    dyn.attach(raw)
+    dyn.run(4)
+    assert not raw.triggered and max(raw.values) == pytest.approx(0.9)
+    # scaled: Cu value * 1 / 2, O value * 0.5 / 0.25 = 2 value -> 0.4, 0.8, 1.2: fires at step 2
+    atoms = make_slab()
+    atoms.calc = ScriptedUQCalculator(sequence, weights)
+    dyn = VelocityVerlet(atoms, timestep=0.5)
+    scaled = UncertaintyStop(dyn, threshold=1.0, element_scales={29: 2.0, 8: 0.25})
+    dyn.attach(scaled)
+    dyn.run(4)
+    assert scaled.triggered and scaled.step == 2 and scaled.value == pytest.approx(1.2)
+    assert scaled.values == pytest.approx([0.4, 0.8, 1.2]) and "element-normalised" in scaled.reason
+    with pytest.raises(ValueError, match=r"no in-domain scale for element\(s\) Z=\[8\]"):
+        UncertaintyStop(dyn, threshold=1.0, element_scales={29: 2.0})
+    with pytest.raises(ValueError, match="finite numbers > 0"):
+        UncertaintyStop(dyn, threshold=1.0, element_scales={29: 2.0, 8: 0.0})
+
+
+def test_from_reference_runs_fits_scales_then_threshold():
+    atoms = make_slab()
+    atoms.calc = ScriptedUQCalculator([0.1], np.r_[np.full(12, 1.0), 0.5])
+    dyn = VelocityVerlet(atoms, timestep=0.5)
+    z = np.array([29, 29, 8])
+    # four in-domain runs of 2 steps; Cu values <= 1.0, O values <= 4.0 -> scales (quantile 1) Cu 1, O 4
+    runs = [np.array([[0.5, 1.0, 2.0], [0.2, 0.1, 4.0]]), np.array([[0.3, 0.4, 1.0], [0.6, 0.2, 3.0]]),
+            np.array([[0.9, 0.1, 0.4], [0.2, 0.2, 0.8]]), np.array([[0.1, 0.1, 0.2], [0.3, 0.3, 0.4]])]
+    stop = UncertaintyStop.from_reference_runs(dyn, runs, [z] * 4, 0.2, element_quantile=1.0)
+    assert stop.element_scales == {8: 4.0, 29: 1.0}
+    # normalised peaks: max(1.0, 0.5, 1.0) = 1.0; max(0.4, 0.6, 0.75) = 0.75; 0.9; 0.3
+    # conformal rank ceil(5 * 0.8) = 4 of sorted (0.3, 0.75, 0.9, 1.0) -> 1.0
+    assert stop.threshold == pytest.approx(1.0) and stop.n_reference_runs == 4
+    plain = UncertaintyStop.from_reference_runs(dyn, runs, [z] * 4, 0.2, element_quantile=None)
+    # raw peaks 4, 3, 0.9, 0.4 -> the 4th smallest, 4.0
+    assert plain.element_scales is None and plain.threshold == 4.0
+
+
+def test_element_normalised_by_hand_and_its_default_scale():
+    from ltau_ase.simulate.observers import element_normalised
+
+    values = np.array([[1.0, 2.0, 3.0], [4.0, 6.0, 9.0]])
+    z = np.array([29, 8, 47])
+    with pytest.raises(ValueError, match=r"Z=\[47\]"):
+        element_normalised(values, z, {29: 2.0, 8: 0.5})
+    # Ag has no scale: the default 3.0 is used for it
+    assert element_normalised(values, z, {29: 2.0, 8: 0.5}, default=3.0) == pytest.approx(
+        np.array([[0.5, 4.0, 1.0], [2.0, 12.0, 3.0]]))
