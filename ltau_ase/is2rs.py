@@ -663,9 +663,8 @@ class FailureModel:
                 x[:, j] = np.log(x[:, j])
         return x
 
-    def fit(self, rows: Sequence[Mapping[str, Any]]) -> "FailureModel":
-        """Fit on relaxation rows with the features and ``rmsd`` (Å); returns self."""
-        x = self._matrix(rows)
+    def _labels(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """(n,) 1.0 where a row's ``rmsd`` (Å) exceeds the threshold; both classes must be large enough."""
         rmsd = np.array([float(r["rmsd"]) if "rmsd" in r else np.nan for r in rows])
         if not np.all(np.isfinite(rmsd)):
             raise ValueError("every row needs a finite 'rmsd' (Å) to fit the failure model")
@@ -674,6 +673,13 @@ class FailureModel:
         if min(n_fail, n_ok) < MIN_FAILURE_CLASS:
             raise ValueError(f"the failure model needs at least {MIN_FAILURE_CLASS} relaxations with RMSD above and "
                              f"{MIN_FAILURE_CLASS} below {self.rmsd_threshold:g} Å; got {n_fail} above, {n_ok} below")
+        return y
+
+    def fit(self, rows: Sequence[Mapping[str, Any]]) -> "FailureModel":
+        """Fit on relaxation rows with the features and ``rmsd`` (Å); returns self."""
+        x = self._matrix(rows)
+        y = self._labels(rows)
+        n_fail = int(y.sum())
         self.cv_: dict[str, Any] = {}
         candidates = self._candidates()
         if len(candidates) > 1:
@@ -838,14 +844,7 @@ def select_failure_features(rows: Sequence[Mapping[str, Any]], feature_sets: Seq
     union = tuple(dict.fromkeys(f for fs in sets for f in fs))
     probe = FailureModel(features=union, **params)
     x = probe._matrix(rows)
-    rmsd = np.array([float(r["rmsd"]) if "rmsd" in r else np.nan for r in rows])
-    if not np.all(np.isfinite(rmsd)):
-        raise ValueError("every row needs a finite 'rmsd' (Å) to fit the failure model")
-    y = (rmsd > probe.rmsd_threshold).astype(np.float64)
-    n_fail, n_ok = int(y.sum()), int(y.size - y.sum())
-    if min(n_fail, n_ok) < MIN_FAILURE_CLASS:
-        raise ValueError(f"the failure model needs at least {MIN_FAILURE_CLASS} relaxations with RMSD above and "
-                         f"{MIN_FAILURE_CLASS} below {probe.rmsd_threshold:g} Å; got {n_fail} above, {n_ok} below")
+    y = probe._labels(rows)
     shuffled, extrapolation = _cv_folds(x, y, probe.seed)
     scores: dict[str, dict[str, float]] = {}
     best = None

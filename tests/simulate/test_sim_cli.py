@@ -70,6 +70,23 @@ def test_relax_then_report(tmp_path, capsys):
                      tmp_path / "init.extxyz", "--db", db])
 
 
+def _write_reference_runs(tmp_path, slab, values, n_runs=19, n_steps=3):
+    """n_runs reference runs of n_steps frames, per-atom ``ltau_uncertainties`` = values(run, step);
+    also writes start.extxyz (the slab). Returns the run files."""
+    refs = []
+    for r in range(n_runs):
+        frames = []
+        for step in range(n_steps):
+            a = slab.copy()
+            a.arrays["ltau_uncertainties"] = values(r, step)
+            a.info["md_step"] = step
+            frames.append(a)
+        write(tmp_path / f"ref{r}.extxyz", frames)
+        refs.append(tmp_path / f"ref{r}.extxyz")
+    write(tmp_path / "start.extxyz", slab)
+    return refs
+
+
 @pytest.mark.parametrize("ensemble, interval, frames", [("nve", 1, [0, 1, 2, 3, 4, 5]), ("langevin", 2, [0, 2, 4, 5])])
 def test_md_stops_and_writes_uq_columns(ensemble, interval, frames, tmp_path, capsys):
     write(tmp_path / "start.extxyz", make_slab())
@@ -104,17 +121,7 @@ def test_md_with_ltau_calculator_runs_to_the_end(tmp_path, capsys):
 def test_md_threshold_from_reference_runs(tmp_path, capsys):
     # 19 in-domain reference runs whose max-atom uncertainty peaks at 0.05, 0.10, ..., 0.95 (patience 1)
     slab = make_slab()
-    refs = []
-    for r in range(19):
-        frames = []
-        for step, peak in enumerate((0.01, 0.05 * (r + 1), 0.02)):
-            a = slab.copy()
-            a.arrays["ltau_uncertainties"] = np.full(len(a), peak)
-            a.info["md_step"] = step
-            frames.append(a)
-        write(tmp_path / f"ref{r}.extxyz", frames)
-        refs.append(tmp_path / f"ref{r}.extxyz")
-    write(tmp_path / "start.extxyz", slab)
+    refs = _write_reference_runs(tmp_path, slab, lambda r, step: np.full(len(slab), (0.01, 0.05 * (r + 1), 0.02)[step]))
     base = ["--factory", "sim_standins:scripted_md_calculator", "--structure", tmp_path / "start.extxyz",
             "--steps", "20", "--trajectory", tmp_path / "md.extxyz"]
     assert _run(md, base + ["--false-alarm-rate", "0.1", "--reference-runs", *refs]) == 0
@@ -139,19 +146,13 @@ def test_md_threshold_from_reference_runs(tmp_path, capsys):
 def test_md_element_quantile_scales_each_element_by_its_reference_range(tmp_path, capsys):
     # 19 reference runs of 3 steps: every Cu atom at 1.0; the O atom at 0.01 except 0.05 (r + 1) at step 1
     slab = make_slab()  # 12 Cu, then O
-    refs = []
-    for r in range(19):
-        frames = []
-        for step in range(3):
-            a = slab.copy()
-            values = np.full(len(a), 1.0)
-            values[-1] = 0.05 * (r + 1) if step == 1 else 0.01
-            a.arrays["ltau_uncertainties"] = values
-            a.info["md_step"] = step
-            frames.append(a)
-        write(tmp_path / f"ref{r}.extxyz", frames)
-        refs.append(tmp_path / f"ref{r}.extxyz")
-    write(tmp_path / "start.extxyz", slab)
+
+    def values(r, step):
+        v = np.full(len(slab), 1.0)
+        v[-1] = 0.05 * (r + 1) if step == 1 else 0.01
+        return v
+
+    refs = _write_reference_runs(tmp_path, slab, values)
     base = ["--factory", "sim_standins:scripted_md_calculator", "--structure", tmp_path / "start.extxyz",
             "--steps", "20", "--trajectory", tmp_path / "md.extxyz", "--false-alarm-rate", "0.15",
             "--reference-runs", *refs]
