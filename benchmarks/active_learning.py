@@ -1,7 +1,12 @@
 """Active learning on the EMT catalysis domain: LTAU selection vs random vs a DP-GEN committee.
 
-    python benchmarks/active_learning.py [--quick] --output DIR [--seeds 8] [--iterations 4] [--jobs 1]
-        [--quantile 0.5] [--max-reference-force 20]
+    python benchmarks/active_learning.py [--quick] --output DIR [--seeds 8] [--first-seed 0] [--iterations 4]
+        [--jobs 1] [--quantile 0.5] [--max-reference-force 20]
+    python benchmarks/active_learning.py --pool RESULTS [RESULTS ...] --output DIR
+
+More seeds later: ``--first-seed 10 --seeds 5`` runs seeds 10-14 (never an earlier run's), and
+``--pool OLD/results.json NEW --output POOLED`` analyses all seeds together (:func:`pool_results`:
+same settings required, a repeated seed refused).
 
 For every seed, three campaigns (:class:`ltau_ase.learn.Campaign`) start from the same small
 in-domain training set and the same initial model, with the same label budget per iteration, the same
@@ -34,7 +39,8 @@ held-out in-domain and out-of-domain frames.
 Output: ``DIR/results.json`` (every curve, per method and seed; the label ratios of LTAU against
 random and the committee, per seed and of the seed-averaged curves with a bootstrap over seeds;
 paired final-MAE differences; exploration cost ratios), ``DIR/active_learning.png`` (MAE vs labels,
-mean ± std bands), and the campaigns in ``DIR/campaigns/``.
+mean ± std bands), ``DIR/seeds/seed<N>.json`` (each finished seed alone, poolable), and the
+campaigns in ``DIR/campaigns/``.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,6 +66,9 @@ DOMAINS = ("in_domain", "out_of_domain")
 class Experiment:
     quick: bool = False
     seeds: int = 8
+    # seeds run are first_seed, ..., first_seed + seeds - 1: a later run adds new independent seeds
+    # (never repeating earlier ones) that --pool combines with the earlier results
+    first_seed: int = 0
     iterations: int = 4
     budget: int = 6
     committee_size: int = 3
@@ -278,13 +287,15 @@ def _ratio_json(x: float | None) -> float | str | None:
     return "not_reached" if np.isinf(x) else "undefined" if np.isnan(x) else float(x)
 
 
-def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]:
-    """Curves per method and seed, and the goal numbers.
+def analyse(runs: dict[str, dict[int, dict]], exp: Experiment, n_boot: int = 2000) -> dict[str, Any]:
+    """Curves per method and seed (:func:`seed_curves`), and the goal numbers (:func:`summarise`)."""
+    curves = seed_curves(runs)
+    return {"curves": curves, **summarise(curves, exp, n_boot)}
 
-    Label savings: :func:`label_ratio` per seed and of the seed-averaged curves with a bootstrap over
-    seeds (:func:`bootstrap_ratio`); saving vs random = 1 − ratio (goal ≥ 0.30), labels vs the
-    committee = ratio (goal ≤ 1.10). Paired final-MAE differences per seed with a bootstrap CI.
-    """
+
+def seed_curves(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
+    """``{method: {str(seed): curve}}`` from the campaigns' histories: labels, in/out-of-domain test
+    force MAE (eV/Å) after every iteration, exploration and training cost, selection statistics."""
     curves: dict[str, dict] = {}
     for method, by_seed in runs.items():
         curves[method] = {}
@@ -307,8 +318,19 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
                 "spearman_selected": [x.get("selected_uq_vs_error", {}).get("spearman_statistic_vs_max_error")
                                       for x in h],
             }
+    return curves
+
+
+def summarise(curves: dict[str, dict[str, dict]], exp: Experiment, n_boot: int = 2000) -> dict[str, Any]:
+    """The goal numbers over the seeds every method finished: ``{"goals": ..., "seeds": [...]}``
+    (``n_boot`` bootstrap samples for every interval).
+
+    Label savings: :func:`label_ratio` per seed and of the seed-averaged curves with a bootstrap over
+    seeds (:func:`bootstrap_ratio`); saving vs random = 1 − ratio (goal ≥ 0.30), labels vs the
+    committee = ratio (goal ≤ 1.10). Paired final-MAE differences per seed with a bootstrap CI.
+    """
     goals: dict[str, Any] = {}
-    seeds = sorted(set.intersection(*(set(c) for c in curves.values())))
+    seeds = sorted(set.intersection(*(set(curves[m]) for m in METHODS)), key=int)
     for domain in DOMAINS + ("mean_of_domains",):
         def curve(method, seed):
             c = curves[method][seed]
@@ -320,7 +342,7 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
         out: dict[str, Any] = {}
         for base in ("random", "committee"):
             ratios = [label_ratio(a, b) for a, b in zip(per_seed["ltau"], per_seed[base])]
-            boot = bootstrap_ratio(per_seed["ltau"], per_seed[base])
+            boot = bootstrap_ratio(per_seed["ltau"], per_seed[base], n_boot)
             samples = boot.pop("samples")
             if base == "random":
                 boot["p_goal_met"] = float((1.0 - samples[~np.isnan(samples)] >= 0.30).mean()) \
@@ -336,16 +358,16 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
             # secondary (not a goal): the same ratio at every earlier point of the baseline's curve
             by_point = []
             for k in range(1, len(per_seed[base][0][0]) - 1):
-                b = bootstrap_ratio(per_seed["ltau"], per_seed[base], point=k)
+                b = bootstrap_ratio(per_seed["ltau"], per_seed[base], n_boot, point=k)
                 by_point.append({"baseline_labels": float(np.mean([c[0][k] for c in per_seed[base]])),
                                  "estimate": _ratio_json(b["estimate"]), "ci95": [_ratio_json(x) for x in b["ci95"]],
                                  "p_not_reached": b["p_not_reached"], "p_undefined": b["p_undefined"]})
             out[f"labels_ratio_vs_{base}"]["at_earlier_points"] = by_point
             out[f"final_mae_ltau_minus_{base}"] = bootstrap_mean([a[1][-1] - b[1][-1] for a, b in
-                                                                   zip(per_seed["ltau"], per_seed[base])])
+                                                                   zip(per_seed["ltau"], per_seed[base])], n_boot)
             out[f"seeds_where_{base}_did_not_improve"] = int(sum(b[1][-1] >= b[1][0] for b in per_seed[base]))
-        out["final_mae"] = {m: bootstrap_mean([c[1][-1] for c in per_seed[m]]) for m in METHODS}
-        out["initial_mae"] = bootstrap_mean([c[1][0] for c in per_seed["ltau"]])
+        out["final_mae"] = {m: bootstrap_mean([c[1][-1] for c in per_seed[m]], n_boot) for m in METHODS}
+        out["initial_mae"] = bootstrap_mean([c[1][0] for c in per_seed["ltau"]], n_boot)
         goals[domain] = out
     cost = [curves["ltau"][s]["exploration_model_steps"] / curves["committee"][s]["exploration_model_steps"]
             for s in seeds if curves["committee"][s]["exploration_model_steps"]]
@@ -353,7 +375,99 @@ def analyse(runs: dict[str, dict[int, dict]], exp: Experiment) -> dict[str, Any]
             for s in seeds if curves["committee"][s]["exploration_wall_s"]]
     goals["exploration_cost_ratio_ltau_over_committee"] = {"model_steps": _mean_std(cost), "wall": _mean_std(wall),
                                                           "target": 1.0 / exp.committee_size}
-    return {"curves": curves, "goals": goals, "seeds": seeds}
+    return {"goals": goals, "seeds": seeds}
+
+
+# Experiment fields that may differ between pooled runs: which seeds ran, and how many campaigns ran
+# side by side (each campaign is its own process, so that does not change a result).
+POOL_FREE_FIELDS = ("seeds", "first_seed", "jobs")
+
+
+def pool_results(parts: Sequence[dict[str, Any]], sources: Sequence[str] | None = None,
+                 n_boot: int = 2000) -> dict[str, Any]:
+    """Combine the curves of independent runs (``results.json`` dicts, or ``seeds/seed<N>.json``)
+    into one analysis over all their seeds, as if they had run together.
+
+    Every part must have the same :class:`Experiment` apart from :data:`POOL_FREE_FIELDS` (an older
+    ``results.json`` without ``first_seed`` counts as 0); a seed in two parts is an error (it would
+    be counted twice), as is a seed some method lacks. Returns the :func:`analyse` layout with
+    ``experiment`` (``seeds`` = the pooled count), ``data`` and ``pooled_from`` (each part's seeds
+    and run record).
+    """
+    if not parts:
+        raise ValueError("nothing to pool: give at least one results file")
+    sources = list(sources) if sources is not None else [f"part {i}" for i in range(len(parts))]
+    if len(sources) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(sources)} source names")
+    known = {f.name for f in fields(Experiment)}
+
+    def settings(part: dict, source: str) -> dict[str, Any]:
+        if not isinstance(part, dict) or not {"experiment", "curves"} <= set(part):
+            raise ValueError(f"{source}: not an active-learning results file (needs 'experiment' and 'curves')")
+        exp = {"first_seed": 0, **part["experiment"]}
+        unknown = set(exp) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown experiment fields {sorted(unknown)}; expected {sorted(known)}")
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in exp.items()
+                if k not in POOL_FREE_FIELDS}
+
+    first = settings(parts[0], sources[0])
+    curves: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
+    owner: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    for part, source in zip(parts, sources):
+        same = settings(part, source)
+        if same != first:
+            diff = sorted(k for k in set(first) | set(same) if first.get(k) != same.get(k))
+            raise ValueError(f"{source}: experiment differs from {sources[0]}'s in {diff}; only runs with the "
+                             f"same settings (apart from {list(POOL_FREE_FIELDS)}) can be pooled")
+        part_seeds = set.union(*(set(part["curves"].get(m, {})) for m in METHODS))
+        for seed in sorted(part_seeds, key=int):
+            if any(seed not in part["curves"].get(m, {}) for m in METHODS):
+                raise ValueError(f"{source}: seed {seed} lacks the curve of some method; every method must have it")
+            if seed in owner:
+                raise ValueError(f"seed {seed} is in both {owner[seed]} and {source}: pooled seeds must be "
+                                 "independent (run new ones with --first-seed)")
+            owner[seed] = source
+            for m in METHODS:
+                curves[m][seed] = part["curves"][m][seed]
+            if seed in part.get("data", {}):
+                data[seed] = part["data"][seed]
+    if not owner:
+        raise ValueError("the parts hold no finished seed")
+    exp = Experiment(**{**{k: (tuple(v) if isinstance(v, list) else v) for k, v in first.items()},
+                        "seeds": len(owner), "first_seed": 0})
+    curves = {m: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for m, c in curves.items()}
+    out = {"curves": curves, **summarise(curves, exp, n_boot)}
+    out["experiment"] = {k: v for k, v in asdict(exp).items() if k not in ("first_seed", "jobs")}
+    out["data"] = data
+    out["pooled_from"] = [{"source": src, "seeds": sorted((s for s, o in owner.items() if o == src), key=int),
+                           "run": part.get("run")} for part, src in zip(parts, sources)]
+    return out
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A ``results.json`` (or the directory holding one) for :func:`pool_results`; ValueError when it
+    is missing or not JSON."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such results file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def _write_json(results: dict, path: Path) -> None:
+    """Write atomically (a reader never sees half a file; an interrupted run keeps the previous one)."""
+    from ltau_ase.core.jsonable import to_jsonable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(results), indent=2))
+    os.replace(tmp, path)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -385,58 +499,66 @@ def plot(results: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- main
 def run_experiment(exp: Experiment, output: Path) -> dict[str, Any]:
-    """Every campaign; ``results.json`` and the figure are rewritten after every finished seed (all
-    three methods), so a run cut short still leaves the analysis of the seeds it finished."""
+    """Every campaign of seeds ``first_seed ... first_seed + seeds - 1``; ``results.json`` and the
+    figure are rewritten after every finished seed (all three methods), and each finished seed also
+    gets its own ``seeds/seed<N>.json`` (the same layout, that seed alone), so a run cut short still
+    leaves the analysis of the seeds it finished."""
     t_start = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     root = output / "campaigns"
-    data = {seed: make_data(exp, seed, output / "data" / f"seed{seed}") for seed in range(exp.seeds)}
+    seed_ids = range(exp.first_seed, exp.first_seed + exp.seeds)
+    data: dict[int, dict] = {}
+
+    def seed_data(seed: int) -> dict:
+        if seed not in data:
+            data[seed] = make_data(exp, seed, output / "data" / f"seed{seed}")
+        return data[seed]
     runs: dict[str, dict[int, dict]] = {m: {} for m in METHODS}
     results: dict[str, Any] = {}
 
-    def write_results() -> None:
-        nonlocal results
-        done = [s for s in range(exp.seeds) if all(s in runs[m] for m in METHODS)]
-        if not done:
-            return
-        results = analyse({m: {s: runs[m][s] for s in done} for m in METHODS}, exp)
-        results["experiment"] = asdict(exp)
-        results["data"] = {str(s): {k: v for k, v in data[s].items() if k != "files"} for s in done}
-        results["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                          "total_s": time.perf_counter() - t_start, "seeds_finished": len(done)}
-        from ltau_ase.core.jsonable import to_jsonable
+    def analysed(done: Sequence[int]) -> dict[str, Any]:
+        res = analyse({m: {s: runs[m][s] for s in done} for m in METHODS}, exp)
+        res["experiment"] = asdict(exp)
+        res["data"] = {str(s): {k: v for k, v in data[s].items() if k != "files"} for s in done}
+        res["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                      "total_s": time.perf_counter() - t_start, "seeds_finished": len(done)}
+        return res
 
-        tmp = output / "results.json.tmp"
-        tmp.write_text(json.dumps(to_jsonable(results), indent=2))
-        os.replace(tmp, output / "results.json")
+    def write_results(seed: int) -> None:
+        nonlocal results
+        if not all(seed in runs[m] for m in METHODS):
+            return
+        _write_json(analysed([seed]), output / "seeds" / f"seed{seed}.json")
+        results = analysed([s for s in seed_ids if all(s in runs[m] for m in METHODS)])
+        _write_json(results, output / "results.json")
         plot(results, output / "active_learning.png")
 
     def record(r: dict) -> None:
         runs[r["method"]][r["seed"]] = r
         print(f"finished {r['method']} seed {r['seed']} in {r['wall_s']:.0f} s", flush=True)
-        write_results()
+        write_results(r["seed"])
 
     ctx = __import__("multiprocessing").get_context("spawn")
     with ProcessPoolExecutor(max_workers=exp.jobs, mp_context=ctx) as pool:
         if exp.jobs == 1:  # seed by seed: every finished seed is a complete comparison
-            for s in range(exp.seeds):
-                pool.submit(run_campaign, exp, "ltau", s, data[s], str(root / f"ltau_seed{s}"), 0).result()
+            for s in seed_ids:
+                pool.submit(run_campaign, exp, "ltau", s, seed_data(s), str(root / f"ltau_seed{s}"), 0).result()
                 for method in ("random", "committee"):
                     share_initial_model(root / f"ltau_seed{s}", method, root / f"{method}_seed{s}")
                 for m in METHODS:
                     record(pool.submit(run_campaign, exp, m, s, data[s], str(root / f"{m}_seed{s}")).result())
         else:
             # phase 1: the shared initial models
-            futs = [pool.submit(run_campaign, exp, "ltau", s, data[s], str(root / f"ltau_seed{s}"), 0)
-                    for s in range(exp.seeds)]
+            futs = [pool.submit(run_campaign, exp, "ltau", s, seed_data(s), str(root / f"ltau_seed{s}"), 0)
+                    for s in seed_ids]
             for f in as_completed(futs):
                 f.result()
-            for s in range(exp.seeds):
+            for s in seed_ids:
                 for method in ("random", "committee"):
                     share_initial_model(root / f"ltau_seed{s}", method, root / f"{method}_seed{s}")
             # phase 2: every campaign to the end (committees first: they take longest)
-            order = [(m, s) for m in ("committee", "ltau", "random") for s in range(exp.seeds)]
+            order = [(m, s) for m in ("committee", "ltau", "random") for s in seed_ids]
             futs = {pool.submit(run_campaign, exp, m, s, data[s], str(root / f"{m}_seed{s}")): (m, s)
                     for m, s in order}
             for f in as_completed(futs):
@@ -447,8 +569,14 @@ def run_experiment(exp: Experiment, output: Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="run nothing: pool the seeds of these results.json files (or directories holding "
+                             "one, or seeds/seed<N>.json files) into OUTPUT/results.json and its figure")
     parser.add_argument("--quick", action="store_true", help="one seed, two small iterations (< 5 min)")
     parser.add_argument("--seeds", type=int, default=None, help="independent repetitions (default 8)")
+    parser.add_argument("--first-seed", type=int, default=None,
+                        help="first seed (default 0): seeds first-seed ... first-seed + seeds - 1, so a later run "
+                             "adds seeds that never repeat an earlier run's")
     parser.add_argument("--iterations", type=int, default=None, help="label-and-retrain iterations (default 4)")
     parser.add_argument("--budget", type=int, default=None, help="labels per iteration (default 6)")
     parser.add_argument("--committee-size", type=int, default=None, help="committee models M (default 3)")
@@ -462,7 +590,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-parallel", type=int, default=None,
                         help="committee members trained side by side within a campaign (default 1)")
     args = parser.parse_args(argv)
-    exp = Experiment.preset(args.quick, seeds=args.seeds, iterations=args.iterations, budget=args.budget,
+    if args.pool is not None:
+        given = [k for k, v in vars(args).items() if k not in ("output", "pool") and v not in (None, False)]
+        if given:
+            parser.error(f"--pool takes only --output (the settings come from the pooled runs); got {given}")
+        try:
+            results = pool_results([read_results(p) for p in args.pool], [str(p) for p in args.pool])
+        except ValueError as e:
+            parser.error(str(e))
+        args.output.mkdir(parents=True, exist_ok=True)
+        _write_json(results, args.output / "results.json")
+        plot(results, args.output / "active_learning.png")
+        print_summary(results)
+        print(f"pooled {len(results['seeds'])} seeds into {args.output / 'results.json'}")
+        return 0
+    exp = Experiment.preset(args.quick, seeds=args.seeds, first_seed=args.first_seed, iterations=args.iterations,
+                            budget=args.budget,
                             committee_size=args.committee_size, epochs=args.epochs, jobs=args.jobs,
                             md_steps=args.md_steps, train_parallel=args.train_parallel,
                             threshold_quantile=args.quantile)
@@ -470,15 +613,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp = replace(exp, max_reference_force=args.max_reference_force or None)
     if exp.budget < 1:
         raise SystemExit("--budget must be >= 1")
+    if exp.first_seed < 0 or exp.seeds < 1:
+        raise SystemExit("--first-seed must be >= 0 and --seeds >= 1")
     results = run_experiment(exp, args.output)
-    g = results["goals"]
-    for domain in DOMAINS + ("mean_of_domains",):
-        r, c = g[domain]["labels_ratio_vs_random"]["mean_curves"], g[domain]["labels_ratio_vs_committee"]["mean_curves"]
-        print(f"{domain}: LTAU labels / random's {r['estimate']} (95 % CI {r['ci95']}), "
-              f"/ committee's {c['estimate']} (95 % CI {c['ci95']})")
-    print(f"exploration cost ltau/committee: {g['exploration_cost_ratio_ltau_over_committee']['model_steps']['mean']}")
+    print_summary(results)
     print(f"wrote {args.output / 'results.json'} in {results['run']['total_s']:.0f} s")
     return 0
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """The goal numbers, one line each: final MAE per method, label ratios with their bootstrap CIs."""
+    g = results["goals"]
+    print(f"{len(results['seeds'])} seeds")
+    for domain in DOMAINS + ("mean_of_domains",):
+        finals = ", ".join(f"{m} {f['mean']:.3f} ± {f['std'] or 0:.3f}" for m, f in g[domain]["final_mae"].items())
+        print(f"{domain}: final MAE (eV/Å) {finals}")
+        r, c = g[domain]["labels_ratio_vs_random"]["mean_curves"], g[domain]["labels_ratio_vs_committee"]["mean_curves"]
+        print(f"{domain}: LTAU labels / random's {r['estimate']} (95 % CI {r['ci95']}, P(<= 0.7) {r['p_goal_met']}), "
+              f"/ committee's {c['estimate']} (95 % CI {c['ci95']}, P(<= 1.1) {c['p_goal_met']})")
+    print(f"exploration cost ltau/committee: {g['exploration_cost_ratio_ltau_over_committee']['model_steps']['mean']}")
 
 
 if __name__ == "__main__":

@@ -101,3 +101,86 @@ def test_bootstrap_over_seeds_against_brute_force(al):
     assert out["ci95"] == [pytest.approx(0.5), float("inf")]
     m = al.bootstrap_mean([1.0, 3.0], n_boot=4000, seed=1)
     assert m["mean"] == 2.0 and m["std"] == pytest.approx(np.sqrt(2)) and m["ci95"] == [1.0, 3.0]
+
+
+def _synthetic_runs(seeds, rng):
+    """Per method and seed a decreasing-ish MAE curve over 0, 6, 12 labels (random numbers)."""
+    runs = {m: {} for m in ("ltau", "random", "committee")}
+    for s in seeds:
+        for m, steps in (("ltau", 50), ("random", 60), ("committee", 300)):
+            start = rng.uniform(0.8, 1.2, size=2)
+            mae = start[:, None] * np.cumprod(rng.uniform(0.6, 1.05, size=(2, 3)), axis=1) / rng.uniform(0.6, 1.05)
+            runs[m][s] = _run([0, 6, 12], mae[0].tolist(), mae[1].tolist(), steps)
+    return runs
+
+
+def _as_read_back(al, runs, exp, drop_first_seed=False, n_boot=None):
+    """What run_experiment writes and read_results reads back, through JSON: the curves and the
+    experiment (pooling reads nothing else; with ``n_boot`` also the goals, from :func:`analyse`)."""
+    import json
+    from dataclasses import asdict
+
+    from ltau_ase.core.jsonable import to_jsonable
+
+    res = {"curves": al.seed_curves(runs)} if n_boot is None else al.analyse(runs, exp, n_boot)
+    res["experiment"] = asdict(exp)
+    if drop_first_seed:  # results.json written before --first-seed existed
+        res["experiment"].pop("first_seed")
+    return json.loads(json.dumps(to_jsonable(res)))
+
+
+def test_pool_equals_one_run_over_all_seeds(al):
+    rng = np.random.default_rng(3)
+    runs = _synthetic_runs(range(7), rng)
+    old = {m: {s: r for s, r in by.items() if s < 4} for m, by in runs.items()}
+    new = {m: {s: r for s, r in by.items() if s >= 4} for m, by in runs.items()}
+    parts = [_as_read_back(al, old, al.Experiment(seeds=4), drop_first_seed=True),
+             _as_read_back(al, new, al.Experiment(seeds=3, first_seed=4))]
+    pooled = al.pool_results(parts, ["old", "new"], n_boot=200)
+    # the reference: all seven seeds analysed together, as if they had run in one go
+    together = _as_read_back(al, runs, al.Experiment(seeds=7), n_boot=200)
+    assert pooled["seeds"] == [str(s) for s in range(7)] == together["seeds"]
+    assert pooled["curves"] == together["curves"]
+    assert pooled["goals"] == together["goals"]
+    assert pooled["experiment"]["seeds"] == 7
+    assert [p["seeds"] for p in pooled["pooled_from"]] == [["0", "1", "2", "3"], ["4", "5", "6"]]
+    # and by hand: the pooled final in-domain MAE of random is the mean over all seven seeds
+    finals = [runs["random"][s]["history"][-1]["evaluation"]["in_domain"]["force_mae"] for s in range(7)]
+    assert pooled["goals"]["in_domain"]["final_mae"]["random"]["mean"] == pytest.approx(np.mean(finals))
+    assert pooled["goals"]["in_domain"]["final_mae"]["random"]["n"] == 7
+
+
+def test_pool_refuses_repeated_seeds_and_other_settings(al):
+    rng = np.random.default_rng(4)
+    a = _as_read_back(al, _synthetic_runs([0, 1], rng), al.Experiment(seeds=2))
+    b = _as_read_back(al, _synthetic_runs([1, 2], rng), al.Experiment(seeds=2, first_seed=1))
+    with pytest.raises(ValueError, match="seed 1 is in both a and b"):
+        al.pool_results([a, b], ["a", "b"])
+    c = _as_read_back(al, _synthetic_runs([5], rng), al.Experiment(seeds=1, first_seed=5, budget=3))
+    with pytest.raises(ValueError, match=r"differs from a's in \['budget'\]"):
+        al.pool_results([a, c], ["a", "c"])
+    with pytest.raises(ValueError, match="not an active-learning results file"):
+        al.pool_results([a, {"curves": {}}], ["a", "x"])
+    with pytest.raises(ValueError, match="nothing to pool"):
+        al.pool_results([])
+
+
+def test_pool_cli(al, tmp_path, capsys):
+    import json
+
+    rng = np.random.default_rng(5)
+    for name, seeds, exp in (("old", [0, 1], al.Experiment(seeds=2)),
+                             ("new", [2], al.Experiment(seeds=1, first_seed=2))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_as_read_back(al, _synthetic_runs(seeds, rng), exp)))
+    assert al.main(["--pool", str(tmp_path / "old"), str(tmp_path / "new" / "results.json"),
+                    "--output", str(tmp_path / "pooled")]) == 0
+    out = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    assert out["seeds"] == ["0", "1", "2"] and (tmp_path / "pooled" / "active_learning.png").stat().st_size > 0
+    assert "3 seeds" in capsys.readouterr().out
+    for argv, message in ((["--pool", str(tmp_path / "old"), "--seeds", "3"], "--pool takes only --output"),
+                          (["--pool", str(tmp_path / "missing")], "no such results file"),
+                          (["--pool", str(tmp_path / "old"), str(tmp_path / "old")], "seed 0 is in both")):
+        with pytest.raises(SystemExit) as exit_:
+            al.main(argv + ["--output", str(tmp_path / "x")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
