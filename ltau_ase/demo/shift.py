@@ -970,7 +970,10 @@ def score_md(cfg: ShiftBenchConfig, scorer: Scorer, md: dict, ratio_reference: d
                 return element_normalised(values, numbers, *scales_pooled).max(axis=1)
 
             def scales_of(vals, numbers):  # + the pooled quantile for an element the references lack
-                pooled = float(np.quantile(np.concatenate([v.ravel() for v in vals]), cfg.md_element_quantile))
+                values = np.concatenate([v.ravel() for v in vals])  # runs cut at step 0 add nothing
+                if values.size == 0:
+                    raise ValueError("the reference runs hold no per-atom values (every run has 0 steps)")
+                pooled = float(np.quantile(values, cfg.md_element_quantile))
                 return element_scales(vals, numbers, cfg.md_element_quantile), pooled
 
             scales = scales_of(ref_pa, nums)

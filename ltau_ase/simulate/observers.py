@@ -300,7 +300,8 @@ def element_scales(per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.n
         numbers: R atomic-number arrays, each (N_r,).
         quantile: in (0, 1]; 0.99 by default (:data:`ELEMENT_SCALE_QUANTILE`).
     Returns:
-        ``{Z: scale}`` in the statistic's unit (eV/Å for ``expected_force_errors``), every scale finite > 0.
+        ``{Z: scale}`` in the statistic's unit (eV/Å for ``expected_force_errors``), every scale finite > 0;
+        runs with 0 steps are skipped, so an element present only in such runs has no scale.
     Raises:
         ValueError: mismatched lengths or shapes, a non-finite reference value, a quantile outside (0, 1],
             or an element whose scale is 0 (the statistic is 0 for all its atoms: nothing to divide by).
@@ -321,8 +322,12 @@ def element_scales(per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.n
         if not np.all(np.isfinite(v)):
             raise ValueError(f"reference run {r} has non-finite per-atom values (an unseen element or a failed "
                              "prediction): an in-domain reference must be finite")
+        if v.shape[0] == 0:
+            continue  # a run cut before its first step (e.g. at a breakdown at step 0) holds no values
         for element in np.unique(z):
             by_element.setdefault(int(element), []).append(v[:, z == element].ravel())
+    if not by_element:
+        raise ValueError("the reference runs hold no per-atom values (every run has 0 steps)")
     scales = {}
     for element, chunks in sorted(by_element.items()):
         scale = float(np.quantile(np.concatenate(chunks), q))

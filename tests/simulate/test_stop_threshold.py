@@ -158,6 +158,10 @@ def test_element_scales_hand_computed():
     assert element_scales([run1, run2], [z1, z2], 1.0) == {1: 7.0, 8: 4.0, 29: 0.4}
     # median (linear interpolation): Cu {.1,.2,.3,.4} -> 0.25; O {1,3,2,4} -> 2.5; H {5,7} -> 6
     assert element_scales([run1, run2], [z1, z2], 0.5) == pytest.approx({1: 6.0, 8: 2.5, 29: 0.25})
+    # a run cut at step 0 (breakdown at its first frame) adds nothing: H, only there, gets no scale
+    assert element_scales([run1, run2[:0]], [z1, z2], 1.0) == {8: 3.0, 29: 0.4}
+    with pytest.raises(ValueError, match="no per-atom values"):
+        element_scales([run1[:0]], [z1])
     with pytest.raises(ValueError, match="non-finite"):
         element_scales([np.array([[0.1, np.inf]])], [np.array([29, 8])])
     with pytest.raises(ValueError, match="Z=8.*> 0"):
