@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give either --stop-threshold or --reference-runs/--false-alarm-rate, not both")
         args.stop_threshold, scales = reference_threshold(
             args.reference_runs, args.key, args.atom_reduce, args.false_alarm_rate, args.patience,
-            args.threshold_method, element_quantile=args.element_quantile, with_scales=True)
+            args.threshold_method, element_quantile=args.element_quantile)
         print(f"stop threshold {args.stop_threshold:.6g} from {len(args.reference_runs)} reference runs "
               f"(false-alarm rate {args.false_alarm_rate:g}, {args.threshold_method}, patience {args.patience})")
         if scales is not None:
@@ -213,18 +213,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, patience: int,
-                        method: str = "conformal", element_quantile: float | None = None,
-                        with_scales: bool = False):
-    """:func:`ltau_ase.simulate.observers.stop_threshold` over the per-frame ``ltau_<key>`` columns of runs.
-
-    With ``element_quantile`` each atom's values are first divided by its element's scale
-    (:func:`ltau_ase.simulate.observers.element_scales` of all the runs' per-atom values). Returns the
-    threshold, or ``(threshold, scales or None)`` with ``with_scales``.
-    """
+                        method: str = "conformal", element_quantile: float | None = None):
+    """:func:`ltau_ase.simulate.observers.reference_stop_threshold` over the per-atom ``ltau_<key>``
+    columns of extxyz runs: ``(threshold, per-element scales or None)``."""
     import numpy as np
     from ase.io import read
 
-    from ltau_ase.simulate.observers import element_normalised, element_scales, reduce_values, stop_threshold
+    from ltau_ase.simulate.observers import reference_stop_threshold
 
     per_atom, numbers = [], []
     for path in paths:
@@ -245,8 +240,5 @@ def reference_threshold(paths, key: str, atom_reduce, false_alarm_rate: float, p
             raise ValueError(f"{path}: the atoms change between frames; a reference run is one MD trajectory")
         per_atom.append(np.stack([np.asarray(a.arrays[column], dtype=np.float64) for a in frames]))
         numbers.append(frames[0].numbers)
-    scales = None if element_quantile is None else element_scales(per_atom, numbers, element_quantile)
-    traces = [[reduce_values(row, atom_reduce) for row in
-               (v if scales is None else element_normalised(v, z, scales))] for v, z in zip(per_atom, numbers)]
-    threshold = stop_threshold(traces, false_alarm_rate, patience, method)
-    return (threshold, scales) if with_scales else threshold
+    return reference_stop_threshold(per_atom, numbers, false_alarm_rate, patience, method, atom_reduce,
+                                    element_quantile)

@@ -359,6 +359,31 @@ def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[
     return np.asarray(values, dtype=np.float64) / per_atom
 
 
+def reference_stop_threshold(per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.ndarray],
+                             false_alarm_rate: float, patience: int = 1, method: str = "conformal",
+                             atom_reduce: Reduce = "max", element_quantile: float | None = None
+                             ) -> tuple[float, dict[int, float] | None]:
+    """Threshold of a stop fitted to R in-domain runs' per-atom values, and its per-element scales.
+
+    ``per_atom_traces``: R arrays (steps, N_r) of the per-atom statistic (its unit); ``numbers``: their
+    (N_r,) atomic numbers. With ``element_quantile`` the scales are :func:`element_scales` of these runs
+    and each run's trace is the ``atom_reduce`` of its element-normalised values (dimensionless); with
+    None the raw values are reduced and the scales are None. The threshold is :func:`stop_threshold`
+    of those traces.
+    """
+    atom_reduce = check_reduce(atom_reduce)
+    if len(per_atom_traces) != len(numbers):
+        raise ValueError(f"got {len(per_atom_traces)} reference runs but {len(numbers)} atomic-number arrays")
+    scales = None if element_quantile is None else element_scales(per_atom_traces, numbers, element_quantile)
+    traces = []
+    for values, z in zip(per_atom_traces, numbers):
+        v = np.asarray(values, dtype=np.float64)
+        if scales is not None:
+            v = element_normalised(v, z, scales)
+        traces.append([reduce_values(row, atom_reduce) for row in v])
+    return stop_threshold(traces, false_alarm_rate, patience, method), scales
+
+
 class UncertaintyStop:
     """Stop an ASE optimizer or MD run when the uncertainty stays too high.
 
@@ -504,17 +529,8 @@ class UncertaintyStop:
         if kwargs.get("select", "all") != "all":
             raise ValueError("from_reference_runs reduces the reference runs over all their atoms; select must be "
                              f"'all', got {kwargs['select']!r}")
-        atom_reduce = check_reduce(kwargs.get("atom_reduce", "max"))
-        if len(per_atom_traces) != len(numbers):
-            raise ValueError(f"got {len(per_atom_traces)} reference runs but {len(numbers)} atomic-number arrays")
-        scales = None if element_quantile is None else element_scales(per_atom_traces, numbers, element_quantile)
-        traces = []
-        for values, z in zip(per_atom_traces, numbers):
-            v = np.asarray(values, dtype=np.float64)
-            if scales is not None:
-                v = element_normalised(v, z, scales)
-            traces.append([reduce_values(row, atom_reduce) for row in v])
-        threshold = stop_threshold(traces, false_alarm_rate, patience, method)
+        threshold, scales = reference_stop_threshold(per_atom_traces, numbers, false_alarm_rate, patience, method,
+                                                     kwargs.get("atom_reduce", "max"), element_quantile)
         stop = cls(dyn, threshold=threshold, patience=patience, element_scales=scales, **kwargs)
         stop.false_alarm_rate = float(false_alarm_rate)
         stop.threshold_method = method
