@@ -220,7 +220,7 @@ def compile_model(
             coverage=coverage,
         )
         append_ltau(graph_model, readout)
-        outputs = outputs + list(readout.provenance["fields"])
+        outputs = outputs + list(readout.fields)
     if example is None:
         example = default_example(graph_model.type_names, float(graph_model.metadata["r_max"]))
     data = eager.atoms_to_data(example)

@@ -142,7 +142,9 @@ class LTAUReadout(GraphModuleMixin, torch.nn.Module):
             self.register_buffer("counts", torch.as_tensor(counts, dtype=torch.float64).contiguous())
         else:
             self.register_buffer("counts", torch.ones(0, dtype=torch.float64))
-        self.provenance = dict(provenance or {})
+        self.fields = fields
+        # the file's metadata lists the fields the readout writes (what a calculator may report)
+        self.provenance = {**(provenance or {}), "fields": list(fields)}
         self.distance_aware = distance_aware is not None
         self.error_bounds = bounded
         self.distribution_kind = "" if distance_aware is None else str(distance_aware["kind"])
@@ -341,9 +343,7 @@ class InModelLTAUCalculator(LatentNequIPCalculator):
             raise ValueError("the model carries no LTAU readout; append one with append_ltau(model, readout)")
         super().__init__(model, device, **kwargs)
         self.ltau_readout = dict(model.model.ltau.provenance)
-        readout = model.model.ltau
-        fields = BOUNDED_FIELDS if readout.error_bounds else DISTANCE_AWARE_FIELDS if readout.distance_aware else LTAU_FIELDS
-        self.implemented_properties = [*self.implemented_properties, *fields]
+        self.implemented_properties = [*self.implemented_properties, *model.model.ltau.fields]
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
         super().save_extra_outputs(out)
@@ -460,12 +460,9 @@ def distance_aware_reference(estimator: Any, type_names: list[str], coverage: Op
     if coverage is not None:
         from ltau_ase.core.conformal import check_coverage
 
-        q = check_coverage(coverage)
-        pooled = estimator.conformal_.quantiles(q)[1]
-        zs = [atomic_numbers.get(name) for name in type_names]
-        out["bound_quantiles"] = np.array(
-            [pooled if z is None else float(estimator.conformal_.quantile_for(np.array([z]), q)[0]) for z in zs])
-        out["coverage"] = q
+        # a type that is no chemical symbol gets label -1, which no Mondrian group has: the pooled quantile
+        labels = np.array([atomic_numbers.get(name, -1) for name in type_names], dtype=np.int64)
+        out["bound_quantiles"] = estimator.conformal_.quantile_for(labels, check_coverage(coverage))
     if dist.kind == "exact":
         out["sorted_errors"] = dist.sorted_errors
     else:
@@ -538,7 +535,6 @@ def readout_from_estimator(
         "scale": float(estimator.effective_scale),
         "form": "distance_aware" if aware else "paper",
         "species": species,
-        "fields": list(LTAU_FIELDS if not aware else BOUNDED_FIELDS if coverage is not None else DISTANCE_AWARE_FIELDS),
         "coverage": None if coverage is None else float(coverage),
         **(provenance or {}),
     }
