@@ -833,11 +833,11 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
     has_distance = bool(out["table"]["is2rs_calibration"]) and distance_key in out["table"]["is2rs_calibration"][0]
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
+        # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
+        fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
+                    if method in r and math.isfinite(r["rmsd"])]
+        pool = "uq" if method == "committee" or not has_distance else "uq+distance"
         for suffix, (features, options) in variants.items():
-            # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
-            fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
-                        if method in r and math.isfinite(r["rmsd"])]
-            pool = "uq" if method == "committee" or not has_distance else "uq+distance"
             if not fit_rows or ("distance" in suffix and not has_distance):
                 continue
             try:
