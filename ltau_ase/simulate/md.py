@@ -24,7 +24,7 @@ def thermalize(atoms: Atoms, temperature_K: float, rng: np.random.Generator) -> 
 def thermalized_langevin(atoms: Atoms, temperature_K: float, rng: np.random.Generator, timestep_fs: float = 1.0,
                          friction_per_fs: float = 0.02, **kwargs: Any) -> Langevin:
     """Momenta drawn at ``temperature_K``, then a Langevin integrator on ``atoms`` at that temperature
-    (time step in fs, friction in fs⁻¹, both from ``rng``). ``fixcm=False``: the slabs here have fixed
+    (time step in fs, friction in fs⁻¹; momenta and Langevin noise from ``rng``). ``fixcm=False``: the slabs here have fixed
     bottom layers (or a ``FixCom``), so ASE's own centre-of-mass correction is not needed. ``kwargs``
     go to ``Langevin`` (e.g. ``logfile``)."""
     thermalize(atoms, temperature_K, rng)
