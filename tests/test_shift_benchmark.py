@@ -208,3 +208,14 @@ def test_quick_run_on_the_demo_ensemble(quick_demo_dir, tmp_path):
     text = (out / "summary.md").read_text()
     for name in on_disk["figures"].values():
         assert (out / name).is_file() and name in text
+    # the "follow" means are the plain means of the cached per-atom arrays (member 1's errors, the
+    # committee's spreads), and the table reports each against the in-domain mean
+    assert "Do the predictions follow the shift?" in text
+    for domain in ("in_domain", "T1200", "element"):
+        with np.load(out / "raw" / f"s2ef_test_{domain}.npz") as z:
+            follow = domains[domain]["follow"]
+            assert follow["true_error"]["mean"] == pytest.approx(float(np.mean(z["err_single"])), rel=1e-12)
+            assert follow["committee_spread"]["mean"] == pytest.approx(float(np.mean(z["u_committee"])), rel=1e-12)
+    assert "element_species_aware" in domains and "follow" not in domains["element_species_aware"]
+    ratio = domains["T1200"]["follow"]["true_error"]["mean"] / domains["in_domain"]["follow"]["true_error"]["mean"]
+    assert f"(×{ratio:.2f})" in text
