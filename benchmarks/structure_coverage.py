@@ -40,6 +40,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,6 +60,15 @@ def _load(output: Path) -> tuple[Any, dict[str, dict]]:
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     cfg = ShiftBenchConfig.preset(False, seed=0, workers=1)
+    # a rescoring never regenerates data or retrains: stage_data / stage_train would, on a mismatch
+    manifest = output / "data" / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("settings") != json.loads(
+            json.dumps(asdict(cfg.settings))):
+        raise ValueError(f"{manifest} is missing or was written with other dataset settings than "
+                         "benchmarks/shift.py's defaults; rerun benchmarks/shift.py --output on it first")
+    missing = [m for m in range(cfg.members) if not (output / "models" / f"member{m + 1}" / "run" / "last.ckpt").is_file()]
+    if missing:
+        raise ValueError(f"{output}/models lacks members {[m + 1 for m in missing]}; run benchmarks/shift.py first")
     data = stage_data(cfg, output, True)
     train = stage_train(cfg, output, data, True)
     est = stage_fit(cfg, output, data, train)["estimators"][cfg.k]
@@ -211,7 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {out} is not a benchmarks/shift.py output directory (no raw/)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    est, evals = _load(out)
+    try:
+        est, evals = _load(out)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.select:
         res = select(est, {s: evals[s] for s in CAL_SPLITS})  # no test split is passed in
         path = out / "structure_selection.json"
