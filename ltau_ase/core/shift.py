@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "structure_ratios",
     "MAX_GROUP_SEARCH",
     "REFERENCE_RULES",
     "REFERENCE_SAMPLE",
@@ -202,3 +203,26 @@ class DistanceScale:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "DistanceScale":
         return cls(arrays["log_ratio"], arrays["values"], float(np.asarray(arrays["tail_exponent"])))
+
+
+def structure_ratios(ratio: np.ndarray, structure_index: np.ndarray, floor: float) -> np.ndarray:
+    """(n,) each atom's structure-level shift statistic: the geometric mean of r over its structure.
+
+    R_f = exp(mean over the atoms j of structure f of log max(r_j, floor)), given to every atom of f.
+    Why a structure statistic: under a temperature shift the normalised errors |ΔF| / σ grow at a fixed
+    per-atom r (shift benchmark: 80 % quantile at r < 0.5 1.28 in domain, 1.98 at 600 K, 2.16 at 1200 K),
+    while the frame's mean log r separates the temperatures (0.21 in domain, 0.60-0.72 at 600 K, 1.13 at
+    1200 K). The geometric mean is a distance ratio again (R = 1: a typical training neighbourhood), so the
+    same :class:`DistanceScale` form serves as the structure scale h(R).
+
+    Args:
+        ratio: (n,) per-atom distance ratios r_j >= 0 (finite).
+        structure_index: (n,) int64 structure of each atom, values in [0, n) (checked by the caller).
+        floor: > 0, the smallest ratio used in the log (an exact training match, r = 0, sits there).
+    """
+    lr = np.log(np.maximum(np.asarray(ratio, dtype=np.float64), floor))
+    idx = np.asarray(structure_index, dtype=np.int64)
+    counts = np.bincount(idx, minlength=1)
+    sums = np.bincount(idx, weights=lr, minlength=1)
+    mean = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return np.exp(mean[idx])

@@ -484,6 +484,12 @@ def check_readout_form(estimator: Any, paper_form: bool, mode: str = "exact", co
         if paper_form:
             raise ValueError("error bounds (coverage) exist only in the distance-aware form; drop paper_form "
                              "(--paper-form) or the coverage (--coverage)")
+        if getattr(estimator, "structure_scale_", None) is not None:
+            # the readout computes each atom's bound from that atom alone; h(R) needs the whole structure's
+            # distance ratios, so compiling the per-atom quantile × σ would give bounds predict does not give
+            raise ValueError("this estimator's error bounds are structure-aware (fit_calibration(structure_index=...)): "
+                             "the in-model readout computes bounds per atom and cannot apply the structure scale; "
+                             "compile without --coverage, or calibrate without structure_index for compiled bounds")
     if getattr(estimator, "is_calibrated", False) and not paper_form and mode != "exact":
         raise ValueError(
             "the estimator is calibrated (fit_calibration / ltau calibrate): its distance-aware form needs every "
