@@ -1417,6 +1417,12 @@ def headline(results: dict) -> dict[str, Any]:
                     h[f"{domain}.{method}.{key}"] = m[key]["value"]
             for q, c in m.get("coverage", {}).items():
                 h[f"{domain}.{method}.coverage_{q}"] = c["value"]
+    base = s.get("in_domain", {}).get("follow")
+    for domain, row in s.items():
+        if base and "follow" in row and domain != "in_domain":
+            for key, f in row["follow"].items():  # how far each mean moved from the in-domain one
+                if base[key]["mean"] > 0:
+                    h[f"{domain}.follow.{key}_ratio"] = f["mean"] / base[key]["mean"]
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             if method in row:
@@ -1445,13 +1451,15 @@ def demo_shift_headline(demo_output: str | Path, quick: bool = False, seed: int 
     """Score the demo's trained ensemble under shift; for ``ltau_ase.demo`` (one call after training).
 
     Writes the benchmark's output to ``<demo_output>/shift/`` and returns ``{"headline": {...},
-    "summary": path of summary.md, "markdown": the per-atom table}``. The demo's members were trained
+    "summary": path of summary.md, "markdown": the per-atom table and the follow table}``. The demo's members were trained
     on relaxation, rattled and 300–900 K MD frames, so its 1200 K domain is the only temperature shift
     beyond its training range; ``benchmarks/shift.py`` trains at one temperature instead.
     """
     out = Path(demo_output) / "shift"
     results = run_shift_benchmark(out, demo_config(quick, seed), ensemble=ensemble_from_demo(demo_output))
-    return {"headline": headline(results), "summary": str(out / "summary.md"), "markdown": summary_table(results)}
+    return {"headline": headline(results), "summary": str(out / "summary.md"),
+            "markdown": summary_table(results) + "\n\nMean over each domain's atoms (× the in-domain mean):\n\n"
+            + follow_table(results)}
 
 
 __all__ = ["METHODS", "ShiftBenchConfig", "demo_config", "demo_shift_headline", "ensemble_from_demo", "headline",
