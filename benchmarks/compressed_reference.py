@@ -1,13 +1,14 @@
 """Accuracy of the compressed in-model reference (k-means centroids) against exact LTAU (issue 12 §2).
 
     python benchmarks/compressed_reference.py --estimator est.ltau --model best.ckpt --frames test.xyz \
-        [--centroids 64 128 256 ...] [--rattle 0.1] [--output benchmark_output/compressed_reference.json]
+        [--centroids 64 128 256 ...] [--rattle 0.1] [--k 10] [--output benchmark_output/compressed_reference.json]
 
 Query atoms are the frames' atoms (rattled by ``--rattle`` Å so that they are not training atoms);
 their latents come from ``--model`` (the checkpoint the estimator was fitted for). For each number of
 centroids C: Spearman ρ between the compressed readout's uncertainties and ``LTAUEstimator.predict``'s
 (goal ≥ 0.98), the neighbour recall (fraction of each query's exact k nearest training atoms that
-belong to a centroid the compressed search used) and the largest absolute difference.
+belong to a centroid the compressed search used) and the largest absolute difference. ``--k`` sets the
+estimator's query-time k (``set_params(k=...)``, no refit: k only enters at query time) for both readouts.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rattle", type=float, default=0.1, help="Gaussian displacement (Å) of the query atoms")
     parser.add_argument("--centroids", type=int, nargs="+", default=None,
                         help="numbers of centroids (default N/64, N/32, N/16, N/8, N/4)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="query-time k for exact and compressed (default: the estimator's own k)")
     parser.add_argument("--output", type=Path, default=Path("benchmark_output/compressed_reference.json"))
     args = parser.parse_args(argv)
 
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from ltau_ase.nequip.inmodel import compressed_accuracy
 
     est = LTAUEstimator.load(str(args.estimator))
+    if args.k is not None:
+        if args.k < 1:
+            parser.error(f"--k must be >= 1; got {args.k}")
+        est.set_params(k=args.k)
     calc = LatentNequIPCalculator.from_model_file(args.model, chemical_species_to_atom_type_map=True)
     queries = []
     for i, atoms in enumerate(read(str(args.frames), f":{args.max_frames}")):
