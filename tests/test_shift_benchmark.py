@@ -204,6 +204,15 @@ def test_quick_run_on_the_demo_ensemble(quick_demo_dir, tmp_path):
     assert results["config"]["members"] == len(ensemble_from_demo(quick_demo_dir)["models"])
     assert all(v > 0 for v in on_disk["cost"]["over_single"].values())
     assert set(on_disk["is2rs"]["domains"]) == {"calibration", "in_domain", "adsorbate", "facet", "element"}
+    # every scored relaxation carries the element-normalised traces (scales: the in-domain calibration split)
+    assert set(on_disk["is2rs"]["element_scales"]) == {"expected_error", "distance_ratio", "uq"}
+    scored = [row for rows in on_disk["is2rs"]["table"].values() for row in rows if "ltau_distance" in row]
+    assert scored
+    for row in scored:
+        feats = row["element_normalised"]
+        assert len(feats) == 12 and all(feats[f"{q}_elnorm_max"] >= feats[f"{q}_elnorm_final"] > 0
+                                        and 0 <= feats[f"{q}_elnorm_frac"] <= 1
+                                        for q in ("expected_error", "distance_ratio", "uq"))
     assert on_disk["md"]["groups"]["T1200"]["n_runs"] == 1
     text = (out / "summary.md").read_text()
     for name in on_disk["figures"].values():

@@ -172,6 +172,39 @@ def test_element_scales_hand_computed():
         element_scales([run1], [z1], 0.0)
 
 
+def test_element_normalised_trace_hand_computed():
+    from ltau_ase.simulate.observers import element_normalised_trace
+
+    # atoms Cu, Cu, O, Au (Au: no scale -> default 2); 3 recorded steps; scales Cu 0.5, O 4
+    trace = np.array([[0.2, 0.6, 2.0, 1.0],
+                      [0.1, 0.4, 6.0, 5.0],
+                      [0.3, 0.3, 1.0, 0.2]])
+    z = np.array([29, 29, 8, 79])
+    scales = {29: 0.5, 8: 4.0}
+    # normalised: [.4, 1.2, .5, .5], [.2, .8, 1.5, 2.5], [.6, .6, .25, .1]
+    # per-step max 1.2, 2.5, 0.6; fraction above 1: 1/4, 2/4, 0
+    assert element_normalised_trace(trace, z, scales, default=2.0) == pytest.approx(
+        {"initial": 1.2, "max": 2.5, "final": 0.6, "frac": 0.5})
+    # only the first three atoms (e.g. the free ones): Au drops out, no default needed
+    mask = np.array([True, True, True, False])
+    assert element_normalised_trace(trace, z, scales, mask=mask) == pytest.approx(
+        {"initial": 1.2, "max": 1.5, "final": 0.6, "frac": 1 / 3})
+    with pytest.raises(ValueError, match=r"no in-domain scale for element\(s\) Z=\[79\]"):
+        element_normalised_trace(trace, z, scales)
+    with pytest.raises(ValueError, match=r"\(steps >= 1, N\)"):
+        element_normalised_trace(trace[:0], z, scales, default=2.0)
+    with pytest.raises(ValueError, match=r"\(steps >= 1, N\)"):
+        element_normalised_trace(trace, z[:3], scales, default=2.0)
+    with pytest.raises(ValueError, match="selects no atom"):
+        element_normalised_trace(trace, z, scales, mask=np.zeros(4, dtype=bool))
+    with pytest.raises(ValueError, match="bool array"):
+        element_normalised_trace(trace, z, scales, mask=np.array([1, 1, 1, 0]))
+    bad = trace.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        element_normalised_trace(bad, z, scales, default=2.0)
+
+
 def test_stop_with_element_scales_watches_the_element_relative_value():
     atoms = make_slab()  # 12 Cu then 1 O
     weights = np.r_[np.full(12, 1.0), 0.5]
