@@ -18,6 +18,12 @@ import sys
 from pathlib import Path
 
 
+def default_centroids(n: int, k: int) -> list[int]:
+    """Centroid counts N/64, N/32, N/16, N/8, N/4, each at least 4k (room for the k nearest members) and at
+    most N (one centroid per training atom: the exact reference)."""
+    return sorted({min(n, max(4 * k, n // d)) for d in (64, 32, 16, 8, 4)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--estimator", required=True, type=Path)
@@ -31,19 +37,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="query-time k for exact and compressed (default: the estimator's own k)")
     parser.add_argument("--output", type=Path, default=Path("benchmark_output/compressed_reference.json"))
     args = parser.parse_args(argv)
+    if args.k is not None and args.k < 1:
+        parser.error(f"--k must be >= 1; got {args.k}")
 
     import numpy as np
     from ase.io import read
 
     from ltau_ase.core.estimator import LTAUEstimator
-    from ltau_ase.nequip.calculator import LatentNequIPCalculator
-    from ltau_ase.nequip.inmodel import compressed_accuracy
 
     est = LTAUEstimator.load(str(args.estimator))
+    n = est.n_train_atoms_
     if args.k is not None:
-        if args.k < 1:
-            parser.error(f"--k must be >= 1; got {args.k}")
+        if args.k > n:  # predict would average all N atoms (k_eff = N): not a compression accuracy to measure
+            parser.error(f"--k {args.k} exceeds the estimator's {n} training atoms; expected 1 <= k <= {n}")
         est.set_params(k=args.k)
+    bad = [c for c in args.centroids or () if not 1 <= c <= n]
+    if bad:
+        parser.error(f"--centroids {bad} out of range: a compressed reference has 1 to N={n} centroids")
+
+    from ltau_ase.nequip.calculator import LatentNequIPCalculator  # torch and nequip only once the arguments hold
+    from ltau_ase.nequip.inmodel import compressed_accuracy
+
     calc = LatentNequIPCalculator.from_model_file(args.model, chemical_species_to_atom_type_map=True)
     queries = []
     for i, atoms in enumerate(read(str(args.frames), f":{args.max_frames}")):
@@ -52,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         atoms.get_forces()
         queries.append(calc.results["descriptors"].copy())
     q = np.concatenate(queries)
-    n = est.n_train_atoms_
-    sizes = args.centroids or sorted({max(4 * est.k_eff_, n // d) for d in (64, 32, 16, 8, 4)})
+    sizes = args.centroids or default_centroids(n, est.k_eff_)
     rows = []
     for c in sizes:
         acc = compressed_accuracy(est, q, n_centroids=c)

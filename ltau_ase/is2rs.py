@@ -648,6 +648,8 @@ class FailureModel:
             raise ValueError(f"l2 must be a finite number >= 0 or 'auto'; got {l2!r}")
         if not features or isinstance(features, str) or not all(isinstance(f, str) for f in features):
             raise ValueError(f"features must be a non-empty sequence of row keys; got {features!r}")
+        if len(set(features)) != len(features):
+            raise ValueError(f"features must be distinct (a repeated one would enter the fit twice); got {features!r}")
         if transform not in FAILURE_TRANSFORMS + ("auto",):
             raise ValueError(f"transform must be one of {FAILURE_TRANSFORMS + ('auto',)}; got {transform!r}")
         if not (tail == "auto" or (isinstance(tail, (int, float)) and not isinstance(tail, bool) and np.isfinite(tail)
@@ -810,7 +812,10 @@ class FailureModel:
             monotone = state.get("monotone", False)
             if not isinstance(monotone, bool):
                 raise ValueError(f"monotone must be true or false; got {monotone!r}")
-            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(state["features"]), transform,
+            features = state["features"]
+            if not isinstance(features, list):  # a JSON string or object would be read as its characters / keys
+                raise ValueError(f"features must be a list of row keys; got {features!r}")
+            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(features), transform,
                         tail=tail, monotone=monotone)
             k = len(model.features)
             mean = np.asarray(state["mean"], dtype=np.float64)
@@ -818,8 +823,9 @@ class FailureModel:
             coef = np.asarray(state["coef"], dtype=np.float64)
             if mean.shape != (k,) or std.shape != (k,) or coef.shape != (k + 1,):
                 raise ValueError(f"expected {k} means/stds and {k + 1} coefficients")
-            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(coef)) and np.all(std > 0)):
-                raise ValueError("non-finite coefficients or non-positive scales")
+            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(coef)) and np.all(np.isfinite(std))
+                    and np.all(std > 0)):
+                raise ValueError("non-finite coefficients or scales, or non-positive scales")
             if monotone and np.any(coef[1:] < 0):
                 raise ValueError("a monotone failure model has non-negative feature coefficients")
             low = high = reference = None
@@ -836,7 +842,10 @@ class FailureModel:
             model.transform_, model.tail_, model.l2_ = transform, tail, float(state["l2"])
             model.mean_, model.std_, model.coef_ = mean, std, coef
             model.low_, model.high_, model.reference_ = low, high, reference
-            model.n_fit_, model.n_failed_fit_ = int(state["n_fit"]), int(state["n_failed_fit"])
+            model.n_fit_ = check_int(state["n_fit"], "n_fit", minimum=1)
+            model.n_failed_fit_ = check_int(state["n_failed_fit"], "n_failed_fit", minimum=0)
+            if model.n_failed_fit_ > model.n_fit_:
+                raise ValueError(f"n_failed_fit ({model.n_failed_fit_}) exceeds n_fit ({model.n_fit_})")
             model.cv_ = dict(state.get("cv", {}))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed failure model: missing or wrong field ({exc!r})") from None

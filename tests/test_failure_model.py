@@ -510,3 +510,27 @@ def test_shift_benchmark_rule_pools_gain_the_element_normalised_traces(monkeypat
         # the side-by-side variant with the element-normalised traces: the committee's own spread's
         assert out["failure_model"][method + "_with_element_normalised"]["features"][-1] == pool[-1][-1]
         assert "auroc_failure_probability_with_element_normalised" in out["domains"]["element"][method]
+
+
+def test_failure_model_file_with_hostile_fields_is_refused():
+    """Feature names are row keys read from the rows, never instantiated; the file must name them as a list of
+    distinct strings (a string or object would be read as its characters / keys, a repeat would enter twice),
+    with finite scales and integer counts."""
+    rows = _rows(60, 6)
+    features = ("uq_max", "uq_final")
+    state = json.loads(json.dumps(FailureModel(features=features, l2=1.0, transform="log").fit(rows).to_dict()))
+    assert FailureModel.from_dict(state).features == features
+    cases = {"features must be a list": [dict(state, features="uq_max"),
+                                         dict(state, features={"uq_max": 0, "uq_final": 1})],
+             "features must be distinct": [dict(state, features=["uq_max", "uq_max"])],
+             "non-finite coefficients or scales": [dict(state, std=[float("inf"), 1.0])],
+             "n_fit must be a positive integer": [dict(state, n_fit=2.7), dict(state, n_fit="60"),
+                                                  dict(state, n_fit=True)],
+             "n_failed_fit must be a non-negative integer": [dict(state, n_failed_fit=-1)],
+             "exceeds n_fit": [dict(state, n_failed_fit=61)]}
+    for message, bad in cases.items():
+        for s in bad:
+            with pytest.raises(ValueError, match=message):
+                FailureModel.from_dict(s)
+    with pytest.raises(ValueError, match="features must be distinct"):
+        FailureModel(features=("uq_max", "nsteps", "uq_max"))

@@ -34,7 +34,14 @@ from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
 from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
-from ltau_ase.core.shift import REFERENCE_RULES, REFERENCE_SAMPLE, DistanceScale, reference_distances, structure_ratios
+from ltau_ase.core.shift import (
+    MAX_TAIL_EXPONENT,
+    REFERENCE_RULES,
+    REFERENCE_SAMPLE,
+    DistanceScale,
+    reference_distances,
+    structure_ratios,
+)
 
 # fit_calibration splits the calibration atoms in two halves: one fits the distance scale g and the
 # per-element factors, the other gives the conformal scores (split conformal needs scores the
@@ -593,7 +600,9 @@ class LTAUEstimator:
             bound NaN, and (calibrated) distance ratio and scale +inf: the species-aware reading,
             in which an element absent from training is infinitely far from it. With a structure-aware
             calibration and ``structure_index``: ``structure_ratio`` (R_f of each atom's structure) and
-            ``structure_scale`` (h(R_f)), and ``error_bound`` = quantile × h × s_j × mean error.
+            ``structure_scale`` (h(R_f)), and ``error_bound`` = quantile × h × s_j × mean error. Atoms of
+            unseen elements flagged under ``"flag"`` do not enter R_f (their latent distance means nothing;
+            the seen atoms keep finite bounds); a structure of only such atoms has R_f = h = +inf.
         Raises:
             ValueError: an unseen element under the ``"raise"`` policy (before any search); a
                 ``structure_index`` of the wrong shape, dtype or range; ``coverage`` on a structure-aware
@@ -646,10 +655,15 @@ class LTAUEstimator:
             }
             sigma = scale * mean_error
             if structure_scale is not None and structures is not None:
-                big_r = structure_ratios(ratio, structures, float(self.calibration_info_["structure"]["ratio_floor"]))
-                out["structure_ratio"] = big_r
-                out["structure_scale"] = structure_scale(big_r)
-                sigma = sigma * out["structure_scale"]
+                # R_f over the structure's atoms of seen elements (structure_ratios: why); +inf, like their
+                # distance ratio, for a structure whose every atom is of an unseen element
+                big_r = structure_ratios(ratio, structures, float(self.calibration_info_["structure"]["ratio_floor"]),
+                                         include=None if unknown is None else ~unknown)
+                h_of_r = np.full(n, np.inf)
+                defined = np.isfinite(big_r)
+                h_of_r[defined] = structure_scale(big_r[defined])
+                out["structure_ratio"], out["structure_scale"] = big_r, h_of_r
+                sigma = sigma * h_of_r
             if coverage is not None:
                 q = (self.conformal_.quantile_for(z, coverage) if z is not None
                      else np.full(n, self.conformal_.quantiles(coverage)[1]))
@@ -1180,6 +1194,9 @@ class LTAUEstimator:
         )
         if not ok:
             raise ValueError("the calibration's per-element factors or reference distance are malformed")
+        if g.tail_exponent > MAX_TAIL_EXPONENT:
+            raise ValueError(f"the distance scale's tail exponent is {g.tail_exponent:g}; fit_calibration gives "
+                             f"at most {MAX_TAIL_EXPONENT:g}")
         h = None
         h_arrays = {k[2:]: v for k, v in arrays.items() if k.startswith("h_")}
         if ("structure" in details) != bool(h_arrays):
@@ -1189,6 +1206,19 @@ class LTAUEstimator:
             floor = details["structure"].get("ratio_floor") if isinstance(details["structure"], dict) else None
             if not (_finite_number(floor) and floor > 0):
                 raise ValueError("the structure scale's ratio floor must be a finite number > 0")
+            # what fit_calibration guarantees, so that a file cannot make every bound huge or infinite: every
+            # R_f >= the floor, so the first knot (a mean of log R_f) is too; h is normalised to mean 1 over
+            # the n_scale_atoms fitting atoms, at least one of them at or past the last knot
+            n_scale = details.get("n_scale_atoms")
+            if h.tail_exponent > STRUCTURE_MAX_EXPONENT:
+                raise ValueError(f"the structure scale's tail exponent is {h.tail_exponent:g}; fit_calibration "
+                                 f"gives at most {STRUCTURE_MAX_EXPONENT:g}")
+            if math.log(floor) > h.log_ratio[0] + 1e-9:
+                raise ValueError(f"the structure scale's ratio floor {floor:g} lies above its first knot "
+                                 f"{math.exp(h.log_ratio[0]):g}; every structure ratio is at least the floor")
+            if not (_finite_number(n_scale) and h.values[-1] <= n_scale * (1 + 1e-9)):
+                raise ValueError(f"the structure scale reaches {h.values[-1]:g}; normalised to mean 1 over "
+                                 f"{n_scale!r} fitting atoms it is at most their number")
         self.__dict__["_structure_scale"] = h
         self.distance_scale_, self.conformal_ = g, conformal
         self.element_factor_z_, self.element_factors_ = z.astype(np.int64), factors

@@ -780,10 +780,19 @@ def follow_table(results: dict) -> str:
     for domain, row in rows.items():
         cells = []
         for k, _, _ in keys:
-            mean, base = row[k]["mean"], rows["in_domain"][k]["mean"]
-            cells.append(f"{mean:.3f} (×{mean / base:.2f})" if base > 0 and math.isfinite(mean) else _num(mean))
+            mean, ratio = (row[k]["mean"] if k in row else None), follow_ratio(row, rows["in_domain"], k)
+            cells.append(f"{mean:.3f} (×{ratio:.2f})" if math.isfinite(ratio) else f"{_num(mean)} (× n/a)")
         lines.append(f"| {domain} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def follow_ratio(row: dict, base: dict, key: str) -> float:
+    """A domain's :func:`follow_means` mean of ``key`` over the in-domain one; NaN where either is missing or
+    not finite, or the in-domain mean is not > 0 (no ratio to read)."""
+    mean, ref = (row.get(key) or {}).get("mean"), (base.get(key) or {}).get("mean")
+    if mean is None or ref is None or not (math.isfinite(mean) and math.isfinite(ref) and ref > 0):
+        return math.nan
+    return mean / ref
 
 
 def _trace_stats(per_step: np.ndarray) -> dict[str, float]:
@@ -1499,9 +1508,8 @@ def headline(results: dict) -> dict[str, Any]:
     base = s.get("in_domain", {}).get("follow")
     for domain, row in s.items():
         if base and "follow" in row and domain != "in_domain":
-            for key, f in row["follow"].items():  # how far each mean moved from the in-domain one
-                if base[key]["mean"] > 0:
-                    h[f"{domain}.follow.{key}_ratio"] = f["mean"] / base[key]["mean"]
+            for key in row["follow"]:  # how far each mean moved from the in-domain one (NaN: no ratio)
+                h[f"{domain}.follow.{key}_ratio"] = follow_ratio(row["follow"], base, key)
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             if method in row:

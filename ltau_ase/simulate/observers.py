@@ -28,7 +28,7 @@ from ase.calculators.calculator import all_properties, compare_atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
-from ltau_ase.core.checks import check_int, check_number
+from ltau_ase.core.checks import check_int, check_number, is_finite_number
 from ltau_ase.core.paths import check_writable_file
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
 
@@ -346,9 +346,16 @@ def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[
 
     Raises:
         ValueError: an element of ``numbers`` has no scale (it was absent from the reference runs) and no
-            ``default`` is given.
+            ``default`` is given; ``numbers`` not integers; a scale or ``default`` that is not a finite
+            number > 0 (dividing by it would give infinite, negative or NaN normalised values).
     """
     z = np.asarray(numbers)
+    if z.dtype == np.bool_ or not np.issubdtype(z.dtype, np.integer):
+        raise ValueError(f"numbers must be integer atomic numbers; got dtype {z.dtype}")
+    bad = {k: v for k, v in scales.items() if not (is_finite_number(v) and v > 0)}
+    if bad:
+        raise ValueError(f"element scales (element_scales) must be finite numbers > 0; got {bad}")
+    check_number(default, "default (the scale of an element without one)", minimum=0.0, strict=True, allow_none=True)
     missing = sorted(set(np.unique(z).tolist()) - set(int(k) for k in scales))
     if missing and default is not None:
         scales = dict(scales) | {e: float(default) for e in missing}
@@ -513,10 +520,7 @@ class UncertaintyStop:
         self.element_scales = None if element_scales is None else dict(element_scales)
         self._atom_scales = None
         if self.element_scales is not None:
-            bad = {z: v for z, v in self.element_scales.items()
-                   if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0)}
-            if bad:
-                raise ValueError(f"element_scales must be finite numbers > 0, got {bad}")
+            # element_normalised checks the scales (finite > 0) and that every element has one
             self._atom_scales = element_normalised(np.ones(len(atoms)), atoms.numbers, self.element_scales) ** -1
         # state
         self.triggered = False

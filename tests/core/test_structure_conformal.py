@@ -156,3 +156,62 @@ def test_calculator_passes_one_structure_and_compile_refuses():
     with pytest.raises(ValueError, match="structure-aware.*per atom"):
         check_readout_form(est, paper_form=False, coverage=0.9)
     check_readout_form(est, paper_form=False)  # without bounds the readout form is unchanged
+
+
+def test_structure_ratios_include_leaves_atoms_out_and_an_empty_structure_is_inf():
+    r = np.array([0.5, 2.0, 1e9, 0.0, 4.0, np.inf])
+    s = np.array([0, 0, 0, 1, 1, 2])
+    got = structure_ratios(r, s, floor=0.25, include=np.array([True, True, False, True, True, False]))
+    # by hand: structure 0 over r = 0.5, 2 (geometric mean 1); structure 1 over max(0, 0.25), 4 (mean 1);
+    # structure 2 has no included atom
+    np.testing.assert_allclose(got, [1.0, 1.0, 1.0, 1.0, 1.0, np.inf], rtol=1e-12)
+
+
+def test_unseen_element_atoms_stay_out_of_the_structure_ratio():
+    """Under unknown_species="flag" an atom of an unseen element (its reported r is +inf, its searched r
+    meaningless) does not move R_f: the seen atoms' bounds are those of the structure without it."""
+    est, structures = _temperature_problem(seed=1)
+    xc, ec, zc, sc, _ = structures([1.0] * 20 + [2.0] * 20)
+    aware = est.fit_calibration(xc, ec, atomic_numbers=zc, structure_index=sc)
+    x, _, z, s, _ = structures([1.5] * 3)
+    x, z = x.copy(), z.copy()
+    x[0], z[0] = 50.0, 79  # far from training: its searched r would blow up R_f of structure 0
+    z[12:24] = 79  # structure 1: every atom of the unseen element
+    out = aware.predict(x, atomic_numbers=z, structure_index=s, coverage=0.9, unknown_species="flag")
+    seen = z != 79
+    floor = aware.calibration_info_["structure"]["ratio_floor"]
+    expected_r0 = math.exp(np.mean(np.log(np.maximum(out["distance_ratio"][1:12], floor))))
+    np.testing.assert_allclose(out["structure_ratio"][:12], expected_r0, rtol=1e-12)
+    alone = aware.predict(x[seen], atomic_numbers=z[seen], structure_index=s[seen], coverage=0.9)
+    for key in ("structure_ratio", "structure_scale", "error_bound"):
+        np.testing.assert_allclose(out[key][seen], alone[key], rtol=1e-12)
+    assert np.all(np.isfinite(out["error_bound"][seen])) and np.all(np.isnan(out["error_bound"][~seen]))
+    assert np.all(out["structure_ratio"][12:24] == np.inf) and np.all(out["structure_scale"][12:24] == np.inf)
+
+
+def test_a_file_cannot_make_the_structure_scale_overflow(tmp_path):
+    """Tail exponents beyond fit_calibration's cap, a ratio floor above every structure ratio, or an h larger
+    than its mean-1 normalisation allows would give huge or infinite bounds: refused at load."""
+    from ltau_ase.core.fileformat import read_container, write_container
+
+    est, structures = _temperature_problem(seed=1)
+    xc, ec, zc, sc, _ = structures([1.0] * 20 + [2.0] * 20)
+    est.fit_calibration(xc, ec, atomic_numbers=zc, structure_index=sc).save(tmp_path / "s.ltau")
+    header, arrays = read_container(tmp_path / "s.ltau")
+    for key in ("magic", "format_version", "arrays"):
+        header.pop(key, None)
+    arrays = {name: np.array(v) for name, v in arrays.items()}
+    info = header["calibration"]["info"]
+    values = arrays["cal_h_values"]
+    high_floor = {**header, "calibration": {**header["calibration"], "info": {
+        **info, "structure": {**info["structure"], "ratio_floor": 10 * math.exp(arrays["cal_h_log_ratio"][0])}}}}
+    cases = {"tail exponent is 1e\\+300": (header, dict(arrays, cal_h_tail_exponent=np.array(1e300))),
+             "distance scale's tail exponent is 5": (header, dict(arrays, cal_g_tail_exponent=np.array(5.0))),
+             "ratio floor .* lies above its first knot": (high_floor, arrays),
+             "structure scale reaches 1e\\+308": (header, dict(arrays, cal_h_values=np.r_[values[:-1], 1e308]))}
+    for i, (message, (hdr, arr)) in enumerate(cases.items()):
+        write_container(tmp_path / f"bad{i}.ltau", hdr, arr)
+        with pytest.raises(ValueError, match=message):
+            LTAUEstimator.load(tmp_path / f"bad{i}.ltau")
+    # the fitted file itself sits inside every bound
+    assert LTAUEstimator.load(tmp_path / "s.ltau").structure_scale_.tail_exponent <= 4.0

@@ -259,3 +259,23 @@ def test_element_normalised_by_hand_and_its_default_scale():
     # Ag has no scale: the default 3.0 is used for it
     assert element_normalised(values, z, {29: 2.0, 8: 0.5}, default=3.0) == pytest.approx(
         np.array([[0.5, 4.0, 1.0], [2.0, 12.0, 3.0]]))
+
+
+def test_element_normalised_refuses_scales_it_cannot_divide_by():
+    """A zero, negative, infinite, NaN or non-numeric scale (or default) would give infinite, negative or NaN
+    normalised values, and a non-integer atomic number would be truncated to another element's scale."""
+    from ltau_ase.simulate.observers import element_normalised, element_normalised_trace
+
+    values = np.array([[0.1, 0.2, 0.3], [0.2, 0.1, 0.5]])
+    z = np.array([29, 29, 8])
+    # by hand: Cu / 0.2, O / 0.4 -> per-step max (1.0, 1.25), fraction above 1: (0, 1/3)
+    assert element_normalised_trace(values, z, {29: 0.2, 8: 0.4}) == pytest.approx(
+        {"initial": 1.0, "max": 1.25, "final": 1.25, "frac": 1 / 3})
+    for bad in (0.0, -0.2, np.inf, np.nan, "0.2", True):
+        with pytest.raises(ValueError, match="element scales .* must be finite numbers > 0"):
+            element_normalised_trace(values, z, {29: bad, 8: 0.4})
+    for bad in (-1.0, 0.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="default .* must be None or a finite number > 0"):
+            element_normalised_trace(values, z, {29: 0.2}, default=bad)
+    with pytest.raises(ValueError, match="numbers must be integer atomic numbers"):
+        element_normalised(values, z + 0.5, {29: 0.2, 8: 0.4}, default=1.0)
