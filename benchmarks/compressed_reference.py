@@ -8,7 +8,8 @@ their latents come from ``--model`` (the checkpoint the estimator was fitted for
 centroids C: Spearman ρ between the compressed readout's uncertainties and ``LTAUEstimator.predict``'s
 (goal ≥ 0.98), the neighbour recall (fraction of each query's exact k nearest training atoms that
 belong to a centroid the compressed search used) and the largest absolute difference. ``--k`` sets the
-estimator's query-time k (``set_params(k=...)``, no refit: k only enters at query time) for both readouts.
+estimator's query-time k (``set_params(k=...)``, 1 <= k <= N, no refit: k only enters at query time) for both
+readouts; both are the paper's form (a calibrated estimator's calibration holds at its own k only).
 """
 from __future__ import annotations
 

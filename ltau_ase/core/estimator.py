@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ltau_ase.core.checks import check_int, check_number, is_finite_number
+from ltau_ase.core.checks import check_int, check_number, is_finite_number, is_integer
 from ltau_ase.core.distributions import (
     CompactDistributions,
     ExactDistributions,
@@ -200,7 +200,8 @@ class LTAUEstimator:
     def set_params(self, **params: Any) -> "LTAUEstimator":
         """Set parameters; on a fitted estimator each change takes effect or is refused, never ignored.
 
-        After fit: ``k`` (query time) takes effect at once (k_eff_ = min(k, N)); ``index`` /
+        After fit: ``k`` (query time) takes effect at once (k_eff_ = min(k, N); a calibration fitted at another
+        k then refuses distance-aware predictions, :meth:`check_calibration`); ``index`` /
         ``index_params`` change the index in place when only search-time settings change (efSearch,
         nprobe, refine), else rebuild it from the stored training vectors (ValueError when the index
         keeps none: ivfpq with refine=0); ``weights``, ``scale``, ``unknown_species``, ``metadata``
@@ -492,6 +493,20 @@ class LTAUEstimator:
         """True after :meth:`fit_calibration` (or loading a file that holds one)."""
         return "distance_scale_" in self.__dict__
 
+    def check_calibration(self) -> None:
+        """Raise ValueError when the calibration no longer holds: ``set_params(k=...)`` after :meth:`fit_calibration`.
+
+        The calibration's distance ratios, scales g and h and conformal quantiles were fitted on mean distances
+        to ``calibration_info_["k"]`` neighbours; at another k the distances shift (fewer neighbours: nearer)
+        and the bounds lose their coverage. Files calibrated before the k was recorded are not checked.
+        """
+        fitted_k = self.calibration_info_.get("k")
+        if fitted_k is not None and fitted_k != self.k_eff_:
+            raise ValueError(f"the calibration was fitted with k={fitted_k} neighbours and k is now {self.k_eff_}: its "
+                             "distance scale and error bounds do not hold at another k; set k back "
+                             f"(set_params(k={fitted_k})), call fit_calibration again, or predict with "
+                             "distance_aware=False")
+
     @property
     def structure_scale_(self) -> DistanceScale | None:
         """h(R) of a structure-aware calibration (``fit_calibration(structure_index=...)``), else None."""
@@ -627,6 +642,8 @@ class LTAUEstimator:
         if coverage is not None and not calibrated:
             raise ValueError("coverage needs a calibrated estimator: call fit_calibration(descriptors, errors) first"
                              if not self.is_calibrated else "coverage needs distance_aware=True")
+        if calibrated:
+            self.check_calibration()
         structure_scale = self.structure_scale_ if calibrated else None
         if coverage is not None and structure_scale is not None and structures is None:
             raise ValueError("this estimator's error bounds are structure-aware (calibrated with structure_index): "
@@ -1092,6 +1109,8 @@ class LTAUEstimator:
             "miscalibration_after": float(pooled["after"]),
             "seed": int(seed),
             "split": "atoms" if frame_ids is None else "structures",
+            # the distances (and so g, h and the quantiles) are those of this many neighbours: check_calibration
+            "k": int(self.k_eff_),
         }
         self.__dict__["_structure_scale"] = h
         if h is not None:
@@ -1194,6 +1213,9 @@ class LTAUEstimator:
         )
         if not ok:
             raise ValueError("the calibration's per-element factors or reference distance are malformed")
+        if "k" in details and not (is_integer(details["k"]) and 1 <= details["k"] <= self.n_train_atoms_):
+            raise ValueError(f"the calibration's k must be an integer in [1, {self.n_train_atoms_}]; "
+                             f"got {details['k']!r}")
         if g.tail_exponent > MAX_TAIL_EXPONENT:
             raise ValueError(f"the distance scale's tail exponent is {g.tail_exponent:g}; fit_calibration gives "
                              f"at most {MAX_TAIL_EXPONENT:g}")

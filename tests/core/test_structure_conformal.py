@@ -215,3 +215,28 @@ def test_a_file_cannot_make_the_structure_scale_overflow(tmp_path):
             LTAUEstimator.load(tmp_path / f"bad{i}.ltau")
     # the fitted file itself sits inside every bound
     assert LTAUEstimator.load(tmp_path / "s.ltau").structure_scale_.tail_exponent <= 4.0
+
+
+def test_set_params_k_after_calibration_refuses_distance_aware_predictions(tmp_path):
+    """The calibration's distances are means over k_eff neighbours: at another k they shift and the bounds lose
+    their coverage. predict refuses until k is set back or fit_calibration runs again; the paper form works."""
+    est, structures = _temperature_problem(seed=1)
+    xc, ec, zc, sc, _ = structures([1.0] * 20 + [2.0] * 20)
+    est.fit_calibration(xc, ec, structure_index=sc)
+    assert est.calibration_info_["k"] == est.k_eff_ == 8
+    x, _, _, s, _ = structures([1.5] * 3)
+    before = est.predict(x, structure_index=s, coverage=0.9)
+    est.set_params(k=2)
+    with pytest.raises(ValueError, match=r"fitted with k=8 neighbours and k is now 2.*set_params\(k=8\)"):
+        est.predict(x, structure_index=s, coverage=0.9)
+    est.save(tmp_path / "k2.ltau")  # the file keeps the calibration's k, so the loaded copy refuses too
+    with pytest.raises(ValueError, match="fitted with k=8"):
+        LTAUEstimator.load(tmp_path / "k2.ltau").predict(x)
+    # the paper form does not use the calibration: equal to an uncalibrated estimator at k = 2
+    plain = _temperature_problem(seed=1)[0].set_params(k=2)
+    np.testing.assert_array_equal(est.predict(x, distance_aware=False)["confidence"], plain.predict(x)["confidence"])
+    est.set_params(k=8)
+    after = est.predict(x, structure_index=s, coverage=0.9)
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+    est.set_params(k=2).fit_calibration(xc, ec, structure_index=sc)  # recalibrated at k = 2
+    assert est.calibration_info_["k"] == 2 and np.all(np.isfinite(est.predict(x, structure_index=s, coverage=0.9)["error_bound"]))
