@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.k is not None and args.k < 1:
         parser.error(f"--k must be >= 1; got {args.k}")
+    if args.max_frames < 1 or not args.rattle >= 0:  # no query atoms / a negative (or NaN) displacement
+        parser.error(f"--max-frames must be >= 1 and --rattle >= 0 Å; got {args.max_frames} and {args.rattle}")
 
     import numpy as np
     from ase.io import read

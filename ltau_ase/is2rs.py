@@ -798,6 +798,8 @@ class FailureModel:
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> "FailureModel":
         """Rebuild from :meth:`to_dict`; raises ValueError for anything malformed."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a failure model is a JSON object; got {type(state).__name__}")
         try:
             if state.get("kind") != "ltau-failure-model":
                 raise ValueError("not an ltau failure model (kind != 'ltau-failure-model')")

@@ -39,7 +39,9 @@ def test_out_of_range_k_and_centroids_exit_2_naming_the_range(bench, tmp_path, c
     for extra, message in ((["--k", "0"], "--k must be >= 1; got 0"),
                            (["--k", str(n + 1)], f"--k {n + 1} exceeds the estimator's {n} training atoms"),
                            (["--centroids", "8", str(n + 1)], f"--centroids \\[{n + 1}\\] out of range.*N={n}"),
-                           (["--centroids", "0"], "--centroids \\[0\\] out of range")):
+                           (["--centroids", "0"], "--centroids \\[0\\] out of range"),
+                           (["--max-frames", "0"], "--max-frames must be >= 1"),
+                           (["--rattle", "-0.1"], "--rattle >= 0 Å; got 200 and -0.1")):
         with pytest.raises(SystemExit) as exc:
             bench.main(base + extra)
         assert exc.value.code == 2

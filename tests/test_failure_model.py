@@ -534,3 +534,5 @@ def test_failure_model_file_with_hostile_fields_is_refused():
                 FailureModel.from_dict(s)
     with pytest.raises(ValueError, match="features must be distinct"):
         FailureModel(features=("uq_max", "nsteps", "uq_max"))
+    with pytest.raises(ValueError, match="a failure model is a JSON object; got list"):
+        FailureModel.from_dict([state])
