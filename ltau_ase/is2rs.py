@@ -39,6 +39,9 @@ __all__ = [
     "FailureModel",
     "DISTANCE_FEATURES",
     "FAILURE_FEATURES_WITH_DISTANCE",
+    "ELEMENT_NORMALISED_STATISTICS",
+    "ELEMENT_NORMALISED_FEATURES",
+    "FAILURE_FEATURES_WITH_ELEMENT_NORMALISED",
     "FAILURE_TRANSFORMS",
     "FAILURE_L2_GRID",
     "select_failure_features",
@@ -440,6 +443,19 @@ FAILURE_FEATURES = ("uq_initial", "uq_max", "uq_mean", "uq_final", "nsteps")
 DISTANCE_FEATURES = ("distance_ratio_initial", "distance_ratio_max", "distance_ratio_mean", "distance_ratio_final")
 #: The UQ trace and the distance trace together.
 FAILURE_FEATURES_WITH_DISTANCE = FAILURE_FEATURES + DISTANCE_FEATURES
+#: Statistics of an element-normalised trace (``ltau_ase.simulate.observers.element_normalised_trace``): the
+#: initial, largest and final per-step max over the free atoms of the per-atom value divided by its element's
+#: in-domain scale (dimensionless, > 0; they enter as log, like the distance ratios), and the largest per-step
+#: fraction of free atoms above their element's scale (in [0, 1], entered as is).
+ELEMENT_NORMALISED_STATISTICS = ("initial", "max", "final", "frac")
+#: Element-normalised traces of the calibrated estimator's expected force error and distance ratio (row keys
+#: ``<quantity>_elnorm_<statistic>``). Any row key ending in ``_elnorm_<statistic>`` is read this way, e.g. a
+#: committee's ``uq_elnorm_max``.
+ELEMENT_NORMALISED_FEATURES = tuple(f"{q}_elnorm_{s}" for q in ("expected_error", "distance_ratio")
+                                    for s in ELEMENT_NORMALISED_STATISTICS)
+#: The UQ and distance traces plus the element-normalised traces: the features the shift benchmark's
+#: pre-registered rule chose on calibration relaxations (fail5, 2026-11-27; README, IS2RS failure).
+FAILURE_FEATURES_WITH_ELEMENT_NORMALISED = FAILURE_FEATURES_WITH_DISTANCE + ELEMENT_NORMALISED_FEATURES
 # Fitting a probability needs failures and successes to learn from: fewer than this many of either
 # class cannot separate a trend from chance.
 MIN_FAILURE_CLASS = 5
@@ -463,6 +479,11 @@ _EDGE_SHARE = 0.1
 # relaxations like the fit rows, and extrapolation folds (for each feature, the rows with its top
 # EXTRAPOLATION_SHARE of values held out) for relaxations beyond them -- the case under shift.
 CV_FOLDS, CV_REPEATS, EXTRAPOLATION_SHARE = 5, 2, 0.2
+
+
+def _is_elnorm_scale(key: str) -> bool:
+    """True for an element-normalised trace statistic that is a scale variable (enters as its log)."""
+    return any(key.endswith(f"_elnorm_{s}") for s in ELEMENT_NORMALISED_STATISTICS if s != "frac")
 
 
 def _fit_logistic(design: np.ndarray, y: np.ndarray, l2: float, monotone: bool = False) -> np.ndarray:
@@ -578,8 +599,10 @@ class FailureModel:
     per-relaxation features ``features`` (default :data:`FAILURE_FEATURES`: initial, max, mean and
     final structure UQ of ``RelaxationUQObserver`` and log(1 + steps);
     :data:`FAILURE_FEATURES_WITH_DISTANCE` adds the latent-distance trace, initial / max / mean /
-    final distance ratio, as log r), each mapped by ``transform`` (:data:`FAILURE_TRANSFORMS`) and
-    standardised. Maximum-likelihood logistic fits are calibrated on their training distribution (the
+    final distance ratio, as log r; :data:`FAILURE_FEATURES_WITH_ELEMENT_NORMALISED` adds the
+    element-normalised traces of the expected error and distance ratio, scale statistics as their log,
+    fractions as is), each mapped by ``transform`` (:data:`FAILURE_TRANSFORMS`) and standardised.
+    Maximum-likelihood logistic fits are calibrated on their training distribution (the
     mean predicted probability equals the observed failure rate); fit it on calibration relaxations
     with reference structures, apply it to new ones.
 
@@ -625,6 +648,8 @@ class FailureModel:
             raise ValueError(f"l2 must be a finite number >= 0 or 'auto'; got {l2!r}")
         if not features or isinstance(features, str) or not all(isinstance(f, str) for f in features):
             raise ValueError(f"features must be a non-empty sequence of row keys; got {features!r}")
+        if len(set(features)) != len(features):
+            raise ValueError(f"features must be distinct (a repeated one would enter the fit twice); got {features!r}")
         if transform not in FAILURE_TRANSFORMS + ("auto",):
             raise ValueError(f"transform must be one of {FAILURE_TRANSFORMS + ('auto',)}; got {transform!r}")
         if not (tail == "auto" or (isinstance(tail, (int, float)) and not isinstance(tail, bool) and np.isfinite(tail)
@@ -657,10 +682,14 @@ class FailureModel:
                 raise ValueError("nsteps must be >= 0")
             x[:, j] = np.log1p(x[:, j])
         for j, key in enumerate(self.features):
-            if key in DISTANCE_FEATURES:
+            if key in DISTANCE_FEATURES or _is_elnorm_scale(key):
                 if np.any(x[:, j] <= 0):
-                    raise ValueError(f"{key} must be a distance ratio > 0; got {x[:, j].min():g}")
+                    what = "a distance ratio" if key in DISTANCE_FEATURES else "an element-normalised value"
+                    raise ValueError(f"{key} must be {what} > 0; got {x[:, j].min():g}")
                 x[:, j] = np.log(x[:, j])
+            elif key.endswith("_elnorm_frac") and np.any((x[:, j] < 0) | (x[:, j] > 1)):
+                raise ValueError(f"{key} must be a fraction of atoms in [0, 1]; got values in "
+                                 f"[{x[:, j].min():g}, {x[:, j].max():g}]")
         return x
 
     def _labels(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -769,6 +798,8 @@ class FailureModel:
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> "FailureModel":
         """Rebuild from :meth:`to_dict`; raises ValueError for anything malformed."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a failure model is a JSON object; got {type(state).__name__}")
         try:
             if state.get("kind") != "ltau-failure-model":
                 raise ValueError("not an ltau failure model (kind != 'ltau-failure-model')")
@@ -783,7 +814,10 @@ class FailureModel:
             monotone = state.get("monotone", False)
             if not isinstance(monotone, bool):
                 raise ValueError(f"monotone must be true or false; got {monotone!r}")
-            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(state["features"]), transform,
+            features = state["features"]
+            if not isinstance(features, list):  # a JSON string or object would be read as its characters / keys
+                raise ValueError(f"features must be a list of row keys; got {features!r}")
+            model = cls(float(state["rmsd_threshold"]), float(state["l2"]), tuple(features), transform,
                         tail=tail, monotone=monotone)
             k = len(model.features)
             mean = np.asarray(state["mean"], dtype=np.float64)
@@ -791,8 +825,9 @@ class FailureModel:
             coef = np.asarray(state["coef"], dtype=np.float64)
             if mean.shape != (k,) or std.shape != (k,) or coef.shape != (k + 1,):
                 raise ValueError(f"expected {k} means/stds and {k + 1} coefficients")
-            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(coef)) and np.all(std > 0)):
-                raise ValueError("non-finite coefficients or non-positive scales")
+            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(coef)) and np.all(np.isfinite(std))
+                    and np.all(std > 0)):
+                raise ValueError("non-finite coefficients or scales, or non-positive scales")
             if monotone and np.any(coef[1:] < 0):
                 raise ValueError("a monotone failure model has non-negative feature coefficients")
             low = high = reference = None
@@ -809,7 +844,10 @@ class FailureModel:
             model.transform_, model.tail_, model.l2_ = transform, tail, float(state["l2"])
             model.mean_, model.std_, model.coef_ = mean, std, coef
             model.low_, model.high_, model.reference_ = low, high, reference
-            model.n_fit_, model.n_failed_fit_ = int(state["n_fit"]), int(state["n_failed_fit"])
+            model.n_fit_ = check_int(state["n_fit"], "n_fit", minimum=1)
+            model.n_failed_fit_ = check_int(state["n_failed_fit"], "n_failed_fit", minimum=0)
+            if model.n_failed_fit_ > model.n_fit_:
+                raise ValueError(f"n_failed_fit ({model.n_failed_fit_}) exceeds n_fit ({model.n_fit_})")
             model.cv_ = dict(state.get("cv", {}))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed failure model: missing or wrong field ({exc!r})") from None

@@ -113,6 +113,40 @@ def test_distance_trace_features_enter_as_log_ratio_and_carry_the_signal():
         one.predict_proba([dict(test[0], distance_ratio_max=np.inf)])
 
 
+def test_element_normalised_features_enter_as_log_scale_and_raw_fraction():
+    from ltau_ase.is2rs import (
+        ELEMENT_NORMALISED_FEATURES,
+        FAILURE_FEATURES_WITH_DISTANCE,
+        FAILURE_FEATURES_WITH_ELEMENT_NORMALISED,
+    )
+
+    assert FAILURE_FEATURES_WITH_ELEMENT_NORMALISED == FAILURE_FEATURES_WITH_DISTANCE + ELEMENT_NORMALISED_FEATURES
+    assert ELEMENT_NORMALISED_FEATURES[:4] == tuple(f"expected_error_elnorm_{s}" for s in ("initial", "max", "final",
+                                                                                           "frac"))
+    rng = np.random.default_rng(11)
+    n = 120
+    v = np.exp(rng.normal(0.0, 1.0, n))  # element-normalised max (> 0)
+    frac = rng.uniform(0, 1, n)
+    fail = rng.uniform(size=n) < 1 / (1 + np.exp(-2 * np.log(v)))
+    rows = [{"distance_ratio_elnorm_max": v[i], "uq_elnorm_frac": frac[i], "rmsd": 1.0 if fail[i] else 0.1}
+            for i in range(n)]
+    model = FailureModel(features=("distance_ratio_elnorm_max", "uq_elnorm_frac"), l2=0.0, transform="log").fit(rows)
+    # hand-computed: log of the scale statistic, the fraction as is, each standardised
+    x = np.column_stack([np.log(v), frac])
+    np.testing.assert_allclose(model.mean_, x.mean(axis=0), rtol=1e-12)
+    z = model.coef_[0] + ((x - x.mean(axis=0)) / x.std(axis=0)) @ model.coef_[1:]
+    np.testing.assert_allclose(model.predict_proba(rows), 1 / (1 + np.exp(-z)), rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="distance_ratio_elnorm_max must be an element-normalised value > 0"):
+        model.predict_proba([dict(rows[0], distance_ratio_elnorm_max=0.0)])
+    with pytest.raises(ValueError, match=r"uq_elnorm_frac must be a fraction of atoms in \[0, 1\]"):
+        model.predict_proba([dict(rows[0], uq_elnorm_frac=1.5)])
+    # the monotone default keeps its guarantee with these features: p never falls as one grows
+    mono = FailureModel(features=("distance_ratio_elnorm_max", "uq_elnorm_frac")).fit(rows)
+    assert np.all(mono.coef_[1:] >= 0)
+    grid = [dict(rows[0], distance_ratio_elnorm_max=float(t)) for t in np.geomspace(1e-3, 1e4, 50)]
+    assert np.all(np.diff(mono.predict_proba(grid)) >= 0)
+
+
 def test_empirical_cdf_mid_ranks_by_hand():
     from ltau_ase.is2rs import _empirical_cdf
 
@@ -415,3 +449,90 @@ def test_shift_benchmark_scores_the_default_rule_per_method(monkeypatch):
         assert out["failure_model"][method + "_with_distance_unconstrained"]["monotone"] is False
     text = is2rs_table({"is2rs": out})
     assert "default rule" in text and text.count("| adsorbate |") == 2
+
+
+def test_shift_benchmark_rule_pools_gain_the_element_normalised_traces(monkeypatch):
+    """Rows with ``element_normalised`` add a third set per pool: the committee's own spread, LTAU's estimator's."""
+    from types import SimpleNamespace
+
+    import ltau_ase.demo.shift as shift
+    import ltau_ase.is2rs as is2rs
+    from ltau_ase.demo.shift import _failure_models
+    from ltau_ase.is2rs import select_failure_features
+
+    # small grids, one statistic per trace and two methods keep the nested CV fast; the wiring scored is the same
+    monkeypatch.setattr(is2rs, "FAILURE_L2_GRID", (1.0,))
+    monkeypatch.setattr(is2rs, "FAILURE_TAIL_GRID", (0.3,))
+    monkeypatch.setattr(is2rs, "FAILURE_FEATURES", ("uq_max",))
+    monkeypatch.setattr(is2rs, "FAILURE_FEATURES_WITH_DISTANCE", ("uq_max", "distance_ratio_max"))
+    monkeypatch.setattr(is2rs, "ELEMENT_NORMALISED_STATISTICS", ("max",))
+    monkeypatch.setattr(is2rs, "FAILURE_FEATURES_WITH_ELEMENT_NORMALISED",
+                        ("uq_max", "distance_ratio_max", "distance_ratio_elnorm_max"))
+    monkeypatch.setattr(shift, "FAILURE_REDUCED_WITH_DISTANCE", ("distance_ratio_max",))
+    monkeypatch.setattr(shift, "METHOD_LABELS", {m: shift.METHOD_LABELS[m] for m in ("ltau_distance", "committee")})
+    rng = np.random.default_rng(5)
+
+    def table(n, shift_by):
+        rows = []
+        for i in range(n):
+            signal = rng.normal(shift_by, 1.0)  # failures follow the element-normalised traces
+            stats = lambda v: {"initial": v, "max": v, "mean": v, "final": v}  # noqa: E731
+            rows.append({"system": f"s{i}", "status": "done", "nsteps": 10,
+                         "rmsd": 1.0 if rng.uniform() < 1 / (1 + np.exp(-3 * (signal - shift_by))) else 0.1,
+                         "ltau_distance": stats(rng.uniform()), "committee": stats(rng.uniform()),
+                         "ltau_distance_ratio": stats(float(np.exp(rng.normal()))),
+                         "element_normalised": {"distance_ratio_elnorm_max": float(np.exp(signal)),
+                                                "uq_elnorm_max": float(np.exp(signal + rng.normal(0, 0.3)))}})
+        return rows
+
+    tables = {"is2rs_calibration": table(50, 0.0), "is2rs_element": table(30, 1.0)}
+    out = {"table": tables, "failure_rmsd": 0.5, "domains": {
+        d[len("is2rs_"):]: {"n_systems": len(t), "n_failed": sum(r["rmsd"] > 0.5 for r in t),
+                            "ltau_distance": {}, "committee": {}} for d, t in tables.items()}}
+    _failure_models(SimpleNamespace(failure_rmsd=0.5, bootstrap=10, seed=0), out)
+
+    def rows_of(method):
+        own = "uq_elnorm_max" if method == "committee" else "distance_ratio_elnorm_max"
+        return [{"uq_max": r[method]["max"], "nsteps": 10, "rmsd": r["rmsd"],
+                 "distance_ratio_max": r["ltau_distance_ratio"]["max"], own: r["element_normalised"][own]}
+                for r in tables["is2rs_calibration"]]
+
+    # (full set, reduced set, full set + element-normalised trace) with the patched constants
+    pools = {"ltau_distance": [("uq_max", "distance_ratio_max"), ("distance_ratio_max",),
+                               ("uq_max", "distance_ratio_max", "distance_ratio_elnorm_max")],
+             "committee": [("uq_max",), ("uq_max",), ("uq_max", "uq_elnorm_max")]}
+    for method, pool in pools.items():
+        ref, scores = select_failure_features(rows_of(method), pool)
+        saved = out["failure_model"][method + "_selected"]
+        assert tuple(saved["features"]) == ref.features and "elnorm" in saved["features"][-1]
+        assert {k: v["score"] for k, v in saved["feature_set_scores"].items()} == pytest.approx(
+            {k: v["score"] for k, v in scores.items()})
+        # the side-by-side variant with the element-normalised traces: the committee's own spread's
+        assert out["failure_model"][method + "_with_element_normalised"]["features"][-1] == pool[-1][-1]
+        assert "auroc_failure_probability_with_element_normalised" in out["domains"]["element"][method]
+
+
+def test_failure_model_file_with_hostile_fields_is_refused():
+    """Feature names are row keys read from the rows, never instantiated; the file must name them as a list of
+    distinct strings (a string or object would be read as its characters / keys, a repeat would enter twice),
+    with finite scales and integer counts."""
+    rows = _rows(60, 6)
+    features = ("uq_max", "uq_final")
+    state = json.loads(json.dumps(FailureModel(features=features, l2=1.0, transform="log").fit(rows).to_dict()))
+    assert FailureModel.from_dict(state).features == features
+    cases = {"features must be a list": [dict(state, features="uq_max"),
+                                         dict(state, features={"uq_max": 0, "uq_final": 1})],
+             "features must be distinct": [dict(state, features=["uq_max", "uq_max"])],
+             "non-finite coefficients or scales": [dict(state, std=[float("inf"), 1.0])],
+             "n_fit must be a positive integer": [dict(state, n_fit=2.7), dict(state, n_fit="60"),
+                                                  dict(state, n_fit=True)],
+             "n_failed_fit must be a non-negative integer": [dict(state, n_failed_fit=-1)],
+             "exceeds n_fit": [dict(state, n_failed_fit=61)]}
+    for message, bad in cases.items():
+        for s in bad:
+            with pytest.raises(ValueError, match=message):
+                FailureModel.from_dict(s)
+    with pytest.raises(ValueError, match="features must be distinct"):
+        FailureModel(features=("uq_max", "nsteps", "uq_max"))
+    with pytest.raises(ValueError, match="a failure model is a JSON object; got list"):
+        FailureModel.from_dict([state])

@@ -204,7 +204,59 @@ def test_quick_run_on_the_demo_ensemble(quick_demo_dir, tmp_path):
     assert results["config"]["members"] == len(ensemble_from_demo(quick_demo_dir)["models"])
     assert all(v > 0 for v in on_disk["cost"]["over_single"].values())
     assert set(on_disk["is2rs"]["domains"]) == {"calibration", "in_domain", "adsorbate", "facet", "element"}
+    # every scored relaxation carries the element-normalised traces (scales: the in-domain calibration split)
+    assert set(on_disk["is2rs"]["element_scales"]) == {"expected_error", "distance_ratio", "uq"}
+    scored = [row for rows in on_disk["is2rs"]["table"].values() for row in rows if "ltau_distance" in row]
+    assert scored
+    for row in scored:
+        feats = row["element_normalised"]
+        assert len(feats) == 12 and all(feats[f"{q}_elnorm_max"] >= feats[f"{q}_elnorm_final"] > 0
+                                        and 0 <= feats[f"{q}_elnorm_frac"] <= 1
+                                        for q in ("expected_error", "distance_ratio", "uq"))
     assert on_disk["md"]["groups"]["T1200"]["n_runs"] == 1
     text = (out / "summary.md").read_text()
     for name in on_disk["figures"].values():
         assert (out / name).is_file() and name in text
+    # the "follow" means are the plain means of the cached per-atom arrays (member 1's errors, the
+    # committee's spreads), and the table reports each against the in-domain mean
+    assert "Do the predictions follow the shift?" in text
+    for domain in ("in_domain", "T1200", "element"):
+        with np.load(out / "raw" / f"s2ef_test_{domain}.npz") as z:
+            follow = domains[domain]["follow"]
+            assert follow["true_error"]["mean"] == pytest.approx(float(np.mean(z["err_single"])), rel=1e-12)
+            assert follow["committee_spread"]["mean"] == pytest.approx(float(np.mean(z["u_committee"])), rel=1e-12)
+    assert "element_species_aware" in domains and "follow" not in domains["element_species_aware"]
+    ratio = domains["T1200"]["follow"]["true_error"]["mean"] / domains["in_domain"]["follow"]["true_error"]["mean"]
+    assert f"(×{ratio:.2f})" in text
+
+
+def test_follow_table_and_headline_with_undefined_means():
+    """All-NaN values, an in-domain mean of 0 and a quantity missing from one domain give "n/a" ratios (NaN in
+    the headline), never a crash or a ratio against 0; defined ratios are the plain quotient of the means."""
+    from ltau_ase.demo.shift import follow_means, follow_ratio, follow_table, headline
+
+    nan = float("nan")
+    ev = {"err_single": np.array([nan, nan]), "err_committee": np.zeros(2), "u_committee": np.array([1.0, 2.0])}
+    pred = {"distance": {"uncertainty": np.array([1.0, 3.0])}, "ltau_paper": {"expected_error": np.array([1.0, 1.0])},
+            "ltau_distance_expected_error": {"uncertainty": np.array([nan, 2.0])}}
+    base = follow_means(ev, pred)
+    assert math.isnan(base["true_error"]["mean"]) and base["true_error"]["n_nan"] == 2
+    assert base["ltau_distance_expected_error"] == {"mean": 2.0, "n_nan": 1}
+    hot = follow_means({"err_single": np.array([1.0, 2.0]), "err_committee": np.array([1.0, 3.0]),
+                        "u_committee": np.array([3.0, 3.0])},
+                       {"distance": {"uncertainty": np.array([2.0, 4.0])},
+                        "ltau_paper": {"expected_error": np.array([1.0, 2.0])}})  # no distance-aware estimator
+    assert follow_ratio(hot, base, "committee_spread") == 2.0  # 3 / 1.5
+    assert follow_ratio(hot, base, "latent_distance") == 1.5  # 3 / 2
+    for key in ("true_error", "true_error_committee", "ltau_distance_expected_error"):  # NaN base, base 0, missing
+        assert math.isnan(follow_ratio(hot, base, key))
+    results = {"s2ef": {"domains": {"in_domain": {"follow": base}, "T1200": {"follow": hot}}},
+               "is2rs": {"domains": {}}, "md": {"groups": {}}, "cost": {"over_single": {}}}
+    table = follow_table(results)
+    t1200 = next(line for line in table.splitlines() if line.startswith("| T1200 |")).split(" | ")
+    assert t1200[1:] == ["1.5 (× n/a)", "1.500 (×1.50)", "n/a (× n/a)", "3.000 (×1.50)", "2 (× n/a)",
+                         "3.000 (×2.00) |"]
+    h = headline(results)
+    assert h["T1200.follow.committee_spread_ratio"] == 2.0 and math.isnan(h["T1200.follow.true_error_ratio"])
+    assert "T1200.follow.ltau_distance_expected_error_ratio" not in h  # T1200 has no such mean to compare
+    assert follow_table({"s2ef": {"domains": {"T1200": {"follow": hot}}}}).startswith("(no in-domain")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ltau_ase.core.checks import check_int, check_number, is_finite_number
+from ltau_ase.core.checks import check_int, check_number, is_finite_number, is_integer
 from ltau_ase.core.distributions import (
     CompactDistributions,
     ExactDistributions,
@@ -34,7 +34,14 @@ from ltau_ase.core.errorlog import EpochWindow
 from ltau_ase.core.fileformat import EAGER_BYTES, LEGACY_NPZ_VERSION, read_container, write_container
 from ltau_ase.core.index import HNSW_QUANTIZER_NLIST, INDEX_CHOICES, NeighbourIndex, as_float32, choose_index, resolve_params
 from ltau_ase.core.conformal import MondrianConformal, check_coverage
-from ltau_ase.core.shift import REFERENCE_RULES, REFERENCE_SAMPLE, DistanceScale, reference_distances
+from ltau_ase.core.shift import (
+    MAX_TAIL_EXPONENT,
+    REFERENCE_RULES,
+    REFERENCE_SAMPLE,
+    DistanceScale,
+    reference_distances,
+    structure_ratios,
+)
 
 # fit_calibration splits the calibration atoms in two halves: one fits the distance scale g and the
 # per-element factors, the other gives the conformal scores (split conformal needs scores the
@@ -55,6 +62,10 @@ MIN_ELEMENT_ATOMS = 50
 # 72 atoms). Element factors keep the atom minimum: each is already checked on the other half's atoms,
 # and there the Pd factor from 3 slabs lowered the in-domain test miscalibration (0.042 against 0.070).
 MIN_ELEMENT_STRUCTURES = MIN_CALIBRATION_STRUCTURES // 2
+# The structure scale h(R) of the conformal bounds (``fit_calibration(structure_index=...)``) is isotonic
+# in the structure ratio R inside the calibration range; beyond it a power law R^α continues it, α from
+# the binned calibration scores, clipped to [0, this] (0 would keep h flat past the largest calibration R).
+STRUCTURE_MAX_EXPONENT = 4.0
 # The default epoch window: the last half of the logged epochs (see the ``window`` argument).
 LAST_HALF = "last_half"
 
@@ -189,7 +200,8 @@ class LTAUEstimator:
     def set_params(self, **params: Any) -> "LTAUEstimator":
         """Set parameters; on a fitted estimator each change takes effect or is refused, never ignored.
 
-        After fit: ``k`` (query time) takes effect at once (k_eff_ = min(k, N)); ``index`` /
+        After fit: ``k`` (query time) takes effect at once (k_eff_ = min(k, N); a calibration fitted at another
+        k then refuses distance-aware predictions, :meth:`check_calibration`); ``index`` /
         ``index_params`` change the index in place when only search-time settings change (efSearch,
         nprobe, refine), else rebuild it from the stored training vectors (ValueError when the index
         keeps none: ivfpq with refine=0); ``weights``, ``scale``, ``unknown_species``, ``metadata``
@@ -481,6 +493,25 @@ class LTAUEstimator:
         """True after :meth:`fit_calibration` (or loading a file that holds one)."""
         return "distance_scale_" in self.__dict__
 
+    def check_calibration(self) -> None:
+        """Raise ValueError when the calibration no longer holds: ``set_params(k=...)`` after :meth:`fit_calibration`.
+
+        The calibration's distance ratios, scales g and h and conformal quantiles were fitted on mean distances
+        to ``calibration_info_["k"]`` neighbours; at another k the distances shift (fewer neighbours: nearer)
+        and the bounds lose their coverage. Files calibrated before the k was recorded are not checked.
+        """
+        fitted_k = self.calibration_info_.get("k")
+        if fitted_k is not None and fitted_k != self.k_eff_:
+            raise ValueError(f"the calibration was fitted with k={fitted_k} neighbours and k is now {self.k_eff_}: its "
+                             "distance scale and error bounds do not hold at another k; set k back "
+                             f"(set_params(k={fitted_k})), call fit_calibration again, or predict with "
+                             "distance_aware=False")
+
+    @property
+    def structure_scale_(self) -> DistanceScale | None:
+        """h(R) of a structure-aware calibration (``fit_calibration(structure_index=...)``), else None."""
+        return self.__dict__.get("_structure_scale")
+
     def _threshold_key(self, threshold: Any) -> tuple[str, float]:
         if threshold is None:
             return ("fitted", self.effective_scale)
@@ -548,6 +579,7 @@ class LTAUEstimator:
         unknown_species: str | None = None,
         coverage: float | None = None,
         distance_aware: bool = True,
+        structure_index: Any = None,
     ) -> dict[str, np.ndarray]:
         """Uncertainties of n atoms.
 
@@ -564,6 +596,11 @@ class LTAUEstimator:
                 :meth:`fit_calibration`).
             distance_aware: with False a calibrated estimator predicts as the paper does (one scale,
                 ``effective_scale``), ignoring its calibration.
+            structure_index: (n,) integers in [0, n), the structure (frame) each atom belongs to (one
+                structure: ``np.zeros(n, int)``; ``LTAUCalculator`` passes that). Needed for
+                ``coverage`` when the estimator was calibrated with ``structure_index`` (a structure-aware
+                bound: σ_j × h(R_f), R_f the geometric mean distance ratio of atom j's structure f);
+                validated and otherwise unused.
         Returns:
             dict of (n,) float64: ``confidence`` (mean over the k nearest training atoms of their
             probability of an error ≤ threshold / s), ``uncertainty`` (1 − confidence),
@@ -576,9 +613,15 @@ class LTAUEstimator:
             also ``unknown_species``: (n,) bool, the atoms of unseen elements (all False unless the
             policy is ``"flag"``), whose uncertainty is 1, confidence 0, expected error and error
             bound NaN, and (calibrated) distance ratio and scale +inf: the species-aware reading,
-            in which an element absent from training is infinitely far from it.
+            in which an element absent from training is infinitely far from it. With a structure-aware
+            calibration and ``structure_index``: ``structure_ratio`` (R_f of each atom's structure) and
+            ``structure_scale`` (h(R_f)), and ``error_bound`` = quantile × h × s_j × mean error. Atoms of
+            unseen elements flagged under ``"flag"`` do not enter R_f (their latent distance means nothing;
+            the seen atoms keep finite bounds); a structure of only such atoms has R_f = h = +inf.
         Raises:
-            ValueError: an unseen element under the ``"raise"`` policy (before any search).
+            ValueError: an unseen element under the ``"raise"`` policy (before any search); a
+                ``structure_index`` of the wrong shape, dtype or range; ``coverage`` on a structure-aware
+                estimator without ``structure_index``.
         """
         if coverage is not None:
             coverage = check_coverage(coverage)
@@ -591,6 +634,7 @@ class LTAUEstimator:
             raise ValueError(f"atomic_numbers has {unknown.size} entries for {n} descriptor rows; "
                              "expected one per atom")
         z = None if atomic_numbers is None else _check_atomic_numbers(atomic_numbers, n, "atomic_numbers")
+        structures = None if structure_index is None else check_structure_index(structure_index, n)
         w = self._weights(dist, valid)
         mean_error = self._average(self.mean_error_train_[ids], valid, w)
         distance = np.where(valid, dist, 0.0).sum(axis=1) / valid.sum(axis=1)
@@ -598,6 +642,13 @@ class LTAUEstimator:
         if coverage is not None and not calibrated:
             raise ValueError("coverage needs a calibrated estimator: call fit_calibration(descriptors, errors) first"
                              if not self.is_calibrated else "coverage needs distance_aware=True")
+        if calibrated:
+            self.check_calibration()
+        structure_scale = self.structure_scale_ if calibrated else None
+        if coverage is not None and structure_scale is not None and structures is None:
+            raise ValueError("this estimator's error bounds are structure-aware (calibrated with structure_index): "
+                             f"pass structure_index, ({n},) integers naming each atom's structure "
+                             "(one structure: numpy.zeros(n, dtype=int))")
         if not calibrated:
             p_train = self.train_confidence(threshold)
             confidence = self._average(p_train[ids], valid, w)
@@ -619,10 +670,21 @@ class LTAUEstimator:
                 "distance_ratio": ratio,
                 "scale": scale,
             }
+            sigma = scale * mean_error
+            if structure_scale is not None and structures is not None:
+                # R_f over the structure's atoms of seen elements (structure_ratios: why); +inf, like their
+                # distance ratio, for a structure whose every atom is of an unseen element
+                big_r = structure_ratios(ratio, structures, float(self.calibration_info_["structure"]["ratio_floor"]),
+                                         include=None if unknown is None else ~unknown)
+                h_of_r = np.full(n, np.inf)
+                defined = np.isfinite(big_r)
+                h_of_r[defined] = structure_scale(big_r[defined])
+                out["structure_ratio"], out["structure_scale"] = big_r, h_of_r
+                sigma = sigma * h_of_r
             if coverage is not None:
                 q = (self.conformal_.quantile_for(z, coverage) if z is not None
                      else np.full(n, self.conformal_.quantiles(coverage)[1]))
-                out["error_bound"] = q * scale * mean_error
+                out["error_bound"] = q * sigma
         if unknown is not None:
             out["confidence"][unknown] = 0.0
             out["uncertainty"][unknown] = 1.0
@@ -857,6 +919,7 @@ class LTAUEstimator:
         threshold: float | None = None,
         seed: int = 0,
         frame_ids: Any = None,
+        structure_index: Any = None,
     ) -> "LTAUEstimator":
         """Fit the distance-aware scale, per-element factors and conformal bounds on a calibration set.
 
@@ -892,6 +955,17 @@ class LTAUEstimator:
                 make the halves look more alike than new structures are), and an element gets its own
                 conformal quantile only from at least ``MIN_ELEMENT_STRUCTURES`` structures per half.
                 Recommended; the CLI does it.
+            structure_index: optional (n,) integers in [0, n), the structure (frame: what one
+                calculator call sees) of each atom, at least ``MIN_CALIBRATION_STRUCTURES`` of them.
+                Given, the conformal bounds become structure-aware: each atom's σ_j = s_j m_j is
+                multiplied by h(R_f), R_f the geometric mean distance ratio of its structure
+                (:func:`ltau_ase.core.shift.structure_ratios`) and h the monotone scale
+                (:class:`ltau_ase.core.shift.DistanceScale`, tail exponent at most
+                ``STRUCTURE_MAX_EXPONENT``) fitted on the first half's scores |ΔF_j| / σ_j, normalised
+                to mean 1 over those atoms; the second half's scores |ΔF_j| / (σ_j h(R_f)) give the
+                quantiles. ``predict`` then needs ``structure_index`` for ``coverage``. Without
+                ``frame_ids`` the halves are split by these structures. Confidences and expected errors
+                are unchanged (h enters the bounds only).
         Returns:
             self, with ``distance_scale_``, ``pooled_factor_``, ``element_factor_z_``,
             ``element_factors_``, ``conformal_`` and ``calibration_info_`` set.
@@ -913,6 +987,17 @@ class LTAUEstimator:
                 "with 100 conformal scores a 95 % bound is finite and at most ~1 % over-covering"
             )
         z = None if atomic_numbers is None else _check_atomic_numbers(atomic_numbers, n, "atomic_numbers")
+        structures = None
+        if structure_index is not None:
+            structures = np.unique(check_structure_index(structure_index, n), return_inverse=True)[1].reshape(n)
+            n_structures = int(structures.max()) + 1
+            if n_structures < MIN_CALIBRATION_STRUCTURES:
+                raise ValueError(
+                    f"structure_index names {n_structures} structures; a structure-aware calibration needs at least "
+                    f"{MIN_CALIBRATION_STRUCTURES} ({MIN_CALIBRATION_STRUCTURES // 2} per half): its scale h is a "
+                    "function of a per-structure statistic, fitted over structures")
+            if frame_ids is None:
+                frame_ids = structures
         if threshold is None:
             if self.rtol > 0:
                 raise ValueError("with rtol > 0, fit_calibration needs an explicit absolute threshold (eV/Å)")
@@ -998,8 +1083,15 @@ class LTAUEstimator:
         self.pooled_factor_ = float(pooled["scale"])
         self.element_factor_z_ = np.asarray(elements, dtype=np.int64)
         self.element_factors_ = np.asarray(factors, dtype=np.float64)
-        sigma_b = self._element_factors(None if z is None else z[half_b], half_b.size) * base[half_b] * m[half_b]
-        scores = err[half_b] / sigma_b
+        sigma = self._element_factors(z, n) * base * m
+        h = None
+        if structures is not None:
+            big_r = structure_ratios(ratio, structures, tiny)
+            h = DistanceScale.fit(big_r[half_a], err[half_a] / sigma[half_a], max_exponent=STRUCTURE_MAX_EXPONENT)
+            # h only scales σ before the conformal quantile; mean 1 over the fitting atoms keeps it readable
+            h = DistanceScale(h.log_ratio, h.values / float(np.mean(h(big_r[half_a]))), h.tail_exponent)
+            sigma = sigma * h(big_r)
+        scores = err[half_b] / sigma[half_b]
         if frame_ids is None:
             self.conformal_ = MondrianConformal(MIN_ELEMENT_ATOMS).fit(scores, None if z is None else z[half_b])
         else:
@@ -1017,7 +1109,18 @@ class LTAUEstimator:
             "miscalibration_after": float(pooled["after"]),
             "seed": int(seed),
             "split": "atoms" if frame_ids is None else "structures",
+            # the distances (and so g, h and the quantiles) are those of this many neighbours: check_calibration
+            "k": int(self.k_eff_),
         }
+        self.__dict__["_structure_scale"] = h
+        if h is not None:
+            self.calibration_info_["structure"] = {
+                "statistic": "geometric mean distance ratio of the structure",
+                "ratio_floor": tiny,
+                "n_structures": int(structures.max()) + 1,
+                "ratio_range": [float(big_r.min()), float(big_r.max())],
+                "max_exponent": float(STRUCTURE_MAX_EXPONENT),
+            }
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -1086,6 +1189,8 @@ class LTAUEstimator:
         arrays.update({f"conformal_{k}": v for k, v in self.conformal_.to_arrays().items()})
         arrays["element_z"] = self.element_factor_z_
         arrays["element_factors"] = self.element_factors_
+        if self.structure_scale_ is not None:
+            arrays.update({f"h_{k}": v for k, v in self.structure_scale_.to_arrays().items()})
         info = {"pooled_factor_": self.pooled_factor_, "min_element_atoms": self.conformal_.min_count,
                 "info": self.calibration_info_}
         return info, arrays
@@ -1108,6 +1213,35 @@ class LTAUEstimator:
         )
         if not ok:
             raise ValueError("the calibration's per-element factors or reference distance are malformed")
+        if "k" in details and not (is_integer(details["k"]) and 1 <= details["k"] <= self.n_train_atoms_):
+            raise ValueError(f"the calibration's k must be an integer in [1, {self.n_train_atoms_}]; "
+                             f"got {details['k']!r}")
+        if g.tail_exponent > MAX_TAIL_EXPONENT:
+            raise ValueError(f"the distance scale's tail exponent is {g.tail_exponent:g}; fit_calibration gives "
+                             f"at most {MAX_TAIL_EXPONENT:g}")
+        h = None
+        h_arrays = {k[2:]: v for k, v in arrays.items() if k.startswith("h_")}
+        if ("structure" in details) != bool(h_arrays):
+            raise ValueError("a structure-aware calibration needs both its structure scale arrays and its details")
+        if h_arrays:
+            h = DistanceScale.from_arrays(h_arrays)
+            floor = details["structure"].get("ratio_floor") if isinstance(details["structure"], dict) else None
+            if not (_finite_number(floor) and floor > 0):
+                raise ValueError("the structure scale's ratio floor must be a finite number > 0")
+            # what fit_calibration guarantees, so that a file cannot make every bound huge or infinite: every
+            # R_f >= the floor, so the first knot (a mean of log R_f) is too; h is normalised to mean 1 over
+            # the n_scale_atoms fitting atoms, at least one of them at or past the last knot
+            n_scale = details.get("n_scale_atoms")
+            if h.tail_exponent > STRUCTURE_MAX_EXPONENT:
+                raise ValueError(f"the structure scale's tail exponent is {h.tail_exponent:g}; fit_calibration "
+                                 f"gives at most {STRUCTURE_MAX_EXPONENT:g}")
+            if math.log(floor) > h.log_ratio[0] + 1e-9:
+                raise ValueError(f"the structure scale's ratio floor {floor:g} lies above its first knot "
+                                 f"{math.exp(h.log_ratio[0]):g}; every structure ratio is at least the floor")
+            if not (_finite_number(n_scale) and h.values[-1] <= n_scale * (1 + 1e-9)):
+                raise ValueError(f"the structure scale reaches {h.values[-1]:g}; normalised to mean 1 over "
+                                 f"{n_scale!r} fitting atoms it is at most their number")
+        self.__dict__["_structure_scale"] = h
         self.distance_scale_, self.conformal_ = g, conformal
         self.element_factor_z_, self.element_factors_ = z.astype(np.int64), factors
         self.pooled_factor_, self.calibration_info_ = pooled, details
@@ -1220,6 +1354,7 @@ class LTAUEstimator:
 
 
 _CALIBRATION_ATTRS = (
+    "_structure_scale",
     "distance_scale_",
     "pooled_factor_",
     "element_factor_z_",
@@ -1235,6 +1370,18 @@ def _check_atomic_numbers(values: Any, n: int, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be ({n},) integers in [1, 118], one per descriptor row; got shape {z.shape}, "
                          f"dtype {z.dtype}")
     return z.astype(np.int64)
+
+
+def check_structure_index(values: Any, n: int) -> np.ndarray:
+    """(n,) int64 structure of each atom, values in [0, n); raises ValueError naming what is wrong."""
+    s = np.asarray(values)
+    if s.shape != (n,) or s.dtype == np.bool_ or not np.issubdtype(s.dtype, np.integer):
+        raise ValueError(f"structure_index must be ({n},) integers, the structure of each atom (one structure: "
+                         f"numpy.zeros(n, dtype=int)); got shape {s.shape}, dtype {s.dtype}")
+    if n and (s.min() < 0 or s.max() >= n):
+        raise ValueError(f"structure_index values must lie in [0, {n}) (at most one structure per atom); got "
+                         f"{int(s.min())}..{int(s.max())}")
+    return s.astype(np.int64)
 
 
 def _settings_snapshot(est: "LTAUEstimator") -> dict[str, Any]:
@@ -1390,6 +1537,10 @@ def _shift_schema(header: dict[str, Any], declared: dict, n: int) -> dict[str, t
         "cal_element_z": ("<i8", (elements,)),
         "cal_element_factors": ("<f8", (elements,)),
     })
+    if "cal_h_log_ratio" in declared:  # a structure-aware calibration (older files have none)
+        h_knots = _declared_length(declared, "cal_h_log_ratio", 1, _int_field(info, "n_scale_atoms", 1, 1 << 40))
+        schema.update({"cal_h_log_ratio": ("<f8", (h_knots,)), "cal_h_values": ("<f8", (h_knots,)),
+                       "cal_h_tail_exponent": ("<f8", ())})
     return schema
 
 

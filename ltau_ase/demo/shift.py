@@ -624,7 +624,8 @@ class Scorer:
         """Per method: ``uncertainty`` (n,); with ``bounds`` also confidences, σ and conformal bounds."""
         out = {}
         p = self.paper.predict(desc)
-        out["ltau_paper"] = {"uncertainty": p["uncertainty"], "confidence": p["confidence"]}
+        out["ltau_paper"] = {"uncertainty": p["uncertainty"], "confidence": p["confidence"],
+                             "expected_error": p["expected_error"]}
         if bounds:
             ps = self.paper_scaled.predict(desc)
             out["ltau_paper"].update(confidence_cal=ps["confidence"], sigma=ps["expected_error"])
@@ -686,6 +687,8 @@ def score_s2ef(cfg: ShiftBenchConfig, scorer: Scorer, evals: dict, cal: dict, at
         res: dict[str, Any] = {"n_atoms": int(ev["err_single"].size), "n_systems": int(np.unique(groups).size),
                                "mean_error": {"single": float(ev["err_single"].mean()),
                                               "committee": float(ev["err_committee"].mean())}}
+        if domain != "element_species_aware":
+            res["follow"] = follow_means(ev, pred)
         for method in METHODS:
             if method == "committee":
                 u, err, thr = ev["u_committee"], ev["err_committee"], mae["committee"]
@@ -734,21 +737,119 @@ def score_s2ef(cfg: ShiftBenchConfig, scorer: Scorer, evals: dict, cal: dict, at
     return {"auroc_threshold": mae, "domains": rows}
 
 
+#: What :func:`follow_means` averages per domain: (key, label, unit).
+FOLLOW_QUANTITIES = (
+    ("true_error", "true error, member 1", "eV/Å"),
+    ("ltau_paper_expected_error", "LTAU (paper) expected error", "eV/Å"),
+    ("ltau_distance_expected_error", "distance-aware expected error", "eV/Å"),
+    ("latent_distance", "latent distance", "latent units"),
+    ("true_error_committee", "true error, committee mean", "eV/Å"),
+    ("committee_spread", "committee spread", "eV/Å"),
+)
+
+
+def follow_means(ev: dict, pred: dict) -> dict[str, Any]:
+    """Mean per-atom value of each :data:`FOLLOW_QUANTITIES` entry over one domain's atoms.
+
+    Whether a method's prediction follows a shift is read from these means across domains: the issue's
+    motivating measurement was a mean error growing ×4.3 with the mean uncertainty growing ×1.18. NaN
+    values (the distance-aware expected error of an atom of an unseen element under
+    ``unknown_species="flag"``) are left out of the mean and counted in ``n_nan``.
+    """
+    values = {"true_error": ev["err_single"], "true_error_committee": ev["err_committee"],
+              "committee_spread": ev["u_committee"], "latent_distance": pred["distance"]["uncertainty"],
+              "ltau_paper_expected_error": pred["ltau_paper"]["expected_error"]}
+    if "ltau_distance_expected_error" in pred:
+        values["ltau_distance_expected_error"] = pred["ltau_distance_expected_error"]["uncertainty"]
+    out: dict[str, Any] = {}
+    for key, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        finite = np.isfinite(v)
+        out[key] = {"mean": float(v[finite].mean()) if finite.any() else math.nan, "n_nan": int((~finite).sum())}
+    return out
+
+
+def follow_table(results: dict) -> str:
+    """Markdown: per domain, the mean true error and each method's mean prediction, × its in-domain mean."""
+    rows = {d: r["follow"] for d, r in results["s2ef"]["domains"].items() if "follow" in r}
+    if "in_domain" not in rows:
+        return "(no in-domain S2EF row: nothing to compare with)"
+    keys = [(k, label, unit) for k, label, unit in FOLLOW_QUANTITIES if k in rows["in_domain"]]
+    lines = ["| domain | " + " | ".join(f"{label} ({unit})" for _, label, unit in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for domain, row in rows.items():
+        cells = []
+        for k, _, _ in keys:
+            mean, ratio = (row[k]["mean"] if k in row else None), follow_ratio(row, rows["in_domain"], k)
+            cells.append(f"{mean:.3f} (×{ratio:.2f})" if math.isfinite(ratio) else f"{_num(mean)} (× n/a)")
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def follow_ratio(row: dict, base: dict, key: str) -> float:
+    """A domain's :func:`follow_means` mean of ``key`` over the in-domain one; NaN where either is missing or
+    not finite, or the in-domain mean is not > 0 (no ratio to read)."""
+    mean, ref = (row.get(key) or {}).get("mean"), (base.get(key) or {}).get("mean")
+    if mean is None or ref is None or not (math.isfinite(mean) and math.isfinite(ref) and ref > 0):
+        return math.nan
+    return mean / ref
+
+
 def _trace_stats(per_step: np.ndarray) -> dict[str, float]:
     return {"initial": float(per_step[0]), "max": float(per_step.max()), "mean": float(per_step.mean()),
             "final": float(per_step[-1])}
 
 
-def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) -> dict[str, Any]:
+#: per-atom quantities whose element-normalised traces feed the failure model: row-key prefix -> Scorer method
+#: ("committee": the recorded committee spread)
+ELEMENT_NORMALISED_SOURCES = {"expected_error": "ltau_distance_expected_error", "distance_ratio": "ltau_distance_ratio",
+                              "uq": "committee"}
+
+
+def element_reference_scales(scorer: Scorer, reference: dict) -> dict[str, dict[str, Any]]:
+    """Per-element in-domain scales of the element-normalised trace quantities.
+
+    ``reference``: an in-domain S2EF evaluation (``descriptors`` (n, D), ``numbers`` (n,), ``u_committee``
+    (n,) eV/Å), e.g. the calibration split. Per quantity of :data:`ELEMENT_NORMALISED_SOURCES` (the
+    distance-aware ones only with a calibrated estimator): ``{"scales": {Z: quantile}, "pooled": quantile}``,
+    the :data:`~ltau_ase.simulate.observers.ELEMENT_SCALE_QUANTILE` of the element's atoms and of all atoms
+    (the pooled one stands in for an element absent from the reference, e.g. an unseen metal).
+    """
+    from ltau_ase.simulate.observers import ELEMENT_SCALE_QUANTILE, element_scales
+
+    pred = scorer.predict(reference["descriptors"], reference["numbers"])
+    out = {}
+    for prefix, method in ELEMENT_NORMALISED_SOURCES.items():
+        if method == "committee":
+            values = np.asarray(reference["u_committee"], dtype=np.float64)
+        elif method in pred:
+            values = np.asarray(pred[method]["uncertainty"], dtype=np.float64)
+        else:
+            continue
+        out[prefix] = {"scales": element_scales([values[None, :]], [reference["numbers"]]),
+                       "pooled": float(np.quantile(values, ELEMENT_SCALE_QUANTILE))}
+    return out
+
+
+def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict,
+                element_reference: dict | None = None) -> dict[str, Any]:
     """Failure AUROC (final RMSD > failure_rmsd) of each method's mean free-atom UQ over the recorded steps.
 
     Every method is scored on the same relaxation (member 1) at the same steps (every
-    ``committee_stride`` steps and the last); a relaxation that exploded counts as failed.
+    ``committee_stride`` steps and the last); a relaxation that exploded counts as failed. With
+    ``element_reference`` (an in-domain S2EF evaluation, see :func:`element_reference_scales`) every row
+    also gets ``element_normalised``: the element-normalised trace features
+    (``ltau_ase.simulate.observers.element_normalised_trace`` over the free atoms) of the expected error,
+    the distance ratio and the committee spread, keyed ``<quantity>_elnorm_<statistic>``.
     """
     from ltau_ase.core.calibration import auroc
+    from ltau_ase.simulate.observers import element_normalised_trace
 
     out: dict[str, Any] = {"failure_rmsd": cfg.failure_rmsd, "relaxed_with": "member 1 (the LTAU model)",
                            "domains": {}, "table": {}}
+    scales = element_reference_scales(scorer, element_reference) if element_reference is not None else {}
+    if scales:
+        out["element_scales"] = scales
     for split, records in is2rs.items():
         initial = data["splits"][split][0]
         rows = []
@@ -765,6 +866,16 @@ def score_is2rs(cfg: ShiftBenchConfig, scorer: Scorer, is2rs: dict, data: dict) 
                 per_step["committee"] = rec["committee"][:, free].mean(axis=1)
                 for method, vals in per_step.items():
                     row[method] = _trace_stats(np.array(vals))
+                normalised = {}
+                for prefix, sc in scales.items():
+                    method = ELEMENT_NORMALISED_SOURCES[prefix]
+                    per_atom = (rec["committee"] if method == "committee"
+                                else pred[method]["uncertainty"].reshape(d.shape[:2]))
+                    feats = element_normalised_trace(per_atom, atoms.numbers, sc["scales"], mask=free,
+                                                     default=sc["pooled"])
+                    normalised.update({f"{prefix}_elnorm_{k}": v for k, v in feats.items()})
+                if normalised:
+                    row["element_normalised"] = normalised
             rows.append(row)
         out["table"][split] = rows
         fail_all = np.array([r["rmsd"] > cfg.failure_rmsd for r in rows])
@@ -805,14 +916,25 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
         out["failure_model"] = "ltau_ase.is2rs.FailureModel not available"
         return
 
-    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE, select_failure_features
+    from ltau_ase.is2rs import (
+        ELEMENT_NORMALISED_STATISTICS,
+        FAILURE_FEATURES,
+        FAILURE_FEATURES_WITH_DISTANCE,
+        FAILURE_FEATURES_WITH_ELEMENT_NORMALISED,
+        select_failure_features,
+    )
 
     distance_key = "ltau_distance_ratio"  # the calibrated estimator's r_j, mean over free atoms per step
+    committee_elnorm = tuple(f"uq_elnorm_{s}" for s in ELEMENT_NORMALISED_STATISTICS)
 
     def row_of(r: dict, method: str) -> dict:
         row = {**{f"uq_{k}": v for k, v in r[method].items()}, "nsteps": r["nsteps"], "rmsd": r["rmsd"]}
         if distance_key in r:
             row.update({f"distance_ratio_{k}": v for k, v in r[distance_key].items()})
+        # element-normalised traces: the committee's own spread; every other method the distance-aware
+        # estimator's expected error and distance ratio (as the distance trace)
+        own = ("uq_",) if method == "committee" else ("expected_error_", "distance_ratio_")
+        row.update({k: v for k, v in r.get("element_normalised", {}).items() if k.startswith(own)})
         return row
 
     # FailureModel's default (monotone; map, tail and penalty chosen by cross-validation on the
@@ -821,7 +943,11 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
     # (may weight features negatively) and linear (log features, l2 = 1, unconstrained). "_selected" is
     # the default rule: the feature set chosen by nested CV on the calibration relaxations alone
     # (select_failure_features) -- for the committee among its own UQ trace sets (it has no latent
-    # distance), for every other method among the sets with the distance trace.
+    # distance), for every other method among the sets with the distance trace. Where the rows carry the
+    # element-normalised traces, each pool gains the full set plus them (the committee: its own spread's),
+    # as the rule fixed on 2026-11-27 (README, IS2RS failure) before any test domain was scored with them.
+    calibration_rows = out["table"]["is2rs_calibration"]
+    has_elnorm = bool(calibration_rows) and all("element_normalised" in r for r in calibration_rows)
     variants = {"": (FAILURE_FEATURES, {}), "_with_distance": (FAILURE_FEATURES_WITH_DISTANCE, {}),
                 "_with_distance_reduced": (FAILURE_REDUCED_WITH_DISTANCE, {}),
                 "_with_distance_unconstrained": (FAILURE_FEATURES_WITH_DISTANCE, {"monotone": False}),
@@ -830,16 +956,21 @@ def _failure_models(cfg: ShiftBenchConfig, out: dict) -> None:
                 "_selected": (None, {})}
     pools = {"uq": (FAILURE_FEATURES, FAILURE_REDUCED), "uq+distance": (FAILURE_FEATURES_WITH_DISTANCE,
                                                                         FAILURE_REDUCED_WITH_DISTANCE)}
-    has_distance = bool(out["table"]["is2rs_calibration"]) and distance_key in out["table"]["is2rs_calibration"][0]
+    has_distance = bool(calibration_rows) and distance_key in calibration_rows[0]
+    if has_elnorm:
+        pools["uq"] += (FAILURE_FEATURES + committee_elnorm,)
+        pools["uq+distance"] += (FAILURE_FEATURES_WITH_ELEMENT_NORMALISED,)
+        variants["_with_element_normalised"] = (FAILURE_FEATURES_WITH_ELEMENT_NORMALISED, {})
     info: dict[str, Any] = {}
     for method in METHOD_LABELS:
         # exploded relaxations (RMSD inf) are failures the model must flag too: scored, not fitted on
-        fit_rows = [row_of(r, method) for r in out["table"]["is2rs_calibration"]
-                    if method in r and math.isfinite(r["rmsd"])]
+        fit_rows = [row_of(r, method) for r in calibration_rows if method in r and math.isfinite(r["rmsd"])]
         pool = "uq" if method == "committee" or not has_distance else "uq+distance"
         for suffix, (features, options) in variants.items():
             if not fit_rows or ("distance" in suffix and not has_distance):
                 continue
+            if suffix == "_with_element_normalised" and method == "committee":
+                features = FAILURE_FEATURES + committee_elnorm
             try:
                 if features is None:
                     model, scores = select_failure_features(fit_rows, pools[pool], rmsd_threshold=cfg.failure_rmsd)
@@ -1093,13 +1224,22 @@ FAILURE_VARIANT_COLUMNS = (
     ("_with_distance_reduced", "AUROC p (monotone, max UQ + max distance)"),
     ("_with_distance_unconstrained", "AUROC p (unconstrained auto, + distance)"),
     ("_with_distance_linear", "AUROC p (linear, + distance)"),
+    ("_with_element_normalised", "AUROC p (monotone, + element-normalised traces)"),
 )
 
 
 def _feature_set_label(features: list[str]) -> str:
-    from ltau_ase.is2rs import FAILURE_FEATURES, FAILURE_FEATURES_WITH_DISTANCE
+    from ltau_ase.is2rs import (
+        ELEMENT_NORMALISED_STATISTICS,
+        FAILURE_FEATURES,
+        FAILURE_FEATURES_WITH_DISTANCE,
+        FAILURE_FEATURES_WITH_ELEMENT_NORMALISED,
+    )
 
-    names = {FAILURE_FEATURES: "UQ trace", FAILURE_FEATURES_WITH_DISTANCE: "UQ + distance trace"}
+    names = {FAILURE_FEATURES: "UQ trace", FAILURE_FEATURES_WITH_DISTANCE: "UQ + distance trace",
+             FAILURE_FEATURES_WITH_ELEMENT_NORMALISED: "UQ + distance + element-normalised traces",
+             FAILURE_FEATURES + tuple(f"uq_elnorm_{s}" for s in ELEMENT_NORMALISED_STATISTICS):
+                 "UQ + element-normalised UQ trace"}
     return names.get(tuple(features), ", ".join(features))
 
 
@@ -1218,6 +1358,8 @@ def write_summary(out: Path, results: dict) -> Path:
         f"Distance-aware LTAU: {results['calibration']['aware']}.", "",
         "## Per-atom ranking and calibration", "", summary_table(results), "",
         f"![Spearman]({results['figures']['spearman']}) ![AUROC]({results['figures']['auroc']})", "",
+        "## Do the predictions follow the shift? (means over each domain's atoms, × the in-domain mean)", "",
+        follow_table(results), "",
         "## IS2RS failure prediction", "", is2rs_table(results), "",
         "## MD stop", "", md_table(results), "",
         "## Cost per force call (× one model)", "",
@@ -1292,7 +1434,7 @@ def run_shift_benchmark(output: str | Path, cfg: ShiftBenchConfig, reuse: bool =
     scorer = Scorer(cfg, est, scaled, aware, data["seen_numbers"])
     s2ef = timed("scoring s2ef", score_s2ef, cfg, scorer, evals, cal, est.atol_, calib["committee_scale"],
                  data["seen_numbers"])
-    is2rs_res = timed("scoring is2rs", score_is2rs, cfg, scorer, is2rs, data)
+    is2rs_res = timed("scoring is2rs", score_is2rs, cfg, scorer, is2rs, data, evals["calibration"])
     if md_train is train:
         md_scorer, md_info = scorer, {"model": "member 1 of the ensemble"}
     else:
@@ -1363,6 +1505,11 @@ def headline(results: dict) -> dict[str, Any]:
                     h[f"{domain}.{method}.{key}"] = m[key]["value"]
             for q, c in m.get("coverage", {}).items():
                 h[f"{domain}.{method}.coverage_{q}"] = c["value"]
+    base = s.get("in_domain", {}).get("follow")
+    for domain, row in s.items():
+        if base and "follow" in row and domain != "in_domain":
+            for key in row["follow"]:  # how far each mean moved from the in-domain one (NaN: no ratio)
+                h[f"{domain}.follow.{key}_ratio"] = follow_ratio(row["follow"], base, key)
     for domain, row in results["is2rs"]["domains"].items():
         for method in METHOD_LABELS:
             if method in row:
@@ -1391,13 +1538,15 @@ def demo_shift_headline(demo_output: str | Path, quick: bool = False, seed: int 
     """Score the demo's trained ensemble under shift; for ``ltau_ase.demo`` (one call after training).
 
     Writes the benchmark's output to ``<demo_output>/shift/`` and returns ``{"headline": {...},
-    "summary": path of summary.md, "markdown": the per-atom table}``. The demo's members were trained
+    "summary": path of summary.md, "markdown": the per-atom table and the follow table}``. The demo's members were trained
     on relaxation, rattled and 300–900 K MD frames, so its 1200 K domain is the only temperature shift
     beyond its training range; ``benchmarks/shift.py`` trains at one temperature instead.
     """
     out = Path(demo_output) / "shift"
     results = run_shift_benchmark(out, demo_config(quick, seed), ensemble=ensemble_from_demo(demo_output))
-    return {"headline": headline(results), "summary": str(out / "summary.md"), "markdown": summary_table(results)}
+    return {"headline": headline(results), "summary": str(out / "summary.md"),
+            "markdown": summary_table(results) + "\n\nMean over each domain's atoms (× the in-domain mean):\n\n"
+            + follow_table(results)}
 
 
 __all__ = ["METHODS", "ShiftBenchConfig", "demo_config", "demo_shift_headline", "ensemble_from_demo", "headline",

@@ -434,6 +434,7 @@ def distance_aware_reference(estimator: Any, type_names: list[str], coverage: Op
 
     if not getattr(estimator, "is_calibrated", False):
         raise ValueError("the distance-aware readout needs a calibrated estimator (fit_calibration / ltau calibrate)")
+    estimator.check_calibration()  # compiled at the k it was calibrated at, as predict does
     dist = estimator.distributions_
     factor_z = np.asarray(estimator.element_factor_z_, dtype=np.int64)
     factors = np.full(len(type_names), float(estimator.pooled_factor_))
@@ -484,6 +485,12 @@ def check_readout_form(estimator: Any, paper_form: bool, mode: str = "exact", co
         if paper_form:
             raise ValueError("error bounds (coverage) exist only in the distance-aware form; drop paper_form "
                              "(--paper-form) or the coverage (--coverage)")
+        if getattr(estimator, "structure_scale_", None) is not None:
+            # the readout computes each atom's bound from that atom alone; h(R) needs the whole structure's
+            # distance ratios, so compiling the per-atom quantile × σ would give bounds predict does not give
+            raise ValueError("this estimator's error bounds are structure-aware (fit_calibration(structure_index=...)): "
+                             "the in-model readout computes bounds per atom and cannot apply the structure scale; "
+                             "compile without --coverage, or calibrate without structure_index for compiled bounds")
     if getattr(estimator, "is_calibrated", False) and not paper_form and mode != "exact":
         raise ValueError(
             "the estimator is calibrated (fit_calibration / ltau calibrate): its distance-aware form needs every "
@@ -614,7 +621,9 @@ def compressed_accuracy(estimator: Any, queries: Any, n_centroids: Optional[int]
     from scipy.stats import spearmanr
 
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    exact = estimator.predict(q)
+    # the compressed readout is the paper's form (reference_from_estimator): compare like with like, also for
+    # a calibrated estimator (whose default predict is distance-aware)
+    exact = estimator.predict(q, distance_aware=False)
     ref = reference_from_estimator(estimator, "compressed", n_centroids, seed)
     counts = torch.as_tensor(ref["counts"])
     readout = LTAUReadout({LATENT_FIELD: f"{q.shape[1]}x0e"}, torch.as_tensor(ref["reference"]),

@@ -310,6 +310,8 @@ class LTAUCalculator(Calculator):
                              f"estimator fitted on {d}-dimensional descriptors (was it fitted for this model?)")
         # the estimator owns the unknown-element policy (raise / flag / ignore); this only maps results
         extra = {} if self.coverage is None else {"coverage": self.coverage}
+        if getattr(self.estimator, "structure_scale_", None) is not None:
+            extra["structure_index"] = np.zeros(n, dtype=np.int64)  # one calculator call = one structure
         pred = self.estimator.predict(np.ascontiguousarray(desc, dtype=np.float32), threshold=self.threshold,
                                       atomic_numbers=np.asarray(atoms.numbers),
                                       unknown_species=self.unknown_species, **extra)

@@ -28,7 +28,7 @@ from ase.calculators.calculator import all_properties, compare_atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
-from ltau_ase.core.checks import check_int, check_number
+from ltau_ase.core.checks import check_int, check_number, is_finite_number
 from ltau_ase.core.paths import check_writable_file
 from ltau_ase.simulate.calculator import PER_ATOM_UQ, PER_STRUCTURE_UQ, store_uq_in_atoms
 
@@ -346,9 +346,16 @@ def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[
 
     Raises:
         ValueError: an element of ``numbers`` has no scale (it was absent from the reference runs) and no
-            ``default`` is given.
+            ``default`` is given; ``numbers`` not integers; a scale or ``default`` that is not a finite
+            number > 0 (dividing by it would give infinite, negative or NaN normalised values).
     """
     z = np.asarray(numbers)
+    if z.dtype == np.bool_ or not np.issubdtype(z.dtype, np.integer):
+        raise ValueError(f"numbers must be integer atomic numbers; got dtype {z.dtype}")
+    bad = {k: v for k, v in scales.items() if not (is_finite_number(v) and v > 0)}
+    if bad:
+        raise ValueError(f"element scales (element_scales) must be finite numbers > 0; got {bad}")
+    check_number(default, "default (the scale of an element without one)", minimum=0.0, strict=True, allow_none=True)
     missing = sorted(set(np.unique(z).tolist()) - set(int(k) for k in scales))
     if missing and default is not None:
         scales = dict(scales) | {e: float(default) for e in missing}
@@ -357,6 +364,48 @@ def element_normalised(values: np.ndarray, numbers: np.ndarray, scales: Mapping[
                          "reference runs must contain every element of the monitored structure")
     per_atom = np.array([scales[int(e)] for e in z], dtype=np.float64)
     return np.asarray(values, dtype=np.float64) / per_atom
+
+
+def element_normalised_trace(per_atom_trace: np.ndarray, numbers: np.ndarray, scales: Mapping[int, float],
+                             mask: np.ndarray | None = None, default: float | None = None) -> dict[str, float]:
+    """Relaxation-trace features of a per-atom statistic divided by its element's in-domain scale.
+
+    Every atom's value at every recorded step is divided by its element's scale (:func:`element_normalised`;
+    ~1 at the element's typical in-domain tail), the selected atoms are reduced per step by their max, and
+    that per-step trace is summarised. Why: a structure mean mixes the adsorbate atoms, which sit far above
+    the metal atoms in domain, with the slab; normalising by element lets a shifted atom of any element
+    stand out (the IS2RS failure model's ``*_elnorm_*`` features, :mod:`ltau_ase.is2rs`).
+
+    Args:
+        per_atom_trace: (steps, N) per-atom values at the recorded steps, initial structure first (the
+            statistic's unit, e.g. eV/Å for expected force errors); steps >= 1.
+        numbers: (N,) atomic numbers.
+        scales: ``{Z: scale}`` (:func:`element_scales` of in-domain data), same unit as the values.
+        mask: (N,) bool, the atoms to reduce over (e.g. the free atoms); None = all.
+        default: scale of an element without one (e.g. the pooled in-domain quantile); None: an error.
+    Returns:
+        ``{"initial", "max", "final"}``: the first, largest and last per-step max of the normalised values
+        (dimensionless), and ``"frac"``: the largest per-step fraction of selected atoms above 1 (in [0, 1]).
+    Raises:
+        ValueError: shapes that do not match, no step, no selected atom, non-finite values, or an element
+            without a scale and no ``default``.
+    """
+    v = np.asarray(per_atom_trace, dtype=np.float64)
+    z = np.asarray(numbers)
+    if v.ndim != 2 or v.shape[0] == 0 or z.shape != (v.shape[1],):
+        raise ValueError(f"per_atom_trace must be (steps >= 1, N) with numbers (N,); got {v.shape} and {z.shape}")
+    sel = np.ones(z.shape, dtype=bool) if mask is None else np.asarray(mask)
+    if sel.dtype != bool or sel.shape != z.shape:
+        raise ValueError(f"mask must be a bool array of shape {z.shape}; got {sel.dtype} {sel.shape}")
+    if not sel.any():
+        raise ValueError("mask selects no atom: nothing to reduce")
+    if not np.all(np.isfinite(v[:, sel])):
+        raise ValueError("per-atom values of the selected atoms must be finite (an unseen element flagged by the "
+                         "estimator has no finite value to normalise)")
+    normalised = element_normalised(v[:, sel], z[sel], scales, default=default)
+    per_step = normalised.max(axis=1)
+    return {"initial": float(per_step[0]), "max": float(per_step.max()), "final": float(per_step[-1]),
+            "frac": float((normalised > 1.0).mean(axis=1).max())}
 
 
 def reference_stop_threshold(per_atom_traces: Sequence[np.ndarray], numbers: Sequence[np.ndarray],
@@ -471,10 +520,7 @@ class UncertaintyStop:
         self.element_scales = None if element_scales is None else dict(element_scales)
         self._atom_scales = None
         if self.element_scales is not None:
-            bad = {z: v for z, v in self.element_scales.items()
-                   if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0)}
-            if bad:
-                raise ValueError(f"element_scales must be finite numbers > 0, got {bad}")
+            # element_normalised checks the scales (finite > 0) and that every element has one
             self._atom_scales = element_normalised(np.ones(len(atoms)), atoms.numbers, self.element_scales) ** -1
         # state
         self.triggered = False

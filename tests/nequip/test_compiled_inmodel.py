@@ -284,6 +284,20 @@ def test_compile_refuses_the_compressed_reference_for_a_calibrated_estimator(tin
     assert readout.provenance["form"] == "paper" and readout.compressed
 
 
+def test_compressed_accuracy_of_a_calibrated_estimator_compares_the_paper_form(tiny_nequip_run, tiny_latents):
+    """The compressed readout is the paper's form; a calibrated estimator's default predict is distance-aware.
+    With one centroid per training atom the compressed result must equal the exact paper form, and a query-time
+    k changed after the calibration (benchmarks/compressed_reference.py --k) leaves the paper form usable."""
+    est, q, _ = _calibrated(tiny_nequip_run, tiny_latents, "compact")
+    x, _ = tiny_latents
+    est.set_params(k=2)
+    with pytest.raises(ValueError, match="fitted with k=3"):
+        est.predict(q)
+    full = compressed_accuracy(est, q, n_centroids=len(x))
+    if full["n_centroids"] == len(x):  # k-means placed one centroid on every atom
+        assert full["k"] == 2 and full["max_abs_uncertainty_diff"] < 1e-6
+
+
 def test_readout_compiles_conformal_bounds_like_predict(tiny_nequip_run, tiny_latents, latent_calc):
     """``coverage=q`` adds ltau_force_error_bound = q_Z × expected error, q_Z the element's conformal
     quantile (hand-computed from the calibration scores), equal to predict(..., coverage=q)."""

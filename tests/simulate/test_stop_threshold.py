@@ -172,6 +172,39 @@ def test_element_scales_hand_computed():
         element_scales([run1], [z1], 0.0)
 
 
+def test_element_normalised_trace_hand_computed():
+    from ltau_ase.simulate.observers import element_normalised_trace
+
+    # atoms Cu, Cu, O, Au (Au: no scale -> default 2); 3 recorded steps; scales Cu 0.5, O 4
+    trace = np.array([[0.2, 0.6, 2.0, 1.0],
+                      [0.1, 0.4, 6.0, 5.0],
+                      [0.3, 0.3, 1.0, 0.2]])
+    z = np.array([29, 29, 8, 79])
+    scales = {29: 0.5, 8: 4.0}
+    # normalised: [.4, 1.2, .5, .5], [.2, .8, 1.5, 2.5], [.6, .6, .25, .1]
+    # per-step max 1.2, 2.5, 0.6; fraction above 1: 1/4, 2/4, 0
+    assert element_normalised_trace(trace, z, scales, default=2.0) == pytest.approx(
+        {"initial": 1.2, "max": 2.5, "final": 0.6, "frac": 0.5})
+    # only the first three atoms (e.g. the free ones): Au drops out, no default needed
+    mask = np.array([True, True, True, False])
+    assert element_normalised_trace(trace, z, scales, mask=mask) == pytest.approx(
+        {"initial": 1.2, "max": 1.5, "final": 0.6, "frac": 1 / 3})
+    with pytest.raises(ValueError, match=r"no in-domain scale for element\(s\) Z=\[79\]"):
+        element_normalised_trace(trace, z, scales)
+    with pytest.raises(ValueError, match=r"\(steps >= 1, N\)"):
+        element_normalised_trace(trace[:0], z, scales, default=2.0)
+    with pytest.raises(ValueError, match=r"\(steps >= 1, N\)"):
+        element_normalised_trace(trace, z[:3], scales, default=2.0)
+    with pytest.raises(ValueError, match="selects no atom"):
+        element_normalised_trace(trace, z, scales, mask=np.zeros(4, dtype=bool))
+    with pytest.raises(ValueError, match="bool array"):
+        element_normalised_trace(trace, z, scales, mask=np.array([1, 1, 1, 0]))
+    bad = trace.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        element_normalised_trace(bad, z, scales, default=2.0)
+
+
 def test_stop_with_element_scales_watches_the_element_relative_value():
     atoms = make_slab()  # 12 Cu then 1 O
     weights = np.r_[np.full(12, 1.0), 0.5]
@@ -226,3 +259,23 @@ def test_element_normalised_by_hand_and_its_default_scale():
     # Ag has no scale: the default 3.0 is used for it
     assert element_normalised(values, z, {29: 2.0, 8: 0.5}, default=3.0) == pytest.approx(
         np.array([[0.5, 4.0, 1.0], [2.0, 12.0, 3.0]]))
+
+
+def test_element_normalised_refuses_scales_it_cannot_divide_by():
+    """A zero, negative, infinite, NaN or non-numeric scale (or default) would give infinite, negative or NaN
+    normalised values, and a non-integer atomic number would be truncated to another element's scale."""
+    from ltau_ase.simulate.observers import element_normalised, element_normalised_trace
+
+    values = np.array([[0.1, 0.2, 0.3], [0.2, 0.1, 0.5]])
+    z = np.array([29, 29, 8])
+    # by hand: Cu / 0.2, O / 0.4 -> per-step max (1.0, 1.25), fraction above 1: (0, 1/3)
+    assert element_normalised_trace(values, z, {29: 0.2, 8: 0.4}) == pytest.approx(
+        {"initial": 1.0, "max": 1.25, "final": 1.25, "frac": 1 / 3})
+    for bad in (0.0, -0.2, np.inf, np.nan, "0.2", True):
+        with pytest.raises(ValueError, match="element scales .* must be finite numbers > 0"):
+            element_normalised_trace(values, z, {29: bad, 8: 0.4})
+    for bad in (-1.0, 0.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="default .* must be None or a finite number > 0"):
+            element_normalised_trace(values, z, {29: 0.2}, default=bad)
+    with pytest.raises(ValueError, match="numbers must be integer atomic numbers"):
+        element_normalised(values, z + 0.5, {29: 0.2, 8: 0.4}, default=1.0)
