@@ -65,7 +65,8 @@ MIN_ELEMENT_STRUCTURES = MIN_CALIBRATION_STRUCTURES // 2
 # The structure scale h(R) of the conformal bounds (``fit_calibration(structure_index=...)``) is isotonic
 # in the structure ratio R inside the calibration range; beyond it a power law R^α continues it, α from
 # the binned calibration scores, clipped to [0, this] (0 would keep h flat past the largest calibration R).
-STRUCTURE_MAX_EXPONENT = 4.0
+# h is a DistanceScale like g: the same cap (its own name so that a study can fit h with a flat tail).
+STRUCTURE_MAX_EXPONENT = MAX_TAIL_EXPONENT
 # The default epoch window: the last half of the logged epochs (see the ``window`` argument).
 LAST_HALF = "last_half"
 
